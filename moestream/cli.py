@@ -1,0 +1,109 @@
+"""`moestream convert|inspect|verify|generate|bench`. User mistakes end in one line on stderr
+and a non-zero exit, never a traceback (set MOESTREAM_DEBUG=1 to see one)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+from .errors import MoestreamError
+from .units import parse_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's default exit code is 2 as well; keep the one-line form
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"moestream: error: {message}")
+
+
+def _size(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moestream", description="Stream Mixture-of-Experts weights from NVMe.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face safetensors checkpoint into a store")
+    c.add_argument("src", help="checkpoint directory (config.json + *.safetensors)")
+    c.add_argument("out", help="store directory to create")
+    c.add_argument("--quant", default="keep", choices=["keep", "bf16", "fp16", "fp32", "int8", "int4"],
+                   help="expert encoding (default: keep the source dtype, lossless)")
+    c.add_argument("--group-size", type=int, default=64, help="elements per quantization group (default 64)")
+    z = c.add_mutually_exclusive_group()
+    z.add_argument("--zstd-level", type=int, default=3, help="zstd level, kept only where it pays (default 3)")
+    z.add_argument("--no-zstd", action="store_true", help="never compress")
+    d = c.add_mutually_exclusive_group()
+    d.add_argument("--delta", dest="delta", action="store_true", default=True,
+                   help="try a delta against the layer's mean expert, kept only where it pays (default)")
+    d.add_argument("--no-delta", dest="delta", action="store_false")
+    c.add_argument("--max-file-size", type=_size, default=None, help="cap per store file, e.g. 4GiB")
+    c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new store is complete)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="describe a store")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true", help="one JSON object")
+
+    v = sub.add_parser("verify", help="check every checksum of a store")
+    v.add_argument("store")
+    return p
+
+
+def _convert(a: argparse.Namespace) -> int:
+    from .formats.convert import convert
+    path = convert(a.src, a.out, quant=a.quant, group_size=a.group_size,
+                   zstd_level=None if a.no_zstd else a.zstd_level, delta=a.delta, max_file_size=a.max_file_size,
+                   overwrite=a.overwrite, progress=not a.quiet)
+    print(f"wrote {path}")
+    return 0
+
+
+def _inspect(a: argparse.Namespace) -> int:
+    from .formats.inspect import describe, format_description
+    from .formats.reader import StoreReader
+    with StoreReader(a.store) as r:
+        d = describe(r)
+    print(json.dumps(d, indent=2) if a.json else format_description(d))
+    return 0
+
+
+def _verify(a: argparse.Namespace) -> int:
+    from .formats.reader import StoreReader
+    with StoreReader(a.store) as r:
+        bad = r.verify_all()
+        n = len(list(r.regions()))
+    for line in bad:
+        print(line)
+    if bad:
+        print(f"{len(bad)} of {n} regions are corrupt", file=sys.stderr)
+        return 1
+    print(f"ok: {n} regions, all checksums match")
+    return 0
+
+
+COMMANDS = {"convert": _convert, "inspect": _inspect, "verify": _verify}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("moestream: interrupted (a conversion resumes when run again with the same arguments)", file=sys.stderr)
+        return 130
+    except (MoestreamError, OSError, ValueError) as e:
+        if os.environ.get("MOESTREAM_DEBUG"):
+            raise
+        msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+        print(f"moestream: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Streaming conversion of a Hugging Face MoE checkpoint into an expert-shard store.
+
+Peak memory stays near one expert (twice: source bits and encoded bytes) plus the largest
+dense tensor: tensors are read one at a time with pread and written as soon as encoded."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import zstandard
+from tqdm import tqdm
+
+from ..errors import ConvertError
+from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
+from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, QUANT_CHOICES
+from .families import family_for
+from .hf_checkpoint import HFCheckpoint
+from .writer import StoreWriter
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "keep",
+            group_size: int = DEFAULT_GROUP_SIZE, zstd_level: Optional[int] = DEFAULT_ZSTD_LEVEL,
+            delta: bool = True, max_file_size: Optional[int] = None, overwrite: bool = False,
+            progress: bool = True) -> Path:
+    """Convert checkpoint directory `src` into store directory `out` and return its path.
+
+    quant: "keep" (source dtype), "bf16"/"fp16"/"fp32" (lossless cast of every float tensor), or
+    "int8"/"int4" (group-wise quantization of expert tensors; dense tensors keep their dtype).
+    zstd_level None disables zstd. max_file_size (bytes) caps each file of the store.
+    An interrupted conversion run again with the same arguments resumes where it stopped."""
+    if quant not in QUANT_CHOICES:
+        raise ConvertError(f"--quant {quant!r}: choose one of {', '.join(QUANT_CHOICES)}")
+    if quant in INT_QUANTS and (group_size < 2 or group_size % 2 or group_size > 1 << 16):
+        raise ConvertError(f"--group-size {group_size}: must be an even number between 2 and 65536")
+    if zstd_level is not None and not (-7 <= zstd_level <= 22):
+        raise ConvertError(f"--zstd-level {zstd_level}: must be between -7 and 22")
+    if max_file_size is not None and max_file_size < 1 << 20:
+        raise ConvertError(f"--max-file-size {max_file_size}: must be at least 1 MiB")
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
+    ckpt = HFCheckpoint(src)
+    fam = family_for(ckpt.config, str(ckpt.root / "config.json"))
+    n_experts = fam.num_experts(ckpt.config)
+    n_layers = ckpt.config.get("num_hidden_layers")
+    if not isinstance(n_layers, int) or n_layers <= 0:
+        raise ConvertError(f"{ckpt.root / 'config.json'}: num_hidden_layers missing or invalid")
+    moe_layers = [l for l in range(n_layers) if fam.expert_tensor_name(l, 0, fam.expert_tensors[0]) in ckpt]
+    if not moe_layers:
+        example = fam.expert_tensor_name(0, 0, fam.expert_tensors[0])
+        raise ConvertError(f"{ckpt.root}: no expert tensors found (expected names like {example}); "
+                           "fused-expert checkpoints are not supported")
+    expert_names = {fam.expert_tensor_name(l, e, t) for l in moe_layers for e in range(n_experts)
+                    for t in fam.expert_tensors}
+    for name in sorted(expert_names):
+        ckpt.info(name)  # raises ConvertError naming the missing tensor
+    dense_names = [n for n in ckpt.tensors if n not in expert_names]
+
+    raw_dtype = None if quant in ("keep", *INT_QUANTS) else quant
+    opts = EncodeOptions(quant=quant if quant in INT_QUANTS else None, group_size=group_size,
+                         zstd_level=zstd_level, delta=delta)
+    lossless = EncodeOptions(quant=None, zstd_level=zstd_level, delta=False)
+    fingerprint = hashlib.sha256(json.dumps({
+        "src": str(ckpt.root.resolve()),
+        "tensors": sorted((t.name, str(t.path), t.offset, t.length, os.path.getmtime(t.path))
+                          for t in ckpt.tensors.values()),
+        "opts": [quant, group_size, zstd_level, delta, max_file_size],
+    }).encode()).hexdigest()
+    writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)
+    total = sum(t.length for t in ckpt.tensors.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {ckpt.root.name}", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if writer.resumed:
+            bar.write(f"resuming an interrupted conversion into {writer.staging}")
+        if not writer.done("dense"):
+            for name in dense_names:
+                info = ckpt.info(name)
+                dt = raw_dtype or info.dtype
+                bits = cast_bits(ckpt.read(name), info.dtype, dt)
+                writer.add_dense(name, encode_region([(name, dt, info.shape, bits)], lossless), info.length)
+                bar.update(info.length)
+            for path in ckpt.tokenizer_files():
+                data = np.frombuffer(path.read_bytes(), np.uint8)
+                writer.add_blob(path.name, _blob(data, zstd_level))
+            writer.checkpoint("dense")
+        else:
+            bar.update(sum(ckpt.info(n).length for n in dense_names))
+        for layer in moe_layers:
+            layer_bytes = sum(ckpt.info(fam.expert_tensor_name(layer, e, t)).length
+                              for e in range(n_experts) for t in fam.expert_tensors)
+            if writer.done(f"layer{layer}"):
+                bar.update(layer_bytes)
+                continue
+            infos = [ckpt.info(fam.expert_tensor_name(layer, 0, t)) for t in fam.expert_tensors]
+            store_dtypes = [raw_dtype or i.dtype for i in infos]
+            base = base_dtype = None
+            if delta:
+                base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos)
+            uses_base = False
+            for e in range(n_experts):
+                tensors = []
+                for t in fam.expert_tensors:
+                    info = ckpt.info(fam.expert_tensor_name(layer, e, t))
+                    if info.shape != infos[fam.expert_tensors.index(t)].shape:
+                        raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
+                                           f"layer has {infos[fam.expert_tensors.index(t)].shape}")
+                    dt = raw_dtype or info.dtype
+                    tensors.append((t, dt, info.shape, cast_bits(ckpt.read(info.name), info.dtype, dt)))
+                src_len = sum(ckpt.info(fam.expert_tensor_name(layer, e, t)).length for t in fam.expert_tensors)
+                r = writer.add_extent(layer, e, encode_region(tensors, opts, base, base_dtype), src_len)
+                uses_base |= any(s in r.chain for s in ("delta", "xor-delta"))
+                bar.update(src_len)
+            if uses_base:  # written after the experts, and only when some extent refers to it
+                writer.add_base(layer, encode_region(
+                    [(t, base_dtype, i.shape, base[t]) for t, i in zip(fam.expert_tensors, infos)], lossless))
+            writer.checkpoint(f"layer{layer}")
+        path = writer.finish(
+            architecture=fam.name, config=ckpt.config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
+            expert_tensors=fam.expert_tensors, quant=quant, group_size=group_size if quant in INT_QUANTS else 0,
+            source_bytes=total)
+    except BaseException:
+        writer.abandon()
+        raise
+    finally:
+        bar.close()
+    return path
+
+
+def _blob(data: np.ndarray, zstd_level: Optional[int]):
+    """A region holding a file's bytes verbatim (zstd where it pays)."""
+    raw = data.tobytes()
+    if zstd_level is not None:
+        z = zstandard.ZstdCompressor(level=zstd_level).compress(raw)
+        if len(z) < len(raw):
+            return EncodedRegion(z, len(raw), ("zstd",), (), 0.0)
+    return EncodedRegion(raw, len(raw), (), (), 0.0)
+
+
+def _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos):
+    """Mean of the layer's experts, tensor by tensor, accumulated in float32 one expert at a
+    time. Stored in the experts' dtype for lossless stores (XOR delta needs equal widths) and in
+    the source dtype for quantized ones."""
+    base_dtype = store_dtypes[0] if opts.quant is None else infos[0].dtype
+    if opts.quant is None and len(set(store_dtypes)) > 1:
+        raise ConvertError(f"layer {layer}: expert tensors have mixed dtypes {store_dtypes}")
+    base = {}
+    for t, info in zip(fam.expert_tensors, infos):
+        acc = np.zeros(info.shape, np.float64).reshape(-1)
+        for e in range(n_experts):
+            i = ckpt.info(fam.expert_tensor_name(layer, e, t))
+            acc += bits_to_float32(ckpt.read(i.name), i.dtype)
+        base[t] = float32_to_bits((acc / n_experts).astype(np.float32), base_dtype)
+    return base, base_dtype

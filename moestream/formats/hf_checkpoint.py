@@ -1,0 +1,114 @@
+"""Streaming reader of Hugging Face safetensors checkpoints (one file or sharded).
+
+Reads one tensor at a time with pread, not mmap: an mmap of a multi-GB shard grows the
+converter's resident set with every page touched, while pread keeps it at one tensor."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConvertError
+from .constants import DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, SAFETENSORS_DTYPES
+
+#: Files copied into the store so that `generate` needs nothing else.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    path: Path
+    dtype: str                   # bf16 | fp16 | fp32
+    shape: tuple[int, ...]
+    offset: int                  # absolute byte offset in `path`
+    length: int
+
+
+class HFCheckpoint:
+    """Index of the tensors of a checkpoint directory; `read(name)` returns bit patterns."""
+
+    def __init__(self, src: str | os.PathLike):
+        self.root = Path(src)
+        if not self.root.is_dir():
+            raise ConvertError(f"{self.root}: not a directory (expected a Hugging Face checkpoint folder)")
+        cfg = self.root / "config.json"
+        if not cfg.is_file():
+            raise ConvertError(f"{cfg}: missing (a Hugging Face checkpoint has a config.json)")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{cfg}: cannot read it as JSON ({e})") from None
+        index = self.root / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ConvertError(f"{index}: malformed ({e})") from None
+            shards = sorted(set(weight_map.values()))
+        elif (self.root / "model.safetensors").is_file():
+            shards = ["model.safetensors"]
+        else:
+            shards = sorted(p.name for p in self.root.glob("*.safetensors"))
+            if not shards:
+                raise ConvertError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in shards:
+            self._scan(self.root / shard)
+
+    def _scan(self, path: Path) -> None:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(8)
+                if len(head) != 8:
+                    raise ConvertError(f"{path}: too short to be a safetensors file")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100 << 20:
+                    raise ConvertError(f"{path}: header length {n} is larger than the file")
+                header = json.loads(f.read(n))
+        except OSError as e:
+            raise ConvertError(f"{path}: {e.strerror}") from None
+        except ValueError as e:
+            raise ConvertError(f"{path}: header is not JSON ({e})") from None
+        base = 8 + n
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            st = meta.get("dtype")
+            if st not in SAFETENSORS_DTYPES:
+                raise ConvertError(f"{path}: tensor {name} has dtype {st}; supported: {', '.join(SAFETENSORS_DTYPES)}")
+            dtype = SAFETENSORS_DTYPES[st]
+            begin, end = meta["data_offsets"]
+            shape = tuple(meta["shape"])
+            if end - begin != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or base + end > size:
+                raise ConvertError(f"{path}: tensor {name} has inconsistent offsets")
+            self.tensors[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ConvertError(f"{self.root}: tensor {name} is missing from the checkpoint") from None
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor's bit patterns (uint16 for bf16/fp16, uint32 for fp32), a new array."""
+        t = self.info(name)
+        buf = bytearray(t.length)
+        with open(t.path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(buf)) if f.seek(t.offset) == t.offset else 0
+        if got != t.length:
+            raise ConvertError(f"{t.path}: short read of {name} at offset {t.offset}")
+        return np.frombuffer(buf, dtype=DTYPE_BITS_NUMPY[t.dtype])
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]

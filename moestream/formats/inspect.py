@@ -1,0 +1,67 @@
+"""A summary of a store for `moestream inspect`: sizes, codec chains and ratios per layer."""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .reader import StoreReader
+
+
+def describe(reader: StoreReader) -> dict[str, Any]:
+    """Plain-data description of an open store (JSON-serialisable)."""
+    idx = reader.index
+    layers = []
+    for layer in idx.moe_layers:
+        regions = [idx.extents[(layer, e)] for e in range(idx.experts_per_layer)]
+        stored = sum(r.padded_length for r in regions)
+        source = sum(r.source_length for r in regions)
+        chains = Counter("+".join(r.chain) or "raw" for r in regions)
+        layers.append({"layer": layer, "stored_bytes": stored, "source_bytes": source,
+                       "ratio": source / stored if stored else 0.0, "chains": dict(chains.most_common())})
+    dense_stored = sum(r.padded_length for r in idx.dense.values()) + sum(r.padded_length for r in idx.bases.values())
+    expert_stored = sum(r.padded_length for r in idx.extents.values())
+    extent_sizes = [r.padded_length for r in idx.extents.values()]
+    return {
+        "path": str(reader.path),
+        "architecture": idx.architecture,
+        "model_type": idx.config.get("model_type"),
+        "hidden_size": idx.config.get("hidden_size"),
+        "num_hidden_layers": idx.config.get("num_hidden_layers"),
+        "moe_layers": len(idx.moe_layers),
+        "experts_per_layer": idx.experts_per_layer,
+        "experts_per_token": idx.config.get("num_experts_per_tok"),
+        "quant": idx.quant,
+        "group_size": idx.group_size or None,
+        "bytes_on_disk": sum(reader.file_sizes),
+        "source_bytes": idx.source_bytes,
+        "ratio": idx.source_bytes / sum(reader.file_sizes),
+        "expert_bytes": expert_stored,
+        "dense_bytes": dense_stored,
+        "extent_bytes": {"min": min(extent_sizes), "max": max(extent_sizes)},
+        "files": [{"name": p.name, "bytes": s} for p, s in zip(reader.files, reader.file_sizes)],
+        "carried_files": sorted(idx.blobs),
+        "layers": layers,
+    }
+
+
+def format_description(d: dict[str, Any]) -> str:
+    from ..units import format_size
+    lines = [
+        f"store        {d['path']}",
+        f"architecture {d['architecture']}  (hidden {d['hidden_size']}, {d['num_hidden_layers']} layers, "
+        f"{d['moe_layers']} MoE layers x {d['experts_per_layer']} experts, top-{d['experts_per_token']})",
+        f"quant        {d['quant']}" + (f" (group size {d['group_size']})" if d["group_size"] else ""),
+        f"on disk      {format_size(d['bytes_on_disk'])} ({d['bytes_on_disk']} bytes) vs source "
+        f"{format_size(d['source_bytes'])}: ratio {d['ratio']:.3f}x",
+        f"experts      {format_size(d['expert_bytes'])}, extents {format_size(d['extent_bytes']['min'])}"
+        f"..{format_size(d['extent_bytes']['max'])}; dense + bases {format_size(d['dense_bytes'])}",
+        f"files        " + ", ".join(f"{f['name']} ({format_size(f['bytes'])})" for f in d["files"]),
+        f"carries      " + (", ".join(d["carried_files"]) or "-"),
+        "",
+        f"{'layer':>5}  {'stored':>12}  {'source':>12}  {'ratio':>6}  codec chains (extents)",
+    ]
+    for l in d["layers"]:
+        chains = ", ".join(f"{c} ({n})" for c, n in l["chains"].items())
+        lines.append(f"{l['layer']:>5}  {format_size(l['stored_bytes']):>12}  {format_size(l['source_bytes']):>12}  "
+                     f"{l['ratio']:>5.2f}x  {chains}")
+    return "\n".join(lines)

@@ -1,0 +1,210 @@
+"""Atomic, resumable writing of a store directory.
+
+A store is written under `OUT.partial/` and renamed to `OUT` only after every file and the
+index are fsynced, so a crash never leaves something at `OUT` that looks valid. Progress is
+journaled (`journal.json`, replaced atomically) after each unit of work (the dense section, each
+layer); a conversion started again with the same source and options resumes after the last
+journaled unit, truncating whatever was written after it."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from .codecs import EncodedRegion, checksum
+from .constants import (ALIGNMENT, FILE_NAME_PATTERN, FORMAT_VERSION, MAGIC, PREAMBLE_CHECKSUM_STRUCT, PREAMBLE_SIZE,
+                        PREAMBLE_STRUCT, align_up)
+from .index import Region, StoreIndex, _IndexParser
+
+JOURNAL = "journal.json"
+
+
+def pack_preamble(store_id: bytes, file_number: int, file_count: int, index_offset: int = 0,
+                  index_length: int = 0, index_checksum: int = 0) -> bytes:
+    """The PREAMBLE_SIZE bytes at offset 0 of every file (constants.PREAMBLE_STRUCT)."""
+    head = PREAMBLE_STRUCT.pack(MAGIC, FORMAT_VERSION, PREAMBLE_SIZE, store_id, file_number, file_count,
+                                index_offset, index_length, index_checksum)
+    head += PREAMBLE_CHECKSUM_STRUCT.pack(int(checksum(head), 16))
+    return head + bytes(PREAMBLE_SIZE - len(head))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StoreWriter:
+    """Appends aligned regions to the files of a store being written."""
+
+    def __init__(self, out: Path, *, fingerprint: str, max_file_size: Optional[int] = None):
+        self.out = Path(out)
+        self.staging = self.out.with_name(self.out.name + ".partial")
+        self.max_file_size = max_file_size
+        self.fingerprint = fingerprint
+        self.dense: dict[str, Region] = {}
+        self.bases: dict[int, Region] = {}
+        self.blobs: dict[str, Region] = {}
+        self.extents: dict[tuple[int, int], Region] = {}
+        self.units: list[str] = []
+        self.file_sizes: list[int] = []
+        self.resumed = False
+        journal = self.staging / JOURNAL
+        state = None
+        if journal.is_file():
+            try:
+                state = json.loads(journal.read_text())
+            except (OSError, ValueError):
+                state = None
+        if state is not None and state.get("fingerprint") == fingerprint:
+            self._restore(state)
+        else:
+            if self.staging.exists():
+                shutil.rmtree(self.staging)
+            self.staging.mkdir(parents=True)
+            self.store_id = uuid.uuid4().bytes
+        self._fh = None
+        self._open_current()
+
+    # ---- journal -----------------------------------------------------------------------------
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.resumed = True
+        self.store_id = bytes.fromhex(state["store_id"])
+        self.units = list(state["units"])
+        self.file_sizes = list(state["files"])
+        names = {FILE_NAME_PATTERN.format(i) for i in range(len(self.file_sizes))}
+        for p in self.staging.iterdir():
+            if p.name.endswith(".moe") and p.name not in names:
+                p.unlink()
+        for i, size in enumerate(self.file_sizes):
+            with open(self.staging / FILE_NAME_PATTERN.format(i), "r+b") as f:
+                f.truncate(size)
+        parser = _IndexParser(str(self.staging / JOURNAL), 0, self.file_sizes)
+        r = state["regions"]
+        self.dense = {k: parser.region(v, k, None) for k, v in r["dense"].items()}
+        self.bases = {int(k): parser.region(v, k, None) for k, v in r["bases"].items()}
+        self.blobs = {k: parser.region(v, k, None) for k, v in r["blobs"].items()}
+        self.extents = {(d["layer"], d["expert"]): parser.region(d, "extent", None) for d in r["extents"]}
+
+    def done(self, unit: str) -> bool:
+        """True when `unit` was completed by an earlier (interrupted) run."""
+        return unit in self.units
+
+    def checkpoint(self, unit: str) -> None:
+        """Make everything written so far durable and record `unit` as complete."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.file_sizes[-1] = self._fh.tell()
+        self.units.append(unit)
+        state = {
+            "fingerprint": self.fingerprint, "store_id": self.store_id.hex(), "units": self.units,
+            "files": self.file_sizes,
+            "regions": {
+                "dense": {k: v.to_json() for k, v in self.dense.items()},
+                "bases": {str(k): v.to_json() for k, v in self.bases.items()},
+                "blobs": {k: v.to_json() for k, v in self.blobs.items()},
+                "extents": [dict(layer=l, expert=e, **v.to_json()) for (l, e), v in self.extents.items()],
+            },
+        }
+        tmp = self.staging / (JOURNAL + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.staging / JOURNAL)
+        _fsync_dir(self.staging)
+
+    # ---- data --------------------------------------------------------------------------------
+    def _open_current(self) -> None:
+        if not self.file_sizes:
+            self._new_file()
+            return
+        n = len(self.file_sizes) - 1
+        self._fh = open(self.staging / FILE_NAME_PATTERN.format(n), "r+b")
+        self._fh.seek(self.file_sizes[-1])
+
+    def _new_file(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self.file_sizes[-1] = self._fh.tell()
+            self._fh.close()
+        n = len(self.file_sizes)
+        self._fh = open(self.staging / FILE_NAME_PATTERN.format(n), "w+b")
+        self._fh.write(pack_preamble(self.store_id, n, 0))  # file_count is patched by finish()
+        self.file_sizes.append(PREAMBLE_SIZE)
+
+    def _append(self, enc: EncodedRegion, source_length: int = 0) -> Region:
+        padded = align_up(len(enc.stored))
+        pos = self._fh.tell()
+        if self.max_file_size and pos > PREAMBLE_SIZE and pos + padded > self.max_file_size:
+            self._new_file()
+            pos = self._fh.tell()
+        self._fh.write(enc.stored)
+        self._fh.write(bytes(padded - len(enc.stored)))
+        self.file_sizes[-1] = pos + padded
+        return Region(len(self.file_sizes) - 1, pos, len(enc.stored), enc.raw_length, checksum(enc.stored),
+                      enc.chain, enc.tensors, source_length)
+
+    def add_dense(self, name: str, enc: EncodedRegion, source_length: int) -> None:
+        self.dense[name] = self._append(enc, source_length)
+
+    def add_base(self, layer: int, enc: EncodedRegion) -> None:
+        self.bases[layer] = self._append(enc)
+
+    def add_blob(self, name: str, enc: EncodedRegion) -> None:
+        self.blobs[name] = self._append(enc)
+
+    def add_extent(self, layer: int, expert: int, enc: EncodedRegion, source_length: int) -> Region:
+        r = self.extents[(layer, expert)] = self._append(enc, source_length)
+        return r
+
+    # ---- finish ------------------------------------------------------------------------------
+    def finish(self, **index_fields: Any) -> Path:
+        """Write the index into file 0, patch every preamble, fsync, and rename the staging
+        directory to the final name. Returns the store path."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.file_sizes[-1] = self._fh.tell()
+        self._fh.close()
+        self._fh = None
+        count = len(self.file_sizes)
+        index = StoreIndex(store_id=self.store_id.hex(), files=tuple(self.file_sizes), dense=self.dense,
+                           extents=self.extents, bases=self.bases, blobs=self.blobs, **index_fields)
+        data = index.to_json()
+        index_offset = align_up(self.file_sizes[0], ALIGNMENT)
+        for n in range(count):
+            with open(self.staging / FILE_NAME_PATTERN.format(n), "r+b") as f:
+                if n == 0:
+                    f.seek(index_offset)
+                    f.write(data)
+                    f.truncate(index_offset + len(data))
+                    pre = pack_preamble(self.store_id, 0, count, index_offset, len(data), int(checksum(data), 16))
+                else:
+                    pre = pack_preamble(self.store_id, n, count)
+                f.seek(0)
+                f.write(pre)
+                f.flush()
+                os.fsync(f.fileno())
+        (self.staging / JOURNAL).unlink(missing_ok=True)
+        _fsync_dir(self.staging)
+        old = None
+        if self.out.exists():  # --overwrite: the old store stays whole until the new one is in place
+            old = self.out.with_name(f"{self.out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(self.out, old)
+        os.rename(self.staging, self.out)
+        _fsync_dir(self.out.parent)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out
+
+    def abandon(self) -> None:
+        """Close files, keeping the staging directory so that a later run can resume."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,105 @@
+"""Property tests of the codecs."""
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from moestream.formats.codecs import (EncodeOptions, bits_to_float32, encode_region, float32_to_bits, materialize,
+                                      quantize, dequantize_np, shuffle, unpack_payload, unshuffle)
+from moestream.formats.index import Region
+
+shapes = st.tuples(st.integers(1, 17), st.integers(1, 33))
+
+
+@given(st.binary(min_size=0, max_size=512), st.sampled_from([2, 4]))
+def test_shuffle_inverse(data, itemsize):
+    data = data[: len(data) // itemsize * itemsize]
+    a = np.frombuffer(data, np.uint8)
+    assert unshuffle(shuffle(a, itemsize), itemsize).tobytes() == data
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32)))
+def test_bf16_bits_match_torch(x):
+    ours = float32_to_bits(x, "bf16")
+    ref = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(ours, ref)
+    assert np.array_equal(bits_to_float32(ours, "bf16"), torch.from_numpy(ref.view(np.int16)).view(torch.bfloat16).float().numpy())
+
+
+@settings(max_examples=200)
+@given(hnp.arrays(np.float32, st.integers(1, 700), elements=st.floats(-100, 100, width=32)),
+       st.sampled_from(["int8", "int4"]), st.sampled_from([2, 8, 32, 64, 128]))
+def test_quantization_error_is_bounded_by_half_a_step(x, quant, g):
+    buf = quantize(x, quant, g)
+    y = dequantize_np(buf, x.size, quant, g)
+    pad = (-x.size) % g
+    xp = np.concatenate([x, np.repeat(x[-1:], pad)]).reshape(-1, g)
+    if quant == "int8":
+        step = np.abs(xp).max(1) / 127
+    else:
+        step = (xp.max(1) - xp.min(1)) / 15
+    # half a step, plus fp16 rounding of the scale (2^-11 relative) times the code range,
+    # plus fp16 rounding of the int4 minimum
+    tol = step * 0.5 + np.abs(xp).max(1) * 2.0 ** -10 + 1e-6
+    err = np.abs(xp.reshape(-1)[: x.size] - y).reshape(-1)
+    err = np.concatenate([err, np.zeros(pad)]).reshape(-1, g).max(1)
+    assert (err <= tol).all()
+
+
+def _roundtrip(tensors, opts, base=None, base_dtype=None):
+    enc = encode_region(tensors, opts, base, base_dtype)
+    region = Region(0, 4096, len(enc.stored), enc.raw_length, "0" * 16, enc.chain, enc.tensors)
+    payload = unpack_payload(region, enc.stored)
+    base_t = None
+    if base is not None:
+        from moestream.formats.codecs import TORCH_BITS, TORCH_DTYPES
+        base_t = {k: torch.from_numpy(v.astype(np.int32 if base_dtype == "fp32" else np.int16, copy=False)
+                                      .view(np.int32 if base_dtype == "fp32" else np.int16))
+                  .view(TORCH_DTYPES[base_dtype]) for k, v in base.items()}
+    return enc, materialize(region, payload, base_t)
+
+
+@settings(max_examples=100)
+@given(st.data(), st.sampled_from(["bf16", "fp16", "fp32"]), st.booleans(), st.booleans())
+def test_lossless_region_roundtrip_any_bits(data, dtype, zstd, delta):
+    """Any bit patterns (NaNs, infs, denormals) survive shuffle/xor-delta/zstd exactly."""
+    nbits = np.uint32 if dtype == "fp32" else np.uint16
+    tensors, base = [], {}
+    for name in ["a", "b"]:
+        shape = data.draw(shapes)
+        bits = data.draw(hnp.arrays(nbits, shape))
+        tensors.append((name, dtype, shape, bits))
+        base[name] = data.draw(hnp.arrays(nbits, shape))
+    opts = EncodeOptions(quant=None, zstd_level=3 if zstd else None, delta=delta)
+    enc, out = _roundtrip(tensors, opts, base if delta else None, dtype if delta else None)
+    for name, _, shape, bits in tensors:
+        got = out[name]
+        assert tuple(got.shape) == shape
+        width = torch.int32 if dtype == "fp32" else torch.int16
+        assert np.array_equal(got.view(width).numpy().view(nbits), bits)
+
+
+def test_zstd_and_shuffle_kept_only_where_they_pay():
+    rng = np.random.default_rng(0)
+    noise = [("n", "fp32", (64, 64), rng.integers(0, 2**32, (64, 64), dtype=np.uint32))]
+    enc = encode_region(noise, EncodeOptions(quant=None, zstd_level=3, delta=False))
+    assert enc.chain == () and len(enc.stored) == 64 * 64 * 4
+    weights = [("w", "fp32", (64, 64), float32_to_bits(rng.normal(0, 0.02, (64, 64)).astype(np.float32), "fp32"))]
+    enc = encode_region(weights, EncodeOptions(quant=None, zstd_level=3, delta=False))
+    assert enc.chain == ("shuffle", "zstd") and len(enc.stored) < 64 * 64 * 4
+
+
+def test_delta_kept_only_when_smaller_and_not_worse():
+    rng = np.random.default_rng(1)
+    base = rng.normal(0, 0.02, (64, 64)).astype(np.float32)
+    close = base + rng.normal(0, 1e-4, base.shape).astype(np.float32)
+    far = rng.normal(0, 0.02, base.shape).astype(np.float32)
+    opts = EncodeOptions(quant="int8", group_size=64, zstd_level=3, delta=True)
+    b = {"w": float32_to_bits(base, "fp32")}
+    enc_close = encode_region([("w", "fp32", (64, 64), float32_to_bits(close, "fp32"))], opts, b, "fp32")
+    assert "delta" in enc_close.chain
+    enc_far = encode_region([("w", "fp32", (64, 64), float32_to_bits(far, "fp32"))], opts, b, "fp32")
+    assert "delta" not in enc_far.chain
+    _, out = _roundtrip([("w", "fp32", (64, 64), float32_to_bits(close, "fp32"))], opts, b, "fp32")
+    assert float((out["w"].float() - torch.from_numpy(close)).norm() / np.linalg.norm(close)) < 0.01
