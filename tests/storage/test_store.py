@@ -1,0 +1,250 @@
+"""The Store: correctness against StoreReader, budgets at every step, counters, prefetch,
+faults, several consumers."""
+import errno
+import random
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+import torch
+
+import moestream
+from moestream.errors import BudgetError, StoreIOError
+from moestream.formats import StoreReader
+from moestream.storage import Store, TierCache
+from moestream.storage import open as open_store
+from moestream.storage.uring import supported
+
+IOS = ["posix"] + (["uring"] if supported()[0] else [])
+
+
+@pytest.fixture(scope="module")
+def stores(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    return {q: moestream.convert(checkpoints["mixtral"], root / q, quant=q, progress=False)
+            for q in ["keep", "int4"]}
+
+
+def expected(store):
+    with StoreReader(store) as r:
+        return {(l, e): r.expert(l, e) for l in r.layers for e in range(r.experts_per_layer)}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("io", IOS)
+@pytest.mark.parametrize("quant", ["keep", "int4"])
+def test_fetch_matches_reader_under_eviction(stores, io, quant, monkeypatch):
+    ref = expected(stores[quant])
+    one = max(sum(t.numel() * t.element_size() for t in v.values()) for v in ref.values())
+    worst = {"device": 0, "host": 0}
+    real_put = TierCache.put
+
+    def checked_put(self, key, value, nbytes):  # the budget is checked after every insertion
+        out = real_put(self, key, value, nbytes)
+        assert self.used <= self.budget
+        worst[self.name] = max(worst[self.name], self.used)
+        return out
+
+    monkeypatch.setattr(TierCache, "put", checked_put)
+    rng = random.Random(0)
+    with open_store(stores[quant], io=io, device_budget=3 * one, host_budget=5 * one // 2, chunk_size=8192) as s:
+        for step in range(300):
+            layer = rng.choice(s.layers)
+            experts = rng.sample(range(s.experts_per_layer), 2)
+            futs = s.fetch(layer, experts)
+            arrived = [f for f in s.as_completed(futs)]
+            assert set(arrived) == set(futs)
+            for e, f in zip(experts, futs):
+                assert same(f.result(), ref[(layer, e)])
+            assert s.l1.used <= 3 * one and s.l2.used <= 5 * one // 2
+        st = s.stats()
+    assert st["misses"] > 0 and st["hits_l1"] > 0 and st["evictions_l1"] > 0
+    assert st["requests"] == 600 == st["hits_l1"] + st["hits_l2"] + st["misses"] + st["joined_inflight"]
+    assert 0 < worst["device"] <= 3 * one and worst["host"] <= 5 * one // 2
+    assert st["l1_peak"] <= 3 * one
+
+
+def test_bytes_read_equal_the_extents_read(stores):
+    """A known pattern: the first pass misses every key once, the second hits L1 only."""
+    with StoreReader(stores["keep"]) as r:
+        regions = {(l, e): r.extent(l, e) for l in r.layers for e in range(8)}
+    keys = [(0, 1), (0, 5), (1, 2), (1, 7), (0, 1)]
+    with open_store(stores["keep"], io="posix", device_budget="1GiB", host_budget=0) as s:
+        for l, e in keys:
+            s.get(l, e)
+        st = s.stats()
+    distinct = set(keys)
+    assert st["misses"] == 4 and st["hits_l1"] == 1 and st["reads"] == 4
+    assert st["bytes_read"] == sum(regions[k].padded_length for k in distinct)
+    assert st["stored_bytes_read"] == sum(regions[k].length for k in distinct)
+    assert st["bytes_decoded"] == sum(t.numel * 4 for k in distinct for t in regions[k].tensors)  # fp32 source
+
+
+def test_l2_serves_after_l1_eviction(stores):
+    ref = expected(stores["int4"])
+    one = max(sum(t.numel() * t.element_size() for t in v.values()) for v in ref.values())
+    with open_store(stores["int4"], io="posix", device_budget=one, host_budget="64MiB") as s:
+        for e in range(4):
+            s.get(0, e)
+        assert same(s.get(0, 0), ref[(0, 0)])
+        st = s.stats()
+    assert st["misses"] == 4 and st["hits_l2"] == 1 and st["reads"] == 4
+
+
+def test_budget_below_one_expert_is_refused(stores):
+    with pytest.raises(BudgetError, match="smaller than one expert"):
+        open_store(stores["keep"], device_budget="1KiB")
+    with pytest.raises(BudgetError, match="host_budget"):
+        open_store(stores["keep"], device_budget="1GiB", host_budget=100)
+    with pytest.raises(ValueError, match="policy"):
+        open_store(stores["keep"], policy="mru")
+
+
+def test_backend_choice_is_visible_and_overridable(stores, monkeypatch):
+    with open_store(stores["keep"]) as s:
+        st = s.stats()
+        assert st["backend"] in ("uring", "posix") and st["backend_reason"].startswith("auto")
+    monkeypatch.setenv("MOESTREAM_IO", "posix")
+    with open_store(stores["keep"]) as s:
+        assert s.stats()["backend"] == "posix" and "MOESTREAM_IO" in s.stats()["backend_reason"]
+    with pytest.raises(ValueError, match="io="):
+        open_store(stores["keep"], io="aio")
+
+
+class FaultyBackend:
+    """Wraps a backend: EIO for reads at `eio_offsets`, completion delayed for `slow_offsets`."""
+
+    def __init__(self, inner, eio_offsets=(), slow_offsets=(), delay=0.2):
+        self.inner, self.name = inner, inner.name
+        self.eio, self.slow, self.delay = set(eio_offsets), set(slow_offsets), delay
+
+    def submit(self, req):
+        if req.offset in self.eio:
+            f = Future()
+            f.set_exception(StoreIOError(f"{req.path}: read of {req.length} bytes at offset {req.offset} failed: "
+                                         f"{errno.errorcode[errno.EIO]}"))
+            return f
+        inner = self.inner.submit(req)
+        if req.offset not in self.slow:
+            return inner
+        out = Future()
+        inner.add_done_callback(lambda f: threading.Timer(self.delay, lambda: out.set_result(f.result())).start())
+        return out
+
+    def close(self):
+        self.inner.close()
+
+
+@pytest.mark.parametrize("io", IOS)
+def test_faults_reach_their_futures_only(stores, io):
+    ref = expected(stores["keep"])
+    with StoreReader(stores["keep"]) as r:
+        bad, slow = r.extent(0, 3), r.extent(0, 4)
+    s = open_store(stores["keep"], io=io, device_budget="1GiB", host_budget=0)
+    s.backend = FaultyBackend(s.backend, eio_offsets={bad.offset}, slow_offsets={slow.offset})
+    futs = s.fetch(0, [4, 3, 5, 6])
+    order = []
+    for f in s.as_completed(futs):
+        order.append(futs.index(f))
+    assert order[-1] == 0  # the delayed read arrives last: consumers see arrival order
+    with pytest.raises(StoreIOError, match=rf"offset {bad.offset}"):
+        futs[1].result()
+    for i, e in [(0, 4), (2, 5), (3, 6)]:
+        assert same(futs[i].result(), ref[(0, e)])
+    s.backend.eio.clear()
+    assert same(s.get(0, 3), ref[(0, 3)])  # a failed read is not cached: the next fetch retries
+    s.close()
+    assert s.pool.free == s.pool.count
+
+
+def test_corrupt_extent_fails_its_future(stores, tmp_path):
+    import shutil
+    dst = tmp_path / "s"
+    shutil.copytree(stores["keep"], dst)
+    with StoreReader(dst) as r:
+        reg = r.extent(1, 6)
+    with open(dst / "experts-00000.moe", "r+b") as f:
+        f.seek(reg.offset + 100)
+        f.write(b"\x00\x01\x02")
+    with open_store(dst, io="posix") as s:
+        a, b = s.fetch(1, [5, 6])
+        assert a.result()
+        with pytest.raises(moestream.ChecksumError, match="layer 1 expert 6"):
+            b.result()
+
+
+def test_prefetch_is_bounded_lower_priority_and_cancellable(stores):
+    with StoreReader(stores["keep"]) as r:
+        size = r.extent(0, 0).padded_length
+    with open_store(stores["keep"], io="posix", device_budget="1GiB", prefetch_budget=size, host_budget=0) as s:
+        peak = {"v": 0}
+        orig = s._issue
+
+        def spy(load, slab):
+            peak["v"] = max(peak["v"], s._prefetch_inflight)
+            return orig(load, slab)
+        s._issue = spy
+        assert s.prefetch(1, range(8)) == 8
+        s.get(0, 0)  # demand read goes ahead of the queued prefetches
+        cancelled = s.cancel_prefetch()
+        time.sleep(0.3)
+        st = s.stats()
+        assert cancelled >= 1 and st["prefetch_cancelled"] == cancelled
+        assert peak["v"] <= size
+        loaded = [e for e in range(8) if (1, e) in s.l1]
+        assert len(loaded) == 8 - cancelled
+        for e in loaded:
+            s.get(1, e)
+        assert s.stats()["prefetch_used"] == len(loaded) and s.stats()["hits_l1"] == len(loaded)
+
+
+def test_several_consumers(stores):
+    ref = expected(stores["int4"])
+    errors = []
+    with open_store(stores["int4"], io="auto", device_budget="300KiB", host_budget="200KiB") as s:
+        def worker(seed):
+            rng = random.Random(seed)
+            try:
+                for _ in range(60):
+                    l, es = rng.choice(s.layers), rng.sample(range(8), 3)
+                    if rng.random() < 0.3:
+                        s.prefetch(l, rng.sample(range(8), 2))
+                    for e, f in zip(es, s.fetch(l, es)):
+                        assert same(f.result(timeout=20), ref[(l, e)])
+            except Exception as e:
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.l1.peak <= s.l1.budget and s.l2.peak <= s.l2.budget
+    assert not errors, errors[:1]
+
+
+def test_closed_store_refuses_work(stores):
+    s = open_store(stores["keep"], io="posix")
+    s.close()
+    with pytest.raises(moestream.MoestreamError, match="closed"):
+        s.fetch(0, [0])
+
+
+def test_lfu_keeps_the_hot_expert(stores):
+    ref = expected(stores["keep"])
+    one = max(sum(t.numel() * t.element_size() for t in v.values()) for v in ref.values())
+    with open_store(stores["keep"], io="posix", device_budget=2 * one, host_budget=0, policy="lfu") as s:
+        for _ in range(5):
+            s.get(0, 0)
+        for e in range(1, 6):
+            s.get(0, e)
+        assert (0, 0) in s.l1
+    with open_store(stores["keep"], io="posix", device_budget=2 * one, host_budget=0, policy="lru") as s:
+        for _ in range(5):
+            s.get(0, 0)
+        for e in range(1, 6):
+            s.get(0, e)
+        assert (0, 0) not in s.l1
