@@ -52,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check every checksum of a store")
     v.add_argument("store")
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    bio = bsub.add_parser("io", help="expert-read throughput per backend against fio and safetensors")
+    src = bio.add_mutually_exclusive_group(required=True)
+    src.add_argument("store", nargs="?", help="a store to read")
+    src.add_argument("--synthetic", type=_size, metavar="SIZE", help="build a synthetic bf16 store of SIZE (e.g. 2GiB)")
+    bio.add_argument("--source", help="the store's source checkpoint, for the safetensors comparison")
+    bio.add_argument("--workdir", help="where --synthetic writes (default: the system temp dir)")
+    bio.add_argument("--chunk", type=_size, default=1 << 20, help="bytes per read request (default 1MiB)")
+    bio.add_argument("--queue-depth", type=int, default=32)
+    bio.add_argument("--repeat", type=int, default=3, help="passes per figure; the median is reported")
+    bio.add_argument("--backend", action="append", choices=["uring", "posix", "kvikio"], help="limit to these")
+    bio.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -87,7 +101,16 @@ def _verify(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "inspect": _inspect, "verify": _verify}
+def _bench(a: argparse.Namespace) -> int:
+    from .storage.iobench import bench_io, format_table
+    log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
+    d = bench_io(a.store, synthetic=a.synthetic, source=a.source, workdir=a.workdir, chunk=a.chunk,
+                 queue_depth=a.queue_depth, repeat=a.repeat, backends=a.backend, progress=log)
+    print(json.dumps(d, indent=2) if a.json else "\n" + format_table(d))
+    return 0
+
+
+COMMANDS = {"convert": _convert, "inspect": _inspect, "verify": _verify, "bench": _bench}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

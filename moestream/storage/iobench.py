@@ -1,0 +1,369 @@
+"""`moestream bench io`: expert-read throughput of each backend against fio on the same file,
+and against the safetensors reads a user has today.
+
+Reads go through the backends directly (no decode): each extent is split into `chunk` byte
+requests with at most `queue_depth` in flight across extents, the same request size and depth
+that fio is given. Cold runs drop the page cache first (root only; otherwise they are marked
+warm). O_DIRECT reads bypass the page cache, so for them cold and warm differ only by what
+the device itself caches."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import statistics
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..formats.index import Region
+from ..formats.reader import StoreReader
+from ..units import format_size, parse_size
+from .backends import PosixBackend, ReadRequest, UringBackend, kvikio_usable
+from .buffers import BufferPool
+from .uring import supported as uring_supported
+
+
+def drop_page_cache() -> bool:
+    """Drop the page cache (root only). Returns whether it was dropped."""
+    if os.geteuid() != 0:
+        return False
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_extents(backend, fds: list[int], paths: list[str], regions: list[Region], *, chunk: int,
+                 queue_depth: int, pool: BufferPool, device_dest=None) -> float:
+    """Read every region (padded) with at most `queue_depth` chunk requests in flight.
+    Returns seconds. `device_dest(slab_index, offset, n)` gives a device buffer (kvikio)."""
+    sem = threading.Semaphore(queue_depth)
+    errors: list[BaseException] = []
+    done_all = threading.Event()
+    remaining = {"extents": len(regions)}
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    for r in regions:
+        slab = pool.acquire()
+        offsets = list(range(0, r.padded_length, chunk))
+        left = {"n": len(offsets)}
+
+        def chunk_done(f, slab=slab, left=left):
+            if f.exception() is not None:
+                errors.append(f.exception())
+            sem.release()
+            with lock:
+                left["n"] -= 1
+                if left["n"] == 0:
+                    pool.release(slab)
+                    remaining["extents"] -= 1
+                    if remaining["extents"] == 0:
+                        done_all.set()
+
+        for off in offsets:
+            n = min(chunk, r.padded_length - off)
+            sem.acquire()
+            dest = device_dest(slab.index, off, n) if device_dest else slab.view[off:off + n]
+            req = ReadRequest(fds[r.file], paths[r.file], r.offset + off, n, dest, slab.addr + off,
+                              need=min(n, max(0, r.length - off)),
+                              buf_index=0 if getattr(backend, "registered", False) else None)
+            backend.submit(req).add_done_callback(chunk_done)
+    if regions:
+        done_all.wait()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return seconds
+
+
+def run_fio(path: str, *, rw: str, bs: int, iodepth: int, size: int, runtime: float = 0) -> Optional[dict]:
+    """fio with io_uring and O_DIRECT over `size` bytes of `path`; None when fio is missing."""
+    if shutil.which("fio") is None:
+        return None
+    cmd = ["fio", "--name=moestream", f"--filename={path}", "--ioengine=io_uring", "--direct=1", f"--rw={rw}",
+           f"--bs={bs}", f"--iodepth={iodepth}", f"--size={size}", "--numjobs=1", "--output-format=json",
+           "--randrepeat=0", "--norandommap=0"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip()[-300:], "command": " ".join(cmd)}
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
+    return {"gbps": job["bw_bytes"] / 1e9, "bytes": job["io_bytes"], "seconds": job["runtime"] / 1e3,
+            "command": " ".join(cmd)}
+
+
+# ---- synthetic checkpoint --------------------------------------------------------------------
+
+def write_synthetic_checkpoint(out: Path, size: int, *, expert_mib: int = 6, seed: int = 0) -> Path:
+    """A Mixtral-style bf16 checkpoint of about `size` bytes of experts, written tensor by tensor
+    (never all in memory). Experts are `expert_mib` MiB (hidden 1024, intermediate N)."""
+    hidden = 1024
+    inter = expert_mib * (1 << 20) // (3 * hidden * 2)
+    n_experts = 8
+    per_layer = n_experts * 3 * hidden * inter * 2
+    layers = max(1, math.ceil(size / per_layer))
+    vocab = 256
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden)),
+                                                  ("lm_head.weight", (vocab, hidden)), ("model.norm.weight", (hidden,))]
+    for l in range(layers):
+        p = f"model.layers.{l}."
+        tensors += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,)),
+                    (p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (256, hidden)),
+                    (p + "self_attn.v_proj.weight", (256, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
+                    (p + "block_sparse_moe.gate.weight", (n_experts, hidden))]
+        for e in range(n_experts):
+            q = f"{p}block_sparse_moe.experts.{e}."
+            tensors += [(q + "w1.weight", (inter, hidden)), (q + "w2.weight", (hidden, inter)),
+                        (q + "w3.weight", (inter, hidden))]
+    header, pos = {}, 0
+    for name, shape in tensors:
+        n = math.prod(shape) * 2
+        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [pos, pos + n]}
+        pos += n
+    hb = json.dumps(header).encode()
+    hb += b" " * ((-len(hb)) % 8)
+    with open(out / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        for name, shape in tensors:
+            x = rng.standard_normal(math.prod(shape), dtype=np.float32) * 0.02
+            f.write(((x.view(np.uint32) + 0x8000) >> 16).astype(np.uint16).tobytes())
+    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": hidden,
+           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2,
+           "head_dim": 128, "vocab_size": vocab, "num_local_experts": n_experts, "num_experts_per_tok": 2,
+           "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+
+def bench_io(store: Optional[str] = None, *, synthetic: Optional[int] = None, source: Optional[str] = None,
+             workdir: Optional[str] = None, chunk: int = 1 << 20, queue_depth: int = 32, repeat: int = 3,
+             backends: Optional[list[str]] = None, progress=print) -> dict[str, Any]:
+    """Run the I/O benchmark; returns every figure as plain data."""
+    tmp = None
+    if synthetic is not None:
+        tmp = Path(tempfile.mkdtemp(prefix="moestream-bench-", dir=workdir))
+        progress(f"writing a synthetic {format_size(synthetic)} bf16 checkpoint in {tmp}")
+        src = write_synthetic_checkpoint(tmp / "ckpt", synthetic)
+        from ..formats.convert import convert
+        store = str(convert(src, tmp / "store", zstd_level=None, delta=False, progress=False))
+        source = str(src)
+    assert store is not None
+    try:
+        return _bench(store, source, chunk, queue_depth, repeat, backends, progress)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _bench(store, source, chunk, queue_depth, repeat, backends, progress) -> dict[str, Any]:
+    reader = StoreReader(store)
+    regions = [reader.index.extents[k] for k in sorted(reader.index.extents)]
+    paths = [str(p) for p in reader.files]
+    total = sum(r.padded_length for r in regions)
+    root = os.geteuid() == 0
+    names = backends or (["uring"] if uring_supported()[0] else []) + ["posix"] + (
+        ["kvikio"] if kvikio_usable()[0] else [])
+    rng = random.Random(0)
+    orders = {"sequential": list(range(len(regions))), "random": rng.sample(range(len(regions)), len(regions))}
+    pool = BufferPool(max(r.padded_length for r in regions),
+                      max(2, math.ceil(queue_depth * chunk / min(r.padded_length for r in regions)) + 1))
+    results = []
+    fds = []
+    direct = True
+    for p in paths:
+        try:
+            fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
+        except OSError:
+            direct = False
+            fds.append(os.open(p, os.O_RDONLY))
+    # fio reads the store's largest file over its extent span, with our request size and depth
+    span_file = max(range(len(paths)), key=lambda i: sum(r.padded_length for r in regions if r.file == i))
+    span = max(r.offset + r.padded_length for r in regions if r.file == span_file)
+    fio: dict[str, Any] = {}
+    ext_bs = max(r.padded_length for r in regions)
+    made = {name: _make(name, queue_depth, pool) for name in names}
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    cold_label = "cold" if root else "warm (not root: page cache not dropped)"
+    try:
+        # The disk is shared and noisy (burst credits, neighbours): fio and every backend take
+        # turns within each repetition, so each ratio compares runs made moments apart.
+        for order, idx in orders.items():
+            rw = "randread" if order == "random" else "read"
+            for rep in range(repeat):
+                # fio twice: with our request size (the comparison asked for), and with whole
+                # extents as requests (our access pattern: an extent's chunks are adjacent, and
+                # the block layer merges them)
+                for label, bs in ((order, chunk), (f"{order}_extent_bs", ext_bs)):
+                    drop_page_cache()
+                    f = run_fio(paths[span_file], rw=rw, bs=bs, iodepth=queue_depth, size=span // bs * bs)
+                    if f is not None and "gbps" in f:
+                        fio.setdefault(label, {"samples": [], "command": f["command"]})["samples"].append(f["gbps"])
+                    elif f is not None:
+                        fio[label] = f
+                for name, (backend, device_dest) in made.items():
+                    for cache in ("cold", "warm"):
+                        if cache == "cold":
+                            drop_page_cache()
+                        secs = read_extents(backend, fds, paths, [regions[i] for i in idx], chunk=chunk,
+                                            queue_depth=queue_depth, pool=pool, device_dest=device_dest)
+                        samples.setdefault((name, order, cache), []).append(total / secs / 1e9)
+                progress(f"{order} pass {rep + 1}/{repeat}: " + ", ".join(
+                    f"{n} {samples[(n, order, 'cold')][-1]:.2f}" for n in made) +
+                    (f", fio {fio[order]['samples'][-1]:.2f}" if "samples" in fio.get(order, {}) else "") + " GB/s cold")
+    finally:
+        for backend, _ in made.values():
+            backend.close()
+        for fd in fds:
+            os.close(fd)
+        pool.close()
+    for (name, order, cache), xs in samples.items():
+        results.append({"engine": name, "order": order, "cache": cold_label if cache == "cold" else "warm",
+                        "bytes": total, "gbps": statistics.median(xs), "samples": xs})
+    for order, f in fio.items():
+        if "samples" in f:
+            f["gbps"] = statistics.median(f["samples"])
+    st = None
+    if source:
+        st = _bench_safetensors(source, reader, orders["random"], regions)
+        if st:
+            progress(f"{'safetensors':>8} random cold : {st['gbps']:.2f} GB/s")
+    store_row = _bench_store(store, orders["random"], regions, reader)
+    progress(f"{'store':>8}     random  cold: {store_row['gbps']:.2f} GB/s (read + verify + decode)")
+    reader.close()
+
+    def pick(engine, order, cache="cold"):
+        for r in results:
+            if r["engine"] == engine and r["order"] == order and r["cache"].startswith(cache):
+                return r["gbps"]
+        return None
+
+    ratios = {}
+    for name in names:
+        for order in orders:
+            f = fio.get(order)
+            ours = pick(name, order)
+            if f and "gbps" in f and ours:
+                ratios[f"{name}_{order}_cold_vs_fio"] = ours / f["gbps"]
+            f = fio.get(f"{order}_extent_bs")
+            if f and "gbps" in f and ours:
+                ratios[f"{name}_{order}_cold_vs_fio_extent_bs"] = ours / f["gbps"]
+    out = {
+        "command": "moestream bench io",
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "kernel": platform.release()},
+        "store": store, "files": paths, "extents": len(regions), "extent_bytes": total // len(regions),
+        "bytes_per_pass": total, "chunk_bytes": chunk, "queue_depth": queue_depth, "direct_io": direct,
+        "page_cache_dropped": root, "results": results, "fio": fio, "ratios": ratios,
+        "uring_random_cold_vs_fio": ratios.get("uring_random_cold_vs_fio"),
+        "safetensors_random_cold": st, "store_fetch_random_cold": store_row,
+    }
+    return out
+
+
+def _make(name, queue_depth, pool):
+    if name == "uring":
+        return UringBackend(queue_depth, [(pool.addr, pool.nbytes)]), None
+    if name == "posix":
+        return PosixBackend(queue_depth), None
+    if name == "kvikio":
+        import torch
+        from .backends import KvikioBackend
+        dev = torch.empty(pool.nbytes, dtype=torch.uint8, device="cuda")
+        return KvikioBackend(queue_depth), lambda i, off, n: dev[i * pool.slab_size + off:i * pool.slab_size + off + n]
+    raise ValueError(f"unknown backend {name!r}")
+
+
+def _bench_safetensors(source, reader, order, regions) -> Optional[dict]:
+    """The default a user has today: safe_open + get_tensor for the same experts, cold."""
+    from safetensors import safe_open
+    from ..formats.families import FAMILIES
+    from ..formats.hf_checkpoint import HFCheckpoint
+    ckpt = HFCheckpoint(source)
+    fam = FAMILIES[reader.architecture]
+    keys = sorted(reader.index.extents)
+    dropped = drop_page_cache()
+    nbytes = 0
+    t0 = time.perf_counter()
+    handles: dict[str, Any] = {}
+    for i in order:
+        layer, e = keys[i]
+        for t in fam.expert_tensors:
+            info = ckpt.info(fam.expert_tensor_name(layer, e, t))
+            f = handles.get(str(info.path))
+            if f is None:
+                f = handles[str(info.path)] = safe_open(str(info.path), "pt").__enter__()
+            x = f.get_tensor(info.name)
+            nbytes += x.numel() * x.element_size()
+    secs = time.perf_counter() - t0
+    for f in handles.values():
+        f.__exit__(None, None, None)
+    return {"gbps": nbytes / secs / 1e9, "bytes": nbytes, "seconds": secs, "page_cache_dropped": dropped}
+
+
+def _bench_store(store, order, regions, reader) -> dict:
+    """End to end through moestream.open: read + checksum + decode, cold, random expert order,
+    with an L1 too small to hold more than a few experts."""
+    from .store import Store
+    keys = sorted(reader.index.extents)
+    one = max(sum(math.prod(t.shape) * 4 for t in r.tensors) for r in regions)
+    dropped = drop_page_cache()
+    with Store(store, device_budget=4 * one, host_budget=0) as s:
+        t0 = time.perf_counter()
+        window = []
+        for i in order:
+            window += s.fetch(*keys[i][:1], [keys[i][1]])
+            if len(window) >= 4:
+                window.pop(0).result()
+        for f in window:
+            f.result()
+        secs = time.perf_counter() - t0
+        st = s.stats()
+    return {"gbps": st["bytes_read"] / secs / 1e9, "bytes": st["bytes_read"], "seconds": secs,
+            "backend": st["backend"], "page_cache_dropped": dropped}
+
+
+def format_table(d: dict[str, Any]) -> str:
+    lines = [f"store {d['store']}: {d['extents']} extents of {format_size(d['extent_bytes'])}, "
+             f"{format_size(d['bytes_per_pass'])} per pass; requests {format_size(d['chunk_bytes'])} at queue depth "
+             f"{d['queue_depth']}; O_DIRECT {'on' if d['direct_io'] else 'off'}; page cache "
+             f"{'dropped before cold runs' if d['page_cache_dropped'] else 'NOT dropped (not root)'}",
+             "", f"{'engine':>12} {'order':>11} {'cache':>6} {'GB/s':>7} {'vs fio':>7}"]
+    lines[-1] += f" {'vs fio(extent bs)':>18}"
+    for r in d["results"]:
+        cells = []
+        for label in (r["order"], f"{r['order']}_extent_bs"):
+            f = d["fio"].get(label) or {}
+            cells.append(f"{r['gbps'] / f['gbps']:.2f}" if f.get("gbps") and r["cache"].startswith("cold") else "")
+        lines.append(f"{r['engine']:>12} {r['order']:>11} {r['cache'][:6]:>6} {r['gbps']:>7.2f} {cells[0]:>7} {cells[1]:>18}")
+    for order, f in d["fio"].items():
+        if f and "gbps" in f:
+            bs = "extent-sized requests" if order.endswith("extent_bs") else f"{format_size(d['chunk_bytes'])} requests"
+            lines.append(f"{'fio':>12} {order.replace('_extent_bs', ''):>11} {'cold':>6} {f['gbps']:>7.2f}   ({bs}; "
+                         f"samples {', '.join(f'{x:.2f}' for x in f['samples'])})")
+        elif f:
+            lines.append(f"{'fio':>12} {order:>11} failed: {f['error']}")
+        else:
+            lines.append(f"{'fio':>12} {order:>11} not installed")
+    if d.get("safetensors_random_cold"):
+        s = d["safetensors_random_cold"]
+        lines.append(f"{'safetensors':>12} {'random':>11} {'cold':>6} {s['gbps']:>7.2f}")
+    s = d["store_fetch_random_cold"]
+    lines.append(f"{'Store.fetch':>12} {'random':>11} {'cold':>6} {s['gbps']:>7.2f}   (read+verify+decode, {s['backend']})")
+    if d.get("uring_random_cold_vs_fio") is not None:
+        lines.append(f"\nuring_random_cold_vs_fio = {d['uring_random_cold_vs_fio']:.3f}")
+    return "\n".join(lines)
