@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check every checksum of a store")
     v.add_argument("store")
 
+    g = sub.add_parser("generate", help="generate text with a model streamed from a store")
+    g.add_argument("store")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--device-budget", type=_size, default=None, help="bytes of experts on the device, e.g. 2GiB")
+    g.add_argument("--host-budget", type=_size, default=None, help="bytes of stored experts in RAM (0: none)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"])
+
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     bio = bsub.add_parser("io", help="expert-read throughput per backend against fio and safetensors")
@@ -110,7 +121,18 @@ def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "inspect": _inspect, "verify": _verify, "bench": _bench}
+def _generate(a: argparse.Namespace) -> int:
+    from .compute.generation import generate_text
+    if a.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
+    if a.temperature < 0:
+        raise ValueError("--temperature must not be negative")
+    generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
+                  host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io)
+    return 0
+
+
+COMMANDS = {"convert": _convert, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -17,7 +17,8 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
+from concurrent.futures import wait as _wait
 from concurrent.futures import as_completed as _as_completed
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
@@ -199,6 +200,18 @@ class Store:
             self.stats_.add(stall_seconds=time.perf_counter() - t0)
             yield f
             t0 = time.perf_counter()
+
+    def wait_first(self, futures: Iterable["Future[Experts]"]) -> "Future[Experts]":
+        """Block until one of `futures` completes and return it (time blocked counts as stall)."""
+        t0 = time.perf_counter()
+        done, _ = _wait(list(futures), return_when=FIRST_COMPLETED)
+        self.stats_.add(stall_seconds=time.perf_counter() - t0)
+        return next(iter(done))
+
+    @property
+    def expert_slots(self) -> int:
+        """How many of the largest decoded experts fit in the device budget (at least 1)."""
+        return max(1, self.l1.budget // self.max_decoded)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Queue experts to be loaded ahead of need, behind demand reads and within

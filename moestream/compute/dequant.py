@@ -1,0 +1,174 @@
+"""Group-wise int8/int4 dequantization kernels (docs/FORMAT.md gives the layout), with an
+optional fused delta add (out = base + dequant(codes)).
+
+- CPU: Numba `@njit(parallel=True)`, writing fp32, or bf16 bit patterns rounded to nearest
+  even in the same pass (Numba has no half types on the CPU).
+- CUDA: Numba `@cuda.jit`, writing fp32; bf16/fp16 outputs are one torch cast on the device.
+  Tested in CI through Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) and on a GPU by
+  `make gpu-check`.
+
+`dequantize(...)` has the signature of `formats.codecs.Dequantizer` and dispatches on the
+device of `codes`. Scale and minimum planes are read as bytes, so planes at odd offsets need no copy."""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Optional
+
+import numpy as np
+import torch
+from numba import cuda, njit, prange
+
+from ..formats.codecs import dequantize_torch
+
+_CHUNK_GROUPS = 256
+# Numba's default (workqueue) threading layer must not be entered from two threads at once;
+# decode workers call in parallel, and each parallel kernel already uses every core.
+_PARALLEL_LOCK = threading.Lock()
+
+
+def _half_to_float(h):
+    """IEEE fp16 bit pattern (int) -> float, with integer arithmetic only (CPU and CUDA)."""
+    sign = -1.0 if (h >> 15) & 1 else 1.0
+    exp = (h >> 10) & 0x1F
+    man = h & 0x3FF
+    if exp == 0:
+        return sign * man * 5.960464477539063e-08  # 2**-24
+    if exp == 31:
+        return sign * math.inf if man == 0 else math.nan
+    return sign * (1.0 + man / 1024.0) * 2.0 ** (exp - 15)
+
+
+_half_to_float_cpu = njit(cache=True)(_half_to_float)
+
+
+@njit(parallel=True, cache=True)
+def _dequant_cpu(codes, scales, mins, base, out_f32, out_bits, numel, group, is_int4, has_base, to_bf16):
+    groups = (numel + group - 1) // group
+    nchunks = (groups + _CHUNK_GROUPS - 1) // _CHUNK_GROUPS
+    for c in prange(nchunks):
+        scratch = np.empty(1, np.float32)
+        scratch_bits = scratch.view(np.uint32)
+        g_end = min(groups, (c + 1) * _CHUNK_GROUPS)
+        for g in range(c * _CHUNK_GROUPS, g_end):
+            s = _half_to_float_cpu(np.int64(scales[2 * g]) | (np.int64(scales[2 * g + 1]) << 8))
+            m = 0.0
+            if is_int4:
+                m = _half_to_float_cpu(np.int64(mins[2 * g]) | (np.int64(mins[2 * g + 1]) << 8))
+            start = g * group
+            end = min(start + group, numel)
+            for i in range(start, end):
+                if is_int4:
+                    b = codes[i >> 1]
+                    q = (b >> 4) if (i & 1) else (b & 15)
+                    v = np.float32(q) * np.float32(s) + np.float32(m)
+                else:
+                    q = np.int32(codes[i])
+                    if q > 127:
+                        q -= 256
+                    v = np.float32(q) * np.float32(s)
+                if has_base:
+                    v += base[i]
+                if to_bf16:
+                    scratch[0] = v
+                    bits = scratch_bits[0]
+                    if (bits & 0x7F800000) == 0x7F800000 and (bits & 0x7FFFFF) != 0:
+                        out_bits[i] = np.uint16(0x7FC0)
+                    else:
+                        out_bits[i] = np.uint16((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16)
+                else:
+                    out_f32[i] = v
+
+
+def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[np.ndarray], base: Optional[np.ndarray],
+                          out: np.ndarray, numel: int, group_size: int, quant: str) -> None:
+    """Fill `out` (float32, or uint16 bf16 bit patterns) with `numel` dequantized values.
+    codes/scales/mins are uint8 arrays; base (float32, numel) is added when given."""
+    to_bf16 = out.dtype == np.uint16
+    empty_f = np.empty(1, np.float32)
+    with _PARALLEL_LOCK:
+        _dequant_cpu(codes, scales, mins if mins is not None else scales, base if base is not None else empty_f,
+                     empty_f if to_bf16 else out, out if to_bf16 else np.empty(1, np.uint16), numel, group_size,
+                     quant == "int4", base is not None, to_bf16)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+_cuda_kernel = None
+
+
+def _cuda():
+    """Build the CUDA kernel on first use (numba.cuda imports lazily; the simulator works too)."""
+    global _cuda_kernel
+    if _cuda_kernel is None:
+        h2f = cuda.jit(device=True)(_half_to_float)
+
+        @cuda.jit
+        def kernel(codes, scales, mins, base, out, numel, group, is_int4, has_base):
+            start = cuda.grid(1)
+            stride = cuda.gridsize(1)
+            for i in range(start, numel, stride):
+                g = i // group
+                s = h2f(int(scales[2 * g]) | (int(scales[2 * g + 1]) << 8))
+                if is_int4:
+                    b = codes[i >> 1]
+                    q = (b >> 4) if (i & 1) else (b & 15)
+                    v = q * s + h2f(int(mins[2 * g]) | (int(mins[2 * g + 1]) << 8))
+                else:
+                    q = int(codes[i])
+                    if q > 127:
+                        q -= 256
+                    v = q * s
+                if has_base:
+                    v += base[i]
+                out[i] = v
+        _cuda_kernel = kernel
+    return _cuda_kernel
+
+
+def dequantize_cuda_arrays(codes, scales, mins, base, out, numel: int, group_size: int, quant: str,
+                           threads: int = 256) -> None:
+    """CUDA twin of dequantize_cpu_arrays: arrays are CUDA device arrays (anything with
+    __cuda_array_interface__, or numpy arrays under the simulator); `out` is float32."""
+    kernel = _cuda()
+    blocks = max(1, min(65535, (numel + threads - 1) // threads))
+    dummy = base if base is not None else out
+    kernel[blocks, threads](codes, scales, mins if mins is not None else scales, dummy, out, numel, group_size,
+                            quant == "int4", base is not None)
+
+
+def cuda_kernels_usable() -> bool:
+    try:
+        return cuda.is_available()
+    except Exception:  # a broken driver install: fall back to the torch path
+        return False
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], *, quant: str,
+               group_size: int, numel: int, base: Optional[torch.Tensor] = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Dequantize one tensor's planes (uint8 tensors on CPU or CUDA) with the Numba kernel of
+    their device; returns a new 1-D tensor of `numel` elements (caller-owned)."""
+    dev = codes.device
+    b = base.reshape(-1).to(device=dev, dtype=torch.float32).contiguous() if base is not None else None
+    if dev.type == "cpu":
+        if out_dtype == torch.bfloat16:
+            out = torch.empty(numel, dtype=torch.bfloat16)
+            target = out.view(torch.int16).numpy().view(np.uint16)
+        else:
+            out = torch.empty(numel, dtype=torch.float32)
+            target = out.numpy()
+        dequantize_cpu_arrays(codes.contiguous().numpy(), scales.contiguous().numpy(),
+                              mins.contiguous().numpy() if mins is not None else None,
+                              b.numpy() if b is not None else None, target, numel, group_size, quant)
+        return out if out.dtype == out_dtype else out.to(out_dtype)
+    if dev.type == "cuda" and cuda_kernels_usable():
+        out = torch.empty(numel, dtype=torch.float32, device=dev)
+        with torch.cuda.device(dev):
+            dequantize_cuda_arrays(cuda.as_cuda_array(codes.contiguous()), cuda.as_cuda_array(scales.contiguous()),
+                                   cuda.as_cuda_array(mins.contiguous()) if mins is not None else None,
+                                   cuda.as_cuda_array(b) if b is not None else None, cuda.as_cuda_array(out),
+                                   numel, group_size, quant)
+        return out.to(out_dtype)
+    # a device without a Numba kernel: the plain-torch reference runs anywhere torch does
+    return dequantize_torch(codes, scales, mins, quant=quant, group_size=group_size, numel=numel, base=base,
+                            out_dtype=out_dtype)

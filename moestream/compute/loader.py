@@ -1,0 +1,70 @@
+"""`load_model`: a store -> a torch module whose routed experts stream from the Store."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..errors import MoestreamError
+from ..storage.store import Store
+from .dequant import dequantize
+from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
+from .models.common import CausalLM, ModelConfig, Rotary
+
+FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
+
+
+def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
+               host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
+               **store_options) -> CausalLM:
+    """Open the store at `path` and build its model on `device`.
+
+    Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
+    routed experts stay in the store and are fetched per layer as the router picks them, within
+    `device_budget`/`host_budget` bytes (see moestream.open). dtype: compute dtype (default
+    float32 on CPU, bfloat16 on CUDA). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
+    dev = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    store_options.setdefault("dequantize", dequantize)
+    store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
+    try:
+        idx = store.index
+        family = FAMILIES.get(idx.architecture)
+        if family is None:
+            raise MoestreamError(f"{path}: no model family {idx.architecture!r} (have {', '.join(FAMILIES)})")
+        hf = store.config
+        cfg = ModelConfig.from_hf(hf, idx.architecture, idx.moe_layers, idx.experts_per_layer, family.EXPERT_NAMES)
+        with torch.device("meta"):
+            if idx.architecture == "qwen2_moe":
+                model = family.build(cfg, store, hf["shared_expert_intermediate_size"])
+            else:
+                model = family.build(cfg, store)
+        model = model.to_empty(device=dev)
+        state = _dense_state(store.reader.dense(), cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if not m.startswith("rotary.")]
+        if missing or unexpected:
+            raise MoestreamError(f"{path}: dense tensors do not match the {idx.architecture} model: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.rotary = Rotary(cfg)
+        model.to(device=dev, dtype=dtype)
+        model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
+        return model.eval()
+    except BaseException:
+        store.close()
+        raise
+
+
+def _dense_state(dense: dict[str, torch.Tensor], cfg: ModelConfig, renames: dict[str, str],
+                 dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, t in dense.items():
+        key = name[len("model."):] if name.startswith("model.") else name
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        state[key] = t.to(dtype)
+    if "lm_head.weight" not in state and cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    return state

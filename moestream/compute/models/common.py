@@ -1,0 +1,320 @@
+"""Building blocks shared by the model families: RMSNorm, rotary embeddings, grouped-query
+attention with a KV cache, the dense SwiGLU MLP, and the streaming MoE block whose experts come
+only from the Store. Shapes in comments: B batch, T tokens, N tokens in the batch (B*T),
+H hidden, A active experts per token, E experts, D head dim."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import MoestreamError
+
+
+@dataclass
+class ModelConfig:
+    """What the forward needs from a Hugging Face config (all families)."""
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool
+    moe_layers: tuple[int, ...]
+    dense_intermediate_size: int = 0          # MLP of layers that are not MoE (Qwen mlp_only_layers)
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] = field(default_factory=dict)
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    clip_qkv: Optional[float] = None
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")   # gate, up, down
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    @staticmethod
+    def from_hf(hf: dict[str, Any], family: str, moe_layers, num_experts: int, expert_names) -> "ModelConfig":
+        heads = hf["num_attention_heads"]
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            num_experts=num_experts, top_k=hf["num_experts_per_tok"],
+            norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+            moe_layers=tuple(moe_layers), dense_intermediate_size=hf.get("intermediate_size", 0),
+            rope_theta=float(theta), rope_scaling=rope, max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), clip_qkv=hf.get("clip_qkv"),
+            expert_names=tuple(expert_names), bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [D/2] and the attention scaling factor for the config's rope type."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type", "default"))
+    if rope_type == "default":
+        return inv.float(), 1.0
+    if rope_type == "linear":
+        return (inv / cfg.rope_scaling["factor"]).float(), 1.0
+    if rope_type == "yarn":
+        factor = cfg.rope_scaling["factor"]
+        orig = cfg.rope_scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
+        beta_fast, beta_slow = cfg.rope_scaling.get("beta_fast", 32), cfg.rope_scaling.get("beta_slow", 1)
+
+        def dim_for(rot):
+            return d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low = max(math.floor(dim_for(beta_fast)), 0)
+        high = min(math.ceil(dim_for(beta_slow)), d - 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
+        mscale = cfg.rope_scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv.float(), float(mscale)
+    raise MoestreamError(f"rope type {rope_type!r} is not supported (default, linear, yarn)")
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        inv, self.scale = rope_inv_freq(cfg)
+        self.register_buffer("inv_freq", inv, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]          # [T, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                             # [T, D]
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D] rotated by the half-split convention of the HF checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Per-layer keys and values, preallocated for `max_len` positions: [B, kv_heads, max_len, D]."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise MoestreamError(f"sequence of {end} tokens exceeds the KV cache ({self.max_len})")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention. qk_norm: None, "head" (RMSNorm over D, Qwen3) or "full" (over
+    heads*D before the head split, OLMoE). qkv_bias: Qwen2."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, qkv_bias: bool = False, qk_norm: Optional[str] = None):
+        super().__init__()
+        self.layer, self.cfg, self.qk_norm = layer, cfg, qk_norm
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=qkv_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Optional[KVCache],
+                start: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        d = self.cfg.head_dim
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)                 # [B, T, heads*D]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.cfg.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.cfg.clip_qkv, self.cfg.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, -1, d)
+        k = k.view(b, t, -1, d)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, -1, d).transpose(1, 2)   # [B, heads, T, D]
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v, start)                         # [B, kv, start+T, D]
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        total = k.shape[2]
+        mask = None
+        if t > 1:  # causal over [start, start+T) against every earlier position
+            pos_q = torch.arange(start, start + t, device=x.device)[:, None]
+            mask = torch.arange(total, device=x.device)[None, :] <= pos_q        # [T, total]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)           # [B, heads, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP held in memory: shared experts and dense layers."""
+
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class StreamingMoE(nn.Module):
+    """Router in memory, experts from the Store. The experts chosen by any token of the batch
+    are fetched at once; each is computed as soon as its future completes (arrival order), and
+    its weighted output is accumulated into the tokens routed to it."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, store):
+        super().__init__()
+        self.cfg, self.layer, self.store = cfg, layer, store
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(self.gate(x).float(), dim=-1)                          # [N, E]
+        weights, experts = torch.topk(probs, self.cfg.top_k, dim=-1)            # [N, A]
+        if self.cfg.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)                                         # [N, A], [N, A]
+        waiting = experts.unique().tolist()
+        # at most as many experts in hand as the device budget holds: a prefill that routes to
+        # every expert of the layer still stays within the budget
+        window = self.store.expert_slots
+        inflight: dict = {}
+        gate_name, up_name, down_name = self.cfg.expert_names
+        out = torch.zeros_like(x)                                                # [N, H]
+        while waiting or inflight:
+            while waiting and len(inflight) < window:
+                e = waiting.pop(0)
+                inflight[self.store.fetch(self.layer, [e])[0]] = e
+            fut = self.store.wait_first(inflight)                                # arrival order
+            e = inflight.pop(fut)
+            w = fut.result()
+            rows, slot = (experts == e).nonzero(as_tuple=True)                   # tokens routed to e
+            h = x[rows]                                                          # [n, H]
+            y = F.linear(F.silu(F.linear(h, w[gate_name].to(x.dtype))) * F.linear(h, w[up_name].to(x.dtype)),
+                         w[down_name].to(x.dtype))                               # [n, H]
+            out.index_add_(0, rows, y * weights[rows, slot, None])
+            del w
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h)). Families supply the
+    attention and the (streaming) MLP."""
+
+    def __init__(self, cfg: ModelConfig, attn: nn.Module, mlp: nn.Module):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, start)     # [B, T, H]
+        b, t, hidden = h.shape
+        return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
+
+
+class CausalLM(nn.Module):
+    """embed -> decoder layers -> norm -> lm_head. `store` serves the routed experts; every
+    other weight is a parameter of this module, loaded once."""
+
+    def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer], store):
+        super().__init__()
+        self.cfg, self.store = cfg, store
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+
+    def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
+        """input_ids [B, T] -> logits float32 [B, T, V]. With `cache`, positions start at `start`."""
+        x = self.embed_tokens(input_ids)                                         # [B, T, H]
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        rope = self.rotary(positions)
+        rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        for layer in self.layers:
+            x = layer(x, rope, cache, start)
+        return self.lm_head(self.norm(x)).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, *,
+                 eos_token_id: Optional[int] = None, on_token=None, generator: Optional[torch.Generator] = None,
+                 timings: Optional[dict] = None) -> torch.Tensor:
+        """Extend input_ids [B, T] by up to `max_new_tokens` tokens -> [B, T + n]. temperature 0
+        is greedy. Stops early when every sequence produced `eos_token_id`. `on_token(ids [B])`
+        is called as each token is produced; `timings` (a dict) receives prefill/decode seconds."""
+        import time
+        b, t = input_ids.shape
+        dev = self.embed_tokens.weight.device
+        cache = KVCache(self.cfg.num_layers, b, self.cfg.num_kv_heads, t + max_new_tokens, self.cfg.head_dim,
+                        self.embed_tokens.weight.dtype, dev)
+        ids = input_ids.to(dev)
+        t0 = time.perf_counter()
+        logits = self(ids, cache, 0)[:, -1]                                      # [B, V]
+        t1 = time.perf_counter()
+        out = [ids]
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        pos = t
+        for step in range(max_new_tokens):
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(dim=-1)                                      # [B]
+            out.append(nxt[:, None])
+            if on_token is not None:
+                on_token(nxt)
+            if eos_token_id is not None:
+                done |= nxt == eos_token_id
+                if bool(done.all()):
+                    break
+            if step + 1 == max_new_tokens:
+                break
+            logits = self(nxt[:, None], cache, pos)[:, -1]
+            pos += 1
+        if timings is not None:
+            timings.update(prefill_seconds=t1 - t0, prefill_tokens=b * t, decode_seconds=time.perf_counter() - t1,
+                           decode_tokens=b * (len(out) - 1))
+        return torch.cat(out, dim=1)

@@ -1,0 +1,95 @@
+"""Dequant kernels against an independent numpy reference, on random inputs of odd sizes."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moestream.compute.dequant import dequantize
+from moestream.formats.codecs import quantize, split_quantized
+
+
+def numpy_reference(buf: bytes, numel: int, quant: str, g: int, base=None) -> np.ndarray:
+    """float64 dequantization straight from the byte layout in docs/FORMAT.md."""
+    groups = -(-numel // g)
+    raw = np.frombuffer(buf, np.uint8)
+    if quant == "int8":
+        codes = raw[: groups * g].view(np.int8).astype(np.float64)
+        scales = raw[groups * g: groups * g + 2 * groups].view(np.float16).astype(np.float64)
+        vals = codes.reshape(groups, g) * scales[:, None]
+    else:
+        packed = raw[: groups * g // 2]
+        codes = np.empty(groups * g, np.float64)
+        codes[0::2], codes[1::2] = packed & 15, packed >> 4
+        off = groups * g // 2
+        scales = raw[off: off + 2 * groups].view(np.float16).astype(np.float64)
+        mins = raw[off + 2 * groups: off + 4 * groups].view(np.float16).astype(np.float64)
+        vals = codes.reshape(groups, g) * scales[:, None] + mins[:, None]
+    out = vals.reshape(-1)[:numel]
+    return out + base if base is not None else out
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(1, 3000), quant=st.sampled_from(["int8", "int4"]), g=st.sampled_from([2, 6, 32, 64, 128]),
+       with_base=st.booleans(), out_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**16))
+def test_cpu_kernel_matches_numpy(numel, quant, g, with_base, out_dtype, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(numel) * rng.uniform(0.001, 3)).astype(np.float32)
+    buf = quantize(x, quant, g)
+    t = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+    codes, scales, mins = split_quantized(t, numel, quant, g)
+    base = rng.standard_normal(numel).astype(np.float32) if with_base else None
+    got = dequantize(codes, scales, mins, quant=quant, group_size=g, numel=numel,
+                     base=torch.from_numpy(base) if base is not None else None, out_dtype=out_dtype)
+    ref = numpy_reference(buf, numel, quant, g, base.astype(np.float64) if base is not None else None)
+    assert got.dtype == out_dtype and got.shape == (numel,)
+    want = torch.from_numpy(ref).float().to(out_dtype)  # one rounding of the fp32 value
+    diff = (got.double() - want.double()).abs().max().item()
+    # fp32 arithmetic vs float64 reference: at most one ulp of the output dtype apart
+    ulp = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}[out_dtype]
+    assert diff <= ulp * (np.abs(ref).max() + 1e-30) + 1e-30
+
+
+def test_cpu_kernel_rounds_bf16_like_torch():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(4096).astype(np.float32)
+    buf = quantize(x, "int8", 64)
+    c, s, m = split_quantized(torch.frombuffer(bytearray(buf), dtype=torch.uint8), 4096, "int8", 64)
+    f32 = dequantize(c, s, m, quant="int8", group_size=64, numel=4096, out_dtype=torch.float32)
+    bf = dequantize(c, s, m, quant="int8", group_size=64, numel=4096, out_dtype=torch.bfloat16)
+    assert torch.equal(bf, f32.to(torch.bfloat16))
+
+
+CUDASIM_SCRIPT = textwrap.dedent("""
+    import numpy as np
+    from moestream.compute.dequant import dequantize_cuda_arrays
+    from moestream.formats.codecs import quantize, split_quantized
+    from tests.compute.test_dequant import numpy_reference
+    rng = np.random.default_rng(0)
+    for quant, numel, g, with_base in [("int4", 37, 4, False), ("int8", 50, 8, True), ("int4", 64, 16, True)]:
+        x = rng.standard_normal(numel).astype(np.float32)
+        buf = quantize(x, quant, g)
+        codes, scales, mins = split_quantized(np.frombuffer(buf, np.uint8), numel, quant, g)
+        base = rng.standard_normal(numel).astype(np.float32) if with_base else None
+        out = np.full(numel, np.nan, np.float32)
+        dequantize_cuda_arrays(codes.copy(), scales.copy(), None if mins is None else mins.copy(), base, out,
+                               numel, g, quant, threads=32)
+        ref = numpy_reference(buf, numel, quant, g, None if base is None else base.astype(np.float64))
+        assert np.isfinite(out).all(), "unwritten output"
+        assert np.abs(out - ref).max() <= 1e-6 * (np.abs(ref).max() + 1), (quant, np.abs(out - ref).max())
+    print("cudasim ok")
+""")
+
+
+def test_cuda_kernel_in_simulator():
+    """The @cuda.jit kernel, run by Numba's CUDA simulator on tiny inputs (no GPU needed)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, "-c", CUDASIM_SCRIPT], capture_output=True, text=True, env=env, cwd=root,
+                       timeout=600)
+    assert p.returncode == 0 and "cudasim ok" in p.stdout, p.stderr[-2000:]

@@ -1,0 +1,135 @@
+"""End to end: transformers checkpoint -> convert -> stream with a budget below the experts'
+size -> logits and greedy tokens against the same model in transformers."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moestream
+from moestream.compute import load_model
+from moestream.formats import StoreReader
+
+from ..conftest import FAMILIES
+
+TOLERANCE = 1e-4   # max |logit difference| in fp32
+
+
+def expert_bytes(store):
+    with StoreReader(store) as r:
+        return max(sum(t.numel * 4 for t in reg.tensors) for reg in r.index.extents.values()), \
+            sum(sum(t.numel * 4 for t in reg.tensors) for reg in r.index.extents.values())
+
+
+@pytest.fixture(scope="module")
+def lossless(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lossless")
+    return {f: moestream.convert(checkpoints[f], root / f, progress=False) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_and_greedy_tokens_match_transformers(checkpoints, lossless, family):
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).eval()
+    one, total = expert_bytes(lossless[family])
+    budget = 3 * one
+    assert budget < total
+    model = load_model(lossless[family], device_budget=budget, host_budget=0)
+    try:
+        torch.manual_seed(1)
+        ids = torch.randint(0, ref.config.vocab_size, (2, 16))
+        with torch.no_grad():
+            want = ref(ids).logits
+            got = model(ids)
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert (got - want).abs().max().item() < TOLERANCE
+        prompt = ids[:1, :6]
+        want_tokens = ref.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                   pad_token_id=ref.config.pad_token_id)
+        got_tokens = model.generate(prompt, 20)
+        assert torch.equal(got_tokens, want_tokens)
+        st = model.store.stats()
+        n_experts = len(model.store.layers) * model.store.experts_per_layer
+        assert st["misses"] > n_experts          # experts were evicted and read again
+        assert st["l1_peak"] <= budget and st["evictions_l1"] > 0
+    finally:
+        model.store.close()
+
+
+def test_bytes_read_counts_the_extents_read(lossless, monkeypatch):
+    """The report's bytes_read equals the padded size of the extents the backend was asked for."""
+    from moestream.storage.store import Store
+    issued = []
+    real = Store._issue
+
+    def spy(self, load, slab):
+        issued.append(load.region.padded_length)
+        return real(self, load, slab)
+    monkeypatch.setattr(Store, "_issue", spy)
+    model = load_model(lossless["olmoe"], device_budget="1GiB", host_budget=0)
+    try:
+        with torch.no_grad():
+            model(torch.randint(0, 256, (1, 8)))
+            model(torch.randint(0, 256, (1, 8)))
+        st = model.store.stats()
+    finally:
+        model.store.close()
+    assert st["bytes_read"] == sum(issued) and st["reads"] == len(issued) == st["misses"]
+
+
+@pytest.mark.parametrize("quant,min_top1,max_kl", [("int8", 0.9, 0.01), ("int4", 0.6, 0.2)])
+def test_int_stores_logit_error(checkpoints, tmp_path, quant, min_top1, max_kl):
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints["mixtral"], dtype=torch.float32).eval()
+    store = moestream.convert(checkpoints["mixtral"], tmp_path / quant, quant=quant, progress=False)
+    model = load_model(store, device_budget="64MiB")
+    try:
+        torch.manual_seed(2)
+        ids = torch.randint(0, ref.config.vocab_size, (4, 32))
+        with torch.no_grad():
+            want, got = ref(ids).logits, model(ids)
+    finally:
+        model.store.close()
+    top1 = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item() / ids.shape[1]
+    print(f"{quant}: top-1 agreement {top1:.4f}, KL(ref||{quant}) {kl:.6f} nats/token")
+    assert top1 >= min_top1 and kl <= max_kl
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "moestream.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_generate_streams_and_reports(lossless):
+    one, total = expert_bytes(lossless["qwen2_moe"])
+    p = run_cli("generate", lossless["qwen2_moe"], "--prompt", "The quick brown fox", "--max-new-tokens", "8",
+                "--device-budget", 2 * one, "--host-budget", "0")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("The quick brown fox")
+    assert "tok/s" in p.stderr and "L1 hits" in p.stderr and "read" in p.stderr and "stall" in p.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("--device-budget", "1KiB"), "smaller than one expert"),
+    (("--max-new-tokens", "0"), "at least 1"),
+])
+def test_cli_generate_errors_are_one_line(lossless, args, needle):
+    p = run_cli("generate", lossless["mixtral"], "--prompt", "hi", *args)
+    assert p.returncode != 0 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_cli_generate_missing_and_corrupt_store(lossless, tmp_path):
+    import shutil
+    p = run_cli("generate", tmp_path / "nope", "--prompt", "hi")
+    assert p.returncode != 0 and "no such store" in p.stderr and "Traceback" not in p.stderr
+    dst = tmp_path / "s"
+    shutil.copytree(lossless["mixtral"], dst)
+    with StoreReader(dst) as r:
+        regs = [r.extent(l, e) for l in r.layers for e in range(r.experts_per_layer)]
+    with open(dst / "experts-00000.moe", "r+b") as f:
+        for reg in regs:
+            f.seek(reg.offset + 8)
+            f.write(b"\xde\xad\xbe\xef")
+    p = run_cli("generate", dst, "--prompt", "hi", "--max-new-tokens", "2")
+    assert p.returncode != 0 and "checksum mismatch" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert "layer" in p.stderr and "expert" in p.stderr
