@@ -51,10 +51,13 @@ def environment():
     from moestream.storage.backends import kvikio_usable
     env["numba_cuda_usable"] = cuda_kernels_usable()
     env["kvikio"] = kvikio_usable()
+    from moestream.compute.dequant import dequant_backend
+    env["dequant_cuda"] = dequant_backend("cuda")
     try:
         import kvikio
+        import kvikio.defaults
         env["kvikio_version"] = kvikio.__version__
-        env["kvikio_compat_mode"] = str(kvikio.defaults.compat_mode())
+        env["kvikio_compat_mode_preferred"] = kvikio.defaults.is_compat_mode_preferred()
     except Exception as e:
         env["kvikio_version"] = f"unavailable: {e}"
     print(json.dumps(env, indent=2))
@@ -72,8 +75,11 @@ def io_check(work: Path, size: int):
 
 @section("dequant: CUDA kernels vs CPU kernels")
 def dequant_check():
-    from moestream.compute.dequant import dequantize
+    from moestream.compute.dequant import cuda_kernel_status, dequantize
     from moestream.formats.codecs import quantize, split_quantized
+    ok, why = cuda_kernel_status()
+    if not ok:  # the torch fallback would pass the comparison: that is not what this checks
+        raise RuntimeError(f"Numba CUDA kernels unusable: {why}")
     rng = np.random.default_rng(0)
     rows = []
     for quant in ("int8", "int4"):
@@ -177,6 +183,7 @@ def decode_speed(work: Path, size: int):
                    "hits_l1": st["hits_l1"], "misses": st["misses"], "bytes_read": st["bytes_read"],
                    "stall_s": st["stall_seconds"], "backend": st["backend"]}
             rows.append(row)
+            row["dequant"] = model.dequant
             print(f"   {quant} zstd={zstd} budget {frac:.2f}x experts: decode {tps:.2f} tok/s, "
                   f"{st['misses']} reads, {st['hits_l1']} L1 hits, stall {st['stall_seconds']:.2f} s, io {st['backend']}")
     return rows

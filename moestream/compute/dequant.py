@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -136,11 +137,52 @@ def dequantize_cuda_arrays(codes, scales, mins, base, out, numel: int, group_siz
                             quant == "int4", base is not None)
 
 
+_CUDA_STATUS: Optional[tuple[bool, str]] = None
+
+
+def cuda_kernel_status() -> tuple[bool, str]:
+    """Whether the Numba CUDA kernel builds and runs here, and why not (probed once, on a
+    tiny input checked against the CPU kernel)."""
+    global _CUDA_STATUS
+    if _CUDA_STATUS is None:
+        try:
+            if not cuda.is_available():
+                _CUDA_STATUS = (False, "numba.cuda sees no CUDA GPU")
+            else:
+                codes = np.arange(64, dtype=np.uint8)
+                scales = np.frombuffer(np.full(2, 0.5, np.float16).tobytes(), np.uint8).copy()
+                out = cuda.to_device(np.zeros(64, np.float32))
+                dequantize_cuda_arrays(cuda.to_device(codes), cuda.to_device(scales), None, None, out, 64, 32, "int8")
+                want = np.empty(64, np.float32)
+                dequantize_cpu_arrays(codes, scales, None, None, want, 64, 32, "int8")
+                ok = np.array_equal(out.copy_to_host(), want)
+                _CUDA_STATUS = (True, "numba-cuda kernels") if ok else (False, "numba-cuda kernel gave wrong values")
+        except Exception as e:  # e.g. numba-cuda built for another numpy
+            _CUDA_STATUS = (False, f"numba-cuda kernel does not build here ({type(e).__name__}: {e})")
+    return _CUDA_STATUS
+
+
 def cuda_kernels_usable() -> bool:
-    try:
-        return cuda.is_available()
-    except Exception:  # a broken driver install: fall back to the torch path
-        return False
+    return cuda_kernel_status()[0]
+
+
+def dequant_backend(device: torch.device | str) -> str:
+    """Which dequantizer `dequantize` uses for tensors on `device`, and why."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return "numba-cpu kernels"
+    ok, why = cuda_kernel_status() if dev.type == "cuda" else (False, f"no Numba kernel for {dev.type}")
+    return why if ok else f"torch reference dequantizer ({why})"
+
+
+_warned = False
+
+
+def _warn_fallback(dev: torch.device) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"moestream: {dequant_backend(dev)}", RuntimeWarning, stacklevel=3)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], *, quant: str,
@@ -169,6 +211,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.T
                                    cuda.as_cuda_array(b) if b is not None else None, cuda.as_cuda_array(out),
                                    numel, group_size, quant)
         return out.to(out_dtype)
-    # a device without a Numba kernel: the plain-torch reference runs anywhere torch does
+    # a device without a working Numba kernel: the plain-torch reference runs anywhere torch
+    # does; said once as a warning and in dequant_backend() (load_model reports it)
+    _warn_fallback(dev)
     return dequantize_torch(codes, scales, mins, quant=quant, group_size=group_size, numel=numel, base=base,
                             out_dtype=out_dtype)

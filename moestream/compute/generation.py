@@ -62,7 +62,7 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             "prefill_tokens_per_s": timings["prefill_tokens"] / timings["prefill_seconds"],
             "decode_tokens_per_s": (timings["decode_tokens"] - 1) / timings["decode_seconds"]
             if timings["decode_tokens"] > 1 and timings["decode_seconds"] > 0 else None,
-            "stats": st,
+            "stats": st, "dequant": model.dequant,
         }
         decode = f"{report['decode_tokens_per_s']:.2f} tok/s" if report["decode_tokens_per_s"] else "n/a"
         err.write(
@@ -71,7 +71,8 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             f"experts: {st['hits_l1']} L1 hits, {st['hits_l2']} L2 hits, {st['misses']} reads "
             f"({format_size(st['bytes_read'])} read); stall {st['stall_seconds']:.2f} s; "
             f"device tier {format_size(st['l1_peak'])} of {format_size(st['l1_budget'])}, host tier "
-            f"{format_size(st['l2_peak'])} of {format_size(st['l2_budget'])}; io {st['backend']}\n")
+            f"{format_size(st['l2_peak'])} of {format_size(st['l2_budget'])}; io {st['backend']}; "
+            f"dequant {model.dequant}\n")
         return report
     finally:
         model.store.close()

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import MoestreamError
 from ..storage.store import Store
-from .dequant import dequantize
+from .dequant import dequant_backend, dequantize
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary
 
@@ -51,6 +51,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.rotary = Rotary(cfg)
         model.to(device=dev, dtype=dtype)
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
+        model.dequant = dequant_backend(dev) if idx.quant in ("int8", "int4") else "none (lossless store)"
         return model.eval()
     except BaseException:
         store.close()

@@ -183,10 +183,8 @@ class KvikioBackend:
         self._files: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moestream-kvikio")
-        try:
-            self.mode = "gds" if kvikio.defaults.compat_mode() == kvikio.CompatMode.OFF else "compat"
-        except Exception:
-            self.mode = "unknown"
+        import kvikio.defaults
+        self.mode = "compat" if kvikio.defaults.is_compat_mode_preferred() else "gds"
 
     def _file(self, path: str):
         with self._lock:
@@ -223,7 +221,9 @@ def kvikio_usable() -> tuple[bool, str]:
         import kvikio  # noqa: F401
     except ImportError:
         return False, "kvikio is not installed (pip install 'moestream[gpu]')"
-    return True, "CUDA device and kvikio present"
+    import kvikio.defaults
+    mode = "compat mode (POSIX reads + copy)" if kvikio.defaults.is_compat_mode_preferred() else "GPUDirect Storage"
+    return True, f"CUDA device and kvikio present, {mode}"
 
 
 def choose_backend(io: str = "auto", *, device: str = "cpu", queue_depth: int = 32, threads: int = 8,
