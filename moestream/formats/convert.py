@@ -1,12 +1,15 @@
 """Streaming conversion of a Hugging Face MoE checkpoint into an expert-shard store.
 
-Peak memory stays near one expert (twice: source bits and encoded bytes) plus the largest
-dense tensor: tensors are read one at a time with pread and written as soon as encoded."""
+Peak memory stays near a few experts (one per encoder thread, each with its source bits and
+candidate encodings) plus the largest dense tensor: tensors are read with pread and written,
+in order, as soon as they are encoded."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -72,6 +75,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
         "opts": [quant, group_size, zstd_level, delta, max_file_size],
     }).encode()).hexdigest()
     writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)
+    workers = max(1, min(8, os.cpu_count() or 1))
+    encoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moestream-encode")
     total = sum(t.length for t in ckpt.tensors.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {ckpt.root.name}", disable=not progress,
                dynamic_ncols=True)
@@ -103,6 +108,16 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
             if delta:
                 base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos)
             uses_base = False
+            # experts are read here and encoded on `workers` threads (zstd and numpy release the
+            # GIL); at most workers + 1 experts are in memory, and they are written in order
+            pending: deque = deque()
+
+            def write_oldest() -> bool:
+                e, src_len, fut = pending.popleft()
+                r = writer.add_extent(layer, e, fut.result(), src_len)
+                bar.update(src_len)
+                return any(s in r.chain for s in ("delta", "xor-delta"))
+
             for e in range(n_experts):
                 tensors = []
                 for t in fam.expert_tensors:
@@ -113,9 +128,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
                     dt = raw_dtype or info.dtype
                     tensors.append((t, dt, info.shape, cast_bits(ckpt.read(info.name), info.dtype, dt)))
                 src_len = sum(ckpt.info(fam.expert_tensor_name(layer, e, t)).length for t in fam.expert_tensors)
-                r = writer.add_extent(layer, e, encode_region(tensors, opts, base, base_dtype), src_len)
-                uses_base |= any(s in r.chain for s in ("delta", "xor-delta"))
-                bar.update(src_len)
+                pending.append((e, src_len, encoders.submit(encode_region, tensors, opts, base, base_dtype)))
+                while len(pending) > workers:
+                    uses_base |= write_oldest()
+            while pending:
+                uses_base |= write_oldest()
             if uses_base:  # written after the experts, and only when some extent refers to it
                 writer.add_base(layer, encode_region(
                     [(t, base_dtype, i.shape, base[t]) for t, i in zip(fam.expert_tensors, infos)], lossless))
@@ -128,6 +145,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
         writer.abandon()
         raise
     finally:
+        encoders.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return path
 
