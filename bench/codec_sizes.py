@@ -1,0 +1,43 @@
+"""Stored size of the experts per codec, on a synthetic bf16 checkpoint (N(0, 0.02) weights).
+
+    .venv/bin/python bench/codec_sizes.py --size 200MiB --workdir /work
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import moestream
+from moestream.formats import StoreReader
+from moestream.storage.iobench import write_synthetic_checkpoint
+from moestream.units import parse_size
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", default="200MiB")
+    ap.add_argument("--workdir", default=None)
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="moestream-sizes-", dir=a.workdir))
+    try:
+        src = write_synthetic_checkpoint(tmp / "ckpt", parse_size(a.size))
+        for quant in ("keep", "int8", "int4"):
+            for zstd in (3, None):
+                out = moestream.convert(src, tmp / f"{quant}-{zstd}", quant=quant, zstd_level=zstd, progress=False)
+                with StoreReader(out) as r:
+                    regs = list(r.index.extents.values())
+                stored = sum(x.length for x in regs)
+                source = sum(x.source_length for x in regs)
+                chains = Counter("+".join(x.chain) or "raw" for x in regs)
+                print(f"{quant:>5} zstd={zstd!s:>4}: {stored / 2**20:8.1f} MiB of {source / 2**20:.1f} MiB source "
+                      f"= {stored / source:.3f}  {dict(chains)}")
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
