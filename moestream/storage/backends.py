@@ -41,6 +41,15 @@ def _io_error(req: ReadRequest, err: int, done: int = 0) -> StoreIOError:
                         f"bytes: {what}{hint}")
 
 
+def open_direct(path: str | os.PathLike) -> tuple[int, Optional[str]]:
+    """Open `path` read-only with O_DIRECT. File systems that refuse it (tmpfs, some FUSE) get
+    a buffered descriptor and a note saying so (None when O_DIRECT is on)."""
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), None
+    except OSError as e:
+        return os.open(path, os.O_RDONLY), f"O_DIRECT refused by the file system ({e.strerror}): buffered reads"
+
+
 class ReadBackend(Protocol):
     name: str
 

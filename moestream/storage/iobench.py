@@ -28,7 +28,7 @@ import numpy as np
 from ..formats.index import Region
 from ..formats.reader import StoreReader
 from ..units import format_size, parse_size
-from .backends import PosixBackend, ReadRequest, UringBackend, kvikio_usable
+from .backends import PosixBackend, ReadRequest, UringBackend, kvikio_usable, open_direct
 from .buffers import BufferPool
 from .uring import supported as uring_supported
 
@@ -184,14 +184,9 @@ def _bench(store, source, chunk, queue_depth, repeat, backends, progress) -> dic
     pool = BufferPool(max(r.padded_length for r in regions),
                       max(2, math.ceil(queue_depth * chunk / min(r.padded_length for r in regions)) + 1))
     results = []
-    fds = []
-    direct = True
-    for p in paths:
-        try:
-            fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
-        except OSError:
-            direct = False
-            fds.append(os.open(p, os.O_RDONLY))
+    opened = [open_direct(p) for p in paths]
+    fds = [fd for fd, _ in opened]
+    direct = not any(note for _, note in opened)
     # fio reads the store's largest file over its extent span, with our request size and depth
     span_file = max(range(len(paths)), key=lambda i: sum(r.padded_length for r in regions if r.file == i))
     span = max(r.offset + r.padded_length for r in regions if r.file == span_file)

@@ -32,7 +32,7 @@ from ..formats.constants import ALIGNMENT, DTYPE_ITEMSIZE
 from ..formats.index import Region
 from ..formats.reader import StoreReader
 from ..units import format_size, parse_size
-from .backends import ReadRequest, choose_backend
+from .backends import ReadRequest, choose_backend, open_direct
 from .buffers import BufferPool
 from .cache import TierCache
 from .stats import StoreStats
@@ -47,7 +47,6 @@ class _Load:
     region: Region
     future: Future
     prefetch: bool
-    cancelled: bool = False
     counted_prefetch: bool = False      # its bytes count against prefetch_budget while in flight
     started: float = 0.0
     chunks_left: int = 0
@@ -137,11 +136,10 @@ class Store:
         self._fds: list[int] = []
         notes = set()
         for p in self.reader.files:
-            try:
-                self._fds.append(os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0)))
-            except OSError as e:
-                notes.add(f"O_DIRECT refused by the file system ({e.strerror}): buffered reads")
-                self._fds.append(os.open(p, os.O_RDONLY))
+            fd, note = open_direct(p)
+            self._fds.append(fd)
+            if note:
+                notes.add(note)
         self.stats_.direct_io = not notes and hasattr(os, "O_DIRECT")
         self.stats_.direct_io_note = "; ".join(sorted(notes))
         self._decoders = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moestream-decode")
@@ -239,15 +237,17 @@ class Store:
 
     def cancel_prefetch(self) -> int:
         """Drop queued prefetches that have not started reading. Returns how many."""
+        n = self._drop_queued_prefetches("prefetch cancelled")
+        self.stats_.add(prefetch_cancelled=n)
+        return n
+
+    def _drop_queued_prefetches(self, reason: str) -> int:
         with self._cv:
-            n = 0
+            n = len(self._prefetch)
             while self._prefetch:
                 load = self._prefetch.popleft()
-                load.cancelled = True
                 self._pending.pop(load.key, None)
-                load.future.set_exception(MoestreamError("prefetch cancelled"))
-                n += 1
-            self.stats_.add(prefetch_cancelled=n)
+                load.future.set_exception(MoestreamError(reason))
             return n
 
     def dense(self) -> dict[str, torch.Tensor]:
@@ -266,7 +266,7 @@ class Store:
                 return
             self._closed = True
             self._cv.notify_all()
-        self.cancel_prefetch_quietly()
+        self._drop_queued_prefetches("store closed")
         self._dispatcher.join()
         self.backend.close()
         self._decoders.shutdown(wait=True)
@@ -274,13 +274,6 @@ class Store:
             os.close(fd)
         self.pool.close()
         self.reader.close()
-
-    def cancel_prefetch_quietly(self) -> None:
-        with self._cv:
-            while self._prefetch:
-                load = self._prefetch.popleft()
-                self._pending.pop(load.key, None)
-                load.future.set_exception(MoestreamError("store closed"))
 
     def __enter__(self) -> "Store":
         return self

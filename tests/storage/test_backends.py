@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from moestream.errors import StoreIOError
-from moestream.storage import BufferPool, PosixBackend, ReadRequest, UringBackend
+from moestream.storage import BufferPool, PosixBackend, ReadRequest, UringBackend, backends
 from moestream.storage.uring import supported
 
 BACKENDS = ["posix"] + (["uring"] if supported()[0] else [])
@@ -30,10 +30,8 @@ def data_file(tmp_path):
 
 
 def open_direct(p):
-    try:
-        return os.open(p, os.O_RDONLY | os.O_DIRECT), True
-    except OSError:
-        return os.open(p, os.O_RDONLY), False
+    fd, note = backends.open_direct(p)
+    return fd, note is None
 
 
 @pytest.mark.parametrize("name", BACKENDS)
