@@ -1,0 +1,37 @@
+"""`moestream bench io` end to end on a small synthetic store (figures are not asserted:
+speed targets live in the benchmark, not in tests)."""
+import json
+import shutil
+import subprocess
+import sys
+
+from moestream.storage.iobench import bench_io, format_table, run_fio
+
+
+def test_bench_io_reports_every_figure(tmp_path):
+    d = bench_io(synthetic=40 << 20, workdir=str(tmp_path), repeat=1, backends=["posix"], progress=lambda m: None)
+    rows = {(r["engine"], r["order"], r["cache"][:4]) for r in d["results"]}
+    assert rows == {("posix", o, c) for o in ("sequential", "random") for c in ("cold", "warm")}
+    assert all(r["gbps"] > 0 and r["bytes"] == d["bytes_per_pass"] for r in d["results"])
+    assert d["extents"] > 0 and d["bytes_per_pass"] >= d["extents"] * (6 << 20)
+    assert d["safetensors_random_cold"]["bytes"] > 0 and d["store_fetch_random_cold"]["bytes"] == d["bytes_per_pass"]
+    if shutil.which("fio"):
+        assert d["fio"]["random"]["gbps"] > 0 and "posix_random_cold_vs_fio" in d["ratios"]
+    else:
+        assert d["fio"] == {} and d["uring_random_cold_vs_fio"] is None
+    table = format_table(d)
+    assert "posix" in table and "safetensors" in table
+    assert list(tmp_path.iterdir()) == []  # the synthetic store is removed
+
+
+def test_cli_bench_io_json(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "moestream.cli", "bench", "io", "--synthetic", "30MiB", "--workdir",
+                        str(tmp_path), "--repeat", "1", "--backend", "posix", "--json"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    d = json.loads(p.stdout)
+    assert "uring_random_cold_vs_fio" in d and d["queue_depth"] == 32 and d["chunk_bytes"] == 1 << 20
+
+
+def test_run_fio_without_fio(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert run_fio("/nonexistent", rw="read", bs=4096, iodepth=1, size=4096) is None
