@@ -17,13 +17,15 @@ FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, 
 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
-               **store_options) -> CausalLM:
+               prefetch: bool = True, **store_options) -> CausalLM:
     """Open the store at `path` and build its model on `device`.
 
     Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
     routed experts stay in the store and are fetched per layer as the router picks them, within
     `device_budget`/`host_budget` bytes (see moestream.open). dtype: compute dtype (default
-    float32 on CPU, bfloat16 on CUDA). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    float32 on CPU, bfloat16 on CUDA). prefetch: while a layer computes, prefetch the experts
+    that the next layer's router picks on the current residual stream (speculative, bounded by
+    the store's prefetch_budget). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -51,6 +53,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.rotary = Rotary(cfg)
         model.to(device=dev, dtype=dtype)
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
+        model.prefetch_next_layer = prefetch
         model.dequant = dequant_backend(dev) if idx.quant in ("int8", "int4") else "none (lossless store)"
         return model.eval()
     except BaseException:

@@ -249,9 +249,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
+                next_layer: Optional["DecoderLayer"] = None) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, start)     # [B, T, H]
         b, t, hidden = h.shape
+        if next_layer is not None and isinstance(next_layer.mlp, StreamingMoE):
+            # speculative prefetch: the next layer's router on this layer's residual stream
+            # guesses its experts; their reads overlap this layer's expert compute
+            nxt = next_layer.mlp
+            guess = nxt.route(next_layer.post_attention_layernorm(h).reshape(b * t, hidden))[1]
+            nxt.store.prefetch(nxt.layer, guess.unique().tolist())
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
 
 
@@ -267,6 +274,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
+        #: prefetch the next layer's likely experts (its router applied to the current residual)
+        self.prefetch_next_layer = True
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits float32 [B, T, V]. With `cache`, positions start at `start`."""
@@ -274,8 +283,9 @@ class CausalLM(nn.Module):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         rope = self.rotary(positions)
         rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
-        for layer in self.layers:
-            x = layer(x, rope, cache, start)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1] if self.prefetch_next_layer and i + 1 < len(self.layers) else None
+            x = layer(x, rope, cache, start, nxt)
         return self.lm_head(self.norm(x)).float()
 
     @torch.no_grad()
