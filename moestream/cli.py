@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"])
+    g.add_argument("--prefetch", action="store_true",
+                   help="prefetch the next layer's likely experts (speculative; see README)")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -128,7 +130,7 @@ def _generate(a: argparse.Namespace) -> int:
     if a.temperature < 0:
         raise ValueError("--temperature must not be negative")
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
-                  host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io)
+                  host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch)
     return 0
 
 

@@ -24,11 +24,13 @@ def load_tokenizer(model):
 
 def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu",
                   device_budget=None, host_budget=None, temperature: float = 0.0, seed: int = 0,
-                  out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
+                  prefetch: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+                  **store_options) -> dict:
     """Generate from `prompt`, writing text to `out` as it is produced and the report to `err`.
     Returns the report as a dict."""
     t_load = time.perf_counter()
-    model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget, **store_options)
+    model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget, prefetch=prefetch,
+                       **store_options)
     try:
         tok = load_tokenizer(model)
         ids = tok.encode(prompt).ids
@@ -69,7 +71,9 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             f"--\nprefill {len(ids)} tokens at {report['prefill_tokens_per_s']:.2f} tok/s; decode "
             f"{report['new_tokens']} tokens at {decode}\n"
             f"experts: {st['hits_l1']} L1 hits, {st['hits_l2']} L2 hits, {st['misses']} reads "
-            f"({format_size(st['bytes_read'])} read); stall {st['stall_seconds']:.2f} s; "
+            f"({format_size(st['bytes_read'])} read)"
+            + (f", {st['prefetch_issued']} prefetched ({st['prefetch_accuracy'] or 0:.0%} used)" if prefetch else "")
+            + f"; stall {st['stall_seconds']:.2f} s; "
             f"device tier {format_size(st['l1_peak'])} of {format_size(st['l1_budget'])}, host tier "
             f"{format_size(st['l2_peak'])} of {format_size(st['l2_budget'])}; io {st['backend']}; "
             f"dequant {model.dequant}\n")

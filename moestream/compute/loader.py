@@ -17,7 +17,7 @@ FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, 
 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
-               prefetch: bool = True, **store_options) -> CausalLM:
+               prefetch: bool = False, **store_options) -> CausalLM:
     """Open the store at `path` and build its model on `device`.
 
     Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
@@ -25,7 +25,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     `device_budget`/`host_budget` bytes (see moestream.open). dtype: compute dtype (default
     float32 on CPU, bfloat16 on CUDA). prefetch: while a layer computes, prefetch the experts
     that the next layer's router picks on the current residual stream (speculative, bounded by
-    the store's prefetch_budget). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    the store's prefetch_budget). Off by default: it cuts stall time, but with a device budget
+    well below the experts' size its extra reads and evictions cost more than they save
+    (bench/prefetch.py; bench/results/prefetch_h100_2026-11-22.txt). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = torch.device(device)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)

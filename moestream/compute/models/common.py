@@ -275,7 +275,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
         #: prefetch the next layer's likely experts (its router applied to the current residual)
-        self.prefetch_next_layer = True
+        self.prefetch_next_layer = False
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits float32 [B, T, V]. With `cache`, positions start at `start`."""
