@@ -4,7 +4,8 @@ optional fused delta add (out = base + dequant(codes)).
 - CPU: Numba `@njit(parallel=True)`, writing fp32, or bf16 bit patterns rounded to nearest
   even in the same pass (Numba has no half types on the CPU). bench/test_dequant_throughput.py
   compares it with a copy of the same output size.
-- CUDA: Numba `@cuda.jit`, writing fp32; bf16/fp16 outputs are one torch cast on the device.
+- CUDA: Numba `@cuda.jit` (one element per thread for int8, one code byte for int4), writing
+  fp32; bf16/fp16 outputs are one torch cast on the device.
   Tested in CI through Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1) and on a GPU by
   `make gpu-check`.
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from ..formats.codecs import dequantize_torch
+from ..formats.codecs import dequantize_torch, view_f16
 
 _CHUNK_GROUPS = 256
 # Numba's default (workqueue) threading layer must not be entered from two threads at once;
@@ -92,47 +93,67 @@ def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
-_cuda_kernel = None
+# Scales and minimums reach the kernels as float32 planes (converted on the device by torch,
+# 1/32 of the output or less), so the per-element work is one load, one multiply-add, one store.
+_cuda_kernels = None
 
 
 def _cuda():
-    """Build the CUDA kernel on first use (numba.cuda imports lazily; the simulator works too)."""
-    global _cuda_kernel
-    if _cuda_kernel is None:
-        h2f = cuda.jit(device=True)(_half_to_float)
-
+    """Build the CUDA kernels on first use (the simulator builds them too)."""
+    global _cuda_kernels
+    if _cuda_kernels is None:
         @cuda.jit
-        def kernel(codes, scales, mins, base, out, numel, group, is_int4, has_base):
-            start = cuda.grid(1)
+        def int8_kernel(codes, scales, base, out, numel, group, has_base):
+            i = cuda.grid(1)
             stride = cuda.gridsize(1)
-            for i in range(start, numel, stride):
-                g = i // group
-                s = h2f(int(scales[2 * g]) | (int(scales[2 * g + 1]) << 8))
-                if is_int4:
-                    b = codes[i >> 1]
-                    q = (b >> 4) if (i & 1) else (b & 15)
-                    v = q * s + h2f(int(mins[2 * g]) | (int(mins[2 * g + 1]) << 8))
-                else:
-                    q = int(codes[i])
-                    if q > 127:
-                        q -= 256
-                    v = q * s
+            while i < numel:
+                q = np.int32(codes[i])
+                if q > 127:
+                    q -= 256
+                v = np.float32(q) * scales[i // group]
                 if has_base:
                     v += base[i]
                 out[i] = v
-        _cuda_kernel = kernel
-    return _cuda_kernel
+                i += stride
+
+        @cuda.jit
+        def int4_kernel(codes, scales, mins, base, out, numel, group, has_base):
+            b = cuda.grid(1)            # one code byte, two outputs
+            stride = cuda.gridsize(1)
+            nbytes = (numel + 1) // 2
+            while b < nbytes:
+                byte = codes[b]
+                e = 2 * b
+                g = e // group          # both nibbles share a group: group sizes are even
+                s = scales[g]
+                m = mins[g]
+                v = np.float32(byte & 15) * s + m
+                if has_base:
+                    v += base[e]
+                out[e] = v
+                if e + 1 < numel:
+                    v = np.float32(byte >> 4) * s + m
+                    if has_base:
+                        v += base[e + 1]
+                    out[e + 1] = v
+                b += stride
+        _cuda_kernels = (int8_kernel, int4_kernel)
+    return _cuda_kernels
 
 
 def dequantize_cuda_arrays(codes, scales, mins, base, out, numel: int, group_size: int, quant: str,
                            threads: int = 256) -> None:
-    """CUDA twin of dequantize_cpu_arrays: arrays are CUDA device arrays (anything with
-    __cuda_array_interface__, or numpy arrays under the simulator); `out` is float32."""
-    kernel = _cuda()
-    blocks = max(1, min(65535, (numel + threads - 1) // threads))
+    """CUDA twin of dequantize_cpu_arrays: `codes` uint8, `scales`/`mins` float32 (one per
+    group), `base` float32 or None, `out` float32; CUDA device arrays (anything with
+    __cuda_array_interface__, or numpy arrays under the simulator)."""
+    int8_kernel, int4_kernel = _cuda()
+    work = numel if quant == "int8" else (numel + 1) // 2
+    blocks = max(1, min(65535, (work + threads - 1) // threads))
     dummy = base if base is not None else out
-    kernel[blocks, threads](codes, scales, mins if mins is not None else scales, dummy, out, numel, group_size,
-                            quant == "int4", base is not None)
+    if quant == "int8":
+        int8_kernel[blocks, threads](codes, scales, dummy, out, numel, group_size, base is not None)
+    else:
+        int4_kernel[blocks, threads](codes, scales, mins, dummy, out, numel, group_size, base is not None)
 
 
 _CUDA_STATUS: Optional[tuple[bool, str]] = None
@@ -148,11 +169,12 @@ def cuda_kernel_status() -> tuple[bool, str]:
                 _CUDA_STATUS = (False, "numba.cuda sees no CUDA GPU")
             else:
                 codes = np.arange(64, dtype=np.uint8)
-                scales = np.frombuffer(np.full(2, 0.5, np.float16).tobytes(), np.uint8).copy()
+                scales = np.full(2, 0.5, np.float16)
                 out = cuda.to_device(np.zeros(64, np.float32))
-                dequantize_cuda_arrays(cuda.to_device(codes), cuda.to_device(scales), None, None, out, 64, 32, "int8")
+                dequantize_cuda_arrays(cuda.to_device(codes), cuda.to_device(scales.astype(np.float32)), None, None,
+                                       out, 64, 32, "int8")
                 want = np.empty(64, np.float32)
-                dequantize_cpu_arrays(codes, scales, None, None, want, 64, 32, "int8")
+                dequantize_cpu_arrays(codes, scales.view(np.uint8), None, None, want, 64, 32, "int8")
                 ok = np.array_equal(out.copy_to_host(), want)
                 _CUDA_STATUS = (True, "numba-cuda kernels") if ok else (False, "numba-cuda kernel gave wrong values")
         except Exception as e:  # e.g. numba-cuda built for another numpy
@@ -203,9 +225,11 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.T
         return out if out.dtype == out_dtype else out.to(out_dtype)
     if dev.type == "cuda" and cuda_kernels_usable():
         out = torch.empty(numel, dtype=torch.float32, device=dev)
+        sf = view_f16(scales).float()
+        mf = view_f16(mins).float() if mins is not None else None
         with torch.cuda.device(dev):
-            dequantize_cuda_arrays(cuda.as_cuda_array(codes.contiguous()), cuda.as_cuda_array(scales.contiguous()),
-                                   cuda.as_cuda_array(mins.contiguous()) if mins is not None else None,
+            dequantize_cuda_arrays(cuda.as_cuda_array(codes.contiguous()), cuda.as_cuda_array(sf),
+                                   cuda.as_cuda_array(mf) if mf is not None else None,
                                    cuda.as_cuda_array(b) if b is not None else None, cuda.as_cuda_array(out),
                                    numel, group_size, quant)
         return out.to(out_dtype)

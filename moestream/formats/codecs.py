@@ -106,21 +106,21 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[t
     """Reference dequantizer in plain torch (any device). `codes`, `scales`, `mins` are uint8
     views of one tensor's payload; returns a new 1-D tensor of `numel` elements in `out_dtype`,
     with `base` (same numel, any float dtype) added first when given. The caller owns the result."""
-    s = _view_f16(scales).float()[:, None]
+    s = view_f16(scales).float()[:, None]
     if quant == "int8":
         vals = codes.view(torch.int8).float().view(-1, group_size) * s
     else:
         lo = (codes & 0x0F).float()
         hi = (codes >> 4).float()
         q = torch.stack([lo, hi], dim=1).view(-1, group_size)
-        vals = q * s + _view_f16(mins).float()[:, None]
+        vals = q * s + view_f16(mins).float()[:, None]
     out = vals.reshape(-1)[:numel]
     if base is not None:
         out = out + base.reshape(-1).float()
     return out.to(out_dtype)
 
 
-def _view_f16(b: torch.Tensor) -> torch.Tensor:
+def view_f16(b: torch.Tensor) -> torch.Tensor:
     """uint8 bytes -> float16 view; planes of tensors packed after an odd-length plane sit at
     odd offsets, and a view needs 2-byte alignment, so those (small) planes are copied."""
     return (b if b.storage_offset() % 2 == 0 else b.clone()).view(torch.float16)

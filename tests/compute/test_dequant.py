@@ -71,14 +71,15 @@ CUDASIM_SCRIPT = textwrap.dedent("""
     from moestream.formats.codecs import quantize, split_quantized
     from tests.compute.test_dequant import numpy_reference
     rng = np.random.default_rng(0)
-    for quant, numel, g, with_base in [("int4", 37, 4, False), ("int8", 50, 8, True), ("int4", 64, 16, True)]:
+    for quant, numel, g, with_base in [("int4", 37, 4, False), ("int8", 50, 8, True), ("int4", 64, 16, True),
+                                       ("int8", 33, 2, False), ("int4", 1, 2, True)]:
         x = rng.standard_normal(numel).astype(np.float32)
         buf = quantize(x, quant, g)
         codes, scales, mins = split_quantized(np.frombuffer(buf, np.uint8), numel, quant, g)
         base = rng.standard_normal(numel).astype(np.float32) if with_base else None
         out = np.full(numel, np.nan, np.float32)
-        dequantize_cuda_arrays(codes.copy(), scales.copy(), None if mins is None else mins.copy(), base, out,
-                               numel, g, quant, threads=32)
+        f32 = lambda plane: None if plane is None else plane.view(np.float16).astype(np.float32)
+        dequantize_cuda_arrays(codes.copy(), f32(scales), f32(mins), base, out, numel, g, quant, threads=32)
         ref = numpy_reference(buf, numel, quant, g, None if base is None else base.astype(np.float64))
         assert np.isfinite(out).all(), "unwritten output"
         assert np.abs(out - ref).max() <= 1e-6 * (np.abs(ref).max() + 1), (quant, np.abs(out - ref).max())
