@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 import moestream
 from moestream.formats import StoreReader
-from moestream.storage.iobench import write_synthetic_checkpoint
+from moestream.storage.iobench import synthetic_checkpoint
 from moestream.units import parse_size
 
 
@@ -21,9 +19,7 @@ def main() -> None:
     ap.add_argument("--size", default="200MiB")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="moestream-sizes-", dir=a.workdir))
-    try:
-        src = write_synthetic_checkpoint(tmp / "ckpt", parse_size(a.size))
+    with synthetic_checkpoint(parse_size(a.size), a.workdir) as (src, tmp):
         for quant in ("keep", "int8", "int4"):
             for zstd in (3, None):
                 out = moestream.convert(src, tmp / f"{quant}-{zstd}", quant=quant, zstd_level=zstd, progress=False)
@@ -35,8 +31,6 @@ def main() -> None:
                 print(f"{quant:>5} zstd={zstd!s:>4}: {stored / 2**20:8.1f} MiB of {source / 2**20:.1f} MiB source "
                       f"= {stored / source:.3f}  {dict(chains)}")
                 shutil.rmtree(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

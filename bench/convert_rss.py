@@ -12,12 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from moestream.formats.hf_checkpoint import HFCheckpoint
-from moestream.storage.iobench import write_synthetic_checkpoint
+from moestream.storage.iobench import synthetic_checkpoint
 from moestream.units import format_size, parse_size
 
 
@@ -27,9 +25,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--quant", action="append", default=None)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="moestream-rss-", dir=a.workdir))
-    try:
-        src = write_synthetic_checkpoint(tmp / "ckpt", parse_size(a.size))
+    with synthetic_checkpoint(parse_size(a.size), a.workdir) as (src, tmp):
         ck = HFCheckpoint(src)
         total = sum(t.length for t in ck.tensors.values())
         largest = max(t.length for t in ck.tensors.values())
@@ -46,8 +42,6 @@ def main() -> None:
             print(f"convert --quant {quant:>4}: peak RSS {format_size(peak)} = {peak / total:.3f} of the checkpoint, "
                   f"{(peak - idle) / expert:.1f} experts above the imports; {total / dt / 1e6:.0f} MB/s")
             shutil.rmtree(tmp / quant)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _child_peak(cmd: list[str]) -> int:

@@ -9,15 +9,12 @@ from host bytes (checksum + zstd + dequant to bf16, on this CPU). Run:
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
 import moestream
 from moestream.formats import StoreReader
-from moestream.storage.iobench import drop_page_cache, write_synthetic_checkpoint
+from moestream.storage.iobench import drop_page_cache, synthetic_checkpoint
 from moestream.units import parse_size
 
 
@@ -26,9 +23,7 @@ def main() -> None:
     ap.add_argument("--size", default="256MiB")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="moestream-l2-", dir=a.workdir))
-    try:
-        src = write_synthetic_checkpoint(tmp / "ckpt", parse_size(a.size))
+    with synthetic_checkpoint(parse_size(a.size), a.workdir) as (src, tmp):
         print(f"{'quant':>6} {'stored MiB':>10} {'decoded MiB':>11} {'ratio':>6} {'read ms':>8} {'decode ms':>9} "
               f"{'read GB/s':>9} {'decode GB/s(out)':>16}")
         for quant in ["bf16", "int8", "int4"]:
@@ -58,8 +53,6 @@ def main() -> None:
             print(f"{quant:>6} {statistics.mean(stored_sz) / 2**20:>10.2f} {statistics.mean(decoded_sz) / 2**20:>11.2f} "
                   f"{statistics.mean(decoded_sz) / statistics.mean(stored_sz):>6.2f} {read_ms:>8.2f} {d_ms:>9.2f} "
                   f"{st['bytes_read'] / wall / 1e9:>9.2f} {statistics.mean(decoded_sz) / (d_ms / 1e3) / 1e9:>16.2f}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,17 +9,14 @@ seconds and prefetch accuracy."""
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
-import tempfile
-from pathlib import Path
 
 import torch
 
 import moestream
 from moestream.compute import load_model
 from moestream.formats import StoreReader
-from moestream.storage.iobench import drop_page_cache, write_synthetic_checkpoint
+from moestream.storage.iobench import drop_page_cache, synthetic_checkpoint
 from moestream.units import parse_size
 
 
@@ -33,9 +30,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", default=None)
     a = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="moestream-prefetch-", dir=a.workdir))
-    try:
-        src = write_synthetic_checkpoint(tmp / "ckpt", parse_size(a.size))
+    with synthetic_checkpoint(parse_size(a.size), a.workdir) as (src, tmp):
         store = moestream.convert(src, tmp / "store", quant=a.quant, zstd_level=None, delta=False, progress=False)
         with StoreReader(store) as r:
             decoded = sum(sum(t.numel * 2 for t in reg.tensors) for reg in r.index.extents.values())
@@ -62,8 +57,6 @@ def main() -> None:
                   f"(runs {', '.join('%.2f' % r['tps'] for r in rs)}), stall {statistics.median(r['stall'] for r in rs):.2f} s, "
                   f"reads {statistics.median(r['reads'] for r in rs):.0f}"
                   + (f", prefetch accuracy {statistics.median(acc):.2f}" if acc else ""))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

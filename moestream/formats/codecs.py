@@ -15,7 +15,7 @@ import xxhash
 import zstandard
 
 from ..errors import FormatError
-from .constants import (DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD)
+from .constants import (DTYPE_ITEMSIZE, STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD)
 from .index import Region, TensorSlice, payload_length
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

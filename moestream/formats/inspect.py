@@ -55,8 +55,8 @@ def format_description(d: dict[str, Any]) -> str:
         f"{format_size(d['source_bytes'])}: ratio {d['ratio']:.3f}x",
         f"experts      {format_size(d['expert_bytes'])}, extents {format_size(d['extent_bytes']['min'])}"
         f"..{format_size(d['extent_bytes']['max'])}; dense + bases {format_size(d['dense_bytes'])}",
-        f"files        " + ", ".join(f"{f['name']} ({format_size(f['bytes'])})" for f in d["files"]),
-        f"carries      " + (", ".join(d["carried_files"]) or "-"),
+        "files        " + ", ".join(f"{f['name']} ({format_size(f['bytes'])})" for f in d["files"]),
+        "carries      " + (", ".join(d["carried_files"]) or "-"),
         "",
         f"{'layer':>5}  {'stored':>12}  {'source':>12}  {'ratio':>6}  codec chains (extents)",
     ]

@@ -20,14 +20,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 from ..formats.index import Region
 from ..formats.reader import StoreReader
-from ..units import format_size, parse_size
+from ..units import format_size
 from .backends import PosixBackend, ReadRequest, UringBackend, kvikio_usable, open_direct
 from .buffers import BufferPool
 from .uring import supported as uring_supported
@@ -149,26 +150,31 @@ def write_synthetic_checkpoint(out: Path, size: int, *, expert_mib: int = 6, see
     return out
 
 
+@contextmanager
+def synthetic_checkpoint(size: int, workdir: Optional[str] = None) -> Iterator[tuple[Path, Path]]:
+    """A synthetic checkpoint of `size` bytes of experts in a fresh temporary directory under
+    `workdir`; yields (checkpoint dir, temporary dir) and removes everything afterwards."""
+    tmp = Path(tempfile.mkdtemp(prefix="moestream-bench-", dir=workdir))
+    try:
+        yield write_synthetic_checkpoint(tmp / "ckpt", size), tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # ---- the benchmark ---------------------------------------------------------------------------
 
 def bench_io(store: Optional[str] = None, *, synthetic: Optional[int] = None, source: Optional[str] = None,
              workdir: Optional[str] = None, chunk: int = 1 << 20, queue_depth: int = 32, repeat: int = 3,
              backends: Optional[list[str]] = None, progress=print) -> dict[str, Any]:
     """Run the I/O benchmark; returns every figure as plain data."""
-    tmp = None
-    if synthetic is not None:
-        tmp = Path(tempfile.mkdtemp(prefix="moestream-bench-", dir=workdir))
+    if synthetic is None:
+        assert store is not None
+        return _bench(store, source, chunk, queue_depth, repeat, backends, progress)
+    with synthetic_checkpoint(synthetic, workdir) as (src, tmp):
         progress(f"writing a synthetic {format_size(synthetic)} bf16 checkpoint in {tmp}")
-        src = write_synthetic_checkpoint(tmp / "ckpt", synthetic)
         from ..formats.convert import convert
         store = str(convert(src, tmp / "store", zstd_level=None, delta=False, progress=False))
-        source = str(src)
-    assert store is not None
-    try:
-        return _bench(store, source, chunk, queue_depth, repeat, backends, progress)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        return _bench(store, str(src), chunk, queue_depth, repeat, backends, progress)
 
 
 def _bench(store, source, chunk, queue_depth, repeat, backends, progress) -> dict[str, Any]:

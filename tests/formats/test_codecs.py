@@ -53,7 +53,7 @@ def _roundtrip(tensors, opts, base=None, base_dtype=None):
     payload = unpack_payload(region, enc.stored)
     base_t = None
     if base is not None:
-        from moestream.formats.codecs import TORCH_BITS, TORCH_DTYPES
+        from moestream.formats.codecs import TORCH_DTYPES
         base_t = {k: torch.from_numpy(v.astype(np.int32 if base_dtype == "fp32" else np.int16, copy=False)
                                       .view(np.int32 if base_dtype == "fp32" else np.int16))
                   .view(TORCH_DTYPES[base_dtype]) for k, v in base.items()}

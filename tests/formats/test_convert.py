@@ -9,7 +9,6 @@ import torch
 import moestream
 from moestream.errors import ConvertError, FormatError
 from moestream.formats import StoreReader
-from moestream.formats import convert as convert_mod
 from moestream.formats.writer import StoreWriter
 
 

@@ -2,7 +2,6 @@
 FormatError (ChecksumError is one) naming the place; never another exception, a hang, a read
 outside the file, or an allocation of what a header merely claims."""
 import json
-import os
 import shutil
 import struct
 

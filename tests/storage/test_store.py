@@ -12,7 +12,7 @@ import torch
 import moestream
 from moestream.errors import BudgetError, StoreIOError
 from moestream.formats import StoreReader
-from moestream.storage import Store, TierCache
+from moestream.storage import TierCache
 from moestream.storage import open as open_store
 from moestream.storage.uring import supported
 
