@@ -33,7 +33,7 @@ def main() -> None:
     with synthetic_checkpoint(parse_size(a.size), a.workdir) as (src, tmp):
         store = moestream.convert(src, tmp / "store", quant=a.quant, zstd_level=None, delta=False, progress=False)
         with StoreReader(store) as r:
-            decoded = sum(sum(t.numel * 2 for t in reg.tensors) for reg in r.index.extents.values())
+            decoded = sum(reg.decoded_length for reg in r.index.extents.values())
         budget = int(decoded * a.budget_fraction)
         ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
         runs: dict[bool, list[dict]] = {False: [], True: []}

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     _run("verify", str(store))
     from .formats import StoreReader
     with StoreReader(store) as r:
-        expert_bytes = sum(sum(t.numel * 4 for t in reg.tensors) for reg in r.index.extents.values())
+        expert_bytes = sum(reg.decoded_length for reg in r.index.extents.values())
     budget = expert_bytes // 6  # far below the experts' size: the run must stream and evict
     print(f"# experts total {expert_bytes} bytes decoded; device budget {budget} bytes", flush=True)
     _run("generate", str(store), "--prompt", "Experts stream from NVMe", "--max-new-tokens", "24",

@@ -165,7 +165,7 @@ def decode_speed(work: Path, size: int):
         store = moestream.convert(src, work / f"speed_{quant}_{zstd}", quant=quant, zstd_level=zstd, delta=False,
                                   progress=False)
         with StoreReader(store) as r:
-            decoded = sum(sum(t.numel * 2 for t in reg.tensors) for reg in r.index.extents.values())
+            decoded = sum(reg.decoded_length for reg in r.index.extents.values())
         for frac in (0.25, 1.5):
             budget = int(decoded * frac)
             model = load_model(store, device="cuda", device_budget=budget, host_budget=0)

@@ -47,6 +47,11 @@ class Region:
         return align_up(self.length)
 
     @property
+    def decoded_length(self) -> int:
+        """Bytes of this region's tensors once decoded (the dtype the reader returns)."""
+        return sum(t.numel * DTYPE_ITEMSIZE[t.dtype] for t in self.tensors)
+
+    @property
     def quant(self) -> tuple[str, int] | None:
         """("int8"|"int4", group_size) when the region is quantized."""
         for stage in self.chain:

@@ -161,9 +161,12 @@ class StoreReader:
         return self.files[region.file]
 
     # ---- reads -------------------------------------------------------------------------------
+    def _pread_region(self, region: Region) -> bytes:
+        return _pread_exact(self._fds[region.file], region.length, region.offset, str(self.files[region.file]))
+
     def read_region(self, region: Region, extent: Optional[tuple[int, int]] = None) -> bytes:
         """The stored bytes of `region` (checksum-verified when verify=True)."""
-        data = _pread_exact(self._fds[region.file], region.length, region.offset, str(self.files[region.file]))
+        data = self._pread_region(region)
         if self.verify:
             self.check(region, data, extent)
         return data
@@ -223,8 +226,7 @@ class StoreReader:
         """Check every region's checksum; returns one line per bad region (empty when all good)."""
         bad = []
         for label, r, ext in self.regions():
-            data = _pread_exact(self._fds[r.file], r.length, r.offset, str(self.files[r.file]))
-            if checksum(data) != r.checksum:
+            if checksum(self._pread_region(r)) != r.checksum:
                 what = f"layer {ext[0]} expert {ext[1]}" if ext else label
                 bad.append(f"{self.files[r.file]}: offset {r.offset}: {what}: checksum mismatch")
         return bad

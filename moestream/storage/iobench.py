@@ -321,7 +321,7 @@ def _bench_store(store, order, regions, reader) -> dict:
     with an L1 too small to hold more than a few experts."""
     from .store import Store
     keys = sorted(reader.index.extents)
-    one = max(sum(math.prod(t.shape) * 4 for t in r.tensors) for r in regions)
+    one = max(r.decoded_length for r in regions)
     dropped = drop_page_cache()
     with Store(store, device_budget=4 * one, host_budget=0) as s:
         t0 = time.perf_counter()

@@ -8,11 +8,10 @@ checks the checksum, undoes zstd/shuffle/delta, dequantizes on the target device
 the tensors in L1. Reading of one expert thus overlaps the decoding of the previous ones.
 
 L2 holds *stored* bytes (compressed, quantized), not decoded tensors: per byte of budget it
-holds ratio-times more experts, and decoding from RAM is faster than re-reading from disk
-(measured by bench/l2_policy.py; figures in docs/STORAGE.md)."""
+holds ratio-times more experts, and on a CPU device decoded L2 entries would duplicate L1
+(measured by bench/l2_tier.py; figures and caveats in docs/STORAGE.md)."""
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -28,7 +27,7 @@ import torch
 
 from ..errors import BudgetError, MoestreamError
 from ..formats.codecs import Dequantizer, dequantize_torch
-from ..formats.constants import ALIGNMENT, DTYPE_ITEMSIZE
+from ..formats.constants import ALIGNMENT
 from ..formats.index import Region
 from ..formats.reader import StoreReader
 from ..units import format_size, parse_size
@@ -52,10 +51,6 @@ class _Load:
     chunks_left: int = 0
     error: Optional[BaseException] = None
     lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _decoded_bytes(region: Region) -> int:
-    return sum(math.prod(t.shape) * DTYPE_ITEMSIZE[t.dtype] for t in region.tensors)
 
 
 def _tensor_bytes(tensors: Experts) -> int:
@@ -106,8 +101,7 @@ class Store:
         idx = self.reader.index
         self.index = idx
         self._dequantize = dequantize
-        self.decoded_size = {k: _decoded_bytes(r) for k, r in idx.extents.items()}
-        self.max_decoded = max(self.decoded_size.values())
+        self.max_decoded = max(r.decoded_length for r in idx.extents.values())
         self.max_padded = max(r.padded_length for r in idx.extents.values())
         avail = psutil.virtual_memory().available
         if device_budget is None:
