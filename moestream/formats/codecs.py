@@ -244,6 +244,30 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
 
 # ---- decoding of a region --------------------------------------------------------------------
 
+def zstd_frame_size(data) -> Optional[int]:
+    """Bytes taken by the zstd frame at the start of `data` (header, blocks, checksum), walking
+    the block headers without decoding; None when the frame is cut short or malformed. Lets a
+    reader refuse trailing frames, which the decompressor would silently ignore."""
+    n = len(data)
+    try:
+        pos = zstandard.frame_header_size(bytes(data[:18]))
+    except zstandard.ZstdError:
+        return None
+    has_checksum = bool(data[4] & 0x04) if n > 4 else False
+    while True:
+        if pos + 3 > n:
+            return None
+        header = data[pos] | (data[pos + 1] << 8) | (data[pos + 2] << 16)
+        last, kind, size = header & 1, (header >> 1) & 3, header >> 3
+        if kind == 3:  # reserved block type
+            return None
+        pos += 3 + (1 if kind == 1 else size)    # an RLE block stores one byte
+        if last:
+            break
+    pos += 4 if has_checksum else 0
+    return pos if pos <= n else None
+
+
 def unpack_payload(region: Region, stored: bytes | memoryview | np.ndarray, *, path: str = "?",
                    extent: Optional[tuple[int, int]] = None) -> np.ndarray:
     """Undo zstd and shuffle: returns the decoded payload (uint8, raw_length bytes, a new buffer
@@ -257,7 +281,11 @@ def unpack_payload(region: Region, stored: bytes | memoryview | np.ndarray, *, p
         if size != region.raw_length:
             raise FormatError(f"zstd frame claims {size} bytes, index says {region.raw_length}",
                               path=path, offset=region.offset, extent=extent)
-        try:
+        frame = zstd_frame_size(data)
+        if frame != len(data):
+            what = "is not one whole zstd frame" if frame is None else f"holds {len(data) - frame} bytes after its zstd frame"
+            raise FormatError(f"stored region {what}", path=path, offset=region.offset, extent=extent)
+        try:  # the frame header's size was checked against the index's bounded raw_length above
             data = zstandard.ZstdDecompressor().decompress(data, max_output_size=region.raw_length)
         except zstandard.ZstdError as e:
             raise FormatError(f"zstd decompression failed ({e})", path=path, offset=region.offset, extent=extent) from None

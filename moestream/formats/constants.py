@@ -29,6 +29,13 @@ FILE_NAME_PATTERN = "experts-{:05d}.moe"
 #: Upper bound on the index size a reader accepts before reading it (bytes).
 MAX_INDEX_LENGTH = 1 << 30
 
+#: The most a zstd frame can expand: a 3-byte block header plus one RLE byte give a 128 KiB
+#: block, so no frame decodes to more than 32768 times its size. A region whose declared
+#: raw_length exceeds its stored length times this is refused before anything is allocated.
+ZSTD_MAX_RATIO = 32768
+#: Largest file a store carries as a blob (tokenizer and generation files are a few MiB).
+MAX_BLOB_LENGTH = 256 << 20
+
 #: Stored element types. bf16 has no numpy dtype: it travels as uint16 bit patterns.
 DTYPES = ("bf16", "fp16", "fp32")
 DTYPE_ITEMSIZE = {"bf16": 2, "fp16": 2, "fp32": 4}

@@ -22,7 +22,7 @@ from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, en
 from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, QUANT_CHOICES
 from .families import family_for
 from .hf_checkpoint import HFCheckpoint
-from .writer import StoreWriter
+from .writer import ConversionLock, StoreWriter, is_store
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "keep",
@@ -44,9 +44,29 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
     if max_file_size is not None and max_file_size < 1 << 20:
         raise ConvertError(f"--max-file-size {max_file_size}: must be at least 1 MiB")
     out = Path(out)
-    if out.exists():
+    _check_output_is_not_source(Path(src), out)
+    with ConversionLock(out):
+        return _convert_locked(src, out, quant=quant, group_size=group_size, zstd_level=zstd_level, delta=delta,
+                               max_file_size=max_file_size, overwrite=overwrite, progress=progress)
+
+
+def _check_output_is_not_source(src: Path, out: Path) -> None:
+    """OUT, its staging directory and its lock file must not be the source or hold it."""
+    s = src.resolve()
+    for p in (out, out.with_name(out.name + ".partial"), out.with_name(out.name + ".lock")):
+        r = p.resolve()
+        if r == s or r in s.parents:
+            raise ConvertError(f"{p}: is the source checkpoint or holds it; choose another output path")
+
+
+def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max_file_size, overwrite,
+                    progress) -> Path:
+    if out.exists() or out.is_symlink():
         if not overwrite:
             raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not is_store(out):
+            raise ConvertError(f"{out}: exists and is not a moestream store; --overwrite replaces only a store "
+                               "(remove it yourself if it is yours to delete)")
     ckpt = HFCheckpoint(src)
     fam = family_for(ckpt.config, str(ckpt.root / "config.json"))
     n_experts = fam.num_experts(ckpt.config)

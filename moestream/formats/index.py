@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
-from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, DTYPES, FORMAT_VERSION, INT_QUANTS, PREAMBLE_SIZE,
-                        STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, align_up)
+from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, DTYPES, FORMAT_VERSION, INT_QUANTS, MAX_BLOB_LENGTH, PREAMBLE_SIZE,
+                        STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, ZSTD_MAX_RATIO, align_up)
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,9 @@ class _IndexParser:
         self.check_chain(chain, where, extent)
         if STAGE_ZSTD not in chain and raw_length != length:
             raise self.fail(f"{where}: raw_length {raw_length} != length {length} without zstd", extent)
+        if STAGE_ZSTD in chain and raw_length > length * ZSTD_MAX_RATIO:
+            raise self.fail(f"{where}: raw_length {raw_length} is more than a {length}-byte zstd frame can hold "
+                            f"({ZSTD_MAX_RATIO}x)", extent)
         tensors = []
         pos = 0
         quant = None
@@ -261,6 +264,9 @@ class _IndexParser:
                 raise self.fail(f"{tw}: length {t_len} does not match shape {shape} ({want} bytes)", extent)
             pos += t_len
             tensors.append(TensorSlice(name, dtype, tuple(shape), t_off, t_len))
+        if not tensors and raw_length > MAX_BLOB_LENGTH:
+            raise self.fail(f"{where}: raw_length {raw_length} exceeds the {MAX_BLOB_LENGTH}-byte limit of a "
+                            "carried file", extent)
         if tensors and pos != raw_length:
             raise self.fail(f"{where}: tensors cover {pos} bytes, raw_length is {raw_length}", extent)
         source_length = self.nonneg(d, "source_length", where) if "source_length" in d else 0

@@ -5,6 +5,7 @@ or allocation, and each region's stored bytes are checked against its xxh3-64 (u
 verify=False)."""
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -223,10 +224,22 @@ class StoreReader:
             yield "expert", r, key
 
     def verify_all(self) -> list[str]:
-        """Check every region's checksum; returns one line per bad region (empty when all good)."""
+        """Check every region's checksum and decode its payload (zstd, shuffle) as a load would,
+        and parse carried JSON files; returns one line per bad region (empty when all good)."""
         bad = []
         for label, r, ext in self.regions():
-            if checksum(self._pread_region(r)) != r.checksum:
-                what = f"layer {ext[0]} expert {ext[1]}" if ext else label
-                bad.append(f"{self.files[r.file]}: offset {r.offset}: {what}: checksum mismatch")
+            what = f"layer {ext[0]} expert {ext[1]}" if ext else label
+            where = f"{self.files[r.file]}: offset {r.offset}: {what}"
+            data = self._pread_region(r)
+            if checksum(data) != r.checksum:
+                bad.append(f"{where}: checksum mismatch")
+                continue
+            try:
+                payload = unpack_payload(r, data, path=str(self.files[r.file]), extent=ext)
+                if label.startswith("blob ") and label.endswith(".json"):
+                    json.loads(payload.tobytes().decode("utf-8"))
+            except FormatError as e:
+                bad.append(f"{e} ({what})")
+            except (UnicodeDecodeError, ValueError) as e:
+                bad.append(f"{where}: carried file is not valid JSON ({e})")
         return bad

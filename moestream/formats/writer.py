@@ -7,6 +7,8 @@ layer); a conversion started again with the same source and options resumes afte
 journaled unit, truncating whatever was written after it."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -14,12 +16,77 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import ConvertError
+
 from .codecs import EncodedRegion, checksum
 from .constants import (ALIGNMENT, FILE_NAME_PATTERN, FORMAT_VERSION, MAGIC, PREAMBLE_CHECKSUM_STRUCT, PREAMBLE_SIZE,
                         PREAMBLE_STRUCT, align_up)
 from .index import Region, StoreIndex, _IndexParser
 
 JOURNAL = "journal.json"
+#: What a staging directory may hold: anything else means it is not ours to delete.
+_STAGING_NAMES = (JOURNAL, JOURNAL + ".tmp")
+
+
+class ConversionLock:
+    """An exclusive flock on `OUT.lock` held for a whole conversion (staging, resume, the final
+    rename), so two conversions into one OUT cannot interleave their writes. A second writer
+    gets a ConvertError naming the pid that holds the lock; it never waits. The lock file is
+    removed on release; a writer that opened it just before checks, after locking, that the
+    path still names the file it locked, and starts over otherwise."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.path = Path(out).with_name(Path(out).name + ".lock")
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "ConversionLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise ConvertError(f"{self.path.with_suffix('')}: another conversion (pid {holder}) is writing "
+                                       f"this store; wait for it to finish or stop it") from None
+                raise
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._fd = fd
+                return self
+            os.close(fd)  # the holder removed it between our open and our lock: try again
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "ConversionLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory whose first file starts with the store magic (any
+    version): the only thing --overwrite may replace."""
+    first = Path(path) / FILE_NAME_PATTERN.format(0)
+    try:
+        with open(first, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 def pack_preamble(store_id: bytes, file_number: int, file_count: int, index_offset: int = 0,
@@ -65,6 +132,7 @@ class StoreWriter:
             self._restore(state)
         else:
             if self.staging.exists():
+                _check_staging_is_ours(self.staging)
                 shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True)
             self.store_id = uuid.uuid4().bytes
@@ -195,6 +263,9 @@ class StoreWriter:
         _fsync_dir(self.staging)
         old = None
         if self.out.exists():  # --overwrite: the old store stays whole until the new one is in place
+            if not is_store(self.out):  # checked by convert() too; the store may have changed since
+                raise ConvertError(f"{self.out}: is not a moestream store; not replacing it "
+                                   f"(the new store is complete in {self.staging})")
             old = self.out.with_name(f"{self.out.name}.old-{uuid.uuid4().hex[:8]}")
             os.rename(self.out, old)
         os.rename(self.staging, self.out)
@@ -208,3 +279,13 @@ class StoreWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _check_staging_is_ours(staging: Path) -> None:
+    """Refuse to delete a staging path that holds anything a conversion does not write."""
+    if not staging.is_dir():
+        raise ConvertError(f"{staging}: exists and is not a conversion's staging directory; move it away")
+    for p in staging.iterdir():
+        if not (p.name in _STAGING_NAMES or (p.name.startswith("experts-") and p.name.endswith(".moe"))):
+            raise ConvertError(f"{staging}: holds {p.name!r}, which no conversion writes; not deleting it "
+                               "(move it away)")

@@ -161,3 +161,75 @@ def test_cli_errors_are_one_line(args, needle):
     p = run_cli(*args)
     assert p.returncode != 0
     assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+# ---- two writers, --overwrite: nothing that is not a store is ever deleted -----------------------
+
+def test_second_conversion_into_the_same_output_is_refused_while_the_first_runs(checkpoints, tmp_path):
+    from moestream.formats.writer import ConversionLock
+    out = tmp_path / "s"
+    with ConversionLock(out):  # a conversion in progress holds this for its whole run
+        code = subprocess.run([sys.executable, "-m", "moestream.cli", "convert", str(checkpoints["mixtral"]),
+                               str(out), "--quant", "int8", "--overwrite", "--quiet"],
+                              capture_output=True, text=True)
+        assert code.returncode == 1
+        assert f"another conversion (pid {__import__('os').getpid()}) is writing this store" in code.stderr
+        assert "Traceback" not in code.stderr
+        assert not out.exists() and not (tmp_path / "s.partial").exists()
+    assert not (tmp_path / "s.lock").exists()
+    moestream.convert(checkpoints["mixtral"], out, progress=False)  # the lock is free again
+    assert not (tmp_path / "s.lock").exists()
+
+
+def test_concurrent_conversions_never_corrupt_the_store(checkpoints, tmp_path):
+    out = tmp_path / "s"
+    cmd = [sys.executable, "-m", "moestream.cli", "convert", str(checkpoints["qwen2_moe"]), str(out), "--quiet"]
+    procs = [subprocess.Popen(cmd + ["--quant", q, "--overwrite"], stderr=subprocess.PIPE, text=True)
+             for q in ("int4", "int8", "keep")]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    assert any(code == 0 for code, _ in results)
+    for code, err in results:
+        assert code == 0 or "another conversion" in err, err
+    with StoreReader(out) as r:
+        assert r.verify_all() == []
+
+
+def test_overwrite_refuses_the_source_and_its_ancestors(checkpoints, tmp_path):
+    import shutil
+    src = tmp_path / "parent" / "ckpt.partial"
+    shutil.copytree(checkpoints["mixtral"], src)
+    before = sorted(p.name for p in src.iterdir())
+    # OUT is the source, an ancestor of it, the same path spelled otherwise, or (ckpt) a store
+    # whose staging directory ckpt.partial would be the source
+    for out in (src, src.parent, tmp_path / "parent" / ".." / "parent" / "ckpt.partial", src.with_name("ckpt")):
+        with pytest.raises(ConvertError, match="is the source checkpoint or holds it"):
+            moestream.convert(src, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in src.iterdir()) == before
+
+
+def test_overwrite_replaces_only_a_store(checkpoints, tmp_path):
+    from moestream.cli import main
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("do not delete")
+    with pytest.raises(ConvertError, match="is not a moestream store; --overwrite replaces only a store"):
+        moestream.convert(checkpoints["mixtral"], keep, overwrite=True, progress=False)
+    assert (keep / "mine.txt").read_text() == "do not delete"
+    plain = tmp_path / "file.moe"
+    plain.write_text("a file")
+    assert main(["convert", str(checkpoints["mixtral"]), str(plain), "--overwrite", "--quiet"]) == 1
+    assert plain.read_text() == "a file"
+    assert not list(tmp_path.glob("file.moe.*"))  # no .old-*, .partial or .lock left behind
+    out = moestream.convert(checkpoints["mixtral"], tmp_path / "s", progress=False)
+    moestream.convert(checkpoints["mixtral"], out, quant="int8", overwrite=True, progress=False)
+    with StoreReader(out) as r:
+        assert r.index.quant == "int8"
+
+
+def test_staging_that_holds_foreign_files_is_not_deleted(checkpoints, tmp_path):
+    staging = tmp_path / "s.partial"
+    staging.mkdir()
+    (staging / "thesis.tex").write_text("years of work")
+    with pytest.raises(ConvertError, match="holds 'thesis.tex', which no conversion writes"):
+        moestream.convert(checkpoints["mixtral"], tmp_path / "s", progress=False)
+    assert (staging / "thesis.tex").read_text() == "years of work"

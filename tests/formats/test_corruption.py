@@ -240,3 +240,81 @@ def test_not_a_store(tmp_path):
         StoreReader(tmp_path / "file")
     with pytest.raises(FormatError, match="no experts-00000.moe"):
         StoreReader(tmp_path)
+
+
+# ---- decompression bombs: declared sizes are bounded before anything is allocated ---------------
+
+def plant_region(f, data: bytes, edit):
+    """Write `data` at the aligned end of file 0's data (where the index was) and rewrite the
+    index after it with valid checksums; `edit(doc, offset, length, checksum)` points a region
+    of the index at the planted bytes. A hostile writer could do exactly this."""
+    from moestream.formats.constants import align_up
+    buf = bytearray(f.read_bytes())
+    fields = list(PREAMBLE_STRUCT.unpack_from(buf))
+    ioff, ilen = fields[6], fields[7]
+    doc = json.loads(buf[ioff:ioff + ilen])
+    edit(doc, ioff, len(data), checksum(data))
+    new_ioff = align_up(ioff + len(data))
+    doc["files"][0]["size"] = new_ioff
+    new = json.dumps(doc).encode()
+    fields[6], fields[7], fields[8] = new_ioff, len(new), int(checksum(new), 16)
+    head = PREAMBLE_STRUCT.pack(*fields)
+    head += struct.pack("<Q", int(checksum(head), 16))
+    buf[:len(head)] = head
+    f.write_bytes(bytes(buf[:ioff]) + data + bytes(new_ioff - ioff - len(data)) + new)
+
+
+def _as_blob(name, raw_length):
+    def edit(doc, offset, length, digest):
+        doc["blobs"][name] = {"file": 0, "offset": offset, "length": length, "raw_length": raw_length,
+                              "checksum": digest, "chain": ["zstd"]}
+    return edit
+
+
+def forged_frame(content_size: int) -> bytes:
+    """A 17-byte zstd frame whose header claims `content_size` bytes: one RLE block of 1 byte."""
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + content_size.to_bytes(8, "little") + bytes([0x0B, 0, 0]) + b"\x00"
+
+
+def test_tiny_frame_claiming_a_terabyte_is_refused(pristine, tmp_path):
+    src, _ = pristine["zstd"]
+    f = copy_store(src, tmp_path / "s")
+    plant_region(f, forged_frame(1 << 40), _as_blob("tokenizer.json", 1 << 40))
+    with pytest.raises(FormatError, match=r"raw_length 1099511627776 is more than a 17-byte zstd frame") as e:
+        StoreReader(tmp_path / "s")
+    assert str(f) in str(e.value)
+
+
+def test_blob_that_decompresses_to_a_gigabyte_is_refused(pristine, tmp_path):
+    import zstandard
+    src, _ = pristine["zstd"]
+    f = copy_store(src, tmp_path / "s")
+    size = 1 << 30
+    c = zstandard.ZstdCompressor(level=1).compressobj(size=size)
+    zeros = bytes(1 << 20)
+    frame = b"".join(c.compress(zeros) for _ in range(size // len(zeros))) + c.flush()
+    assert len(frame) < 64 << 10  # a real frame, small on disk, huge once decoded
+    plant_region(f, frame, _as_blob("tokenizer.json", size))
+    with pytest.raises(FormatError, match="exceeds the .*-byte limit of a carried file"):
+        StoreReader(tmp_path / "s")
+
+
+def test_trailing_frames_are_refused_and_verify_decodes(pristine, tmp_path):
+    import zstandard
+    from moestream.cli import main
+    src, _ = pristine["zstd"]
+    f = copy_store(src, tmp_path / "s")
+    first = zstandard.ZstdCompressor().compress(b'{"a": 1}' * 100)
+    plant_region(f, first + zstandard.ZstdCompressor().compress(b"x" * 1000), _as_blob("extra.json", 800))
+    with StoreReader(tmp_path / "s") as r:
+        with pytest.raises(FormatError, match="bytes after its zstd frame"):
+            r.blob("extra.json")
+        bad = r.verify_all()
+    assert len(bad) == 1 and "bytes after its zstd frame" in bad[0] and "blob extra.json" in bad[0]
+    assert main(["verify", str(tmp_path / "s")]) == 1
+
+    f = copy_store(src, tmp_path / "s")  # one whole frame, but not JSON: verify says so, as generate would fail
+    plant_region(f, zstandard.ZstdCompressor().compress(b"not json" * 50), _as_blob("tokenizer.json", 400))
+    with StoreReader(tmp_path / "s") as r:
+        bad = r.verify_all()
+    assert len(bad) == 1 and "tokenizer.json" in bad[0] and "not valid JSON" in bad[0]
