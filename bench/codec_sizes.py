@@ -10,7 +10,7 @@ from collections import Counter
 
 import moestream
 from moestream.formats import StoreReader
-from moestream.storage.iobench import synthetic_checkpoint
+from moestream.bench.io import synthetic_checkpoint
 from moestream.units import parse_size
 
 

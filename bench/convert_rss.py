@@ -15,7 +15,7 @@ import sys
 import time
 
 from moestream.formats.hf_checkpoint import HFCheckpoint
-from moestream.storage.iobench import synthetic_checkpoint
+from moestream.bench.io import synthetic_checkpoint
 from moestream.units import format_size, parse_size
 
 

@@ -14,7 +14,7 @@ import time
 
 import moestream
 from moestream.formats import StoreReader
-from moestream.storage.iobench import drop_page_cache, synthetic_checkpoint
+from moestream.bench.io import drop_page_cache, synthetic_checkpoint
 from moestream.units import parse_size
 
 

@@ -16,7 +16,7 @@ import torch
 import moestream
 from moestream.compute import load_model
 from moestream.formats import StoreReader
-from moestream.storage.iobench import drop_page_cache, synthetic_checkpoint
+from moestream.bench.io import drop_page_cache, synthetic_checkpoint
 from moestream.units import parse_size
 
 

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--repeat", type=int, default=3, help="passes per figure; the median is reported")
     bio.add_argument("--backend", action="append", choices=["uring", "posix", "kvikio"], help="limit to these")
     bio.add_argument("--json", action="store_true", help="print one JSON object")
+    from .bench.decode import add_arguments as decode_arguments
+    decode_arguments(bsub.add_parser("decode", help="decode tokens/s against naive loading, accelerate and the I/O "
+                                     "ceiling, each under one memory limit"))
     return p
 
 
@@ -115,7 +118,12 @@ def _verify(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from .storage.iobench import bench_io, format_table
+    if a.bench == "decode":
+        from .bench.decode import run
+        return run(a)
+    if a.repeat < 1:
+        raise ValueError("--repeat must be at least 1")
+    from .bench.io import bench_io, format_table
     log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
     d = bench_io(a.store, synthetic=a.synthetic, source=a.source, workdir=a.workdir, chunk=a.chunk,
                  queue_depth=a.queue_depth, repeat=a.repeat, backends=a.backend, progress=log)

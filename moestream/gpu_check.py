@@ -66,7 +66,7 @@ def environment():
 
 @section("io: kvikio into CUDA memory vs posix and uring")
 def io_check(work: Path, size: int):
-    from moestream.storage.iobench import bench_io, format_table
+    from moestream.bench.io import bench_io, format_table
     backends = ["kvikio", "posix", "uring"]
     d = bench_io(synthetic=size, workdir=str(work), repeat=3, backends=backends, progress=print)
     print(format_table(d))
@@ -158,7 +158,7 @@ def decode_speed(work: Path, size: int):
     import moestream
     from moestream.compute import load_model
     from moestream.formats import StoreReader
-    from moestream.storage.iobench import write_synthetic_checkpoint
+    from moestream.bench.io import write_synthetic_checkpoint
     src = write_synthetic_checkpoint(work / "speed_ck", size)
     rows = []
     for quant, zstd in (("int4", None), ("bf16", None), ("int4", 3)):

@@ -207,34 +207,37 @@ def _warn_fallback(dev: torch.device) -> None:
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], *, quant: str,
                group_size: int, numel: int, base: Optional[torch.Tensor] = None,
-               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dequantize one tensor's planes (uint8 tensors on CPU or CUDA) with the Numba kernel of
-    their device; returns a new 1-D tensor of `numel` elements (caller-owned)."""
+    their device; returns a new 1-D tensor of `numel` elements (caller-owned), or `out`
+    (numel elements of out_dtype, e.g. a view of a cache slot) filled in place."""
     dev = codes.device
     b = base.reshape(-1).to(device=dev, dtype=torch.float32).contiguous() if base is not None else None
     if dev.type == "cpu":
-        if out_dtype == torch.bfloat16:
-            out = torch.empty(numel, dtype=torch.bfloat16)
-            target = out.view(torch.int16).numpy().view(np.uint16)
+        if out_dtype in (torch.bfloat16, torch.float32):  # the kernel writes these two directly
+            res = out.view(-1) if out is not None else torch.empty(numel, dtype=out_dtype)
+            target = res.view(torch.int16).numpy().view(np.uint16) if out_dtype == torch.bfloat16 else res.numpy()
         else:
-            out = torch.empty(numel, dtype=torch.float32)
-            target = out.numpy()
+            res = torch.empty(numel, dtype=torch.float32)
+            target = res.numpy()
         dequantize_cpu_arrays(codes.contiguous().numpy(), scales.contiguous().numpy(),
                               mins.contiguous().numpy() if mins is not None else None,
                               b.numpy() if b is not None else None, target, numel, group_size, quant)
-        return out if out.dtype == out_dtype else out.to(out_dtype)
+        if res.dtype == out_dtype:
+            return res
+        return out.view(-1).copy_(res) if out is not None else res.to(out_dtype)
     if dev.type == "cuda" and cuda_kernels_usable():
-        out = torch.empty(numel, dtype=torch.float32, device=dev)
+        res = torch.empty(numel, dtype=torch.float32, device=dev)
         sf = view_f16(scales).float()
         mf = view_f16(mins).float() if mins is not None else None
         with torch.cuda.device(dev):
             dequantize_cuda_arrays(cuda.as_cuda_array(codes.contiguous()), cuda.as_cuda_array(sf),
                                    cuda.as_cuda_array(mf) if mf is not None else None,
-                                   cuda.as_cuda_array(b) if b is not None else None, cuda.as_cuda_array(out),
+                                   cuda.as_cuda_array(b) if b is not None else None, cuda.as_cuda_array(res),
                                    numel, group_size, quant)
-        return out.to(out_dtype)
+        return out.view(-1).copy_(res) if out is not None else res.to(out_dtype)
     # a device without a working Numba kernel: the plain-torch reference runs anywhere torch
     # does; said once as a warning and in dequant_backend() (load_model reports it)
     _warn_fallback(dev)
     return dequantize_torch(codes, scales, mins, quant=quant, group_size=group_size, numel=numel, base=base,
-                            out_dtype=out_dtype)
+                            out_dtype=out_dtype, out=out)

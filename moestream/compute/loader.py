@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from ..errors import MoestreamError
+from ..formats.codecs import TORCH_DTYPES
 from ..storage.store import Store
 from .dequant import dequant_backend, dequantize
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
@@ -23,18 +24,21 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
     routed experts stay in the store and are fetched per layer as the router picks them, within
     `device_budget`/`host_budget` bytes (see moestream.open). dtype: compute dtype (default
-    float32 on CPU, bfloat16 on CUDA). prefetch: while a layer computes, prefetch the experts
+    bfloat16 on CUDA; on CPU the dtype experts decode to: bf16 for int8/int4 and bf16 stores, so
+    no expert is cast at every use, and fp32 for fp32 stores). prefetch: while a layer computes, prefetch the experts
     that the next layer's router picks on the current residual stream (speculative, bounded by
     the store's prefetch_budget). Off by default: it cuts stall time, but with a device budget
     well below the experts' size its extra reads and evictions cost more than they save
     (bench/prefetch.py; bench/results/prefetch_h100_2026-11-22.txt). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     store_options.setdefault("dequantize", dequantize)
     store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
     try:
         idx = store.index
+        if dtype is None:  # compute in the experts' own dtype on a CPU: no cast of every expert at every use
+            first = next(iter(idx.extents.values())).tensors[0].dtype
+            dtype = torch.bfloat16 if dev.type == "cuda" else TORCH_DTYPES[first]
         family = FAMILIES.get(idx.architecture)
         if family is None:
             raise MoestreamError(f"{path}: no model family {idx.architecture!r} (have {', '.join(FAMILIES)})")

@@ -102,10 +102,11 @@ def split_quantized(buf: torch.Tensor | np.ndarray, numel: int, quant: str, grou
 
 def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], *, quant: str,
                      group_size: int, numel: int, base: Optional[torch.Tensor] = None,
-                     out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     out_dtype: torch.dtype = torch.bfloat16, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference dequantizer in plain torch (any device). `codes`, `scales`, `mins` are uint8
-    views of one tensor's payload; returns a new 1-D tensor of `numel` elements in `out_dtype`,
-    with `base` (same numel, any float dtype) added first when given. The caller owns the result."""
+    views of one tensor's payload; returns a 1-D tensor of `numel` elements in `out_dtype`,
+    with `base` (same numel, any float dtype) added first when given: a new one owned by the
+    caller, or `out` (numel elements of out_dtype) filled in place."""
     s = view_f16(scales).float()[:, None]
     if quant == "int8":
         vals = codes.view(torch.int8).float().view(-1, group_size) * s
@@ -114,10 +115,12 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[t
         hi = (codes >> 4).float()
         q = torch.stack([lo, hi], dim=1).view(-1, group_size)
         vals = q * s + view_f16(mins).float()[:, None]
-    out = vals.reshape(-1)[:numel]
+    vals = vals.reshape(-1)[:numel]
     if base is not None:
-        out = out + base.reshape(-1).float()
-    return out.to(out_dtype)
+        vals = vals + base.reshape(-1).float()
+    if out is not None:
+        return out.view(-1).copy_(vals)
+    return vals.to(out_dtype)
 
 
 def view_f16(b: torch.Tensor) -> torch.Tensor:
@@ -300,30 +303,57 @@ def unpack_payload(region: Region, stored: bytes | memoryview | np.ndarray, *, p
 
 
 def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Optional[dict[str, torch.Tensor]] = None,
-                *, dequantize: Dequantizer = dequantize_torch, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                *, dequantize: Dequantizer = dequantize_torch, device: torch.device | str = "cpu",
+                out: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """Turn a decoded payload into named tensors on `device`: raw planes are reinterpreted
     (XOR-ed with the base where the chain says so); quantized planes go to `device` as codes and
-    are dequantized there to bf16 (plus the base for delta extents). Returned tensors are new
-    allocations owned by the caller; `payload` may be reused afterwards."""
+    are dequantized there to bf16 (plus the base for delta extents). `payload` is only read.
+
+    Without `out`, returned tensors are new allocations owned by the caller. With `out` (uint8,
+    on `device`, at least `region.decoded_length` bytes), the tensors are written into it, packed
+    in index order, and returned as views of it: one copy (raw) or one dequant pass (int) from
+    the payload, no allocation."""
     if isinstance(payload, np.ndarray):
-        payload = torch.from_numpy(payload) if payload.flags.writeable else torch.from_numpy(payload.copy())
+        payload = torch.from_numpy(payload) if payload.flags.writeable else _readonly_tensor(payload)
     q = region.quant
     need_base = region.has(STAGE_DELTA) or region.has(STAGE_XOR_DELTA)
     if need_base and base is None:
         raise ValueError("this extent is delta-coded: its layer's base expert is needed")
     if q is not None and payload.device != torch.device(device):
         payload = payload.to(device, non_blocking=True)
-    out: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    pos = 0
     for t in region.tensors:
         buf = payload[t.offset:t.offset + t.length]
+        dtype = TORCH_DTYPES[t.dtype]
+        dst = None
+        if out is not None:
+            n = t.numel * dtype.itemsize
+            dst = out[pos:pos + n].view(dtype)
+            pos += n
         if q is None:
-            bits = buf.clone().view(TORCH_BITS[t.dtype])
+            bits = buf.view(TORCH_BITS[t.dtype])
+            if dst is None:
+                bits = bits.clone()
+            else:
+                dst.view(TORCH_BITS[t.dtype]).copy_(bits)
+                bits = dst.view(TORCH_BITS[t.dtype])
             if need_base:
-                bits ^= base[t.name].reshape(-1).to(TORCH_DTYPES[t.dtype]).view(TORCH_BITS[t.dtype]).to(bits.device)
-            out[t.name] = bits.view(TORCH_DTYPES[t.dtype]).view(t.shape).to(device)
+                bits ^= base[t.name].reshape(-1).to(dtype).view(TORCH_BITS[t.dtype]).to(bits.device)
+            tensors[t.name] = bits.view(dtype).view(t.shape).to(device)
         else:
             codes, scales, mins = split_quantized(buf, t.numel, q[0], q[1])
             b = base[t.name].to(device) if need_base else None
-            out[t.name] = dequantize(codes, scales, mins, quant=q[0], group_size=q[1], numel=t.numel,
-                                     base=b, out_dtype=TORCH_DTYPES[t.dtype]).view(t.shape)
-    return out
+            kw = {"out": dst} if dst is not None else {}
+            tensors[t.name] = dequantize(codes, scales, mins, quant=q[0], group_size=q[1], numel=t.numel,
+                                         base=b, out_dtype=dtype, **kw).view(t.shape)
+    return tensors
+
+
+def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only array without copying it (torch warns about, but allows,
+    non-writable buffers; nothing here writes to a payload)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)

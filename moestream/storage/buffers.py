@@ -24,6 +24,27 @@ class Slab:
     tensor: torch.Tensor
 
 
+class AlignedMap:
+    """`nbytes` (rounded up to 4096) of page-aligned anonymous memory, pinned (cudaHostRegister)
+    when `pin` and CUDA is present, so host-to-device copies from it can be asynchronous."""
+
+    def __init__(self, nbytes: int, *, pin: bool = False):
+        self.nbytes = align_up(max(1, nbytes), ALIGNMENT)
+        self.buffer = mmap.mmap(-1, self.nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._anchor = ctypes.c_char.from_buffer(self.buffer)
+        self.addr = ctypes.addressof(self._anchor)
+        assert self.addr % mmap.PAGESIZE == 0
+        self.pinned = False
+        if pin and torch.cuda.is_available():
+            rc = torch.cuda.cudart().cudaHostRegister(self.addr, self.nbytes, 0)
+            self.pinned = int(rc) == 0
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.addr)
+            self.pinned = False
+
+
 class BufferPool:
     """`count` slabs of `slab_size` bytes (rounded up to 4096) in one aligned arena."""
 
@@ -32,23 +53,20 @@ class BufferPool:
             raise ValueError("a buffer pool needs at least one slab of at least one byte")
         self.slab_size = align_up(slab_size, ALIGNMENT)
         self.count = count
-        self.nbytes = self.slab_size * count
-        self._map = mmap.mmap(-1, self.nbytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        self._anchor = ctypes.c_char.from_buffer(self._map)
-        self.addr = ctypes.addressof(self._anchor)
-        assert self.addr % mmap.PAGESIZE == 0
-        self.pinned = False
-        if pin and torch.cuda.is_available():
-            rc = torch.cuda.cudart().cudaHostRegister(self.addr, self.nbytes, 0)
-            self.pinned = int(rc) == 0
-        whole = memoryview(self._map)
-        arena = torch.frombuffer(self._map, dtype=torch.uint8)
+        self.map = AlignedMap(self.slab_size * count, pin=pin)
+        self.nbytes, self.addr = self.map.nbytes, self.map.addr
+        whole = memoryview(self.map.buffer)
+        arena = torch.frombuffer(self.map.buffer, dtype=torch.uint8)
         self.slabs = [Slab(i, self.addr + i * self.slab_size, self.slab_size,
                            whole[i * self.slab_size:(i + 1) * self.slab_size],
                            arena[i * self.slab_size:(i + 1) * self.slab_size]) for i in range(count)]
         self._free = list(reversed(range(count)))
         self._cv = threading.Condition()
         self.in_use_peak = 0
+
+    @property
+    def pinned(self) -> bool:
+        return self.map.pinned
 
     def acquire(self, timeout: float | None = None) -> Slab:
         """Borrow a slab, waiting for one to be released if all are in use."""
@@ -71,6 +89,4 @@ class BufferPool:
             return len(self._free)
 
     def close(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.addr)
-            self.pinned = False
+        self.map.close()

@@ -1,16 +1,26 @@
 """One cache tier with a byte budget that is never exceeded, and its eviction policies.
 
-Policies: "lru" (least recently used) and "lfu" (least frequently used, with aging: every
-`aging_period` accesses all counts are halved, so experts that were hot long ago can leave).
-A pinned hot set (keys that are never evicted) can be given, e.g. from a routing profile."""
+Policies: "lru" (least recently used), "lfu" (least frequently used, with aging: every
+`aging_period` accesses all counts are halved, so experts that were hot long ago can leave),
+and "next-use" for (layer, expert) keys: evict the expert whose next use is estimated to be
+furthest away. A decode step sweeps the MoE layers in order, so an expert of the layer just
+used is needed no sooner than one sweep later, while one of the next layer may be needed at
+once; LRU evicts exactly those (it gets 0 hits on a cyclic sweep smaller than the cache).
+next-use scores each key, in tokens, as d / L + (1 - q) / q: d = layers until its layer comes
+round again (0 for an expert the current layer asked for and has not been served yet, L for
+one it was served or did not ask for), q = the share
+of its layer's visits that asked for it (aged like lfu). The first term is the layer sweep
+(what SpecMD's least-stale uses), the second Belady's "furthest next use" under a
+per-expert frequency estimate. A pinned hot set (keys that are never evicted) can be given,
+e.g. from a routing profile."""
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import Any, Generic, Hashable, Iterable, Optional, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterable, Optional, Sequence, TypeVar
 
 K = TypeVar("K", bound=Hashable)
-POLICIES = ("lru", "lfu")
+POLICIES = ("lru", "lfu", "next-use")
 
 
 class TierCache(Generic[K]):
@@ -18,7 +28,7 @@ class TierCache(Generic[K]):
     the whole budget is not cached. `used` never exceeds `budget`."""
 
     def __init__(self, name: str, budget: int, policy: str = "lru", *, pinned: Iterable[K] = (),
-                 aging_period: int = 1024):
+                 aging_period: int = 1024, sweep: Sequence[int] = ()):
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: choose one of {', '.join(POLICIES)}")
         if budget < 0:
@@ -29,6 +39,15 @@ class TierCache(Generic[K]):
         self._items: "OrderedDict[K, tuple[Any, int]]" = OrderedDict()
         self._counts: dict[K, float] = {}
         self._accesses = 0
+        # next-use: the layer order of a decode step, where the sweep is, and per-layer visits
+        self._sweep_pos = {layer: i for i, layer in enumerate(sweep)}
+        self._current = 0
+        self._visits: dict[int, float] = {}
+        self._requests: dict[K, float] = {}
+        self._visit_count = 0
+        self._wanted: set = set()   # asked for at the current layer and not served yet: needed now
+        if policy == "next-use" and not self._sweep_pos:
+            raise ValueError("the next-use policy needs the layer order (sweep=)")
         self._lock = threading.Lock()
         self.used = 0
         self.peak = 0
@@ -54,6 +73,7 @@ class TierCache(Generic[K]):
             return item[0]
 
     def _touch(self, key: K) -> None:
+        self._wanted.discard(key)
         self._items.move_to_end(key)
         self._counts[key] = self._counts.get(key, 0.0) + 1.0
         self._accesses += 1
@@ -61,16 +81,59 @@ class TierCache(Generic[K]):
             for k in self._counts:
                 self._counts[k] /= 2.0
 
-    def _victim(self) -> Optional[K]:
-        candidates = (k for k in self._items if k not in self.pinned)
+    def visit(self, layer: int, keys: Optional[Iterable[K]] = None) -> None:
+        """A decode step is at `layer`; with `keys`, its router asked for them (one visit of
+        the layer, counted for next-use's frequencies). A no-op for the other policies."""
+        if not self._sweep_pos:
+            return
+        with self._lock:
+            self._current = self._sweep_pos.get(layer, self._current)
+            if keys is None:
+                return
+            keys = list(keys)
+            self._wanted = set(keys)
+            self._visits[layer] = self._visits.get(layer, 0.0) + 1.0
+            for k in keys:
+                self._requests[k] = self._requests.get(k, 0.0) + 1.0
+            self._visit_count += 1
+            if self._visit_count % self.aging_period == 0:
+                for d in (self._visits, self._requests):
+                    for k in d:
+                        d[k] /= 2.0
+
+    def next_use(self, key: K) -> float:
+        """Estimated tokens until `key` is asked for again (next-use policy)."""
+        if key in self._wanted:
+            return 0.0
+        layer = key[0]
+        n = len(self._sweep_pos)
+        d = (self._sweep_pos.get(layer, 0) - self._current) % n or n
+        q = min(1.0, (self._requests.get(key, 0.0) + 0.5) / (self._visits.get(layer, 0.0) + 1.0))
+        return d / n + (1.0 - q) / q
+
+    def victim(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
+        """The key the policy would evict next (never a pinned one, nor one `exclude` names)."""
+        with self._lock:
+            return self._victim(exclude)
+
+    def _victim(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
+        candidates = (k for k in self._items if k not in self.pinned and not (exclude and exclude(k)))
         if self.policy == "lru":
             return next(candidates, None)
-        best, best_count = None, None
-        for k in candidates:  # O(n); n is the number of cached experts (hundreds to thousands)
-            c = self._counts.get(k, 0.0)
-            if best_count is None or c < best_count:
-                best, best_count = k, c
-        return best
+        # O(n); n is the number of cached experts (hundreds to thousands)
+        if self.policy == "next-use":
+            return max(candidates, key=self.next_use, default=None)
+        return min(candidates, key=lambda k: self._counts.get(k, 0.0), default=None)
+
+    def pop(self, key: K) -> Optional[Any]:
+        """Remove `key` as an eviction (counted); returns its value or None."""
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                return None
+            self.used -= item[1]
+            self.evictions += 1
+            return item[0]
 
     def put(self, key: K, value: Any, nbytes: int) -> list[K]:
         """Insert (or refresh) `key`; returns the evicted keys. Not cached when it cannot fit."""
@@ -89,6 +152,7 @@ class TierCache(Generic[K]):
                 self.used -= size
                 self.evictions += 1
                 evicted.append(victim)
+            self._wanted.discard(key)
             self._items[key] = (value, nbytes)
             self._counts[key] = self._counts.get(key, 0.0) + 1.0
             self.used += nbytes

@@ -1,15 +1,23 @@
 """The Store: experts on demand from a tiered cache (L1 device, L2 host, L3 file).
 
 Data path of a miss: a dispatcher thread takes the next load (demand reads before prefetches;
-prefetch bytes in flight bounded), borrows an aligned slab from the BufferPool and splits the
-extent into `chunk_size` reads for the backend. When the last chunk lands, a decode worker
-copies the stored bytes out of the slab (they become the L2 entry), gives the slab back,
-checks the checksum, undoes zstd/shuffle/delta, dequantizes on the target device and puts
-the tensors in L1. Reading of one expert thus overlaps the decoding of the previous ones.
+prefetch bytes in flight bounded) and, on a CPU device, reserves its L1 slot first (evicting by
+policy a slot no caller still holds). A lossless extent with no codec stage is read straight
+into that slot (O_DIRECT into the final tensor's memory) and only checksummed: no copy at all.
+Any other extent is read into an aligned slab of the BufferPool, checksummed there, and decoded
+from the slab into the slot (zstd/shuffle undone, int codes dequantized in one pass). A CUDA
+store decodes into new device tensors instead (the caching allocator recycles them). Reading of
+one expert thus overlaps the decoding of the previous ones, and nothing is allocated per miss.
 
-L2 holds *stored* bytes (compressed, quantized), not decoded tensors: per byte of budget it
-holds ratio-times more experts, and on a CPU device decoded L2 entries would duplicate L1
-(measured by bench/l2_tier.py; figures and caveats in docs/STORAGE.md)."""
+L2 holds *stored* bytes (compressed, quantized) in a preallocated host arena, for extents whose
+stored form is smaller than their decoded one, or on a CUDA device where host RAM is not the
+device memory. On a CPU device a lossless extent's stored bytes are its decoded bytes: an L2
+copy would only duplicate L1 (measured: 0 L2 hits, 6-14 % slower; docs/STORAGE.md), so
+those skip L2 there.
+
+Ownership: tensors handed out are views of the L1 slot on a CPU device (see arena.py: the slot
+cannot be reused while any of them lives), or caller-owned tensors on CUDA. Either way each
+result is a fresh dict and what a caller holds never changes under it."""
 from __future__ import annotations
 
 import os
@@ -26,11 +34,12 @@ import psutil
 import torch
 
 from ..errors import BudgetError, MoestreamError
-from ..formats.codecs import Dequantizer, dequantize_torch
-from ..formats.constants import ALIGNMENT
+from ..formats.codecs import Dequantizer, checksum, dequantize_torch, materialize, unpack_payload
+from ..formats.constants import ALIGNMENT, align_up
 from ..formats.index import Region
 from ..formats.reader import StoreReader
 from ..units import format_size, parse_size
+from .arena import ExpertArena, slot_tensor
 from .backends import ReadRequest, choose_backend, open_direct
 from .buffers import BufferPool
 from .cache import TierCache
@@ -40,7 +49,7 @@ Key = tuple[int, int]
 Experts = dict[str, torch.Tensor]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Load:
     key: Key
     region: Region
@@ -50,7 +59,14 @@ class _Load:
     started: float = 0.0
     chunks_left: int = 0
     error: Optional[BaseException] = None
+    slot: Optional[int] = None          # its L1 slot (CPU arena); None: decode into new tensors
+    l2_slot: Optional[int] = None       # an L2 hit: the host-arena slot holding its stored bytes
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _is_plain(region: Region) -> bool:
+    """Stored bytes are the decoded tensors' bytes: no quantization, delta, shuffle or zstd."""
+    return not region.chain
 
 
 def _tensor_bytes(tensors: Experts) -> int:
@@ -59,22 +75,31 @@ def _tensor_bytes(tensors: Experts) -> int:
 
 class Store:
     """Experts of one store, served as torch tensors on `device`. Thread-safe; use as a context
-    manager. Tensors handed out are owned by the caller and stay valid after eviction.
+    manager.
+
+    Ownership: every result is a new dict. On a CPU device its tensors are views of the cache
+    slot that holds the expert (no copy): the slot is not reused while any of them (or a view
+    of them) is alive, so they stay valid after eviction; they are shared with later hits of
+    the same expert, so treat them as read-only. On CUDA they are new tensors owned by the caller.
 
     device_budget: bytes of decoded experts kept on `device` (L1). Default: a quarter of free
-    device memory (CUDA) or of available RAM (CPU).
+    device memory (CUDA) or of available RAM (CPU). On a CPU device it is preallocated as
+    slots of one expert each (the largest decoded extent, 4096-aligned).
     host_budget: bytes of stored extents kept in host RAM (L2); 0 disables L2. Default: a
-    quarter of available RAM.
-    policy: "lru" or "lfu" (with aging). io: "auto", "uring", "posix" or "kvikio".
+    quarter of available RAM (CUDA) or 0 (CPU, where L1 is host RAM already).
+    policy: "next-use" (default; evicts the expert needed furthest ahead, from the layer sweep and
+    per-expert frequencies: storage/cache.py), "lru" or "lfu" (with aging).
+    io: "auto", "uring", "posix" or "kvikio".
     verify: check each extent's xxh3-64 before decoding it.
     queue_depth: reads in flight in the backend; chunk_size: bytes per read request.
-    prefetch_budget: bytes of prefetch reads in flight (default: 4 extents).
+    prefetch_budget: bytes of prefetch reads in flight, and of prefetched experts not yet used
+    that L1 may hold (default: 4 extents).
     pinned_experts: (layer, expert) keys never evicted from L1 (a hot set from a routing profile).
     dequantize: dequantizer for int extents (compute/ passes Numba kernels; default plain torch)."""
 
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                  device_budget: int | str | None = None, host_budget: int | str | None = None,
-                 policy: str = "lru", io: str = "auto", verify: bool = True, queue_depth: int = 32,
+                 policy: str = "next-use", io: str = "auto", verify: bool = True, queue_depth: int = 32,
                  chunk_size: int | str = 1 << 20, decode_threads: Optional[int] = None,
                  prefetch_budget: int | str | None = None, io_buffers: Optional[int] = None,
                  pinned_experts: Iterable[Key] = (), dequantize: Dequantizer = dequantize_torch):
@@ -89,10 +114,15 @@ class Store:
         self.chunk_size = chunk
         self.reader = StoreReader(path, verify=verify)
         self._closed = False
+        self.arena: Optional[ExpertArena] = None
+        self.l2_arena: Optional[ExpertArena] = None
         try:
             self._setup(device_budget, host_budget, policy, io, queue_depth, decode_threads, prefetch_budget,
                         io_buffers, pinned_experts, dequantize)
         except BaseException:
+            for a in (self.arena, self.l2_arena):
+                if a is not None:
+                    a.close()
             self.reader.close()
             raise
 
@@ -103,28 +133,46 @@ class Store:
         self._dequantize = dequantize
         self.max_decoded = max(r.decoded_length for r in idx.extents.values())
         self.max_padded = max(r.padded_length for r in idx.extents.values())
+        cuda = self.device.type == "cuda"
         avail = psutil.virtual_memory().available
         if device_budget is None:
-            device_budget = (torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else avail) // 4
+            device_budget = (torch.cuda.mem_get_info(self.device)[0] if cuda else avail) // 4
         if host_budget is None:
-            host_budget = avail // 4
+            host_budget = avail // 4 if cuda else 0
         device_budget = parse_size(device_budget, "device_budget")
         host_budget = parse_size(host_budget, "host_budget")
-        if device_budget < self.max_decoded:
+        # a CPU slot holds a decoded expert, or a plain extent's padded stored bytes read into it
+        # with O_DIRECT (then every slot must start 4096-aligned); 64-byte aligned otherwise
+        plain = [r.padded_length for r in idx.extents.values() if _is_plain(r)]
+        self.slot_size = align_up(max([self.max_decoded] + plain), ALIGNMENT if plain else 64)
+        need = self.max_decoded if cuda else self.slot_size
+        if device_budget < need:
+            what = "decoded" if need == self.max_decoded else f"decoded, in its {ALIGNMENT}-aligned slot"
             raise BudgetError(f"device_budget {format_size(device_budget)} is smaller than one expert "
-                              f"({format_size(self.max_decoded)} decoded); give at least that")
-        max_stored = max(r.length for r in idx.extents.values())
-        if 0 < host_budget < max_stored:
+                              f"({format_size(need)} {what}); give at least that")
+        if 0 < host_budget < self.max_padded:
             raise BudgetError(f"host_budget {format_size(host_budget)} is smaller than one stored expert "
-                              f"({format_size(max_stored)}); give at least that, or 0 to disable the host tier")
+                              f"({format_size(self.max_padded)}); give at least that, or 0 to disable the host tier")
         pinned = set(pinned_experts)
-        self.l1: TierCache[Key] = TierCache("device", device_budget, policy, pinned=pinned)
-        self.l2: TierCache[Key] = TierCache("host", host_budget, policy)
+        sweep = list(idx.moe_layers)
+        if cuda:
+            l1_budget = device_budget
+        else:
+            self.arena = ExpertArena(self.slot_size, device_budget // self.slot_size)
+            l1_budget = self.arena.nbytes
+            self._free_slots = list(reversed(range(self.arena.count)))
+        self.l1: TierCache[Key] = TierCache("device", l1_budget, policy, pinned=pinned, sweep=sweep)
+        l2_slots = host_budget // self.max_padded
+        if l2_slots:
+            self.l2_arena = ExpertArena(self.max_padded, l2_slots, pin=cuda)
+            self._free_l2 = list(reversed(range(l2_slots)))
+        self.l2: TierCache[Key] = TierCache("host", l2_slots * self.max_padded, policy, sweep=sweep)
         threads = decode_threads or max(2, min(8, os.cpu_count() or 2))
-        self.pool = BufferPool(self.max_padded, io_buffers or threads + 2, pin=self.device.type == "cuda")
-        self.stats_ = StoreStats(l1_budget=device_budget, l2_budget=host_budget, io_buffer_bytes=self.pool.nbytes)
+        self.pool = BufferPool(self.max_padded, io_buffers or threads + 2, pin=cuda)
+        self.stats_ = StoreStats(l1_budget=l1_budget, l2_budget=self.l2.budget, io_buffer_bytes=self.pool.nbytes)
+        registered = [(self.pool.addr, self.pool.nbytes)] + ([(self.arena.addr, self.arena.nbytes)] if self.arena else [])
         self.backend, reason = choose_backend(io, device=str(self.device), queue_depth=queue_depth,
-                                              registered=[(self.pool.addr, self.pool.nbytes)])
+                                              registered=registered)
         self.stats_.backend = self.backend.name
         self.stats_.backend_reason = reason
         self._fds: list[int] = []
@@ -145,6 +193,7 @@ class Store:
         self._pending: dict[Key, _Load] = {}
         self._prefetched_unused: set[Key] = set()
         self._prefetch_inflight = 0
+        self._routed: tuple[int, frozenset] = (-1, frozenset())   # the layer routed last, its experts
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="moestream-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -163,10 +212,12 @@ class Store:
 
     def fetch(self, layer: int, experts: Iterable[int]) -> list["Future[Experts]"]:
         """Start loading experts of `layer`; returns one future per expert, in the order asked.
-        Never blocks on I/O. A future's result is {tensor name: tensor on device}."""
+        Never blocks on I/O. A future's result is {tensor name: tensor on device} (see the class
+        docstring for ownership)."""
         out = []
         with self._cv:
             self._check_open()
+            self.l1.visit(layer)
             for e in experts:
                 key = (layer, int(e))
                 region = self.reader.extent(*key)
@@ -174,6 +225,23 @@ class Store:
                 out.append(self._fetch_locked(key, region))
             self._cv.notify_all()
         return out
+
+    def note_routing(self, layer: int, experts: Iterable[int]) -> int:
+        """The router of `layer` chose `experts` for this decode step. Feeds the next-use policy's
+        per-expert frequencies and cancels queued prefetches of `layer` that guessed other
+        experts. Returns how many prefetches were cancelled."""
+        chosen = frozenset(int(e) for e in experts)
+        with self._cv:
+            self.l1.visit(layer, [(layer, e) for e in chosen])
+            self.l2.visit(layer, [(layer, e) for e in chosen])
+            self._routed = (layer, chosen)
+            wrong = [ld for ld in self._prefetch if ld.key[0] == layer and ld.key[1] not in chosen]
+            for ld in wrong:
+                self._prefetch.remove(ld)
+                self._pending.pop(ld.key, None)
+                ld.future.set_exception(MoestreamError("prefetch cancelled: the router chose otherwise"))
+        self.stats_.add(prefetch_cancelled=len(wrong))
+        return len(wrong)
 
     def get(self, layer: int, expert: int) -> Experts:
         """Blocking fetch of one expert."""
@@ -203,11 +271,15 @@ class Store:
     @property
     def expert_slots(self) -> int:
         """How many of the largest decoded experts fit in the device budget (at least 1)."""
+        if self.arena is not None:
+            return self.arena.count
         return max(1, self.l1.budget // self.max_decoded)
 
     def prefetch(self, layer: int, experts: Iterable[int]) -> int:
         """Queue experts to be loaded ahead of need, behind demand reads and within
-        prefetch_budget bytes in flight. Returns how many were queued (0 for cached ones)."""
+        prefetch_budget bytes in flight. A prefetch never evicts an expert of its own layer
+        (the one about to be computed) and is dropped when no other slot can be had. Returns
+        how many were queued (0 for cached ones)."""
         n = 0
         with self._cv:
             self._check_open()
@@ -219,11 +291,7 @@ class Store:
                 load = _Load(key, region, Future(), prefetch=True)
                 load.future.set_running_or_notify_cancel()
                 self._pending[key] = load
-                stored = self.l2.get(key)
-                if stored is not None:
-                    self._decoders.submit(self._decode, load, stored, from_l2=True)
-                else:
-                    self._prefetch.append(load)
+                self._prefetch.append(load)
                 n += 1
             self.stats_.add(prefetch_issued=n)
             self._cv.notify_all()
@@ -267,6 +335,9 @@ class Store:
         for fd in self._fds:
             os.close(fd)
         self.pool.close()
+        for a in (self.arena, self.l2_arena):
+            if a is not None:
+                a.close()
         self.reader.close()
 
     def __enter__(self) -> "Store":
@@ -275,10 +346,16 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # ---- internals ---------------------------------------------------------------------------
+    # ---- internals: lookup -------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise MoestreamError("store is closed")
+
+    def _hand_out(self, key: Key, value) -> Experts:
+        """A result for an L1 entry: slot views (CPU) or the cached tensors in a new dict (CUDA)."""
+        if self.arena is not None:
+            return self.arena.hand_out(value, self.index.extents[key])
+        return dict(value)
 
     def _fetch_locked(self, key: Key, region: Region) -> "Future[Experts]":
         cached = self.l1.get(key)
@@ -286,7 +363,7 @@ class Store:
             self.stats_.add(hits_l1=1)
             self._note_prefetch_use(key)
             f: Future = Future()
-            f.set_result(cached)
+            f.set_result(self._hand_out(key, cached))
             return f
         load = self._pending.get(key)
         if load is not None:
@@ -301,13 +378,11 @@ class Store:
         load = _Load(key, region, Future(), prefetch=False)
         load.future.set_running_or_notify_cancel()
         self._pending[key] = load
-        stored = self.l2.get(key)
-        if stored is not None:
+        if key in self.l2:
             self.stats_.add(hits_l2=1)
-            self._decoders.submit(self._decode, load, stored, from_l2=True)
         else:
             self.stats_.add(misses=1)
-            self._demand.append(load)
+        self._demand.append(load)
         return load.future
 
     def _note_prefetch_use(self, key: Key) -> None:
@@ -315,6 +390,45 @@ class Store:
             self._prefetched_unused.discard(key)
             self.stats_.add(prefetch_used=1)
 
+    # ---- internals: slots --------------------------------------------------------------------
+    def _reserve_slot(self, load: _Load) -> bool:
+        """Give `load` an L1 slot (CPU arena), evicting by policy. Called with self._cv held.
+        False when every slot is held by callers (or, for a prefetch, by experts that must
+        stay): a demand load is then decoded into new tensors and not cached."""
+        if self._free_slots:
+            load.slot = self._free_slots.pop()
+            return True
+        layer = load.key[0]
+        routed_layer, routed = self._routed
+
+        def keep(k: Key) -> bool:
+            if self.arena.pinned(self.l1._items[k][0]):
+                return True   # a caller still holds its tensors
+            if load.prefetch:  # never evict what the layer about to run, or the running one, needs
+                return k[0] == layer or (k[0] == routed_layer and k[1] in routed)
+            return False
+
+        victim = self.l1.victim(exclude=keep)
+        if victim is None:
+            return False
+        slot = self.l1.pop(victim)
+        self._evicted(victim)
+        load.slot = slot
+        return True
+
+    def _evicted(self, key: Key) -> None:
+        if key in self._prefetched_unused:
+            self._prefetched_unused.discard(key)
+            self.stats_.add(prefetch_wasted_bytes=self.index.extents[key].padded_length)
+
+    def _reserve_l2(self, key: Key) -> Optional[int]:
+        """An L2 slot for `key`'s stored bytes (evicting by policy), or None. With self._cv held."""
+        if self._free_l2:
+            return self._free_l2.pop()
+        victim = self.l2.victim(exclude=lambda k: self.l2_arena.pinned(self.l2._items[k][0]))
+        return self.l2.pop(victim) if victim is not None else None
+
+    # ---- internals: reads --------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
         while True:
             with self._cv:
@@ -323,14 +437,33 @@ class Store:
                     load = self._demand.popleft()
                 elif self._prefetch and not self._closed:
                     load = self._prefetch.popleft()
-                    self._prefetch_inflight += load.region.padded_length
-                    load.counted_prefetch = True
                 elif self._closed:
                     return
                 else:
                     continue
-            slab = self.pool.acquire()
-            self._issue(load, slab)
+                if self.arena is not None and not self._reserve_slot(load):
+                    if load.prefetch:
+                        self._pending.pop(load.key, None)
+                        self.stats_.add(prefetch_skipped=1)
+                        load.future.set_exception(MoestreamError("prefetch skipped: no slot it may take"))
+                        continue
+                    self.stats_.add(uncached_decodes=1)
+                if load.prefetch:
+                    self._prefetch_inflight += load.region.padded_length
+                    load.counted_prefetch = True
+                l2_slot = self.l2.get(load.key) if self.l2.budget else None
+                if l2_slot is not None:
+                    self.l2_arena.pin(l2_slot)
+                    load.l2_slot = l2_slot
+            if load.l2_slot is not None:
+                self._submit_decode(load, None)
+            elif load.slot is not None and _is_plain(load.region):
+                self._issue(load, None)   # straight into the L1 slot
+            else:
+                self._issue(load, self.pool.acquire())
+            # the load's future will hold its result, which pins its slot: keep no reference
+            # here while waiting for the next one
+            del load
 
     def _prefetch_allowed(self) -> bool:
         # one prefetch may always run when none does, even if a single extent exceeds the budget
@@ -340,27 +473,32 @@ class Store:
         return self._prefetch_inflight == 0 or self._prefetch_inflight + size <= self.prefetch_budget
 
     def _issue(self, load: _Load, slab) -> None:
+        """Read the padded extent into `slab`, or into the load's L1 slot when slab is None."""
         r = load.region
         fd, path = self._fds[r.file], str(self.reader.files[r.file])
         offsets = list(range(0, r.padded_length, self.chunk_size))
         load.chunks_left = len(offsets)
         load.started = time.perf_counter()
         self.stats_.add(reads=1)
+        if slab is not None:
+            base_addr, view, buf_index = slab.addr, slab.view, 0
+        else:
+            base_addr, view, buf_index = self.arena.slot_addr(load.slot), self.arena.slot_view(load.slot), 1
         kv = self.backend.name == "kvikio"
         for off in offsets:
             n = min(self.chunk_size, r.padded_length - off)
             need = min(n, max(0, r.length - off))
-            dest = slab.tensor[off:off + n].numpy() if kv else slab.view[off:off + n]
-            req = ReadRequest(fd, path, r.offset + off, n, dest, addr=slab.addr + off, need=need,
-                              buf_index=0 if getattr(self.backend, "registered", False) else None)
+            dest = slab.tensor[off:off + n].numpy() if kv and slab is not None else view[off:off + n]
+            req = ReadRequest(fd, path, r.offset + off, n, dest, addr=base_addr + off, need=need,
+                              buf_index=buf_index if getattr(self.backend, "registered", False) else None)
             try:
                 fut = self.backend.submit(req)
             except BaseException as e:  # backend closed or broken
                 fut = Future()
                 fut.set_exception(e)
-            fut.add_done_callback(lambda f, load=load, slab=slab, n=n: self._chunk_done(load, slab, f, n))
+            fut.add_done_callback(lambda f, load=load, slab=slab: self._chunk_done(load, slab, f))
 
-    def _chunk_done(self, load: _Load, slab, fut: Future, n: int) -> None:
+    def _chunk_done(self, load: _Load, slab, fut: Future) -> None:
         with load.lock:
             exc = fut.exception()
             if exc is not None and load.error is None:
@@ -371,61 +509,121 @@ class Store:
             last = load.chunks_left == 0
         if not last:
             return
-        self.stats_.add(read_seconds=time.perf_counter() - load.started)
+        self.stats_.add(read_seconds=time.perf_counter() - load.started, stored_bytes_read=load.region.length)
         if load.error is not None:
-            self.pool.release(slab)
+            if slab is not None:
+                self.pool.release(slab)
             self._finish(load, error=load.error)
             return
+        self._submit_decode(load, slab)
+
+    def _submit_decode(self, load: _Load, slab) -> None:
         try:
             self._decoders.submit(self._decode, load, slab)
         except RuntimeError as e:  # decoders shut down
-            self.pool.release(slab)
+            if slab is not None:
+                self.pool.release(slab)
+            if load.l2_slot is not None:
+                self.l2_arena.unpin(load.l2_slot)
             self._finish(load, error=e)
 
-    def _decode(self, load: _Load, source, from_l2: bool = False) -> None:
+    # ---- internals: decode -------------------------------------------------------------------
+    def _decode(self, load: _Load, slab) -> None:
+        """Checksum and decode the stored bytes (in the L1 slot, a slab, or an L2 slot) into the
+        load's L1 slot, or into new tensors when it has none."""
         t0 = time.perf_counter()
         r = load.region
-        if from_l2:
-            stored = source
-        else:  # the copy out of the slab is the L2 entry; the slab goes back at once
-            try:
-                stored = bytes(source.view[:r.length])
-            finally:
-                self.pool.release(source)
-            self.stats_.add(stored_bytes_read=r.length)
+        if load.l2_slot is not None:
+            stored = self.l2_arena.slot_view(load.l2_slot)[:r.length]
+        elif slab is not None:
+            stored = slab.view[:r.length]
+        else:
+            stored = self.arena.slot_view(load.slot)[:r.length]
         try:
-            if self.reader.verify:
-                self.reader.check(r, stored, load.key)
-            tensors = self.reader.decode(r, stored, load.key, device=self.device, dequantize=self._dequantize)
-            if self.device.type == "cuda":
-                torch.cuda.current_stream(self.device).synchronize()
+            if self.reader.verify and load.l2_slot is None:  # L2 bytes were checked when read
+                got = checksum(stored)
+                if got != r.checksum:
+                    self.reader.check(r, stored, load.key)   # raises ChecksumError naming the place
+            t1 = time.perf_counter()
+            tensors = None
+            if slab is not None or load.l2_slot is not None:
+                payload = unpack_payload(r, stored, path=str(self.reader.files[r.file]), extent=load.key)
+                base = self.reader.base(load.key[0]) if load.key[0] in self.index.bases else None
+                out = slot_tensor(self.arena, load.slot) if load.slot is not None else None
+                tensors = materialize(r, payload, base, dequantize=self._dequantize, device=self.device, out=out)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                if slab is not None and self._keeps_in_l2(r):
+                    self._put_l2(load.key, stored)
         except BaseException as e:
+            self._release_sources(load, slab)
+            if load.slot is not None:
+                with self._cv:
+                    self._free_slots.append(load.slot)
             self._finish(load, error=e)
             return
-        nbytes = _tensor_bytes(tensors)
-        self.stats_.add(bytes_decoded=nbytes, decode_seconds=time.perf_counter() - t0)
-        if not from_l2 and self.l2.budget:
-            self.l2.put(load.key, stored, len(stored))
-        self.l1.put(load.key, tensors, nbytes)
-        self._finish(load, result=tensors)
+        self._release_sources(load, slab)
+        self.stats_.add(bytes_decoded=r.decoded_length, checksum_seconds=t1 - t0,
+                        decode_seconds=time.perf_counter() - t1)
+        self._finish(load, tensors=tensors)
 
-    def _finish(self, load: _Load, result: Optional[Experts] = None, error: Optional[BaseException] = None) -> None:
+    def _release_sources(self, load: _Load, slab) -> None:
+        if slab is not None:
+            self.pool.release(slab)
+        if load.l2_slot is not None:
+            self.l2_arena.unpin(load.l2_slot)
+            load.l2_slot = None
+
+    def _keeps_in_l2(self, r: Region) -> bool:
+        # on a CPU device a plain extent's stored bytes are its L1 bytes: a copy adds nothing
+        return bool(self.l2.budget) and not (self.arena is not None and _is_plain(r))
+
+    def _put_l2(self, key: Key, stored) -> None:
+        with self._cv:
+            if key in self.l2:
+                return
+            slot = self._reserve_l2(key)
+            if slot is None:
+                return
+            self.l2_arena.pin(slot)
+        try:
+            self.l2_arena.slot_view(slot)[:len(stored)] = stored
+        finally:
+            self.l2_arena.unpin(slot)
+        with self._cv:
+            self.l2.put(key, slot, self.l2_arena.slot_size)
+
+    def _finish(self, load: _Load, tensors: Optional[Experts] = None, error: Optional[BaseException] = None) -> None:
         with self._cv:
             if self._pending.get(load.key) is load:
                 del self._pending[load.key]
             if load.counted_prefetch:
                 self._prefetch_inflight -= load.region.padded_length
-            if load.prefetch and error is None:
-                self._prefetched_unused.add(load.key)
+            result = None
+            if error is None:
+                if load.slot is not None:
+                    self.l1.put(load.key, load.slot, self.arena.slot_size)
+                    result = self.arena.hand_out(load.slot, load.region)
+                else:
+                    if self.arena is None:  # CUDA: cache the new tensors
+                        for k in self.l1.put(load.key, tensors, _tensor_bytes(tensors)):
+                            self._evicted(k)
+                    result = dict(tensors)
+                if load.prefetch:
+                    self._prefetched_unused.add(load.key)
             self._cv.notify_all()
+        # the result pins its slot: once the future has it, this thread keeps no reference (a
+        # caller that drops the result right away must find the slot free again)
+        fut, load.future = load.future, None
         if error is not None:
-            load.future.set_exception(error)
+            fut.set_exception(error)
         else:
-            load.future.set_result(result)
+            fut.set_result(result)
+            del result
 
 
 def open(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
-         host_budget: int | str | None = None, policy: str = "lru", io: str = "auto", verify: bool = True,
+         host_budget: int | str | None = None, policy: str = "next-use", io: str = "auto", verify: bool = True,
          **options) -> Store:
     """Open a store for streaming experts (see `Store` for every option)."""
     return Store(path, device=device, device_budget=device_budget, host_budget=host_budget, policy=policy, io=io,

@@ -248,3 +248,93 @@ def test_lfu_keeps_the_hot_expert(stores):
         for e in range(1, 6):
             s.get(0, e)
         assert (0, 0) not in s.l1
+
+
+# ---- the zero-copy hot path: slots, ownership, the next-use policy, routing notes --------------
+
+@pytest.fixture(scope="module")
+def plain_store(checkpoints, tmp_path_factory):
+    """Lossless, no zstd, no delta: every extent is plain (stored bytes == decoded bytes)."""
+    return moestream.convert(checkpoints["mixtral"], tmp_path_factory.mktemp("plain") / "s", zstd_level=None,
+                             delta=False, progress=False)
+
+
+@pytest.mark.parametrize("io", IOS)
+def test_plain_extents_are_read_straight_into_their_slot(plain_store, io):
+    ref = expected(plain_store)
+    with open_store(plain_store, io=io, device_budget=4 * 36864, host_budget=0) as s:
+        for (l, e), want in ref.items():
+            assert same(s.get(l, e), want)
+        assert s.pool.in_use_peak == 0          # no slab: the reads landed in the L1 slots
+        st = s.stats()
+        assert st["misses"] == len(ref) and st["bytes_read"] == sum(
+            s.index.extents[k].padded_length for k in ref) and st["uncached_decodes"] == 0
+
+
+@pytest.mark.parametrize("store_kind", ["plain", "int4"])
+def test_results_held_by_a_caller_survive_eviction(plain_store, stores, store_kind):
+    path = plain_store if store_kind == "plain" else stores["int4"]
+    ref = expected(path)
+    with open_store(path, io="posix", device_budget=2 * 36864, host_budget=0) as s:
+        held = s.get(0, 0)                     # its slot stays pinned while `held` lives
+        w1 = held[next(iter(held))].t()        # a derived view counts too
+        del held
+        for e in range(1, 8):
+            assert same(s.get(1, e), ref[(1, e)])
+        assert torch.equal(w1.t(), ref[(0, 0)][next(iter(ref[(0, 0)]))])
+        assert (0, 0) in s.l1 and s.stats()["uncached_decodes"] == 0
+        del w1                                  # released: its slot can be reused now
+        for e in range(1, 8):
+            s.get(0, e)
+        assert (0, 0) not in s.l1
+
+
+def test_every_slot_held_falls_back_to_an_uncached_decode(plain_store):
+    ref = expected(plain_store)
+    with open_store(plain_store, io="posix", device_budget=2 * 36864, host_budget=0) as s:
+        a, b = s.get(0, 0), s.get(0, 1)        # both slots held by the caller
+        c = s.get(0, 2)
+        assert same(c, ref[(0, 2)]) and same(a, ref[(0, 0)]) and same(b, ref[(0, 1)])
+        assert s.stats()["uncached_decodes"] == 1 and (0, 2) not in s.l1
+        assert s.l1.used <= s.l1.budget
+
+
+def test_each_result_is_a_fresh_dict(stores):
+    with open_store(stores["int4"], io="posix", device_budget="1MiB", host_budget=0) as s:
+        first = s.get(0, 0)
+        name = next(iter(first))
+        first.pop(name)
+        assert name in s.get(0, 0)             # the cache's entry did not lose the tensor
+
+
+def test_next_use_beats_lru_on_the_layer_sweep(plain_store):
+    """The decode sweep of `make demo` (a greedy run of a random model repeats its routing):
+    6 experts per sweep, 5 slots. LRU evicts each expert just before the sweep comes back to
+    it and never hits; next-use keeps all but one."""
+    hits = {}
+    for policy in ("lru", "next-use"):
+        with open_store(plain_store, io="posix", device_budget=5 * 36864, host_budget=0, policy=policy) as s:
+            for _ in range(20):
+                for layer in s.layers:
+                    s.note_routing(layer, [0, 1, 2])
+                    for e in (0, 1, 2):
+                        s.get(layer, e)          # computed and dropped, as the forward does
+            hits[policy] = s.stats()["hits_l1"]
+    assert hits["lru"] == 0 and hits["next-use"] >= 19 * 4, hits
+
+
+def test_note_routing_cancels_wrong_guesses_and_prefetch_spares_its_layer(plain_store):
+    with open_store(plain_store, io="posix", device_budget=4 * 36864, host_budget=0,
+                    prefetch_budget=36864) as s:
+        for e in (0, 1, 2, 3):
+            s.get(1, e)                          # the cache is full of layer 1
+        s.note_routing(0, [0])
+        s.get(0, 0)                              # evicts one of layer 1 (a demand read may)
+        before = {k for k in s.l1.keys() if k[0] == 1}
+        queued = s.prefetch(1, [4, 5, 6, 7])     # guesses for layer 1: may not evict layer 1's experts
+        cancelled = s.note_routing(1, [4])       # the router chose 4: queued 5, 6, 7 are dropped
+        time.sleep(0.3)
+        st = s.stats()
+        assert queued == 4 and cancelled + st["prefetch_skipped"] >= 2
+        assert st["prefetch_cancelled"] == cancelled
+        assert len(before) == 3 and before <= set(s.l1.keys())  # no layer-1 expert was evicted by a guess

@@ -5,6 +5,7 @@ H hidden, A active experts per token, E experts, D head dim."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -215,7 +216,15 @@ class StreamingMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)                                         # [N, A], [N, A]
-        waiting = experts.unique().tolist()
+        # which tokens go to which expert, worked out on the host once per layer (a per-expert
+        # nonzero/tolist would force a device sync per expert)
+        routed: dict[int, tuple[list[int], list[int]]] = {}
+        for i, e in enumerate(experts.reshape(-1).tolist()):
+            rows, slots = routed.setdefault(e, ([], []))
+            rows.append(i // self.cfg.top_k)
+            slots.append(i % self.cfg.top_k)
+        waiting = sorted(routed)
+        self.store.note_routing(self.layer, waiting)
         # at most as many experts in hand as the device budget holds: a prefill that routes to
         # every expert of the layer still stays within the budget
         window = self.store.expert_slots
@@ -223,19 +232,31 @@ class StreamingMoE(nn.Module):
         gate_name, up_name, down_name = self.cfg.expert_names
         out = torch.zeros_like(x)                                                # [N, H]
         while waiting or inflight:
-            while waiting and len(inflight) < window:
-                e = waiting.pop(0)
-                inflight[self.store.fetch(self.layer, [e])[0]] = e
+            if waiting and len(inflight) < window:
+                take, waiting = waiting[:window - len(inflight)], waiting[window - len(inflight):]
+                inflight.update(zip(self.store.fetch(self.layer, take), take))
             fut = self.store.wait_first(inflight)                                # arrival order
             e = inflight.pop(fut)
             w = fut.result()
-            rows, slot = (experts == e).nonzero(as_tuple=True)                   # tokens routed to e
-            h = x[rows]                                                          # [n, H]
+            t0 = time.perf_counter()
+            rows_l, slots_l = routed[e]
+            if len(rows_l) == x.shape[0] == 1:                                   # decode: no gather
+                h, rows, slot = x, None, slots_l[0]
+            else:
+                rows = torch.tensor(rows_l, device=x.device)
+                h, slot = x[rows], torch.tensor(slots_l, device=x.device)       # [n, H]
             y = F.linear(F.silu(F.linear(h, w[gate_name].to(x.dtype))) * F.linear(h, w[up_name].to(x.dtype)),
                          w[down_name].to(x.dtype))                               # [n, H]
-            out.index_add_(0, rows, y * weights[rows, slot, None])
-            del w
+            if rows is None:
+                out += y * weights[0, slot]
+            else:
+                out.index_add_(0, rows, y * weights[rows, slot, None])
+            del w, fut
+            self.expert_seconds += time.perf_counter() - t0
         return out
+
+    #: seconds spent in this layer's expert matmuls (and their accumulation), for benchmarks
+    expert_seconds: float = 0.0
 
 
 class DecoderLayer(nn.Module):

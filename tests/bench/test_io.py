@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from moestream.storage.iobench import bench_io, format_table, run_fio
+from moestream.bench.io import bench_io, format_table, run_fio
 
 
 def test_bench_io_reports_every_figure(tmp_path):

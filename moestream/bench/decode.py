@@ -1,0 +1,620 @@
+"""`moestream bench decode`: decode tokens/s of moestream against naive loading, accelerate's disk
+offload and the I/O ceiling, each system in its own memory cgroup with the same limit.
+
+The model has the expert shapes of Qwen3-30B-A3B (hidden 2048, expert intermediate 768, 128
+experts, top-8) with fewer layers, so that its expert bytes are several times every budget.
+Its weights are synthetic (N(0, 0.02), bf16) and its routing is *replayed from a trace*: every
+system's routers are forced to the same expert choices, so cache behaviour does not depend on
+random router weights. The trace is synthetic (per-layer Zipf popularity, a chance that a token
+reuses the previous token's expert), calibrated to the skew quoted in the routing issue, until
+traces of a trained model exist.
+
+Each system runs in a child process placed in a cgroup-v1 memory cgroup whose limit (page cache
+included) is budget + allowance, the allowance being the same fixed cost for all (the Python
+process, torch, dense weights). The page cache is dropped before each (root only; the report
+says when it was not). Reported per system: tokens/s, bytes read (the Store's counter and the
+disk's own, /proc/diskstats), L1 hits, and the I/O ceiling tokens / (bytes read / B), where B is
+moestream's raw cold read bandwidth (io_uring, O_DIRECT) on the same store in the same run.
+
+Prefetch in a replayed run cannot use the real next-layer router (its weights are random and
+its choices are overridden), so `best` prefetches from a *simulated predictor*: the trace's
+next-layer experts, each replaced by a wrong one with probability 1 - accuracy (default 0.85,
+the published accuracy of next-layer predictors). Wrong guesses cost real reads and evictions."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+#: Expert shapes of Qwen3-30B-A3B, with this many decoder layers (quick / full).
+SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4, head_dim=128, vocab=4096)
+SYSTEMS = ("naive", "lru", "best-no-prefetch", "best", "accelerate")
+BOUNDS = ("inmemory", "resident")
+
+
+# ---- the model and its store -------------------------------------------------------------------
+
+def qwen3_moe_config(layers: int, s: dict[str, int] = SHAPE) -> dict[str, Any]:
+    return {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": s["hidden"],
+            "intermediate_size": 4 * s["inter"], "moe_intermediate_size": s["inter"], "num_experts": s["experts"],
+            "num_experts_per_tok": s["top_k"], "norm_topk_prob": True, "num_hidden_layers": layers,
+            "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"], "head_dim": s["head_dim"],
+            "vocab_size": s["vocab"], "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 4096,
+            "tie_word_embeddings": False, "decoder_sparse_step": 1, "mlp_only_layers": [], "torch_dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2}
+
+
+def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE) -> tuple[Path, Path]:
+    """The synthetic checkpoint (hub layout, bf16) and its lossless store (no zstd, no delta: plain
+    extents, the zero-copy path), built once and reused."""
+    from ..formats.convert import convert
+    from .synthetic import write_random_safetensors
+    name = f"qwen3moe-{layers}L" + ("" if s == SHAPE else f"-h{s['hidden']}-e{s['experts']}")
+    ckpt, store = workdir / name, workdir / f"{name}.moe"
+    if not (ckpt / "config.json").exists():
+        log(f"writing a synthetic Qwen3-MoE checkpoint ({layers} layers) into {ckpt}")
+        ckpt.mkdir(parents=True, exist_ok=True)
+        h, i, d = s["hidden"], s["inter"], s["head_dim"]
+        t: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s["vocab"], h)),
+                                                ("lm_head.weight", (s["vocab"], h)), ("model.norm.weight", (h,))]
+        for l in range(layers):
+            p = f"model.layers.{l}."
+            t += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "self_attn.q_proj.weight", (s["heads"] * d, h)),
+                  (p + "self_attn.k_proj.weight", (s["kv_heads"] * d, h)),
+                  (p + "self_attn.v_proj.weight", (s["kv_heads"] * d, h)),
+                  (p + "self_attn.o_proj.weight", (h, s["heads"] * d)),
+                  (p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)),
+                  (p + "mlp.gate.weight", (s["experts"], h))]
+            for e in range(s["experts"]):
+                q = f"{p}mlp.experts.{e}."
+                t += [(q + "gate_proj.weight", (i, h)), (q + "up_proj.weight", (i, h)), (q + "down_proj.weight", (h, i))]
+        (ckpt / "config.json").write_text(json.dumps(qwen3_moe_config(layers, s)))
+        write_random_safetensors(ckpt / "model.safetensors.partial", t)
+        os.replace(ckpt / "model.safetensors.partial", ckpt / "model.safetensors")
+    if not store.exists():
+        log(f"converting it into {store} (lossless, no zstd, no delta)")
+        convert(ckpt, store, quant="keep", zstd_level=None, delta=False, progress=False)
+    return ckpt, store
+
+
+def synthetic_trace(tokens: int, layers: int, *, experts: int, top_k: int, skew: float = 1.1, reuse: float = 0.3,
+                    seed: int = 0) -> np.ndarray:
+    """[tokens, layers, top_k] expert ids: per layer a Zipf(skew) popularity over a random
+    permutation of the experts; each of the previous token's experts is kept with probability
+    `reuse` (temporal locality), the rest drawn by popularity without repeats."""
+    rng = np.random.default_rng(seed)
+    pop = 1.0 / np.arange(1, experts + 1) ** skew
+    pop /= pop.sum()
+    perms = [rng.permutation(experts) for _ in range(layers)]
+    out = np.zeros((tokens, layers, top_k), np.int64)
+    for l in range(layers):
+        prev: list[int] = []
+        for t in range(tokens):
+            keep = [e for e in prev if rng.random() < reuse]
+            p = pop.copy()
+            for e in keep:
+                p[e] = 0.0
+            fresh = rng.choice(experts, size=top_k - len(keep), replace=False, p=p / p.sum()).tolist()
+            chosen = keep + fresh
+            out[t, l] = perms[l][chosen]
+            prev = [int(np.where(perms[l] == e)[0][0]) for e in out[t, l]]
+    return out
+
+
+def coverage(trace: np.ndarray, fractions=(0.01, 0.05, 0.2)) -> dict[str, float]:
+    """Share of all expert activations taken by the top `f` of (layer, expert) pairs."""
+    t, l, _ = trace.shape
+    counts = np.zeros((l, int(trace.max()) + 1))
+    for layer in range(l):
+        np.add.at(counts[layer], trace[:, layer].reshape(-1), 1)
+    c = np.sort(counts.reshape(-1))[::-1]
+    return {f"top_{f:.0%}": float(c[:max(1, int(round(f * c.size)))].sum() / c.sum()) for f in fractions}
+
+
+# ---- one system, in a child process ------------------------------------------------------------
+
+class _Clock:
+    """Which trace rows the current forward covers (set by a pre-hook on the model)."""
+    start = 0
+    count = 1
+
+
+def _forced_router(trace: np.ndarray, layer_index: int, clock: _Clock, top_k: int):
+    import torch
+
+    def route(x):
+        rows = trace[clock.start:clock.start + clock.count, layer_index]                # [N, A]
+        experts = torch.as_tensor(rows, device=x.device)
+        weights = torch.full(experts.shape, 1.0 / top_k, dtype=x.dtype, device=x.device)
+        return weights, experts
+    return route
+
+
+class InMemoryExperts:
+    """Every expert as an in-memory tensor behind the Store's fetch interface: the upper bound
+    that the streaming forward can reach (no reads, no cache bookkeeping)."""
+
+    def __init__(self, store):
+        from ..formats.reader import StoreReader
+        with StoreReader(store.reader.path, verify=False) as r:
+            self.experts = {k: r.expert(*k) for k in r.index.extents}
+        self.expert_slots = len(self.experts)
+
+    def fetch(self, layer, experts):
+        out = []
+        for e in experts:
+            f: Future = Future()
+            f.set_result(self.experts[(layer, int(e))])
+            out.append(f)
+        return out
+
+    def wait_first(self, futures):
+        return next(iter(futures))
+
+    def note_routing(self, layer, experts):
+        return 0
+
+
+def _disk_sectors_read(path: str) -> Optional[int]:
+    """Sectors read so far by the block device (or partition) holding `path`, from the kernel's
+    own counters (/sys/dev/block/M:m/stat, the same numbers as /proc/diskstats)."""
+    dev = os.stat(path).st_dev
+    try:
+        return int(Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_system(spec: dict[str, Any]) -> dict[str, Any]:
+    """Decode `spec["tokens"]` tokens with one system; returns its figures."""
+    import torch
+    torch.manual_seed(0)
+    trace = np.asarray(spec["trace"], np.int64)
+    system, store_path = spec["system"], spec["store"]
+    prompt = spec["prompt_tokens"]
+    ids = torch.arange(3, 3 + prompt).reshape(1, prompt)
+    clock = _Clock()
+    shape = spec["shape"]
+    top_k = shape["top_k"]
+    if system == "accelerate":
+        return _run_accelerate(spec, trace, ids, clock)
+    from ..compute.loader import load_model
+    from ..compute.models.common import StreamingMoE
+    opts: dict[str, Any] = dict(host_budget=0, device_budget=spec["device_budget"], policy=spec.get("policy", "next-use"))
+    if spec.get("prefetch_accuracy") is not None:
+        opts["prefetch_budget"] = top_k * spec["extent_bytes"]
+    model = load_model(store_path, **opts)
+    moes = [m for m in model.modules() if isinstance(m, StreamingMoE)]
+    rng = random.Random(1)
+    for i, m in enumerate(moes):
+        forced = _forced_router(trace, i, clock, top_k)
+        nxt = moes[i + 1] if i + 1 < len(moes) else None
+        acc = spec.get("prefetch_accuracy")
+        if acc is not None and nxt is not None:
+            def route(x, forced=forced, nxt=nxt, i=i, acc=acc):
+                if clock.count == 1:  # decode: guess the next layer's experts while this one computes
+                    truth = trace[clock.start, i + 1].tolist()
+                    guess = [e if rng.random() < acc else rng.choice([o for o in range(shape["experts"]) if o not in truth])
+                             for e in truth]
+                    nxt.store.prefetch(nxt.layer, sorted(set(guess)))
+                return forced(x)
+            m.route = route
+        else:
+            m.route = forced
+    if system == "inmemory":
+        mem = InMemoryExperts(model.store)
+        for m in moes:
+            m.store = mem
+
+    store = model.store
+    before: dict = {}
+
+    def pre_hook(mod, args):
+        clock.start, clock.count = int(args[2]) if len(args) > 2 else 0, int(args[0].shape[1])
+        if clock.count == 1 and not before:  # the first decode step: count from here, not the prefill
+            before.update(stats=store.stats() if system != "inmemory" else None,
+                          disk=_disk_sectors_read(store_path))
+            for m in moes:
+                m.expert_seconds = 0.0
+    model.register_forward_pre_hook(pre_hook)
+    if system == "resident":  # warm: every expert into L1 first
+        for layer in model.store.layers:
+            for f in model.store.fetch(layer, range(model.store.experts_per_layer)):
+                f.result()
+    timings: dict = {}
+    model.generate(ids, spec["tokens"], timings=timings)
+    disk1, disk0 = _disk_sectors_read(store_path), before["disk"]
+    s0 = before["stats"] or store.stats()
+    st = store.stats() if system != "inmemory" else s0
+    decode_tokens = timings["decode_tokens"] - 1           # the first new token comes from the prefill
+    out = {
+        "system": system, "tokens": decode_tokens, "decode_seconds": timings["decode_seconds"],
+        "tokens_per_s": decode_tokens / timings["decode_seconds"],
+        "prefill_seconds": timings["prefill_seconds"],
+        "bytes_read": st["bytes_read"] - s0["bytes_read"] if system != "inmemory" else 0,
+        "disk_bytes_read": (disk1 - disk0) * 512 if disk0 is not None and disk1 is not None else None,
+        "hits_l1": st["hits_l1"] - s0["hits_l1"], "misses": st["misses"] - s0["misses"],
+        "requests": st["requests"] - s0["requests"],
+        "stall_seconds": st["stall_seconds"] - s0["stall_seconds"],
+        "checksum_seconds": st["checksum_seconds"] - s0["checksum_seconds"],
+        "decode_codec_seconds": st["decode_seconds"] - s0["decode_seconds"],
+        "expert_matmul_seconds": sum(m.expert_seconds for m in moes),
+        "prefetch_issued": st["prefetch_issued"] - s0["prefetch_issued"],
+        "prefetch_used": st["prefetch_used"] - s0["prefetch_used"],
+        "prefetch_cancelled": st["prefetch_cancelled"] - s0["prefetch_cancelled"],
+        "prefetch_wasted_bytes": st["prefetch_wasted_bytes"] - s0["prefetch_wasted_bytes"],
+        "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"),
+    }
+    if system != "inmemory":
+        store.close()
+    return out
+
+
+def _run_accelerate(spec, trace, ids, clock) -> dict[str, Any]:
+    """transformers + accelerate disk offload of the same checkpoint, routers forced to the trace."""
+    import torch
+    import transformers
+    offload = Path(spec["workdir"]) / f"accelerate-offload-{os.getpid()}"
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            spec["checkpoint"], dtype=torch.bfloat16, device_map="auto",
+            max_memory={"cpu": int(spec["device_budget"])}, offload_folder=str(offload))
+        routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+        for i, r in enumerate(routers):
+            forced = _forced_router(trace, i, clock, spec["shape"]["top_k"])
+
+            def fwd(hidden, forced=forced):
+                w, e = forced(hidden.reshape(-1, hidden.shape[-1]))
+                return None, w, e
+            r.forward = fwd
+        step = {"pos": 0}
+        calls: list[tuple[int, float, float]] = []           # (tokens, start, end) of each forward
+
+        def pre_hook(mod, args, kwargs):
+            x = kwargs.get("input_ids", args[0] if args else None)
+            clock.start, clock.count = step["pos"], int(x.shape[1])
+            step["pos"] += int(x.shape[1])
+            calls.append((int(x.shape[1]), time.perf_counter(), 0.0))
+
+        def post_hook(mod, args, kwargs, output):
+            n, t0, _ = calls[-1]
+            calls[-1] = (n, t0, time.perf_counter())
+            if len(calls) == 1:
+                before["disk"] = _disk_sectors_read(spec["checkpoint"])
+        before: dict = {}
+        model.register_forward_pre_hook(pre_hook, with_kwargs=True)
+        model.register_forward_hook(post_hook, with_kwargs=True)
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=spec["accelerate_tokens"] + 1, min_new_tokens=spec["accelerate_tokens"] + 1,
+                           do_sample=False, use_cache=True)
+        disk1 = _disk_sectors_read(spec["checkpoint"])
+        decode = calls[1:]                                   # the first call is the prefill
+        decode_seconds = decode[-1][2] - calls[0][2]
+        return {"system": "accelerate", "tokens": len(decode), "decode_seconds": decode_seconds,
+                "tokens_per_s": len(decode) / decode_seconds, "prefill_seconds": calls[0][2] - calls[0][1],
+                "disk_bytes_read": (disk1 - before["disk"]) * 512 if disk1 is not None else None, "bytes_read": None,
+                "device_map": sorted(set(str(v) for v in getattr(model, "hf_device_map", {}).values())),
+                "vm_hwm_bytes": _vm_hwm()}
+    finally:
+        import shutil
+        shutil.rmtree(offload, ignore_errors=True)
+
+
+# ---- the parent: cgroups, page cache, the I/O ceiling -----------------------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def cgroup_available() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "not root"
+    if not (CGROUP_ROOT / "cgroup.procs").exists():
+        return False, f"no cgroup-v1 memory controller at {CGROUP_ROOT}"
+    return True, "cgroup v1 memory controller"
+
+
+def run_child(spec: dict[str, Any], limit: Optional[int]) -> dict[str, Any]:
+    """Run one system in a child process, inside a fresh memory cgroup of `limit` bytes (page
+    cache included) when given. Returns its figures, or {"error": ...} (e.g. killed by the limit)."""
+    from .io import drop_page_cache
+    drop_page_cache()
+    cg = None
+    if limit is not None:
+        cg = CGROUP_ROOT / f"moestream-bench-{os.getpid()}-{spec['system']}"
+        cg.mkdir(exist_ok=True)
+        (cg / "memory.limit_in_bytes").write_text(str(limit))
+        try:
+            (cg / "memory.memsw.limit_in_bytes").write_text(str(limit))
+        except OSError:
+            pass  # no swap accounting: there is no swap on these machines either
+    spec_file = Path(spec["workdir"]) / f"spec-{spec['system']}.json"
+    spec_file.write_text(json.dumps(spec))
+
+    def enter():
+        if cg is not None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        p = subprocess.run([sys.executable, "-m", "moestream.bench.decode", "--child", str(spec_file)],
+                           capture_output=True, text=True, preexec_fn=enter)
+        if p.returncode != 0:
+            peak = int((cg / "memory.max_usage_in_bytes").read_text()) if cg is not None else 0
+            if p.returncode == -9 and cg is not None and peak >= 0.95 * limit:
+                what = f"killed by the {limit / MiB:.0f} MiB memory limit (peak {peak / MiB:.0f} MiB)"
+            else:
+                lines = [l for l in p.stderr.strip().splitlines() if "%|" not in l]  # no progress bars
+                what = (lines[-1] if lines else f"exit {p.returncode}")[-300:]
+            return {"system": spec["system"], "error": what, "returncode": p.returncode}
+        return json.loads(p.stdout.strip().splitlines()[-1])
+    finally:
+        spec_file.unlink(missing_ok=True)
+        if cg is not None:
+            try:
+                cg.rmdir()
+            except OSError:
+                pass
+
+
+def raw_read_bandwidth(store: Path, log) -> tuple[float, float]:
+    """(raw uring cold GB/s over every extent in random order, Store.fetch cold GB/s over the
+    same extents: read + checksum + decode), measured back to back."""
+    from ..formats.reader import StoreReader
+    from ..storage import Store
+    from ..storage.backends import UringBackend, open_direct
+    from ..storage.buffers import BufferPool
+    from .io import drop_page_cache, read_extents
+    with StoreReader(store) as r:
+        keys = sorted(r.index.extents)
+        random.Random(0).shuffle(keys)
+        regions = [r.index.extents[k] for k in keys]
+        paths = [str(p) for p in r.files]
+    total = sum(x.padded_length for x in regions)
+    fds = [open_direct(p)[0] for p in paths]
+    pool = BufferPool(max(x.padded_length for x in regions), 32)
+    backend = UringBackend(128, [(pool.addr, pool.nbytes)])
+    try:
+        drop_page_cache()
+        raw = total / read_extents(backend, fds, paths, regions, chunk=1 << 20, queue_depth=128, pool=pool) / 1e9
+    finally:
+        backend.close()
+        pool.close()
+        for fd in fds:
+            os.close(fd)
+    drop_page_cache()
+    with Store(store, device_budget=32 * regions[0].decoded_length, host_budget=0, queue_depth=128) as s:
+        t0 = time.perf_counter()
+        inflight: set = set()
+        for l, e in keys:  # 16 experts in flight, a new one as soon as one lands (results dropped)
+            if len(inflight) == 16:
+                inflight.remove(s.wait_first(inflight))
+            inflight.update(s.fetch(l, [e]))
+        for f in inflight:
+            f.result()
+        inflight.clear()
+        fetch = s.stats()["bytes_read"] / (time.perf_counter() - t0) / 1e9
+    log(f"raw uring cold random reads {raw:.2f} GB/s; Store.fetch (read + checksum + decode) {fetch:.2f} GB/s")
+    return raw, fetch
+
+
+def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets: Optional[list[float]] = None,
+                 tokens: Optional[int] = None, layers: Optional[int] = None, accelerate_tokens: Optional[int] = None,
+                 allowance: int = GiB, prefetch_accuracy: float = 0.85, systems=SYSTEMS + BOUNDS,
+                 shape: dict[str, int] = SHAPE, prompt: int = 8, log=print) -> dict[str, Any]:
+    """Run the decode benchmark; returns every figure as plain data."""
+    work = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "moestream-bench-decode"
+    work.mkdir(parents=True, exist_ok=True)
+    layers = layers or (2 if quick else 4)
+    tokens = tokens or 64
+    budgets = budgets or ([0.25] if quick else [0.10, 0.25, 0.50])
+    accelerate_tokens = accelerate_tokens or (3 if quick else 8)
+    ckpt, store = build_store(work, layers, log, shape)
+    from ..formats.reader import StoreReader
+    with StoreReader(store) as r:
+        extents = list(r.index.extents.values())
+    expert_bytes = sum(x.decoded_length for x in extents)
+    extent_bytes = max(x.padded_length for x in extents)
+    trace = synthetic_trace(prompt + max(tokens, accelerate_tokens) + 2, layers, experts=shape["experts"],
+                            top_k=shape["top_k"])
+    cg_ok, cg_why = cgroup_available()
+    root = os.geteuid() == 0
+    log(f"store {store}: {expert_bytes / GiB:.2f} GiB of experts in {len(extents)} extents; "
+        f"memory limits: {'cgroup v1' if cg_ok else 'NONE (' + cg_why + ')'}; page cache "
+        f"{'dropped before each system' if root else 'NOT dropped (not root)'}")
+    raw, fetch = raw_read_bandwidth(store, log)
+    base = dict(store=str(store), checkpoint=str(ckpt), workdir=str(work), trace=trace.tolist(), tokens=tokens,
+                prompt_tokens=prompt, extent_bytes=extent_bytes, accelerate_tokens=accelerate_tokens, shape=shape)
+    results: list[dict[str, Any]] = []
+
+    def record(res, budget_fraction, limit):
+        res.update(budget_fraction=budget_fraction, memory_limit=limit)
+        br = res.get("bytes_read") if res.get("bytes_read") is not None else res.get("disk_bytes_read")
+        if "error" not in res and br:
+            res["io_ceiling_tokens_per_s"] = res["tokens"] / (br / (raw * 1e9))
+            res["vs_io_ceiling"] = res["tokens_per_s"] / res["io_ceiling_tokens_per_s"]
+        results.append(res)
+        log(f"  {res['system']:>17} budget {budget_fraction if budget_fraction is not None else '-':>5}: " +
+            (f"ERROR {res['error']}" if "error" in res else
+             f"{res['tokens_per_s']:6.2f} tok/s" + (f", {res['hits_l1']} hits of {res['requests']}" if "hits_l1" in res else "") +
+             (f", {br / MiB:.0f} MiB read" if br else "") +
+             (f", {res['vs_io_ceiling']:.2f} of the I/O ceiling" if "vs_io_ceiling" in res else "")))
+
+    for system in BOUNDS:
+        if system in systems:  # upper bounds: every expert in memory, no limit (they need it all)
+            record(run_child(dict(base, system=system, device_budget=int(expert_bytes * 1.05) + 64 * extent_bytes),
+                             None), None, None)
+    for frac in budgets:
+        budget = int(expert_bytes * frac)
+        limit = budget + allowance if cg_ok else None
+        for system in SYSTEMS:
+            if system not in systems:
+                continue
+            spec = dict(base, system=system, device_budget=budget)
+            if system == "naive":
+                spec.update(device_budget=shape["top_k"] * extent_bytes, policy="lru")
+            elif system == "lru":
+                spec.update(policy="lru")
+            elif system == "best-no-prefetch":
+                spec.update(policy="next-use")
+            elif system == "best":
+                spec.update(policy="next-use", prefetch_accuracy=prefetch_accuracy)
+            res = run_child(spec, limit)
+            if system == "accelerate" and "error" in res and limit is not None:
+                # the closest configuration accelerate supports: the same offload, a limit it fits in
+                record(res, frac, limit)
+                res = run_child(spec, None)
+                res["note"] = "accelerate could not run under the shared limit; rerun without a limit"
+                limit = None
+            record(res, frac, limit)
+            limit = budget + allowance if cg_ok else None
+
+    def find(system, frac):
+        for r in results:
+            if r["system"] == system and r["budget_fraction"] == frac and "error" not in r:
+                return r
+        return None
+
+    at = 0.25 if 0.25 in budgets else budgets[0]
+    best, naive, acc, lru = find("best", at), find("naive", at), find("accelerate", at), find("lru", at)
+    nopf = find("best-no-prefetch", at)
+    res, inmem = find("resident", None), find("inmemory", None)
+
+    def ratio(a, b):
+        return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+    out = {
+        "command": "moestream bench decode" + (" --quick" if quick else ""),
+        "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
+        "page_cache": "dropped before each system" if root else "not dropped (not root)",
+        "memory_limit": f"cgroup v1: budget + {allowance / MiB:.0f} MiB allowance, page cache included" if cg_ok
+        else f"none: {cg_why}",
+        "model": dict(shape, layers=layers, expert_bytes=expert_bytes, extent_bytes=extent_bytes, store="bf16 lossless, plain extents"),
+        "trace": {"kind": "synthetic (Zipf 1.1, reuse 0.3)", "coverage": coverage(trace)},
+        "tokens": tokens, "accelerate_tokens": accelerate_tokens, "budgets": budgets,
+        "prefetch_predictor": f"simulated, accuracy {prefetch_accuracy}",
+        "raw_uring_cold_gbps": raw, "store_fetch_cold_gbps": fetch, "store_fetch_vs_raw": fetch / raw,
+        "results": results, "budget_for_ratios": at,
+        "best_vs_naive": ratio(best, naive), "best_vs_lru": ratio(best, lru), "best_vs_accelerate": ratio(best, acc),
+        "best_vs_io_ceiling": best.get("vs_io_ceiling") if best else None,
+        "resident_vs_inmemory": ratio(res, inmem),
+        "prefetch_on_vs_off": {"tokens_per_s": [best and best["tokens_per_s"], nopf and nopf["tokens_per_s"]],
+                               "stall_seconds": [best and best["stall_seconds"], nopf and nopf["stall_seconds"]],
+                               "hits_l1": [best and best["hits_l1"], nopf and nopf["hits_l1"]],
+                               "bytes_read": [best and best["bytes_read"], nopf and nopf["bytes_read"]],
+                               "wasted_bytes": best and best["prefetch_wasted_bytes"]},
+    }
+    return out
+
+
+def format_table(d: dict[str, Any]) -> str:
+    lines = [f"# {d['command']} — {d['machine']}", f"# page cache {d['page_cache']}; memory limit {d['memory_limit']}",
+             f"# model: {d['model']['layers']} layers x {d['model']['experts']} experts (hidden {d['model']['hidden']}, "
+             f"expert intermediate {d['model']['inter']}, top-{d['model']['top_k']}), {d['model']['expert_bytes'] / GiB:.2f} GiB "
+             f"of bf16 experts; trace {d['trace']['kind']}; prefetch predictor {d['prefetch_predictor']}",
+             f"# raw uring cold {d['raw_uring_cold_gbps']:.2f} GB/s, Store.fetch cold {d['store_fetch_cold_gbps']:.2f} GB/s "
+             f"(store_fetch_vs_raw {d['store_fetch_vs_raw']:.2f})", "",
+             "| system | budget | tok/s | L1 hits / requests | MiB read | vs I/O ceiling | stall s | checksum s | matmul s | peak RSS MiB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["results"]:
+        b = f"{r['budget_fraction']:.0%}" if r["budget_fraction"] is not None else "all"
+        if "error" in r:
+            lines.append(f"| {r['system']} | {b} | failed: {r['error'][:80]} | | | | | | | |")
+            continue
+        br = r.get("bytes_read") if r.get("bytes_read") is not None else r.get("disk_bytes_read")
+
+        def f(k, fmt="{:.2f}"):
+            return fmt.format(r[k]) if r.get(k) is not None else "-"
+        lines.append(f"| {r['system']} | {b} | {r['tokens_per_s']:.2f} | "
+                     f"{r.get('hits_l1', '-')} / {r.get('requests', '-')} | {(br or 0) / MiB:.0f} | {f('vs_io_ceiling')} | "
+                     f"{f('stall_seconds')} | {f('checksum_seconds')} | {f('expert_matmul_seconds')} | "
+                     f"{r['vm_hwm_bytes'] / MiB:.0f} |")
+    lines.append("")
+    for k in ("best_vs_naive", "best_vs_lru", "best_vs_accelerate", "best_vs_io_ceiling", "resident_vs_inmemory",
+              "store_fetch_vs_raw"):
+        lines.append(f"{k} = {d[k]:.2f}" if d.get(k) is not None else f"{k} = n/a")
+    return "\n".join(lines)
+
+
+def plot(d: dict[str, Any], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system in SYSTEMS:
+        pts = sorted((r["budget_fraction"], r["tokens_per_s"]) for r in d["results"]
+                     if r["system"] == system and "error" not in r and r["budget_fraction"] is not None)
+        if pts:
+            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=system)
+    for r in d["results"]:
+        if r["system"] in BOUNDS and "error" not in r:
+            ax.axhline(r["tokens_per_s"], linestyle="--", linewidth=1, label=f"{r['system']} (all experts in memory)")
+    ax.set_xlabel("device budget, % of expert bytes (memory limit = budget + allowance)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"moestream bench decode: {d['model']['layers']}L x {d['model']['experts']} experts, CPU")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `moestream bench decode` (shared by the CLI and `python -m`)."""
+    p.add_argument("--quick", action="store_true", help="2 layers, the 25%% budget only, 3 accelerate tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object (progress goes to stderr)")
+    p.add_argument("--plot", metavar="FILE.png", help="tokens/s against budget per system")
+    p.add_argument("--workdir", help="where the model and store are built (kept for later runs; default $TMPDIR)")
+    p.add_argument("--tokens", type=int, help="decode tokens per system (default 64)")
+    p.add_argument("--layers", type=int, help="decoder layers (default 2 with --quick, else 4)")
+    p.add_argument("--budget", type=float, action="append", help="a fraction of expert bytes, repeatable "
+                   "(default 0.10, 0.25, 0.50; 0.25 with --quick)")
+    p.add_argument("--system", action="append", choices=SYSTEMS + BOUNDS, help="run only these (repeatable)")
+
+
+def run(a: argparse.Namespace) -> int:
+    for b in a.budget or []:
+        if not 0 < b <= 1:
+            raise ValueError(f"--budget {b}: a fraction of the expert bytes in (0, 1]")
+    if a.tokens is not None and a.tokens < 2:
+        raise ValueError("--tokens must be at least 2")
+    if a.layers is not None and a.layers < 2:
+        raise ValueError("--layers must be at least 2")
+    log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
+    d = bench_decode(quick=a.quick, workdir=a.workdir, budgets=a.budget, tokens=a.tokens, layers=a.layers,
+                     systems=tuple(a.system) if a.system else SYSTEMS + BOUNDS, log=log)
+    if a.plot:
+        plot(d, a.plot)
+    print(json.dumps(d, indent=2) if a.json else "\n" + format_table(d))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moestream.bench.decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    add_arguments(p)
+    a = p.parse_args(argv)
+    if a.child:
+        print(json.dumps(run_system(json.loads(Path(a.child).read_text()))))
+        return 0
+    return run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

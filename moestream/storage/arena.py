@@ -1,0 +1,80 @@
+"""Preallocated host memory for decoded experts: the device tier (L1) of a CPU store.
+
+One page-aligned anonymous mapping is carved into `count` equal slots, each large enough for
+the biggest decoded expert and for its padded stored bytes. A slot belongs to one cached
+expert. Reads of lossless extents land in the slot itself (O_DIRECT into the final tensor's
+memory), int extents are dequantized from the read slab straight into it, so a miss allocates
+nothing and copies nothing.
+
+Ownership: tensors handed out by `hand_out` are views of the slot. Each hand-out exports the
+slot through its own memoryview, watched by a finalizer: while any tensor derived from it is
+alive (a view of a view counts too), the slot is *pinned* and cannot be reused. Eviction
+therefore never changes a tensor a caller still holds; it only returns the slot once the
+caller has let go."""
+from __future__ import annotations
+
+import threading
+import weakref
+import torch
+
+from ..formats.index import Region
+from .buffers import AlignedMap
+
+
+class ExpertArena:
+    """`count` slots of `slot_size` bytes (a multiple of 4096) in one aligned mapping."""
+
+    def __init__(self, slot_size: int, count: int, *, pin: bool = False):
+        self.map = AlignedMap(slot_size * count, pin=pin)
+        self.slot_size, self.count = slot_size, count
+        self.addr, self.nbytes = self.map.addr, self.map.nbytes
+        self._whole = memoryview(self.map.buffer)
+        self._pins = [0] * count
+        self._lock = threading.Lock()
+
+    def slot_view(self, slot: int) -> memoryview:
+        """The slot's bytes (writable); for readers and decoders that fill it."""
+        return self._whole[slot * self.slot_size:(slot + 1) * self.slot_size]
+
+    def slot_addr(self, slot: int) -> int:
+        return self.addr + slot * self.slot_size
+
+    def pinned(self, slot: int) -> bool:
+        """Whether tensors handed out from `slot` are still alive somewhere."""
+        return self._pins[slot] > 0
+
+    def pin(self, slot: int) -> None:
+        """Keep `slot` from being reused until `unpin` (e.g. while a decoder reads it)."""
+        with self._lock:
+            self._pins[slot] += 1
+
+    def unpin(self, slot: int) -> None:
+        with self._lock:
+            assert self._pins[slot] > 0, "slot unpinned more often than pinned"
+            self._pins[slot] -= 1
+
+    def hand_out(self, slot: int, region: Region) -> dict[str, torch.Tensor]:
+        """Fresh tensors over the decoded tensors of `region` held in `slot` (a new dict each
+        call: callers may modify the dict; the slot stays pinned while any tensor lives)."""
+        mv = self.slot_view(slot)
+        self.pin(slot)
+        weakref.finalize(mv, self.unpin, slot)
+        out = {}
+        pos = 0
+        for t in region.tensors:
+            dtype = _DECODED_DTYPES[t.dtype]
+            out[t.name] = torch.frombuffer(mv, dtype=dtype, count=t.numel, offset=pos).view(t.shape)
+            pos += t.numel * dtype.itemsize
+        return out
+
+    def close(self) -> None:
+        self.map.close()
+
+
+_DECODED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def slot_tensor(arena: ExpertArena, slot: int) -> torch.Tensor:
+    """A uint8 tensor over a whole slot, for decoders that fill it (not a hand-out: it does
+    not pin the slot; the load that owns the slot keeps it)."""
+    return torch.frombuffer(arena.slot_view(slot), dtype=torch.uint8)
