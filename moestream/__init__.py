@@ -5,4 +5,13 @@ from .storage import Store, open
 
 __version__ = "0.1.0"
 __all__ = ["BudgetError", "ChecksumError", "ConvertError", "FormatError", "MoestreamError", "StoreIOError",
-           "Store", "StoreReader", "convert", "open", "__version__"]
+           "Store", "StoreReader", "convert", "load_model", "open", "__version__"]
+
+
+def __getattr__(name: str):
+    # load_model pulls in the model families and the Numba kernels: imported on first use, so
+    # that `import moestream` (a weight store for another engine) stays light
+    if name == "load_model":
+        from .compute.loader import load_model
+        return load_model
+    raise AttributeError(f"module 'moestream' has no attribute {name!r}")

@@ -19,7 +19,7 @@ def test_trace_is_skewed_and_valid():
 
 
 def test_bench_decode_runs_every_system(tmp_path):
-    d = bench_decode(workdir=str(tmp_path), budgets=[0.5], tokens=4, layers=2, shape=TINY, prompt=4,
+    d = bench_decode(workdir=str(tmp_path), budgets=[0.5], tokens=4, layers=2, shape=TINY, prompt=4, repeat=1,
                      log=lambda m: None)
     rows = {r["system"]: r for r in d["results"] if "error" not in r}
     assert set(SYSTEMS + BOUNDS) <= set(rows), [r for r in d["results"] if "error" in r]

@@ -49,3 +49,12 @@ def test_dense_mlp_layers_between_moe_layers(tmp_path, family):
             assert (ref(ids).logits - model(ids)).abs().max().item() < 1e-4
     finally:
         model.store.close()
+
+
+def test_load_model_is_exported_lazily():
+    import subprocess
+    import sys
+    code = ("import sys, moestream; assert 'moestream.compute.loader' not in sys.modules; "
+            "from moestream import load_model; from moestream.compute import load_model as l2; "
+            "assert load_model is l2")
+    subprocess.run([sys.executable, "-c", code], check=True)
