@@ -63,6 +63,11 @@ class TierCache(Generic[K]):
         with self._lock:
             return list(self._items)
 
+    def peek(self, key: K) -> Optional[Any]:
+        """The value without counting an access (for eviction filters), or None."""
+        item = self._items.get(key)
+        return item[0] if item is not None else None
+
     def get(self, key: K) -> Optional[Any]:
         """The value, counting an access, or None."""
         with self._lock:

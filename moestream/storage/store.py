@@ -402,7 +402,7 @@ class Store:
         routed_layer, routed = self._routed
 
         def keep(k: Key) -> bool:
-            if self.arena.pinned(self.l1._items[k][0]):
+            if self.arena.pinned(self.l1.peek(k)):
                 return True   # a caller still holds its tensors
             if load.prefetch:  # never evict what the layer about to run, or the running one, needs
                 return k[0] == layer or (k[0] == routed_layer and k[1] in routed)
@@ -425,7 +425,7 @@ class Store:
         """An L2 slot for `key`'s stored bytes (evicting by policy), or None. With self._cv held."""
         if self._free_l2:
             return self._free_l2.pop()
-        victim = self.l2.victim(exclude=lambda k: self.l2_arena.pinned(self.l2._items[k][0]))
+        victim = self.l2.victim(exclude=lambda k: self.l2_arena.pinned(self.l2.peek(k)))
         return self.l2.pop(victim) if victim is not None else None
 
     # ---- internals: reads --------------------------------------------------------------------
