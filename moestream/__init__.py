@@ -1,10 +1,10 @@
 """moestream: run Mixture-of-Experts models larger than memory by streaming experts from NVMe."""
-from .errors import BudgetError, ChecksumError, ConvertError, FormatError, MoestreamError, StoreIOError
+from .errors import BudgetError, ChecksumError, ConvertError, FormatError, MoestreamError, StoreIOError, UsageError
 from .formats import StoreReader, convert
 from .storage import Store, open
 
 __version__ = "0.1.0"
-__all__ = ["BudgetError", "ChecksumError", "ConvertError", "FormatError", "MoestreamError", "StoreIOError",
+__all__ = ["BudgetError", "ChecksumError", "ConvertError", "FormatError", "MoestreamError", "StoreIOError", "UsageError",
            "Store", "StoreReader", "convert", "load_model", "open", "__version__"]
 
 

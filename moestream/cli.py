@@ -8,14 +8,15 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from .errors import MoestreamError
+from .errors import MoestreamError, UsageError
 from .units import parse_size
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse's default exit code is 2 as well; keep the one-line form
+    def error(self, message: str):  # usage errors exit 2, as argparse's own do
         self.print_usage(sys.stderr)
-        raise SystemExit(f"moestream: error: {message}")
+        print(f"moestream: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _size(value: str) -> int:
@@ -122,7 +123,7 @@ def _bench(a: argparse.Namespace) -> int:
         from .bench.decode import run
         return run(a)
     if a.repeat < 1:
-        raise ValueError("--repeat must be at least 1")
+        raise UsageError("--repeat must be at least 1")
     from .bench.io import bench_io, format_table
     log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
     d = bench_io(a.store, synthetic=a.synthetic, source=a.source, workdir=a.workdir, chunk=a.chunk,
@@ -134,9 +135,9 @@ def _bench(a: argparse.Namespace) -> int:
 def _generate(a: argparse.Namespace) -> int:
     from .compute.generation import generate_text
     if a.max_new_tokens < 1:
-        raise ValueError("--max-new-tokens must be at least 1")
-    if a.temperature < 0:
-        raise ValueError("--temperature must not be negative")
+        raise UsageError("--max-new-tokens must be at least 1")
+    if not a.temperature >= 0:  # NaN too
+        raise UsageError("--temperature must be a non-negative number")
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch)
     return 0
@@ -157,7 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         print(f"moestream: error: {msg}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

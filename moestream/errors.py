@@ -40,3 +40,8 @@ class BudgetError(MoestreamError):
 
 class StoreIOError(MoestreamError):
     """A read failed (EIO, short read past end of file, misaligned O_DIRECT request)."""
+
+
+class UsageError(MoestreamError, ValueError):
+    """An argument is out of its domain (a NaN budget, a bool as an expert index, an unknown
+    device). Also a ValueError, so callers that caught ValueError before still do."""

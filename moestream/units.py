@@ -1,7 +1,13 @@
 """Byte sizes as users write them ("2GiB", "512M", "1e9")."""
 from __future__ import annotations
 
+import math
 import re
+
+from .errors import UsageError
+
+#: Larger sizes than this are certainly mistakes (1 EiB), and would overflow later arithmetic.
+MAX_SIZE = 1 << 60
 
 _UNITS = {
     "": 1, "b": 1,
@@ -14,17 +20,23 @@ _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IG
 
 def parse_size(value: int | float | str, what: str = "size") -> int:
     """Parse a byte count: an int, or a string such as "2GiB", "1.5 GB", "4096". Units: k/M/G/T
-    are powers of 1000, KiB/MiB/GiB/TiB powers of 1024. Raises ValueError naming `what`."""
+    are powers of 1000, KiB/MiB/GiB/TiB powers of 1024. Raises UsageError (a ValueError) naming `what`."""
     if isinstance(value, bool):
-        raise ValueError(f"{what}: expected a byte size, got {value!r}")
+        raise UsageError(f"{what}: expected a byte size, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"{what}: must not be negative, got {value!r}")
-        return int(value)
-    m = _SIZE_RE.match(str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{what}: cannot parse {value!r} as a byte size (examples: 4096, 512MiB, 2GiB, 1.5GB)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        size = value
+    else:
+        m = _SIZE_RE.match(str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise UsageError(f"{what}: cannot parse {value!r} as a byte size (examples: 4096, 512MiB, 2GiB, 1.5GB)")
+        size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if isinstance(size, float) and not math.isfinite(size):
+        raise UsageError(f"{what}: {value!r} is not a finite byte size")
+    if size < 0:
+        raise UsageError(f"{what}: must not be negative, got {value!r}")
+    if size > MAX_SIZE:
+        raise UsageError(f"{what}: {value!r} is larger than 1 EiB")
+    return int(size)
 
 
 def format_size(n: int | float) -> str:

@@ -36,6 +36,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..errors import UsageError
+
 GiB = 1 << 30
 MiB = 1 << 20
 
@@ -612,13 +614,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> int:
     for b in a.budget or []:
         if not 0 < b <= 1:
-            raise ValueError(f"--budget {b}: a fraction of the expert bytes in (0, 1]")
+            raise UsageError(f"--budget {b}: a fraction of the expert bytes in (0, 1]")
     if a.tokens is not None and a.tokens < 2:
-        raise ValueError("--tokens must be at least 2")
+        raise UsageError("--tokens must be at least 2")
     if a.repeat < 1:
-        raise ValueError("--repeat must be at least 1")
+        raise UsageError("--repeat must be at least 1")
     if a.layers is not None and a.layers < 2:
-        raise ValueError("--layers must be at least 2")
+        raise UsageError("--layers must be at least 2")
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
     d = bench_decode(quick=a.quick, workdir=a.workdir, budgets=a.budget, tokens=a.tokens, layers=a.layers,
                      systems=tuple(a.system) if a.system else SYSTEMS + BOUNDS, repeat=a.repeat, log=log)

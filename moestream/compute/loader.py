@@ -8,7 +8,7 @@ import torch
 
 from ..errors import MoestreamError
 from ..formats.codecs import TORCH_DTYPES
-from ..storage.store import Store
+from ..storage.store import Store, parse_device
 from .dequant import dequant_backend, dequantize
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary
@@ -31,7 +31,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     well below the experts' size its extra reads and evictions cost more than they save
     (bench/prefetch.py; bench/results/prefetch_h100_2026-11-22.txt). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
-    dev = torch.device(device)
+    dev = parse_device(device)
     store_options.setdefault("dequantize", dequantize)
     store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
     try:

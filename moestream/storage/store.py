@@ -20,6 +20,7 @@ cannot be reused while any of them lives), or caller-owned tensors on CUDA. Eith
 result is a fresh dict and what a caller holds never changes under it."""
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Iterable, Iterator, Optional
 import psutil
 import torch
 
-from ..errors import BudgetError, MoestreamError
+from ..errors import BudgetError, MoestreamError, UsageError
 from ..formats.codecs import Dequantizer, checksum, dequantize_torch, materialize, unpack_payload
 from ..formats.constants import ALIGNMENT, align_up
 from ..formats.index import Region
@@ -67,6 +68,28 @@ class _Load:
 def _is_plain(region: Region) -> bool:
     """Stored bytes are the decoded tensors' bytes: no quantization, delta, shuffle or zstd."""
     return not region.chain
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device moestream can serve ('cpu' or 'cuda[:N]'); UsageError otherwise."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"device={device!r}: not a device (use 'cpu' or 'cuda[:N]')") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"device={device!r}: moestream runs on 'cpu' or 'cuda[:N]'")
+    return dev
+
+
+def _index(value, what: str) -> int:
+    """An expert or layer index as an int: ints (numpy's too) pass; bools, floats and strings
+    are refused rather than silently truncated or parsed."""
+    if isinstance(value, bool):
+        raise UsageError(f"{what} {value!r}: expected an integer index, got a bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise UsageError(f"{what} {value!r}: expected an integer index, got {type(value).__name__}") from None
 
 
 def _tensor_bytes(tensors: Experts) -> int:
@@ -103,7 +126,7 @@ class Store:
                  chunk_size: int | str = 1 << 20, decode_threads: Optional[int] = None,
                  prefetch_budget: int | str | None = None, io_buffers: Optional[int] = None,
                  pinned_experts: Iterable[Key] = (), dequantize: Dequantizer = dequantize_torch):
-        self.device = torch.device(device)
+        self.device = parse_device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MoestreamError("device='cuda' but torch sees no CUDA device")
         if queue_depth < 1:
@@ -215,11 +238,13 @@ class Store:
         Never blocks on I/O. A future's result is {tensor name: tensor on device} (see the class
         docstring for ownership)."""
         out = []
+        layer = _index(layer, "layer")
+        experts = [_index(e, "expert") for e in experts]
         with self._cv:
             self._check_open()
             self.l1.visit(layer)
             for e in experts:
-                key = (layer, int(e))
+                key = (layer, e)
                 region = self.reader.extent(*key)
                 self.stats_.add(requests=1)
                 out.append(self._fetch_locked(key, region))
@@ -230,7 +255,8 @@ class Store:
         """The router of `layer` chose `experts` for this decode step. Feeds the next-use policy's
         per-expert frequencies and cancels queued prefetches of `layer` that guessed other
         experts. Returns how many prefetches were cancelled."""
-        chosen = frozenset(int(e) for e in experts)
+        layer = _index(layer, "layer")
+        chosen = frozenset(_index(e, "expert") for e in experts)
         with self._cv:
             self.l1.visit(layer, [(layer, e) for e in chosen])
             self.l2.visit(layer, [(layer, e) for e in chosen])
@@ -281,10 +307,12 @@ class Store:
         (the one about to be computed) and is dropped when no other slot can be had. Returns
         how many were queued (0 for cached ones)."""
         n = 0
+        layer = _index(layer, "layer")
+        experts = [_index(e, "expert") for e in experts]
         with self._cv:
             self._check_open()
             for e in experts:
-                key = (layer, int(e))
+                key = (layer, e)
                 region = self.reader.extent(*key)
                 if key in self.l1 or key in self._pending:
                     continue

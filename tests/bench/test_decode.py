@@ -43,5 +43,5 @@ def test_bench_decode_runs_every_system(tmp_path):
 
 def test_cli_rejects_bad_budgets(capsys):
     from moestream.cli import main
-    assert main(["bench", "decode", "--budget", "1.5"]) == 1
+    assert main(["bench", "decode", "--budget", "1.5"]) == 2
     assert "--budget 1.5" in capsys.readouterr().err

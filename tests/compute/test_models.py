@@ -115,13 +115,35 @@ def test_cli_generate_streams_and_reports(lossless):
     assert "tok/s" in p.stderr and "L1 hits" in p.stderr and "read" in p.stderr and "stall" in p.stderr
 
 
-@pytest.mark.parametrize("args,needle", [
-    (("--device-budget", "1KiB"), "smaller than one expert"),
-    (("--max-new-tokens", "0"), "at least 1"),
+@pytest.mark.parametrize("args,needle,code", [
+    (("--device-budget", "1KiB"), "smaller than one expert", 1),
+    (("--max-new-tokens", "0"), "at least 1", 2),
+    (("--device", "foo"), "device='foo': not a device", 2),
+    (("--device-budget", "1e999"), "not a finite byte size", 2),
+    (("--host-budget", "1e30"), "larger than 1 EiB", 2),
+    (("--max-new-tokens", "100000000"), "does not fit the model's context of 256 positions", 2),
+    (("--temperature", "nan"), "non-negative number", 2),
 ])
-def test_cli_generate_errors_are_one_line(lossless, args, needle):
+def test_cli_generate_errors_are_one_line(lossless, args, needle, code):
     p = run_cli("generate", lossless["mixtral"], "--prompt", "hi", *args)
-    assert p.returncode != 0 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == code and "Traceback" not in p.stderr, p.stderr
+    assert needle in p.stderr.strip().splitlines()[-1], p.stderr   # argparse may print its usage above
+
+
+@pytest.mark.parametrize("bad", [True, 1.7, "1", None])
+def test_api_refuses_non_integer_indices_and_budgets(lossless, bad):
+    with moestream.open(lossless["mixtral"], io="posix", device_budget="1MiB", host_budget=0) as s:
+        for call in (lambda: s.fetch(bad, [0]), lambda: s.fetch(0, [bad]), lambda: s.get(0, bad),
+                     lambda: s.prefetch(0, [bad]), lambda: s.note_routing(bad, [0])):
+            with pytest.raises(moestream.UsageError, match="expected an integer index"):
+                call()
+        import numpy as np
+        assert torch.equal(s.get(np.int64(0), np.int64(1))["w1"], s.get(0, 1)["w1"])   # numpy ints are indices
+    for budget in (float("nan"), float("inf"), "1e999"):
+        with pytest.raises(moestream.UsageError, match="finite"):
+            moestream.open(lossless["mixtral"], device_budget=budget)
+    with pytest.raises(ValueError):  # UsageError is a ValueError too
+        moestream.open(lossless["mixtral"], device_budget=-1)
 
 
 def test_cli_generate_missing_and_corrupt_store(lossless, tmp_path):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MoestreamError
+from ...errors import MoestreamError, UsageError
 
 
 @dataclass
@@ -316,8 +316,11 @@ class CausalLM(nn.Module):
         """Extend input_ids [B, T] by up to `max_new_tokens` tokens -> [B, T + n]. temperature 0
         is greedy. Stops early when every sequence produced `eos_token_id`. `on_token(ids [B])`
         is called as each token is produced; `timings` (a dict) receives prefill/decode seconds."""
-        import time
         b, t = input_ids.shape
+        if max_new_tokens < 1 or t + max_new_tokens > self.cfg.max_position_embeddings:
+            raise UsageError(f"a {t}-token prompt plus max_new_tokens={max_new_tokens} does not fit the model's "
+                             f"context of {self.cfg.max_position_embeddings} positions (max_new_tokens at most "
+                             f"{self.cfg.max_position_embeddings - t})")
         dev = self.embed_tokens.weight.device
         cache = KVCache(self.cfg.num_layers, b, self.cfg.num_kv_heads, t + max_new_tokens, self.cfg.head_dim,
                         self.embed_tokens.weight.dtype, dev)
