@@ -6,7 +6,8 @@ from typing import Optional
 
 import torch
 
-from ..errors import MoestreamError
+from ..errors import FormatError, MoestreamError
+from ..formats.families import check_config
 from ..formats.codecs import TORCH_DTYPES
 from ..storage.store import Store, parse_device
 from .dequant import dequant_backend, dequantize
@@ -42,7 +43,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         family = FAMILIES.get(idx.architecture)
         if family is None:
             raise MoestreamError(f"{path}: no model family {idx.architecture!r} (have {', '.join(FAMILIES)})")
-        hf = store.config
+        hf = check_config(store.config, f"{path}: config", FormatError)
         cfg = ModelConfig.from_hf(hf, idx.architecture, idx.moe_layers, idx.experts_per_layer, family.EXPERT_NAMES)
         with torch.device("meta"):
             if idx.architecture == "qwen2_moe":

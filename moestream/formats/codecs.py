@@ -14,7 +14,7 @@ import torch
 import xxhash
 import zstandard
 
-from ..errors import FormatError
+from ..errors import ConvertError, FormatError
 from .constants import (DTYPE_ITEMSIZE, STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD)
 from .index import Region, TensorSlice, payload_length
 
@@ -74,14 +74,20 @@ def quantize(x: np.ndarray, quant: str, group_size: int) -> bytes:
     if not np.isfinite(g).all():
         raise ValueError("cannot quantize a tensor holding inf or NaN")
     if quant == "int8":
-        scale = (np.abs(g).max(axis=1) / 127.0).astype(np.float16)
+        with np.errstate(over="ignore"):
+            scale = (np.abs(g).max(axis=1) / 127.0).astype(np.float16)
+        if not np.isfinite(scale).all():
+            raise ValueError(f"a weight of magnitude {float(np.abs(g).max()):.3g} needs an int8 scale beyond fp16's range")
         s = scale.astype(np.float32)[:, None]
         codes = np.clip(np.rint(np.divide(g, s, out=np.zeros_like(g), where=s > 0)), -127, 127).astype(np.int8)
         return codes.tobytes() + scale.tobytes()
     if quant == "int4":
-        mn = g.min(axis=1).astype(np.float16)
-        mx = g.max(axis=1)
-        scale = ((mx - mn.astype(np.float32)) / 15.0).astype(np.float16)
+        with np.errstate(over="ignore"):
+            mn = g.min(axis=1).astype(np.float16)
+            mx = g.max(axis=1)
+            scale = ((mx - mn.astype(np.float32)) / 15.0).astype(np.float16)
+        if not (np.isfinite(scale).all() and np.isfinite(mn).all()):
+            raise ValueError(f"a weight range of {float(g.max() - g.min()):.3g} needs int4 scales beyond fp16's range")
         s = scale.astype(np.float32)[:, None]
         q = np.divide(g - mn.astype(np.float32)[:, None], s, out=np.zeros_like(g), where=s > 0)
         codes = np.clip(np.rint(q), 0, 15).astype(np.uint8).reshape(-1)
@@ -232,7 +238,10 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
             target = x
             if base is not None:
                 target = x - bits_to_float32(base[name], base_dtype).reshape(-1)
-            plane = quantize(target, opts.quant, opts.group_size)
+            try:
+                plane = quantize(target, opts.quant, opts.group_size)
+            except ValueError as e:
+                raise ConvertError(f"tensor {name}: cannot quantize to {opts.quant}: {e}") from None
             recon = dequantize_np(plane, numel, opts.quant, opts.group_size)
             if base is not None:
                 recon = recon + bits_to_float32(base[name], base_dtype).reshape(-1)
@@ -246,6 +255,22 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
 
 
 # ---- decoding of a region --------------------------------------------------------------------
+
+def nonfinite_scales(region: Region, payload: np.ndarray) -> list[str]:
+    """Names of the quantized tensors of `region` whose fp16 scale or minimum planes hold NaN
+    or inf (a decoder would turn them into NaN weights); empty for raw regions."""
+    q = region.quant
+    if q is None:
+        return []
+    bad = []
+    for t in region.tensors:
+        buf = payload[t.offset:t.offset + t.length]
+        _, scales, mins = split_quantized(buf, t.numel, q[0], q[1])
+        planes = [scales] + ([mins] if mins is not None else [])
+        if not all(np.isfinite(np.frombuffer(p.tobytes(), np.float16)).all() for p in planes):
+            bad.append(t.name)
+    return bad
+
 
 def zstd_frame_size(data) -> Optional[int]:
     """Bytes taken by the zstd frame at the start of `data` (header, blocks, checksum), walking

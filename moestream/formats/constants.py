@@ -26,8 +26,11 @@ PREAMBLE_CHECKSUM_STRUCT = struct.Struct("<Q")  # at offset 64
 
 #: Name of file number n inside a store directory.
 FILE_NAME_PATTERN = "experts-{:05d}.moe"
-#: Upper bound on the index size a reader accepts before reading it (bytes).
-MAX_INDEX_LENGTH = 1 << 30
+#: Upper bound on the index size a reader accepts before reading it (bytes). An extent's entry
+#: is ~450 bytes of JSON, so 32 MiB holds ~70k extents: 4x DeepSeek-V3 (58 x 256) and 3x Kimi-K2
+#: (60 x 384). Parsing JSON costs ~30x its size in RAM, which a larger cap would let a hostile
+#: header claim.
+MAX_INDEX_LENGTH = 32 << 20
 
 #: The most a zstd frame can expand: a 3-byte block header plus one RLE byte give a 128 KiB
 #: block, so no frame decodes to more than 32768 times its size. A region whose declared

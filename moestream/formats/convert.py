@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..errors import ConvertError
 from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
 from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, QUANT_CHOICES
-from .families import family_for
+from .families import check_config, family_for
 from .hf_checkpoint import HFCheckpoint
 from .writer import ConversionLock, StoreWriter, is_store
 
@@ -68,11 +68,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
             raise ConvertError(f"{out}: exists and is not a moestream store; --overwrite replaces only a store "
                                "(remove it yourself if it is yours to delete)")
     ckpt = HFCheckpoint(src)
+    check_config(ckpt.config, str(ckpt.root / "config.json"))
     fam = family_for(ckpt.config, str(ckpt.root / "config.json"))
     n_experts = fam.num_experts(ckpt.config)
-    n_layers = ckpt.config.get("num_hidden_layers")
-    if not isinstance(n_layers, int) or n_layers <= 0:
-        raise ConvertError(f"{ckpt.root / 'config.json'}: num_hidden_layers missing or invalid")
+    n_layers = ckpt.config["num_hidden_layers"]
     moe_layers = [l for l in range(n_layers) if fam.expert_tensor_name(l, 0, fam.expert_tensors[0]) in ckpt]
     if not moe_layers:
         example = fam.expert_tensor_name(0, 0, fam.expert_tensors[0])
@@ -82,6 +81,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
                     for t in fam.expert_tensors}
     for name in sorted(expert_names):
         ckpt.info(name)  # raises ConvertError naming the missing tensor
+    _check_shapes(ckpt, fam, moe_layers, n_experts, expert_names)
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
 
     raw_dtype = None if quant in ("keep", *INT_QUANTS) else quant
@@ -103,6 +103,9 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
     try:
         if writer.resumed:
             bar.write(f"resuming an interrupted conversion into {writer.staging}")
+        elif writer.restart_reason:
+            bar.write(f"cannot resume the interrupted conversion in {writer.staging} ({writer.restart_reason}); "
+                      "starting over")
         if not writer.done("dense"):
             for name in dense_names:
                 info = ckpt.info(name)
@@ -168,6 +171,28 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
         encoders.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return path
+
+
+def _check_shapes(ckpt: HFCheckpoint, fam, moe_layers: list[int], n_experts: int, expert_names: set[str]) -> None:
+    """Every tensor whose shape the config fixes has that shape, and no expert tensor lies
+    outside the experts the config declares (it would be stored as a dense tensor and never used)."""
+    cfg_path = ckpt.root / "config.json"
+    for name in ckpt.tensors:
+        idx = fam.expert_index(name)
+        if idx is not None and name not in expert_names:
+            raise ConvertError(f"{ckpt.info(name).path}: holds expert tensor {name}, but {cfg_path} declares "
+                               f"{n_experts} experts per layer and MoE layers {moe_layers}")
+    want = fam.expert_shapes(ckpt.config)
+    for name in sorted(expert_names):
+        info = ckpt.info(name)
+        suffix = name.rsplit(".", 2)[-2]
+        if info.shape != want[suffix]:
+            raise ConvertError(f"{info.path}: {name} has shape {list(info.shape)}; {cfg_path} implies "
+                               f"{list(want[suffix])}")
+    for name, shape in fam.dense_shapes(ckpt.config, range(ckpt.config["num_hidden_layers"]), moe_layers).items():
+        if name in ckpt and ckpt.info(name).shape != shape:
+            raise ConvertError(f"{ckpt.info(name).path}: {name} has shape {list(ckpt.info(name).shape)}; "
+                               f"{cfg_path} implies {list(shape)}")
 
 
 def _blob(data: np.ndarray, zstd_level: Optional[int]):

@@ -2,8 +2,9 @@
 (the layout `save_pretrained` writes). Everything not matched here is a dense tensor."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from ..errors import ConvertError
 
@@ -12,27 +13,108 @@ from ..errors import ConvertError
 class Family:
     name: str                          # model_type in config.json
     expert_prefix: str                 # format(layer=, expert=) -> tensor name prefix
-    expert_tensors: tuple[str, ...]    # suffixes: name = prefix + t + ".weight"
+    expert_tensors: tuple[str, ...]    # suffixes: name = prefix + t + ".weight" (the store's order)
     num_experts_key: str
+    gate_up_down: tuple[str, str, str]  # which expert tensor is the gate, the up and the down projection
+    expert_intermediate_key: str       # config key of an expert's intermediate size
+    router: str                        # format(layer=) -> the router's weight name
+
+    def expert_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+        """The shape each expert tensor must have under `config`."""
+        h, i = config["hidden_size"], config[self.expert_intermediate_key]
+        gate, up, down = self.gate_up_down
+        return {gate: (i, h), up: (i, h), down: (h, i)}
+
+    def dense_shapes(self, config: dict[str, Any], layers: Iterator[int], moe_layers) -> dict[str, tuple[int, ...]]:
+        """The shapes of the dense tensors whose size the config fixes (embeddings, attention
+        projections, routers); others (norms, biases, shared experts) are not checked here."""
+        h, v = config["hidden_size"], config["vocab_size"]
+        heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+        d = config.get("head_dim") or h // heads
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h)}
+        for l in layers:
+            p = f"model.layers.{l}.self_attn."
+            out.update({p + "q_proj.weight": (heads * d, h), p + "k_proj.weight": (kv * d, h),
+                        p + "v_proj.weight": (kv * d, h), p + "o_proj.weight": (h, heads * d)})
+            if l in moe_layers:
+                out[self.router.format(layer=l)] = (self.num_experts(config), h)
+        return out
+
+    def expert_index(self, tensor_name: str) -> tuple[int, int] | None:
+        """(layer, expert) of a routed-expert tensor name of this family, else None."""
+        m = re.fullmatch(re.escape(self.expert_prefix).replace(r"\{layer\}", r"(\d+)").replace(r"\{expert\}", r"(\d+)")
+                         + r"[^.]+\.weight", tensor_name)
+        return (int(m.group(1)), int(m.group(2))) if m else None
 
     def expert_tensor_name(self, layer: int, expert: int, tensor: str) -> str:
         return f"{self.expert_prefix.format(layer=layer, expert=expert)}{tensor}.weight"
 
     def num_experts(self, config: dict[str, Any]) -> int:
         for key in (self.num_experts_key, "num_experts", "num_local_experts"):
-            if isinstance(config.get(key), int) and config[key] > 0:
-                return config[key]
+            v = config.get(key)
+            if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16:
+                return v
         raise ConvertError(f"config.json of a {self.name} model has no {self.num_experts_key}")
 
 
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
+_QWEN = dict(expert_tensors=_SWIGLU, num_experts_key="num_experts", gate_up_down=_SWIGLU,
+             expert_intermediate_key="moe_intermediate_size", router="model.layers.{layer}.mlp.gate.weight")
 FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", "model.layers.{layer}.block_sparse_moe.experts.{expert}.", ("w1", "w2", "w3"),
-                      "num_local_experts"),
-    "qwen2_moe": Family("qwen2_moe", "model.layers.{layer}.mlp.experts.{expert}.", _SWIGLU, "num_experts"),
-    "qwen3_moe": Family("qwen3_moe", "model.layers.{layer}.mlp.experts.{expert}.", _SWIGLU, "num_experts"),
-    "olmoe": Family("olmoe", "model.layers.{layer}.mlp.experts.{expert}.", _SWIGLU, "num_experts"),
+                      "num_local_experts", ("w1", "w3", "w2"), "intermediate_size",
+                      "model.layers.{layer}.block_sparse_moe.gate.weight"),
+    "qwen2_moe": Family("qwen2_moe", "model.layers.{layer}.mlp.experts.{expert}.", **_QWEN),
+    "qwen3_moe": Family("qwen3_moe", "model.layers.{layer}.mlp.experts.{expert}.", **_QWEN),
+    "olmoe": Family("olmoe", "model.layers.{layer}.mlp.experts.{expert}.",   # experts use intermediate_size
+                    **dict(_QWEN, expert_intermediate_key="intermediate_size")),
 }
+
+#: Config fields every family needs, with the largest value accepted (larger is a mistake or
+#: hostile, and would allocate absurd caches).
+_CONFIG_INTS = {"hidden_size": 1 << 17, "num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12,
+                "vocab_size": 1 << 22, "num_experts_per_tok": 1 << 10}
+_OPTIONAL_INTS = {"num_key_value_heads": 1 << 12, "head_dim": 1 << 12, "max_position_embeddings": 1 << 24,
+                  "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20}
+
+
+def check_config(config: Any, where: str = "config.json", error: type[Exception] = ConvertError) -> dict[str, Any]:
+    """Refuse a config a model cannot be built from, naming the file and the field: a missing or
+    non-integer size, a zero or absurd one, heads that do not divide, top-k above the experts.
+    Raises `error` (ConvertError for a checkpoint, FormatError for a store)."""
+    try:
+        return _check_config(config, where)
+    except ConvertError as e:
+        if error is ConvertError:
+            raise
+        raise error(str(e)) from None
+
+
+def _check_config(config: Any, where: str) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ConvertError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    fam = family_for(config, where)
+
+    def field(key: str, limit: int, required: bool) -> None:
+        v = config.get(key)
+        if v is None and not required:
+            return
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConvertError(f"{where}: {key} must be an integer, got {v!r}")
+        if not 1 <= v <= limit:
+            raise ConvertError(f"{where}: {key} = {v} is out of range (1 to {limit})")
+    for key, limit in _CONFIG_INTS.items():
+        field(key, limit, True)
+    for key, limit in _OPTIONAL_INTS.items():
+        field(key, limit, key == fam.expert_intermediate_key)
+    n = fam.num_experts(config)
+    if config["num_experts_per_tok"] > n:
+        raise ConvertError(f"{where}: num_experts_per_tok = {config['num_experts_per_tok']} exceeds the {n} experts")
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    if config["num_attention_heads"] % kv:
+        raise ConvertError(f"{where}: num_attention_heads {config['num_attention_heads']} is not a multiple of "
+                           f"num_key_value_heads {kv}")
+    return config
 
 
 def family_for(config: dict[str, Any], where: str = "config.json") -> Family:

@@ -21,6 +21,10 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 48
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
@@ -78,16 +82,25 @@ class HFCheckpoint:
         except ValueError as e:
             raise ConvertError(f"{path}: header is not JSON ({e})") from None
         base = 8 + n
+        if not isinstance(header, dict):
+            raise ConvertError(f"{path}: header is a JSON {type(header).__name__}, not an object")
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
+            if not isinstance(meta, dict):
+                raise ConvertError(f"{path}: tensor {name}: header entry is not an object")
             st = meta.get("dtype")
             if st not in SAFETENSORS_DTYPES:
                 raise ConvertError(f"{path}: tensor {name} has dtype {st}; supported: {', '.join(SAFETENSORS_DTYPES)}")
             dtype = SAFETENSORS_DTYPES[st]
-            begin, end = meta["data_offsets"]
-            shape = tuple(meta["shape"])
-            if end - begin != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or base + end > size:
+            offsets, shape = meta.get("data_offsets"), meta.get("shape")
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
+                raise ConvertError(f"{path}: tensor {name}: data_offsets missing or not two non-negative integers")
+            if not (isinstance(shape, list) and all(_is_count(x) for x in shape)):
+                raise ConvertError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
+            begin, end = offsets
+            shape = tuple(shape)
+            if end < begin or end - begin != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or base + end > size:
                 raise ConvertError(f"{path}: tensor {name} has inconsistent offsets")
             self.tensors[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
 

@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import ChecksumError, FormatError
-from .codecs import Dequantizer, checksum, dequantize_torch, materialize, unpack_payload
+from .codecs import Dequantizer, checksum, dequantize_torch, materialize, nonfinite_scales, unpack_payload
 from .constants import (ALIGNMENT, FILE_NAME_PATTERN, FORMAT_VERSION, MAGIC, MAX_INDEX_LENGTH,
                         PREAMBLE_CHECKED_LENGTH, PREAMBLE_CHECKSUM_STRUCT, PREAMBLE_SIZE, PREAMBLE_STRUCT)
 from .index import Region, StoreIndex
@@ -86,7 +86,10 @@ class StoreReader:
         if not 1 <= count <= MAX_FILES:
             raise FormatError(f"file count {count} is not plausible (an unfinished write leaves 0)",
                               path=str(first), offset=36)
-        if ioff < PREAMBLE_SIZE or ioff % ALIGNMENT or ilen == 0 or ilen > MAX_INDEX_LENGTH or ioff + ilen != size:
+        if ilen > MAX_INDEX_LENGTH:
+            raise FormatError(f"index of {ilen} bytes exceeds the {MAX_INDEX_LENGTH}-byte limit of the format",
+                              path=str(first), offset=48)
+        if ioff < PREAMBLE_SIZE or ioff % ALIGNMENT or ilen == 0 or ioff + ilen != size:
             raise FormatError(f"index at [{ioff}, {ioff + ilen}) does not end the {size}-byte file",
                               path=str(first), offset=40)
         sizes = [size]
@@ -223,10 +226,37 @@ class StoreReader:
         for key, r in sorted(self.index.extents.items()):
             yield "expert", r, key
 
+    def shape_problems(self) -> list[str]:
+        """Tensors whose shapes disagree with the carried config (one line each), or the
+        config's own problem; empty for a consistent store of a known family."""
+        from .families import FAMILIES, check_config
+        where = f"{self.files[0]}: config"
+        try:
+            check_config(self.config, where, FormatError)
+        except FormatError as e:
+            return [str(e)]
+        fam = FAMILIES[self.config["model_type"]]
+        if fam.name != self.architecture:
+            return [f"{where}: model_type {fam.name!r} but the index says {self.architecture!r}"]
+        bad = []
+        want = fam.expert_shapes(self.config)
+        for (layer, expert), r in sorted(self.index.extents.items()):
+            for t in r.tensors:
+                if t.name in want and t.shape != want[t.name]:
+                    bad.append(f"{self.files[r.file]}: offset {r.offset}: layer {layer} expert {expert}: tensor "
+                               f"{t.name} has shape {list(t.shape)}, the config implies {list(want[t.name])}")
+        dense = fam.dense_shapes(self.config, range(self.config["num_hidden_layers"]), self.layers)
+        for name, r in self.index.dense.items():
+            if name in dense and r.tensors and r.tensors[0].shape != dense[name]:
+                bad.append(f"{self.files[r.file]}: offset {r.offset}: dense {name} has shape "
+                           f"{list(r.tensors[0].shape)}, the config implies {list(dense[name])}")
+        return bad
+
     def verify_all(self) -> list[str]:
         """Check every region's checksum and decode its payload (zstd, shuffle) as a load would,
-        and parse carried JSON files; returns one line per bad region (empty when all good)."""
-        bad = []
+        parse carried JSON files, and check tensor shapes against the config; returns one line
+        per problem (empty when all good)."""
+        bad = self.shape_problems()
         for label, r, ext in self.regions():
             what = f"layer {ext[0]} expert {ext[1]}" if ext else label
             where = f"{self.files[r.file]}: offset {r.offset}: {what}"
@@ -238,6 +268,8 @@ class StoreReader:
                 payload = unpack_payload(r, data, path=str(self.files[r.file]), extent=ext)
                 if label.startswith("blob ") and label.endswith(".json"):
                     json.loads(payload.tobytes().decode("utf-8"))
+                for name in nonfinite_scales(r, payload):
+                    bad.append(f"{where}: tensor {name} has NaN or inf quantization scales")
             except FormatError as e:
                 bad.append(f"{e} ({what})")
             except (UnicodeDecodeError, ValueError) as e:

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import ConvertError
+from ..errors import ConvertError, FormatError
 
 from .codecs import EncodedRegion, checksum
 from .constants import (ALIGNMENT, FILE_NAME_PATTERN, FORMAT_VERSION, MAGIC, PREAMBLE_CHECKSUM_STRUCT, PREAMBLE_SIZE,
@@ -123,23 +123,53 @@ class StoreWriter:
         self.resumed = False
         journal = self.staging / JOURNAL
         state = None
+        #: why an interrupted conversion could not be resumed (it starts over), or None
+        self.restart_reason: Optional[str] = None
         if journal.is_file():
             try:
                 state = json.loads(journal.read_text())
             except (OSError, ValueError):
                 state = None
-        if state is not None and state.get("fingerprint") == fingerprint:
-            self._restore(state)
-        else:
+                self.restart_reason = f"{journal} is not readable JSON"
+        if isinstance(state, dict) and state.get("fingerprint") == fingerprint:
+            problem = self._missing_data(state)
+            if problem is None:
+                try:
+                    self._restore(state)
+                except (KeyError, TypeError, ValueError, IndexError, FormatError) as e:
+                    self.resumed = False
+                    problem = f"{journal} is malformed ({type(e).__name__}: {e})"
+            self.restart_reason = problem
+        elif state is not None:
+            self.restart_reason = None if isinstance(state, dict) else f"{journal} is not a journal"
+        if not self.resumed:
             if self.staging.exists():
                 _check_staging_is_ours(self.staging)
                 shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True)
             self.store_id = uuid.uuid4().bytes
+            self.__init_regions()
         self._fh = None
         self._open_current()
 
     # ---- journal -----------------------------------------------------------------------------
+    def __init_regions(self) -> None:
+        self.dense, self.bases, self.blobs, self.extents = {}, {}, {}, {}
+        self.units, self.file_sizes = [], []
+
+    def _missing_data(self, state: dict[str, Any]) -> Optional[str]:
+        """Why the journaled files cannot be resumed from (a file deleted or cut short), or None."""
+        sizes = state.get("files")
+        if not isinstance(sizes, list):
+            return "the journal lists no files"
+        for i, size in enumerate(sizes):
+            p = self.staging / FILE_NAME_PATTERN.format(i)
+            if not p.is_file():
+                return f"{p} is missing"
+            if not isinstance(size, int) or p.stat().st_size < size:
+                return f"{p} is shorter than the journal records"
+        return None
+
     def _restore(self, state: dict[str, Any]) -> None:
         self.resumed = True
         self.store_id = bytes.fromhex(state["store_id"])

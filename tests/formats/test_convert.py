@@ -233,3 +233,152 @@ def test_staging_that_holds_foreign_files_is_not_deleted(checkpoints, tmp_path):
     with pytest.raises(ConvertError, match="holds 'thesis.tex', which no conversion writes"):
         moestream.convert(checkpoints["mixtral"], tmp_path / "s", progress=False)
     assert (staging / "thesis.tex").read_text() == "years of work"
+
+
+# ---- checkpoints that cannot run are refused before anything is written -------------------------
+
+def _edited_copy(src, dst, *, config=None, tensors=None, header=None):
+    import shutil
+    shutil.copytree(src, dst)
+    if config is not None:
+        cfg = json.loads((dst / "config.json").read_text())
+        config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if tensors is not None:
+        from safetensors.torch import load_file, save_file
+        sd = load_file(dst / "model.safetensors")
+        tensors(sd)
+        save_file(sd, dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.parametrize("case,message", [
+    ("fewer_experts_in_config", r"holds expert tensor model\.layers\.0\.block_sparse_moe\.experts\.4\..*declares 4 experts"),
+    ("transposed_expert", r"experts\.3\.w1\.weight has shape \[64, 48\]; .*config\.json implies \[48, 64\]"),
+    ("wrong_q_proj", r"q_proj\.weight has shape \[32, 64\]; .*implies \[64, 64\]"),
+    ("heads_zero", r"config\.json: num_attention_heads = 0 is out of range"),
+    ("heads_missing", r"config\.json: num_attention_heads must be an integer, got None"),
+    ("vocab_huge", r"vocab_size = 68719476736 is out of range"),
+    ("layers_string", r"num_hidden_layers must be an integer, got '2'"),
+    ("topk_100", r"num_experts_per_tok = 100 exceeds the 8 experts"),
+])
+def test_checkpoints_that_cannot_run_are_refused(checkpoints, tmp_path, case, message):
+    src = checkpoints["mixtral"]
+    pre = "model.layers.0."
+    edits = {
+        "fewer_experts_in_config": dict(config=lambda c: c.update(num_local_experts=4)),
+        "transposed_expert": dict(tensors=lambda sd: sd.update({
+            f"{pre}block_sparse_moe.experts.3.w1.weight": sd[f"{pre}block_sparse_moe.experts.3.w1.weight"].t().contiguous()})),
+        "wrong_q_proj": dict(tensors=lambda sd: sd.update({f"{pre}self_attn.q_proj.weight": torch.zeros(32, 64)})),
+        "heads_zero": dict(config=lambda c: c.update(num_attention_heads=0)),
+        "heads_missing": dict(config=lambda c: c.pop("num_attention_heads")),
+        "vocab_huge": dict(config=lambda c: c.update(vocab_size=1 << 36)),
+        "layers_string": dict(config=lambda c: c.update(num_hidden_layers="2")),
+        "topk_100": dict(config=lambda c: c.update(num_experts_per_tok=100)),
+    }
+    bad = _edited_copy(src, tmp_path / "c", **edits[case])
+    with pytest.raises(ConvertError, match=message):
+        moestream.convert(bad, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("header,message", [
+    (b"[1, 2]", "header is a JSON list, not an object"),
+    (b'{"a": {"dtype": "F32", "shape": [2]}}', "data_offsets missing"),
+    (b'{"a": {"dtype": "F32", "shape": [-1, -64], "data_offsets": [0, 0]}}', r"shape \[-1, -64\] is not a list"),
+])
+def test_malformed_safetensors_headers_are_named(checkpoints, tmp_path, header, message):
+    import shutil
+    import struct
+    src = tmp_path / "c"
+    shutil.copytree(checkpoints["mixtral"], src)
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(ConvertError, match=message):
+        moestream.convert(src, tmp_path / "s", progress=False)
+
+
+def test_config_that_is_not_an_object_is_one_line(checkpoints, tmp_path):
+    from moestream.cli import main
+    src = _edited_copy(checkpoints["mixtral"], tmp_path / "c")
+    (src / "config.json").write_text("[]")
+    p = subprocess.run([sys.executable, "-m", "moestream.cli", "convert", str(src), str(tmp_path / "s")],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "config.json: expected a JSON object, got list" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_verify_checks_shapes_against_the_config(checkpoints, tmp_path):
+    """A store whose index was rewritten (checksums recomputed) to disagree with its config."""
+    from tests.formats.test_corruption import repack_index
+    out = moestream.convert(checkpoints["mixtral"], tmp_path / "s", progress=False)
+
+    def edit(d):
+        d["config"]["moe_intermediate_size"] = 48
+        d["config"]["intermediate_size"] = 40       # the config now says experts are [40, 64]
+    repack_index(out / "experts-00000.moe", edit)
+    with StoreReader(out) as r:
+        bad = r.verify_all()
+    assert bad and all("the config implies [40, 64]" in line or "implies [64, 40]" in line for line in bad)
+    assert any("layer 1 expert 7: tensor w2 has shape [64, 48]" in line for line in bad)
+
+
+@pytest.mark.parametrize("damage", ["delete_data_file", "journal_is_a_list", "truncate_data_file"])
+def test_an_interrupted_conversion_with_damaged_staging_starts_over(checkpoints, tmp_path, monkeypatch, damage):
+    src, out = checkpoints["qwen3_moe"], tmp_path / "s"
+    real = StoreWriter.add_extent
+    calls = {"n": 0}
+
+    def crashing(self, layer, expert, enc, source_length):
+        calls["n"] += 1
+        if calls["n"] == 11:
+            raise KeyboardInterrupt
+        return real(self, layer, expert, enc, source_length)
+    monkeypatch.setattr(StoreWriter, "add_extent", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        moestream.convert(src, out, progress=False)
+    monkeypatch.setattr(StoreWriter, "add_extent", real)
+    staging = tmp_path / "s.partial"
+    if damage == "delete_data_file":
+        (staging / "experts-00000.moe").unlink()
+    elif damage == "journal_is_a_list":
+        (staging / "journal.json").write_text("[]")
+    else:
+        with open(staging / "experts-00000.moe", "r+b") as f:
+            f.truncate(4096)
+    p = subprocess.run([sys.executable, "-m", "moestream.cli", "convert", str(src), str(out)],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "starting over" in p.stdout + p.stderr
+    with StoreReader(out) as r:
+        assert r.verify_all() == []
+
+
+def test_int_scales_beyond_fp16_are_refused_and_verify_flags_nan_scales(checkpoints, tmp_path):
+    from tests.formats.test_corruption import repack_index
+    from moestream.formats.codecs import checksum as xxh
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    bad = _edited_copy(checkpoints["mixtral"], tmp_path / "c", tensors=lambda sd: sd[name].__setitem__((0, 0), 1e10))
+    with pytest.raises(ConvertError, match=r"tensor w2: cannot quantize to int8: .*beyond fp16's range"):
+        moestream.convert(bad, tmp_path / "s8", quant="int8", progress=False)
+
+    out = moestream.convert(checkpoints["mixtral"], tmp_path / "s", quant="int8", zstd_level=None, delta=False,
+                            progress=False)
+    with StoreReader(out) as r:
+        reg = r.extent(0, 3)
+    w1 = reg.tensors[0]
+    groups = -(-w1.numel // 64)
+    f = out / "experts-00000.moe"
+    data = bytearray(f.read_bytes())
+    scale_at = reg.offset + w1.offset + groups * 64          # the first fp16 scale of w1
+    data[scale_at:scale_at + 2] = b"\x00\x7e"                 # fp16 NaN
+    f.write_bytes(bytes(data))
+    stored = bytes(data[reg.offset:reg.offset + reg.length])
+
+    def fix_checksum(d):  # a hostile writer: the checksum matches the bad bytes
+        for e in d["extents"]:
+            if (e["layer"], e["expert"]) == (0, 3):
+                e["checksum"] = xxh(stored)
+    repack_index(f, fix_checksum)
+    with StoreReader(out) as r:
+        problems = r.verify_all()
+    assert problems == [f"{f}: offset {reg.offset}: layer 0 expert 3: tensor w1 has NaN or inf quantization scales"]

@@ -183,7 +183,7 @@ def preamble_edit(f, index, value):
     (5, 0, "file count"),
     (5, 3, "missing"),
     (6, 1 << 60, "index at"),
-    (7, 1 << 62, "index at"),
+    (7, 1 << 62, "exceeds the .*-byte limit"),
     (8, 12345, "index checksum"),
 ])
 def test_preamble_edits(pristine, tmp_path, index, value, message):
