@@ -152,7 +152,7 @@ class InMemoryExperts:
 
     def __init__(self, store):
         from ..formats.reader import StoreReader
-        with StoreReader(store.reader.path, verify=False) as r:
+        with StoreReader(store.path, verify=False) as r:
             self.experts = {k: r.expert(*k) for k in r.index.extents}
         self.expert_slots = len(self.experts)
 

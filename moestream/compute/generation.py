@@ -15,11 +15,11 @@ from .loader import load_model
 def load_tokenizer(model):
     """The tokenizer carried in the store (tokenizer.json), as a `tokenizers.Tokenizer`."""
     from tokenizers import Tokenizer
-    blobs = model.store.reader.index.blobs
-    if "tokenizer.json" not in blobs:
-        raise MoestreamError(f"{model.store.reader.path}: the store carries no tokenizer.json "
-                             f"(carried: {', '.join(sorted(blobs)) or 'nothing'})")
-    return Tokenizer.from_str(model.store.reader.blob("tokenizer.json").decode("utf-8"))
+    data = model.store.blob("tokenizer.json")
+    try:
+        return Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+        raise MoestreamError(f"{model.store.path}: the carried tokenizer.json cannot be loaded ({e})") from None
 
 
 def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu",

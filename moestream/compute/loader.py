@@ -51,7 +51,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             else:
                 model = family.build(cfg, store)
         model = model.to_empty(device=dev)
-        state = _dense_state(store.reader.dense(), cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
+        state = _dense_state(store.dense(), cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if not m.startswith("rotary.")]
         if missing or unexpected:

@@ -183,11 +183,14 @@ class StoreReader:
                                 path=str(self.files[region.file]), offset=region.offset, extent=extent)
 
     def decode(self, region: Region, stored, extent: Optional[tuple[int, int]] = None, *,
-               device: torch.device | str = "cpu", dequantize: Dequantizer = dequantize_torch) -> dict[str, torch.Tensor]:
-        """Decode stored bytes of `region` to named tensors on `device` (new tensors, caller-owned)."""
+               device: torch.device | str = "cpu", dequantize: Dequantizer = dequantize_torch,
+               out: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+        """Decode stored bytes of `region` to named tensors on `device`: new tensors owned by
+        the caller, or views of `out` (uint8, at least region.decoded_length bytes) written in
+        place (codecs.materialize)."""
         payload = unpack_payload(region, stored, path=str(self.files[region.file]), extent=extent)
         base = self.base(extent[0]) if extent is not None and extent[0] in self.index.bases else None
-        return materialize(region, payload, base, dequantize=dequantize, device=device)
+        return materialize(region, payload, base, dequantize=dequantize, device=device, out=out)
 
     def base(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's base expert (decoded once, cached on CPU)."""

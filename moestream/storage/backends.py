@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
+import numpy as np
+
 from ..errors import StoreIOError
 
 
@@ -28,7 +30,7 @@ class ReadRequest:
     path: str
     offset: int
     length: int
-    dest: Any
+    dest: Any                         # a writable memoryview (host), or a device array (kvikio)
     addr: int = 0
     need: Optional[int] = None
     buf_index: Optional[int] = None   # registered-buffer index (uring READ_FIXED)
@@ -203,8 +205,10 @@ class KvikioBackend:
 
     def _read(self, req: ReadRequest) -> int:
         need = req.length if req.need is None else req.need
+        # host destinations arrive as memoryviews (the Store's slabs and slots): kvikio wants arrays
+        dest = np.frombuffer(req.dest, np.uint8) if isinstance(req.dest, memoryview) else req.dest
         try:
-            n = self._file(req.path).pread(req.dest, req.length, req.offset).get()
+            n = self._file(req.path).pread(dest, req.length, req.offset).get()
         except Exception as e:  # kvikio raises RuntimeError with the CUDA/cuFile message
             raise StoreIOError(f"{req.path}: kvikio read of {req.length} bytes at offset {req.offset} failed: {e}") from None
         if n < need:

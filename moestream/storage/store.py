@@ -35,7 +35,7 @@ import psutil
 import torch
 
 from ..errors import BudgetError, MoestreamError, UsageError
-from ..formats.codecs import Dequantizer, checksum, dequantize_torch, materialize, unpack_payload
+from ..formats.codecs import Dequantizer, dequantize_torch
 from ..formats.constants import ALIGNMENT, align_up
 from ..formats.index import Region
 from ..formats.reader import StoreReader
@@ -344,6 +344,23 @@ class Store:
         """Every dense tensor on `device` (read once; the caller keeps them)."""
         return {k: v.to(self.device) for k, v in self.reader.dense().items()}
 
+    @property
+    def path(self):
+        """The store directory."""
+        return self.reader.path
+
+    @property
+    def blobs(self) -> list[str]:
+        """Names of the files the store carries (tokenizer files, generation_config.json)."""
+        return sorted(self.reader.index.blobs)
+
+    def blob(self, name: str) -> bytes:
+        """A carried file's bytes; MoestreamError naming what is carried when it is not."""
+        if name not in self.reader.index.blobs:
+            raise MoestreamError(f"{self.path}: the store carries no {name} "
+                                 f"(carried: {', '.join(self.blobs) or 'nothing'})")
+        return self.reader.blob(name)
+
     def stats(self) -> dict:
         """A snapshot of every counter (StoreStats fields plus derived rates)."""
         self.stats_.l1_bytes, self.stats_.l1_peak, self.stats_.evictions_l1 = self.l1.used, self.l1.peak, self.l1.evictions
@@ -512,13 +529,13 @@ class Store:
             base_addr, view, buf_index = slab.addr, slab.view, 0
         else:
             base_addr, view, buf_index = self.arena.slot_addr(load.slot), self.arena.slot_view(load.slot), 1
-        kv = self.backend.name == "kvikio"
         for off in offsets:
             n = min(self.chunk_size, r.padded_length - off)
             need = min(n, max(0, r.length - off))
-            dest = slab.tensor[off:off + n].numpy() if kv and slab is not None else view[off:off + n]
-            req = ReadRequest(fd, path, r.offset + off, n, dest, addr=base_addr + off, need=need,
-                              buf_index=buf_index if getattr(self.backend, "registered", False) else None)
+            # buf_index names the registered buffer the destination lies in (0 the pool, 1 the
+            # arena, in the order given to choose_backend); a backend that registered none ignores it
+            req = ReadRequest(fd, path, r.offset + off, n, view[off:off + n], addr=base_addr + off, need=need,
+                              buf_index=buf_index)
             try:
                 fut = self.backend.submit(req)
             except BaseException as e:  # backend closed or broken
@@ -569,16 +586,13 @@ class Store:
             stored = self.arena.slot_view(load.slot)[:r.length]
         try:
             if self.reader.verify and load.l2_slot is None:  # L2 bytes were checked when read
-                got = checksum(stored)
-                if got != r.checksum:
-                    self.reader.check(r, stored, load.key)   # raises ChecksumError naming the place
+                self.reader.check(r, stored, load.key)      # ChecksumError naming file, offset, expert
             t1 = time.perf_counter()
             tensors = None
             if slab is not None or load.l2_slot is not None:
-                payload = unpack_payload(r, stored, path=str(self.reader.files[r.file]), extent=load.key)
-                base = self.reader.base(load.key[0]) if load.key[0] in self.index.bases else None
                 out = slot_tensor(self.arena, load.slot) if load.slot is not None else None
-                tensors = materialize(r, payload, base, dequantize=self._dequantize, device=self.device, out=out)
+                tensors = self.reader.decode(r, stored, load.key, device=self.device, dequantize=self._dequantize,
+                                             out=out)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 if slab is not None and self._keeps_in_l2(r):

@@ -161,3 +161,20 @@ def test_cli_generate_missing_and_corrupt_store(lossless, tmp_path):
     p = run_cli("generate", dst, "--prompt", "hi", "--max-new-tokens", "2")
     assert p.returncode != 0 and "checksum mismatch" in p.stderr and "Traceback" not in p.stderr, p.stderr
     assert "layer" in p.stderr and "expert" in p.stderr
+
+
+def test_a_tokenizer_that_is_not_json_is_one_line(lossless, tmp_path):
+    """tokenizer.json carried in the store but malformed: one line naming the store."""
+    import shutil
+    from tests.formats.test_corruption import plant_region
+    store = tmp_path / "s"
+    shutil.copytree(lossless["mixtral"], store)
+    junk = b"this is not a tokenizer" * 4
+
+    def edit(doc, offset, length, digest):
+        doc["blobs"]["tokenizer.json"] = {"file": 0, "offset": offset, "length": length, "raw_length": length,
+                                          "checksum": digest, "chain": []}
+    plant_region(store / "experts-00000.moe", junk, edit)
+    p = run_cli("generate", store, "--prompt", "hi", "--max-new-tokens", "2")
+    assert p.returncode == 1 and "the carried tokenizer.json cannot be loaded" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
