@@ -15,7 +15,7 @@ import xxhash
 import zstandard
 
 from ..errors import ConvertError, FormatError
-from .constants import (DTYPE_ITEMSIZE, STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD)
+from .constants import DTYPE_ITEMSIZE, STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec
 from .index import Region, TensorSlice, payload_length
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -66,7 +66,7 @@ def quantize(x: np.ndarray, quant: str, group_size: int) -> bytes:
     fp16 minimums. The last group is padded by repeating the last element."""
     flat = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     n = flat.size
-    groups = max(1, -(-n // group_size))
+    groups = QuantSpec(quant, group_size).groups(n)
     pad = groups * group_size - n
     if pad:
         flat = np.concatenate([flat, np.full(pad, flat[-1] if n else 0.0, np.float32)])
@@ -97,13 +97,10 @@ def quantize(x: np.ndarray, quant: str, group_size: int) -> bytes:
 
 
 def split_quantized(buf: torch.Tensor | np.ndarray, numel: int, quant: str, group_size: int):
-    """Views (codes, scales, mins) into one tensor's quantized payload (uint8, 1-D)."""
-    groups = max(1, -(-numel // group_size))
-    code_bytes = groups * group_size if quant == "int8" else groups * group_size // 2
-    codes = buf[:code_bytes]
-    scales = buf[code_bytes:code_bytes + 2 * groups]
-    mins = buf[code_bytes + 2 * groups:code_bytes + 4 * groups] if quant == "int4" else None
-    return codes, scales, mins
+    """Views (codes, scales, mins) into one tensor's quantized payload (uint8, 1-D); mins is
+    None for int8. The layout is QuantSpec's."""
+    codes, scales, mins = QuantSpec(quant, group_size).planes(numel)
+    return buf[slice(*codes)], buf[slice(*scales)], buf[slice(*mins)] if mins else None
 
 
 def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], *, quant: str,
@@ -221,8 +218,9 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
 def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
     planes, slices, err, pos = [], [], 0.0, 0
     chain: tuple[str, ...] = ()
-    if opts.quant is not None:
-        chain = (f"{opts.quant}:{opts.group_size}",)
+    spec = QuantSpec(opts.quant, opts.group_size) if opts.quant is not None else None
+    if spec is not None:
+        chain = (spec.stage,)
     if base is not None:
         chain += (STAGE_DELTA,) if opts.quant else (STAGE_XOR_DELTA,)
     for name, dtype, shape, bits in tensors:
@@ -247,7 +245,7 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
                 recon = recon + bits_to_float32(base[name], base_dtype).reshape(-1)
             err = max(err, _rel_error(x, recon))
             out_dtype = "bf16"
-        assert len(plane) == payload_length(numel, out_dtype, (opts.quant, opts.group_size) if opts.quant else None)
+        assert len(plane) == payload_length(numel, out_dtype, spec)
         planes.append(plane)
         slices.append(TensorSlice(name, out_dtype, tuple(shape), pos, len(plane)))
         pos += len(plane)
@@ -265,7 +263,7 @@ def nonfinite_scales(region: Region, payload: np.ndarray) -> list[str]:
     bad = []
     for t in region.tensors:
         buf = payload[t.offset:t.offset + t.length]
-        _, scales, mins = split_quantized(buf, t.numel, q[0], q[1])
+        _, scales, mins = split_quantized(buf, t.numel, q.kind, q.group)
         planes = [scales] + ([mins] if mins is not None else [])
         if not all(np.isfinite(np.frombuffer(p.tobytes(), np.float16)).all() for p in planes):
             bad.append(t.name)
@@ -367,10 +365,10 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
                 bits ^= base[t.name].reshape(-1).to(dtype).view(TORCH_BITS[t.dtype]).to(bits.device)
             tensors[t.name] = bits.view(dtype).view(t.shape).to(device)
         else:
-            codes, scales, mins = split_quantized(buf, t.numel, q[0], q[1])
+            codes, scales, mins = split_quantized(buf, t.numel, q.kind, q.group)
             b = base[t.name].to(device) if need_base else None
             kw = {"out": dst} if dst is not None else {}
-            tensors[t.name] = dequantize(codes, scales, mins, quant=q[0], group_size=q[1], numel=t.numel,
+            tensors[t.name] = dequantize(codes, scales, mins, quant=q.kind, group_size=q.group, numel=t.numel,
                                          base=b, out_dtype=dtype, **kw).view(t.shape)
     return tensors
 

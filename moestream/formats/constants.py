@@ -3,6 +3,8 @@ same bytes in prose; change both together."""
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -64,6 +66,51 @@ STAGE_ZSTD = "zstd"
 
 #: Quantization scale/min planes are stored as float16.
 SCALE_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Group-wise quantization of one tensor, as its chain stage says ("int8:64"): `kind` int8
+    or int4, `group` elements per group over the flattened tensor (even, 2..65536).
+
+    Payload of a tensor of n elements, in this order: codes for whole groups (the last group
+    padded) — int8 one signed byte per element, int4 two per byte, low nibble first — then one
+    fp16 scale per group, then (int4 only) one fp16 minimum per group. Every reader and writer
+    of these bytes takes the sizes from here."""
+    kind: str
+    group: int
+
+    @staticmethod
+    def parse(stage: str) -> Optional["QuantSpec"]:
+        """The spec of a chain stage, None for a stage that is not a quantization; ValueError
+        for a malformed one ("int4:7", "int3:64")."""
+        kind, sep, group = stage.partition(":")
+        if not sep:
+            return None
+        if kind not in INT_QUANTS or not group.isdigit() or not 2 <= int(group) <= 1 << 16 or int(group) % 2:
+            raise ValueError(f"unknown codec stage {stage!r}")
+        return QuantSpec(kind, int(group))
+
+    @property
+    def stage(self) -> str:
+        return f"{self.kind}:{self.group}"
+
+    def groups(self, numel: int) -> int:
+        return max(1, -(-numel // self.group))
+
+    def code_bytes(self, numel: int) -> int:
+        padded = self.groups(numel) * self.group
+        return padded if self.kind == "int8" else padded // 2
+
+    def planes(self, numel: int) -> tuple[tuple[int, int], tuple[int, int], Optional[tuple[int, int]]]:
+        """(start, end) byte ranges of the codes, scales and (int4) minimums in the payload."""
+        c, g = self.code_bytes(numel), self.groups(numel)
+        mins = (c + 2 * g, c + 4 * g) if self.kind == "int4" else None
+        return (0, c), (c, c + 2 * g), mins
+
+    def payload_length(self, numel: int) -> int:
+        codes, scales, mins = self.planes(numel)
+        return (mins or scales)[1]
 
 
 def align_up(n: int, alignment: int = ALIGNMENT) -> int:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FormatError
-from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, DTYPES, FORMAT_VERSION, INT_QUANTS, MAX_BLOB_LENGTH, PREAMBLE_SIZE,
+from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, DTYPES, FORMAT_VERSION, MAX_BLOB_LENGTH, PREAMBLE_SIZE, QuantSpec,
                         STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, ZSTD_MAX_RATIO, align_up)
 
 
@@ -52,12 +52,12 @@ class Region:
         return sum(t.numel * DTYPE_ITEMSIZE[t.dtype] for t in self.tensors)
 
     @property
-    def quant(self) -> tuple[str, int] | None:
-        """("int8"|"int4", group_size) when the region is quantized."""
+    def quant(self) -> QuantSpec | None:
+        """The quantization of the region's tensors, None for raw ones."""
         for stage in self.chain:
-            if stage.split(":")[0] in INT_QUANTS:
-                q, g = stage.split(":")
-                return q, int(g)
+            spec = QuantSpec.parse(stage)
+            if spec is not None:
+                return spec
         return None
 
     def has(self, stage: str) -> bool:
@@ -241,11 +241,7 @@ class _IndexParser:
                             f"({ZSTD_MAX_RATIO}x)", extent)
         tensors = []
         pos = 0
-        quant = None
-        for stage in chain:
-            if ":" in stage:
-                q, g = stage.split(":")
-                quant = (q, int(g))
+        quant = next((QuantSpec.parse(stage) for stage in chain if ":" in stage), None)
         for j, t in enumerate(d.get("tensors", [])):
             tw = f"{where}.tensors[{j}]"
             name = self.get(t, "name", str, tw)
@@ -278,9 +274,10 @@ class _IndexParser:
             if not isinstance(stage, str):
                 raise self.fail(f"{where}: codec stage {stage!r} is not a string", extent)
             if ":" in stage:
-                q, _, g = stage.partition(":")
-                if q not in INT_QUANTS or not g.isdigit() or not (2 <= int(g) <= 1 << 16) or int(g) % 2:
-                    raise self.fail(f"{where}: unknown codec stage {stage!r}", extent)
+                try:
+                    QuantSpec.parse(stage)
+                except ValueError:
+                    raise self.fail(f"{where}: unknown codec stage {stage!r}", extent) from None
                 order.append(0)
             elif stage in (STAGE_DELTA, STAGE_XOR_DELTA):
                 order.append(1)
@@ -305,13 +302,6 @@ class _IndexParser:
                 raise self.fail(f"{b[3]} overlaps {a[3]}", b[4])
 
 
-def payload_length(numel: int, dtype: str, quant: tuple[str, int] | None) -> int:
-    """Decoded bytes of one tensor: raw dtype bytes, or quantized codes plus fp16 scales
-    (and fp16 minimums for int4), groups of `group_size` elements over the flattened tensor."""
-    if quant is None:
-        return numel * DTYPE_ITEMSIZE[dtype]
-    q, g = quant
-    groups = -(-numel // g)
-    if q == "int8":
-        return groups * g + 2 * groups
-    return groups * g // 2 + 4 * groups
+def payload_length(numel: int, dtype: str, quant: QuantSpec | None) -> int:
+    """Decoded bytes of one tensor: raw dtype bytes, or its quantized payload (QuantSpec)."""
+    return numel * DTYPE_ITEMSIZE[dtype] if quant is None else quant.payload_length(numel)

@@ -1,5 +1,6 @@
 """Property tests of the codecs."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -103,3 +104,24 @@ def test_delta_kept_only_when_smaller_and_not_worse():
     assert "delta" not in enc_far.chain
     _, out = _roundtrip([("w", "fp32", (64, 64), float32_to_bits(close, "fp32"))], opts, b, "fp32")
     assert float((out["w"].float() - torch.from_numpy(close)).norm() / np.linalg.norm(close)) < 0.01
+
+
+@settings(max_examples=80, deadline=None)
+@given(numel=st.integers(1, 3000), kind=st.sampled_from(["int8", "int4"]), group=st.sampled_from([2, 8, 64, 130]))
+def test_quant_spec_describes_the_bytes_the_quantizer_writes(numel, kind, group):
+    from moestream.formats.codecs import quantize, split_quantized
+    from moestream.formats.constants import QuantSpec
+    spec = QuantSpec(kind, group)
+    assert QuantSpec.parse(spec.stage) == spec
+    buf = quantize(np.linspace(-1, 1, numel, dtype=np.float32), kind, group)
+    assert len(buf) == spec.payload_length(numel)
+    codes, scales, mins = split_quantized(np.frombuffer(buf, np.uint8), numel, kind, group)
+    assert len(scales) == 2 * spec.groups(numel) and (mins is None) == (kind == "int8")
+    assert len(codes) + len(scales) + (len(mins) if mins is not None else 0) == len(buf)
+
+
+@pytest.mark.parametrize("stage", ["int3:64", "int4:7", "int8:0", "int8:x", "int4:131072"])
+def test_quant_spec_refuses_malformed_stages(stage):
+    from moestream.formats.constants import QuantSpec
+    with pytest.raises(ValueError, match="unknown codec stage"):
+        QuantSpec.parse(stage)
