@@ -9,27 +9,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-FAMILY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "mixtral": ("MixtralConfig", {"num_local_experts": 8}),
-    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 8, "shared_expert_intermediate_size": 80, "norm_topk_prob": False}),
-    "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 8, "head_dim": 16, "norm_topk_prob": True}),
-    "olmoe": ("OlmoeConfig", {"num_experts": 8, "norm_topk_prob": False}),
-}
-
-
 def tiny_config(family: str, **overrides: Any):
     """A small transformers config of `family` (>= 2 layers, 8 experts, top-2)."""
     import transformers
-    cls_name, extra = FAMILY_CONFIGS[family]
+    from .formats.families import FAMILIES
+    record = FAMILIES[family]
     kw: dict[str, Any] = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=48,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=256, num_experts_per_tok=2, rms_norm_eps=1e-6,
                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    kw.update(extra)
+    kw.update(record.demo_config)
     kw.update(overrides)
-    if family == "mixtral":
+    if record.expert_intermediate_key == "intermediate_size":  # Mixtral, OLMoE: experts use intermediate_size
         kw["intermediate_size"] = kw.pop("moe_intermediate_size")
-    return getattr(transformers, cls_name)(**kw)
+    return getattr(transformers, record.transformers_config)(**kw)
 
 
 def build_tokenizer(out: Path, vocab_size: int = 256) -> None:

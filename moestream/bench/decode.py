@@ -63,13 +63,15 @@ def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE) -> t
     """The synthetic checkpoint (hub layout, bf16) and its lossless store (no zstd, no delta: plain
     extents, the zero-copy path), built once and reused."""
     from ..formats.convert import convert
+    from ..formats.families import FAMILIES
     from .synthetic import write_random_safetensors
     name = f"qwen3moe-{layers}L" + ("" if s == SHAPE else f"-h{s['hidden']}-e{s['experts']}")
     ckpt, store = workdir / name, workdir / f"{name}.moe"
     if not (ckpt / "config.json").exists():
         log(f"writing a synthetic Qwen3-MoE checkpoint ({layers} layers) into {ckpt}")
         ckpt.mkdir(parents=True, exist_ok=True)
-        h, i, d = s["hidden"], s["inter"], s["head_dim"]
+        fam, config = FAMILIES["qwen3_moe"], qwen3_moe_config(layers, s)
+        h, d = s["hidden"], s["head_dim"]
         t: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (s["vocab"], h)),
                                                 ("lm_head.weight", (s["vocab"], h)), ("model.norm.weight", (h,))]
         for l in range(layers):
@@ -80,11 +82,11 @@ def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE) -> t
                   (p + "self_attn.v_proj.weight", (s["kv_heads"] * d, h)),
                   (p + "self_attn.o_proj.weight", (h, s["heads"] * d)),
                   (p + "self_attn.q_norm.weight", (d,)), (p + "self_attn.k_norm.weight", (d,)),
-                  (p + "mlp.gate.weight", (s["experts"], h))]
+                  (fam.router.format(layer=l), (s["experts"], h))]
+            shapes = fam.expert_shapes(config)
             for e in range(s["experts"]):
-                q = f"{p}mlp.experts.{e}."
-                t += [(q + "gate_proj.weight", (i, h)), (q + "up_proj.weight", (i, h)), (q + "down_proj.weight", (h, i))]
-        (ckpt / "config.json").write_text(json.dumps(qwen3_moe_config(layers, s)))
+                t += [(fam.expert_tensor_name(l, e, x), shapes[x]) for x in fam.expert_tensors]
+        (ckpt / "config.json").write_text(json.dumps(config))
         write_random_safetensors(ckpt / "model.safetensors.partial", t)
         os.replace(ckpt / "model.safetensors.partial", ckpt / "model.safetensors")
     if not store.exists():

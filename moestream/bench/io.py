@@ -111,6 +111,8 @@ def run_fio(path: str, *, rw: str, bs: int, iodepth: int, size: int, runtime: fl
 def write_synthetic_checkpoint(out: Path, size: int, *, expert_mib: int = 6, seed: int = 0) -> Path:
     """A Mixtral-style bf16 checkpoint of about `size` bytes of experts, written tensor by tensor
     (never all in memory). Experts are `expert_mib` MiB (hidden 1024, intermediate N)."""
+    from ..formats.families import FAMILIES
+    fam = FAMILIES["mixtral"]
     hidden = 1024
     inter = expert_mib * (1 << 20) // (3 * hidden * 2)
     n_experts = 8
@@ -125,15 +127,14 @@ def write_synthetic_checkpoint(out: Path, size: int, *, expert_mib: int = 6, see
         tensors += [(p + "input_layernorm.weight", (hidden,)), (p + "post_attention_layernorm.weight", (hidden,)),
                     (p + "self_attn.q_proj.weight", (hidden, hidden)), (p + "self_attn.k_proj.weight", (256, hidden)),
                     (p + "self_attn.v_proj.weight", (256, hidden)), (p + "self_attn.o_proj.weight", (hidden, hidden)),
-                    (p + "block_sparse_moe.gate.weight", (n_experts, hidden))]
+                    (fam.router.format(layer=l), (n_experts, hidden))]
+        cfg_sizes = {"hidden_size": hidden, fam.expert_intermediate_key: inter}
         for e in range(n_experts):
-            q = f"{p}block_sparse_moe.experts.{e}."
-            tensors += [(q + "w1.weight", (inter, hidden)), (q + "w2.weight", (hidden, inter)),
-                        (q + "w3.weight", (inter, hidden))]
+            tensors += [(fam.expert_tensor_name(l, e, t), fam.expert_shapes(cfg_sizes)[t]) for t in fam.expert_tensors]
     write_random_safetensors(out / "model.safetensors", tensors, seed=seed)
-    cfg = {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": hidden,
-           "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2,
-           "head_dim": 128, "vocab_size": vocab, "num_local_experts": n_experts, "num_experts_per_tok": 2,
+    cfg = {"model_type": fam.name, "architectures": ["MixtralForCausalLM"], "hidden_size": hidden,
+           fam.expert_intermediate_key: inter, "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 2,
+           "head_dim": 128, "vocab_size": vocab, fam.num_experts_key: n_experts, "num_experts_per_tok": 2,
            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 4096, "tie_word_embeddings": False}
     (out / "config.json").write_text(json.dumps(cfg))
     return out

@@ -7,14 +7,15 @@ from typing import Optional
 import torch
 
 from ..errors import FormatError, MoestreamError
-from ..formats.families import check_config
+from ..formats.families import FAMILIES, check_config
 from ..formats.codecs import TORCH_DTYPES
 from ..storage.store import Store, parse_device
 from .dequant import dequant_backend, dequantize
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary
 
-FAMILIES = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
+#: The forward of each family (its facts: formats.families.FAMILIES).
+FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
 
 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
@@ -40,16 +41,13 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         if dtype is None:  # compute in the experts' own dtype on a CPU: no cast of every expert at every use
             first = next(iter(idx.extents.values())).tensors[0].dtype
             dtype = torch.bfloat16 if dev.type == "cuda" else TORCH_DTYPES[first]
-        family = FAMILIES.get(idx.architecture)
+        family = FORWARDS.get(idx.architecture)
         if family is None:
-            raise MoestreamError(f"{path}: no model family {idx.architecture!r} (have {', '.join(FAMILIES)})")
+            raise MoestreamError(f"{path}: no model family {idx.architecture!r} (have {', '.join(FORWARDS)})")
         hf = check_config(store.config, f"{path}: config", FormatError)
-        cfg = ModelConfig.from_hf(hf, idx.architecture, idx.moe_layers, idx.experts_per_layer, family.EXPERT_NAMES)
+        cfg = ModelConfig.from_hf(hf, FAMILIES[idx.architecture], idx.moe_layers, idx.experts_per_layer)
         with torch.device("meta"):
-            if idx.architecture == "qwen2_moe":
-                model = family.build(cfg, store, hf["shared_expert_intermediate_size"])
-            else:
-                model = family.build(cfg, store)
+            model = family.build(cfg, store, hf)
         model = model.to_empty(device=dev)
         state = _dense_state(store.dense(), cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)

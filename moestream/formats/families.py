@@ -18,6 +18,13 @@ class Family:
     gate_up_down: tuple[str, str, str]  # which expert tensor is the gate, the up and the down projection
     expert_intermediate_key: str       # config key of an expert's intermediate size
     router: str                        # format(layer=) -> the router's weight name
+    renormalise_topk: bool | None      # top-k weights rescaled to sum to one: always (True), or None: config's norm_topk_prob
+    transformers_config: str           # the transformers config class (tests and the demo build models from it)
+    demo_config: tuple[tuple[str, Any], ...] = ()  # what a small test model of the family sets beyond the common sizes
+
+    def renormalises(self, config: dict[str, Any]) -> bool:
+        """Whether the router's top-k weights are rescaled to sum to one under `config`."""
+        return self.renormalise_topk if self.renormalise_topk is not None else bool(config.get("norm_topk_prob", False))
 
     def expert_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
         """The shape each expert tensor must have under `config`."""
@@ -59,15 +66,23 @@ class Family:
 
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
 _QWEN = dict(expert_tensors=_SWIGLU, num_experts_key="num_experts", gate_up_down=_SWIGLU,
-             expert_intermediate_key="moe_intermediate_size", router="model.layers.{layer}.mlp.gate.weight")
+             expert_intermediate_key="moe_intermediate_size", router="model.layers.{layer}.mlp.gate.weight",
+             renormalise_topk=None)
+#: One record per family: the converter, the loader, the demo, the tests and the benchmarks all
+#: take their facts from here.
 FAMILIES: dict[str, Family] = {
     "mixtral": Family("mixtral", "model.layers.{layer}.block_sparse_moe.experts.{expert}.", ("w1", "w2", "w3"),
                       "num_local_experts", ("w1", "w3", "w2"), "intermediate_size",
-                      "model.layers.{layer}.block_sparse_moe.gate.weight"),
-    "qwen2_moe": Family("qwen2_moe", "model.layers.{layer}.mlp.experts.{expert}.", **_QWEN),
-    "qwen3_moe": Family("qwen3_moe", "model.layers.{layer}.mlp.experts.{expert}.", **_QWEN),
-    "olmoe": Family("olmoe", "model.layers.{layer}.mlp.experts.{expert}.",   # experts use intermediate_size
-                    **dict(_QWEN, expert_intermediate_key="intermediate_size")),
+                      "model.layers.{layer}.block_sparse_moe.gate.weight", True, "MixtralConfig",
+                      (("num_local_experts", 8),)),
+    "qwen2_moe": Family("qwen2_moe", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="Qwen2MoeConfig",
+                        demo_config=(("num_experts", 8), ("shared_expert_intermediate_size", 80),
+                                     ("norm_topk_prob", False)), **_QWEN),
+    "qwen3_moe": Family("qwen3_moe", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="Qwen3MoeConfig",
+                        demo_config=(("num_experts", 8), ("head_dim", 16), ("norm_topk_prob", True)), **_QWEN),
+    "olmoe": Family("olmoe", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="OlmoeConfig",
+                    demo_config=(("num_experts", 8), ("norm_topk_prob", False)),
+                    **dict(_QWEN, expert_intermediate_key="intermediate_size")),   # OLMoE's experts use intermediate_size
 }
 
 #: Config fields every family needs, with the largest value accepted (larger is a mistake or

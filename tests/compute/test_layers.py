@@ -9,6 +9,7 @@ import moestream
 from moestream.compute import load_model
 from moestream.compute.models.common import ModelConfig, rope_inv_freq
 from moestream.demo import build_checkpoint, tiny_config
+from moestream.formats.families import FAMILIES
 
 
 @pytest.mark.parametrize("rope", [
@@ -22,7 +23,7 @@ def test_rope_matches_transformers(rope):
     hf = tiny_config("qwen3_moe", rope_parameters=rope, max_position_embeddings=256)
     ref_inv, ref_scale = ROPE_INIT_FUNCTIONS[rope["rope_type"]](hf, "cpu") if rope["rope_type"] != "default" else \
         (1.0 / (rope["rope_theta"] ** (torch.arange(0, hf.head_dim, 2).float() / hf.head_dim)), 1.0)
-    cfg = ModelConfig.from_hf(hf.to_dict(), "qwen3_moe", [0, 1], 8, ("gate_proj", "up_proj", "down_proj"))
+    cfg = ModelConfig.from_hf(hf.to_dict(), FAMILIES["qwen3_moe"], [0, 1], 8)
     inv, scale = rope_inv_freq(cfg)
     assert torch.allclose(inv, ref_inv.float(), rtol=1e-6, atol=0)
     assert scale == pytest.approx(ref_scale, rel=1e-6)
@@ -31,7 +32,7 @@ def test_rope_matches_transformers(rope):
 def test_unknown_rope_type_is_refused():
     hf = tiny_config("qwen3_moe").to_dict()
     hf["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}
-    cfg = ModelConfig.from_hf(hf, "qwen3_moe", [0, 1], 8, ("gate_proj", "up_proj", "down_proj"))
+    cfg = ModelConfig.from_hf(hf, FAMILIES["qwen3_moe"], [0, 1], 8)
     with pytest.raises(moestream.MoestreamError, match="longrope"):
         rope_inv_freq(cfg)
 

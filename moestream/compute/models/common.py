@@ -42,21 +42,22 @@ class ModelConfig:
     eos_token_id: Optional[int] = None
 
     @staticmethod
-    def from_hf(hf: dict[str, Any], family: str, moe_layers, num_experts: int, expert_names) -> "ModelConfig":
+    def from_hf(hf: dict[str, Any], family, moe_layers, num_experts: int) -> "ModelConfig":
+        """From a checked Hugging Face config and the family record (formats.families.Family)."""
         heads = hf["num_attention_heads"]
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         theta = rope.pop("rope_theta", None) or hf.get("rope_theta", 10000.0)
         eos = hf.get("eos_token_id")
         return ModelConfig(
-            family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            family=family.name, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
             num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
             head_dim=hf.get("head_dim") or hf["hidden_size"] // heads, rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             num_experts=num_experts, top_k=hf["num_experts_per_tok"],
-            norm_topk_prob=True if family == "mixtral" else bool(hf.get("norm_topk_prob", False)),
+            norm_topk_prob=family.renormalises(hf),
             moe_layers=tuple(moe_layers), dense_intermediate_size=hf.get("intermediate_size", 0),
             rope_theta=float(theta), rope_scaling=rope, max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), clip_qkv=hf.get("clip_qkv"),
-            expert_names=tuple(expert_names), bos_token_id=hf.get("bos_token_id"),
+            expert_names=family.gate_up_down, bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos)
 
 

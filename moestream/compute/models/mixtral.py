@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from .common import Attention, CausalLM, DecoderLayer, ModelConfig, StreamingMoE
 
-EXPERT_NAMES = ("w1", "w3", "w2")   # gate, up, down
 CHECKPOINT_RENAMES = {".block_sparse_moe.": ".mlp."}
 
 
-def build(cfg: ModelConfig, store) -> CausalLM:
+def build(cfg: ModelConfig, store, hf: dict) -> CausalLM:
     return CausalLM(cfg, [DecoderLayer(cfg, Attention(cfg, i), StreamingMoE(cfg, i, store))
                           for i in range(cfg.num_layers)], store)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from .common import Attention, CausalLM, DecoderLayer, ModelConfig, StreamingMoE
 
-EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
-
-def build(cfg: ModelConfig, store) -> CausalLM:
+def build(cfg: ModelConfig, store, hf: dict) -> CausalLM:
     return CausalLM(cfg, [DecoderLayer(cfg, Attention(cfg, i, qk_norm="full"), StreamingMoE(cfg, i, store))
                           for i in range(cfg.num_layers)], store)

@@ -8,8 +8,6 @@ from torch import nn
 
 from .common import Attention, CausalLM, DecoderLayer, DenseMLP, ModelConfig, StreamingMoE
 
-EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
-
 
 class SharedExpertMoE(StreamingMoE):
     def __init__(self, cfg: ModelConfig, layer: int, store, shared_intermediate: int):
@@ -22,7 +20,9 @@ class SharedExpertMoE(StreamingMoE):
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
-def build(cfg: ModelConfig, store, shared_intermediate: int) -> CausalLM:
+def build(cfg: ModelConfig, store, hf: dict) -> CausalLM:
+    shared_intermediate = hf["shared_expert_intermediate_size"]
+
     def mlp(i: int) -> nn.Module:
         if i in cfg.moe_layers:
             return SharedExpertMoE(cfg, i, store, shared_intermediate)

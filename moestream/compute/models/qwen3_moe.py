@@ -7,10 +7,8 @@ from torch import nn
 
 from .common import Attention, CausalLM, DecoderLayer, DenseMLP, ModelConfig, StreamingMoE
 
-EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 
-
-def build(cfg: ModelConfig, store) -> CausalLM:
+def build(cfg: ModelConfig, store, hf: dict) -> CausalLM:
     def mlp(i: int) -> nn.Module:
         if i in cfg.moe_layers:
             return StreamingMoE(cfg, i, store)
