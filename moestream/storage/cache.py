@@ -8,10 +8,11 @@ used is needed no sooner than one sweep later, while one of the next layer may b
 once; LRU evicts exactly those (it gets 0 hits on a cyclic sweep smaller than the cache).
 next-use scores each key, in tokens, as d / L + (1 - q) / q: d = layers until its layer comes
 round again (0 for an expert the current layer asked for and has not been served yet, L for
-one it was served or did not ask for), q = the share
-of its layer's visits that asked for it (aged like lfu). The first term is the layer sweep
-(what SpecMD's least-stale uses), the second Belady's "furthest next use" under a
-per-expert frequency estimate. A pinned hot set (keys that are never evicted) can be given,
+one it was served or did not ask for), q = the chance its layer asks for it at the next visit,
+estimated by an exponentially weighted average over the layer's visits (weight NEXT_USE_ALPHA
+per visit, so recent use counts most: routing has temporal locality). The first term is the
+layer sweep (what SpecMD's least-stale uses), the second Belady's "furthest next use" under
+that estimate. A pinned hot set (keys that are never evicted) can be given,
 e.g. from a routing profile."""
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ from typing import Any, Callable, Generic, Hashable, Iterable, Optional, Sequenc
 
 K = TypeVar("K", bound=Hashable)
 POLICIES = ("lru", "lfu", "next-use")
+#: Weight of the latest visit in next-use's estimate of each expert's chance of being asked for.
+#: Replayed through the policy alone (routing of a greedy run of a random Mixtral-style model,
+#: 4 layers x 8 experts, 8 slots; synthetic Zipf traces of 2 and 4 layers x 128 experts, 64 and
+#: 51 slots), 0.3 was best or within 1 % of the best of 0.05-0.8, and beat LRU on all three.
+NEXT_USE_ALPHA = 0.3
 
 
 class TierCache(Generic[K]):
@@ -42,9 +48,7 @@ class TierCache(Generic[K]):
         # next-use: the layer order of a decode step, where the sweep is, and per-layer visits
         self._sweep_pos = {layer: i for i, layer in enumerate(sweep)}
         self._current = 0
-        self._visits: dict[int, float] = {}
-        self._requests: dict[K, float] = {}
-        self._visit_count = 0
+        self._chance: dict[int, dict[K, float]] = {}   # per layer: key -> estimated chance of use next visit
         self._wanted: set = set()   # asked for at the current layer and not served yet: needed now
         if policy == "next-use" and not self._sweep_pos:
             raise ValueError("the next-use policy needs the layer order (sweep=)")
@@ -97,14 +101,13 @@ class TierCache(Generic[K]):
                 return
             keys = list(keys)
             self._wanted = set(keys)
-            self._visits[layer] = self._visits.get(layer, 0.0) + 1.0
+            chance = self._chance.setdefault(layer, {})
+            for k in list(chance):
+                chance[k] *= 1.0 - NEXT_USE_ALPHA
+                if chance[k] < 1e-4:
+                    del chance[k]
             for k in keys:
-                self._requests[k] = self._requests.get(k, 0.0) + 1.0
-            self._visit_count += 1
-            if self._visit_count % self.aging_period == 0:
-                for d in (self._visits, self._requests):
-                    for k in d:
-                        d[k] /= 2.0
+                chance[k] = chance.get(k, 0.0) + NEXT_USE_ALPHA
 
     def next_use(self, key: K) -> float:
         """Estimated tokens until `key` is asked for again (next-use policy)."""
@@ -113,7 +116,7 @@ class TierCache(Generic[K]):
         layer = key[0]
         n = len(self._sweep_pos)
         d = (self._sweep_pos.get(layer, 0) - self._current) % n or n
-        q = min(1.0, (self._requests.get(key, 0.0) + 0.5) / (self._visits.get(layer, 0.0) + 1.0))
+        q = min(1.0, self._chance.get(layer, {}).get(key, 0.0) + 1e-3)
         return d / n + (1.0 - q) / q
 
     def victim(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
