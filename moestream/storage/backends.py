@@ -26,7 +26,7 @@ class ReadRequest:
     """Read `length` bytes at `offset` of `fd` (opened from `path`) into `dest` (a writable
     memoryview at address `addr`, or for kvikio a device buffer). `need` is how many bytes
     must arrive: fewer only at end of file (an aligned read past the end of the last extent)."""
-    fd: int
+    fd: Any                           # the backend's handle for the file (an fd, or a kvikio CuFile)
     path: str
     offset: int
     length: int
@@ -53,14 +53,30 @@ def open_direct(path: str | os.PathLike) -> tuple[int, Optional[str]]:
 
 
 class ReadBackend(Protocol):
+    """A backend owns the files it reads (`open` gives a handle for ReadRequest.fd) and picks its
+    own view of a request's destination."""
     name: str
+
+    def open(self, path: str | os.PathLike) -> tuple[Any, Optional[str]]: ...
+
+    def close_file(self, handle: Any) -> None: ...
 
     def submit(self, req: ReadRequest) -> "Future[int]": ...
 
     def close(self) -> None: ...
 
 
-class PosixBackend:
+class _DirectFiles:
+    """open/close_file for backends that read file descriptors opened with O_DIRECT."""
+
+    def open(self, path: str | os.PathLike) -> tuple[int, Optional[str]]:
+        return open_direct(path)
+
+    def close_file(self, handle: int) -> None:
+        os.close(handle)
+
+
+class PosixBackend(_DirectFiles):
     """preadv on `threads` worker threads (the GIL is released during each read)."""
     name = "posix"
 
@@ -91,7 +107,7 @@ class PosixBackend:
         self._pool.shutdown(wait=True)
 
 
-class UringBackend:
+class UringBackend(_DirectFiles):
     """One thread owns an io_uring ring; up to `queue_depth` reads in flight."""
     name = "uring"
 
@@ -203,12 +219,19 @@ class KvikioBackend:
                 self._files[path] = self._kvikio.CuFile(path, "r")
             return self._files[path]
 
+    def open(self, path: str | os.PathLike) -> tuple[Any, Optional[str]]:
+        return self._file(str(path)), None
+
+    def close_file(self, handle: Any) -> None:
+        pass  # CuFiles are shared per path and closed with the backend
+
     def _read(self, req: ReadRequest) -> int:
         need = req.length if req.need is None else req.need
         # host destinations arrive as memoryviews (the Store's slabs and slots): kvikio wants arrays
         dest = np.frombuffer(req.dest, np.uint8) if isinstance(req.dest, memoryview) else req.dest
         try:
-            n = self._file(req.path).pread(dest, req.length, req.offset).get()
+            f = req.fd if not isinstance(req.fd, int) else self._file(req.path)   # a handle from open()
+            n = f.pread(dest, req.length, req.offset).get()
         except Exception as e:  # kvikio raises RuntimeError with the CUDA/cuFile message
             raise StoreIOError(f"{req.path}: kvikio read of {req.length} bytes at offset {req.offset} failed: {e}") from None
         if n < need:

@@ -41,7 +41,7 @@ from ..formats.index import Region
 from ..formats.reader import StoreReader
 from ..units import format_size, parse_size
 from .arena import ExpertArena, slot_tensor
-from .backends import ReadRequest, choose_backend, open_direct
+from .backends import ReadRequest, choose_backend
 from .buffers import BufferPool
 from .cache import TierCache
 from .stats import StoreStats
@@ -137,16 +137,19 @@ class Store:
         self.chunk_size = chunk
         self.reader = StoreReader(path, verify=verify)
         self._closed = False
+        # what _setup creates, in order; _release closes whatever exists (a failed setup too)
         self.arena: Optional[ExpertArena] = None
         self.l2_arena: Optional[ExpertArena] = None
+        self.pool: Optional[BufferPool] = None
+        self.backend = None
+        self._files: list = []
+        self._decoders: Optional[ThreadPoolExecutor] = None
+        self._dispatcher: Optional[threading.Thread] = None
         try:
             self._setup(device_budget, host_budget, policy, io, queue_depth, decode_threads, prefetch_budget,
                         io_buffers, pinned_experts, dequantize)
         except BaseException:
-            for a in (self.arena, self.l2_arena):
-                if a is not None:
-                    a.close()
-            self.reader.close()
+            self._release()
             raise
 
     def _setup(self, device_budget, host_budget, policy, io, queue_depth, decode_threads, prefetch_budget,
@@ -198,11 +201,10 @@ class Store:
                                               registered=registered)
         self.stats_.backend = self.backend.name
         self.stats_.backend_reason = reason
-        self._fds: list[int] = []
         notes = set()
-        for p in self.reader.files:
-            fd, note = open_direct(p)
-            self._fds.append(fd)
+        for p in self.reader.files:   # the backend owns its files (fds, or kvikio CuFiles)
+            handle, note = self.backend.open(p)
+            self._files.append(handle)
             if note:
                 notes.add(note)
         self.stats_.direct_io = not notes and hasattr(os, "O_DIRECT")
@@ -374,15 +376,26 @@ class Store:
             self._closed = True
             self._cv.notify_all()
         self._drop_queued_prefetches("store closed")
-        self._dispatcher.join()
-        self.backend.close()
-        self._decoders.shutdown(wait=True)
-        for fd in self._fds:
-            os.close(fd)
-        self.pool.close()
-        for a in (self.arena, self.l2_arena):
-            if a is not None:
-                a.close()
+        self._release()
+
+    def _release(self) -> None:
+        """Stop the threads and close everything this Store opened, in reverse order (also after
+        a failed construction: no thread or file descriptor outlives it)."""
+        if self._dispatcher is not None:
+            with self._cv:
+                self._closed = True
+                self._cv.notify_all()
+            self._dispatcher.join()
+        if self.backend is not None:
+            self.backend.close()   # completes or fails every read in flight, then its files
+        if self._decoders is not None:
+            self._decoders.shutdown(wait=True)
+        for handle in self._files:
+            self.backend.close_file(handle)
+        self._files = []
+        for resource in (self.pool, self.arena, self.l2_arena):
+            if resource is not None:
+                resource.close()
         self.reader.close()
 
     def __enter__(self) -> "Store":
@@ -520,7 +533,7 @@ class Store:
     def _issue(self, load: _Load, slab) -> None:
         """Read the padded extent into `slab`, or into the load's L1 slot when slab is None."""
         r = load.region
-        fd, path = self._fds[r.file], str(self.reader.files[r.file])
+        fd, path = self._files[r.file], str(self.reader.files[r.file])
         offsets = list(range(0, r.padded_length, self.chunk_size))
         load.chunks_left = len(offsets)
         load.started = time.perf_counter()

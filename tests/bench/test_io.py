@@ -35,3 +35,9 @@ def test_cli_bench_io_json(tmp_path):
 def test_run_fio_without_fio(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert run_fio("/nonexistent", rw="read", bs=4096, iodepth=1, size=4096) is None
+
+
+def test_cli_bench_io_refuses_zero_repeats(capsys):
+    from moestream.cli import main
+    assert main(["bench", "io", "--synthetic", "1MiB", "--repeat", "0"]) == 2
+    assert "--repeat must be at least 1" in capsys.readouterr().err

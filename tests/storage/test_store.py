@@ -122,6 +122,12 @@ class FaultyBackend:
         self.inner, self.name = inner, inner.name
         self.eio, self.slow, self.delay = set(eio_offsets), set(slow_offsets), delay
 
+    def open(self, path):
+        return self.inner.open(path)
+
+    def close_file(self, handle):
+        self.inner.close_file(handle)
+
     def submit(self, req):
         if req.offset in self.eio:
             f = Future()
@@ -338,3 +344,48 @@ def test_note_routing_cancels_wrong_guesses_and_prefetch_spares_its_layer(plain_
         assert queued == 4 and cancelled + st["prefetch_skipped"] >= 2
         assert st["prefetch_cancelled"] == cancelled
         assert len(before) == 3 and before <= set(s.l1.keys())  # no layer-1 expert was evicted by a guess
+
+
+def test_a_failed_construction_leaks_no_thread_or_descriptor(stores, monkeypatch):
+    import os
+    import moestream.storage.store as store_module
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+    moestream.open(stores["keep"], io="posix").close()          # warm imports and lazy singletons
+    threads, fds = threading.active_count(), open_fds()
+    with pytest.raises(BudgetError):
+        moestream.open(stores["keep"], device_budget="1KiB")      # fails early
+    with pytest.raises(moestream.StoreIOError, match="kvikio"):
+        moestream.open(stores["keep"], io="kvikio")              # fails choosing the backend
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("no decode threads today")
+    monkeypatch.setattr(store_module, "ThreadPoolExecutor", Broken)
+    for io in IOS:                                               # fails after the backend opened its files
+        with pytest.raises(RuntimeError, match="no decode threads"):
+            moestream.open(stores["keep"], io=io)
+    assert threading.active_count() == threads and open_fds() == fds
+
+
+def test_misses_allocate_nothing_that_stays(plain_store, stores):
+    """RSS stays flat over many misses and evictions: slots, slabs and L2 entries are reused
+    (bench/rss_long_run.py measures the same over a 2000-token generate)."""
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    for path in (plain_store, stores["int4"]):
+        with open_store(path, io="posix", device_budget=3 * 36864, host_budget=4 * 36864) as s:
+            rng = random.Random(0)
+
+            def run(n):
+                for _ in range(n):
+                    s.get(rng.choice(s.layers), rng.randrange(s.experts_per_layer))
+            run(200)
+            before = rss()
+            run(2000)
+            assert rss() - before < 2 << 20, (path, rss() - before)
+            st = s.stats()
+            assert st["misses"] + st["hits_l2"] > 1000     # decoded again and again, from disk or L2
