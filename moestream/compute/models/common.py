@@ -207,6 +207,8 @@ class StreamingMoE(nn.Module):
         super().__init__()
         self.cfg, self.layer, self.store = cfg, layer, store
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        #: seconds spent in this layer's expert matmuls and their accumulation (for benchmarks)
+        self.expert_seconds = 0.0
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)                          # [N, E]
@@ -255,9 +257,6 @@ class StreamingMoE(nn.Module):
             del w, fut
             self.expert_seconds += time.perf_counter() - t0
         return out
-
-    #: seconds spent in this layer's expert matmuls (and their accumulation), for benchmarks
-    expert_seconds: float = 0.0
 
 
 class DecoderLayer(nn.Module):
