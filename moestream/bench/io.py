@@ -15,7 +15,6 @@ import platform
 import random
 import shutil
 import statistics
-import struct
 import subprocess
 import tempfile
 import threading
@@ -24,7 +23,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 
 from ..formats.index import Region
 from ..formats.reader import StoreReader

@@ -17,6 +17,7 @@ import threading
 import weakref
 import torch
 
+from ..formats.codecs import TORCH_DTYPES
 from ..formats.index import Region
 from .buffers import AlignedMap
 
@@ -62,16 +63,13 @@ class ExpertArena:
         out = {}
         pos = 0
         for t in region.tensors:
-            dtype = _DECODED_DTYPES[t.dtype]
+            dtype = TORCH_DTYPES[t.dtype]
             out[t.name] = torch.frombuffer(mv, dtype=dtype, count=t.numel, offset=pos).view(t.shape)
             pos += t.numel * dtype.itemsize
         return out
 
     def close(self) -> None:
         self.map.close()
-
-
-_DECODED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def slot_tensor(arena: ExpertArena, slot: int) -> torch.Tensor:

@@ -2,8 +2,6 @@
 its child process (in a memory cgroup where this machine allows), with the same forced routing."""
 import json
 
-import pytest
-
 from moestream.bench.decode import (BOUNDS, SYSTEMS, bench_decode, coverage, format_table, plot,
                                     synthetic_trace)
 

@@ -298,7 +298,6 @@ def test_malformed_safetensors_headers_are_named(checkpoints, tmp_path, header, 
 
 
 def test_config_that_is_not_an_object_is_one_line(checkpoints, tmp_path):
-    from moestream.cli import main
     src = _edited_copy(checkpoints["mixtral"], tmp_path / "c")
     (src / "config.json").write_text("[]")
     p = subprocess.run([sys.executable, "-m", "moestream.cli", "convert", str(src), str(tmp_path / "s")],
