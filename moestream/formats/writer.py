@@ -114,12 +114,7 @@ class StoreWriter:
         self.staging = self.out.with_name(self.out.name + ".partial")
         self.max_file_size = max_file_size
         self.fingerprint = fingerprint
-        self.dense: dict[str, Region] = {}
-        self.bases: dict[int, Region] = {}
-        self.blobs: dict[str, Region] = {}
-        self.extents: dict[tuple[int, int], Region] = {}
-        self.units: list[str] = []
-        self.file_sizes: list[int] = []
+        self._reset_regions()
         self.resumed = False
         journal = self.staging / JOURNAL
         state = None
@@ -137,25 +132,28 @@ class StoreWriter:
                 try:
                     self._restore(state)
                 except (KeyError, TypeError, ValueError, IndexError, FormatError) as e:
-                    self.resumed = False
                     problem = f"{journal} is malformed ({type(e).__name__}: {e})"
             self.restart_reason = problem
-        elif state is not None:
-            self.restart_reason = None if isinstance(state, dict) else f"{journal} is not a journal"
+        elif state is not None and not isinstance(state, dict):  # other options: a deliberate restart
+            self.restart_reason = f"{journal} is not a journal"
         if not self.resumed:
             if self.staging.exists():
                 _check_staging_is_ours(self.staging)
                 shutil.rmtree(self.staging)
             self.staging.mkdir(parents=True)
             self.store_id = uuid.uuid4().bytes
-            self.__init_regions()
+            self._reset_regions()   # a restore that failed half-way may have filled some
         self._fh = None
         self._open_current()
 
     # ---- journal -----------------------------------------------------------------------------
-    def __init_regions(self) -> None:
-        self.dense, self.bases, self.blobs, self.extents = {}, {}, {}, {}
-        self.units, self.file_sizes = [], []
+    def _reset_regions(self) -> None:
+        self.dense: dict[str, Region] = {}
+        self.bases: dict[int, Region] = {}
+        self.blobs: dict[str, Region] = {}
+        self.extents: dict[tuple[int, int], Region] = {}
+        self.units: list[str] = []
+        self.file_sizes: list[int] = []
 
     def _missing_data(self, state: dict[str, Any]) -> Optional[str]:
         """Why the journaled files cannot be resumed from (a file deleted or cut short), or None."""
@@ -171,7 +169,6 @@ class StoreWriter:
         return None
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self.resumed = True
         self.store_id = bytes.fromhex(state["store_id"])
         self.units = list(state["units"])
         self.file_sizes = list(state["files"])
@@ -188,6 +185,7 @@ class StoreWriter:
         self.bases = {int(k): parser.region(v, k, None) for k, v in r["bases"].items()}
         self.blobs = {k: parser.region(v, k, None) for k, v in r["blobs"].items()}
         self.extents = {(d["layer"], d["expert"]): parser.region(d, "extent", None) for d in r["extents"]}
+        self.resumed = True   # only once everything was restored
 
     def done(self, unit: str) -> bool:
         """True when `unit` was completed by an earlier (interrupted) run."""

@@ -31,6 +31,7 @@ class ExpertArena:
         self.addr, self.nbytes = self.map.addr, self.map.nbytes
         self._whole = memoryview(self.map.buffer)
         self._pins = [0] * count
+        self._free = list(reversed(range(count)))   # slots no cache entry owns
         self._lock = threading.Lock()
 
     def slot_view(self, slot: int) -> memoryview:
@@ -39,6 +40,16 @@ class ExpertArena:
 
     def slot_addr(self, slot: int) -> int:
         return self.addr + slot * self.slot_size
+
+    def take(self) -> int | None:
+        """A slot no cache entry owns, or None when every slot is owned."""
+        with self._lock:
+            return self._free.pop() if self._free else None
+
+    def give(self, slot: int) -> None:
+        """Return a slot that `take` gave and that no cache entry owns any more."""
+        with self._lock:
+            self._free.append(slot)
 
     def pinned(self, slot: int) -> bool:
         """Whether tensors handed out from `slot` are still alive somewhere."""

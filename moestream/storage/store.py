@@ -186,12 +186,10 @@ class Store:
         else:
             self.arena = ExpertArena(self.slot_size, device_budget // self.slot_size)
             l1_budget = self.arena.nbytes
-            self._free_slots = list(reversed(range(self.arena.count)))
         self.l1: TierCache[Key] = TierCache("device", l1_budget, policy, pinned=pinned, sweep=sweep)
         l2_slots = host_budget // self.max_padded
         if l2_slots:
             self.l2_arena = ExpertArena(self.max_padded, l2_slots, pin=cuda)
-            self._free_l2 = list(reversed(range(l2_slots)))
         self.l2: TierCache[Key] = TierCache("host", l2_slots * self.max_padded, policy, sweep=sweep)
         threads = decode_threads or max(2, min(8, os.cpu_count() or 2))
         self.pool = BufferPool(self.max_padded, io_buffers or threads + 2, pin=cuda)
@@ -387,7 +385,7 @@ class Store:
                 self._cv.notify_all()
             self._dispatcher.join()
         if self.backend is not None:
-            self.backend.close()   # completes or fails every read in flight, then its files
+            self.backend.close()   # completes or fails every read in flight (kvikio: closes its CuFiles)
         if self._decoders is not None:
             self._decoders.shutdown(wait=True)
         for handle in self._files:
@@ -449,42 +447,40 @@ class Store:
             self.stats_.add(prefetch_used=1)
 
     # ---- internals: slots --------------------------------------------------------------------
+    def _claim_slot(self, arena: ExpertArena, cache: TierCache, keep=None) -> Optional[tuple[int, Optional[Key]]]:
+        """A slot of `arena` for a new entry of `cache`: a free one, or the slot of the entry the
+        policy evicts (never one a reader holds, nor one `keep` names). Returns (slot, evicted
+        key or None), or None when no slot can be had. Called with self._cv held."""
+        slot = arena.take()
+        if slot is not None:
+            return slot, None
+        victim = cache.victim(exclude=lambda k: arena.pinned(cache.peek(k)) or (keep is not None and keep(k)))
+        if victim is None:
+            return None
+        return cache.pop(victim), victim
+
     def _reserve_slot(self, load: _Load) -> bool:
         """Give `load` an L1 slot (CPU arena), evicting by policy. Called with self._cv held.
         False when every slot is held by callers (or, for a prefetch, by experts that must
         stay): a demand load is then decoded into new tensors and not cached."""
-        if self._free_slots:
-            load.slot = self._free_slots.pop()
-            return True
         layer = load.key[0]
         routed_layer, routed = self._routed
 
-        def keep(k: Key) -> bool:
-            if self.arena.pinned(self.l1.peek(k)):
-                return True   # a caller still holds its tensors
-            if load.prefetch:  # never evict what the layer about to run, or the running one, needs
-                return k[0] == layer or (k[0] == routed_layer and k[1] in routed)
-            return False
+        def needed(k: Key) -> bool:  # a prefetch never evicts what the layer about to run, or the running one, needs
+            return k[0] == layer or (k[0] == routed_layer and k[1] in routed)
 
-        victim = self.l1.victim(exclude=keep)
-        if victim is None:
+        claimed = self._claim_slot(self.arena, self.l1, needed if load.prefetch else None)
+        if claimed is None:
             return False
-        slot = self.l1.pop(victim)
-        self._evicted(victim)
-        load.slot = slot
+        load.slot, evicted = claimed
+        if evicted is not None:
+            self._evicted(evicted)
         return True
 
     def _evicted(self, key: Key) -> None:
         if key in self._prefetched_unused:
             self._prefetched_unused.discard(key)
             self.stats_.add(prefetch_wasted_bytes=self.index.extents[key].padded_length)
-
-    def _reserve_l2(self, key: Key) -> Optional[int]:
-        """An L2 slot for `key`'s stored bytes (evicting by policy), or None. With self._cv held."""
-        if self._free_l2:
-            return self._free_l2.pop()
-        victim = self.l2.victim(exclude=lambda k: self.l2_arena.pinned(self.l2.peek(k)))
-        return self.l2.pop(victim) if victim is not None else None
 
     # ---- internals: reads --------------------------------------------------------------------
     def _dispatch_loop(self) -> None:
@@ -613,8 +609,7 @@ class Store:
         except BaseException as e:
             self._release_sources(load, slab)
             if load.slot is not None:
-                with self._cv:
-                    self._free_slots.append(load.slot)
+                self.arena.give(load.slot)
             self._finish(load, error=e)
             return
         self._release_sources(load, slab)
@@ -637,9 +632,10 @@ class Store:
         with self._cv:
             if key in self.l2:
                 return
-            slot = self._reserve_l2(key)
-            if slot is None:
+            claimed = self._claim_slot(self.l2_arena, self.l2)
+            if claimed is None:
                 return
+            slot = claimed[0]
             self.l2_arena.pin(slot)
         try:
             self.l2_arena.slot_view(slot)[:len(stored)] = stored
@@ -658,7 +654,7 @@ class Store:
             if error is None:
                 if load.slot is not None:
                     self.l1.put(load.key, load.slot, self.arena.slot_size)
-                    result = self.arena.hand_out(load.slot, load.region)
+                    result = self._hand_out(load.key, load.slot)
                 else:
                     if self.arena is None:  # CUDA: cache the new tensors
                         for k in self.l1.put(load.key, tensors, _tensor_bytes(tensors)):
