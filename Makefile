@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo gpu-check bench clean
+.PHONY: test demo gpu-check bench routing-model clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m moestream.demo demo
+
+# a small MoE trained on the standard library's sources: real routing for the cache benchmarks
+routing-model: $(STAMP)
+	$(PY) -m moestream.bench.routing_model build/routing-model
 
 bench: $(STAMP)
 	$(PY) -m pytest -q bench --benchmark-only

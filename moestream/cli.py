@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--delta", dest="delta", action="store_true", default=True,
                    help="try a delta against the layer's mean expert, kept only where it pays (default)")
     d.add_argument("--no-delta", dest="delta", action="store_false")
+    c.add_argument("--profile", metavar="PROFILE.json",
+                   help="mixed precision from a routing profile (moestream profile): hot experts get --hot-bits")
+    c.add_argument("--hot-bits", type=int, default=8, choices=[8, 4], help="bits of the hot experts (default 8)")
+    c.add_argument("--cold-bits", type=int, default=4, choices=[8, 4], help="bits of the other experts (default 4)")
+    c.add_argument("--hot-fraction", type=float, default=0.2,
+                   help="share of (layer, expert) pairs that are hot, most used first (default 0.2)")
     c.add_argument("--max-file-size", type=_size, default=None, help="cap per store file, e.g. 4GiB")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new store is complete)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -66,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"])
     g.add_argument("--prefetch", action="store_true",
                    help="prefetch the next layer's likely experts (speculative; see README)")
+    g.add_argument("--prefetch-threshold", type=float, default=0.0,
+                   help="prefetch only guesses whose router probability reaches this (0-1; default 0: all)")
+    g.add_argument("--trace", metavar="FILE", help="record the routing of every token into FILE (.npz; see moestream profile)")
+
+    pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
+    pr.add_argument("traces", nargs="+", help="trace files (moestream generate --trace)")
+    pr.add_argument("-o", "--output", required=True, metavar="PROFILE.json")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -80,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--repeat", type=int, default=3, help="passes per figure; the median is reported")
     bio.add_argument("--backend", action="append", choices=["uring", "posix", "kvikio"], help="limit to these")
     bio.add_argument("--json", action="store_true", help="print one JSON object")
+    from .bench.cache import add_arguments as cache_arguments
+    cache_arguments(bsub.add_parser("cache", help="hit rate of each eviction policy on routing traces, against Belady"))
     from .bench.decode import add_arguments as decode_arguments
     decode_arguments(bsub.add_parser("decode", help="decode tokens/s against naive loading, accelerate and the I/O "
                                      "ceiling, each under one memory limit"))
@@ -88,9 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _convert(a: argparse.Namespace) -> int:
     from .formats.convert import convert
+    hot = None
+    if a.profile is not None:
+        from .formats.profile import hot_experts, load_profile
+        if not 0.0 <= a.hot_fraction <= 1.0:
+            raise UsageError(f"--hot-fraction {a.hot_fraction}: must lie in 0..1")
+        hot = hot_experts(load_profile(a.profile), a.hot_fraction)
     path = convert(a.src, a.out, quant=a.quant, group_size=a.group_size,
                    zstd_level=None if a.no_zstd else a.zstd_level, delta=a.delta, max_file_size=a.max_file_size,
-                   overwrite=a.overwrite, progress=not a.quiet)
+                   overwrite=a.overwrite, progress=not a.quiet, hot_experts=hot, hot_quant=f"int{a.hot_bits}",
+                   cold_quant=f"int{a.cold_bits}")
     print(f"wrote {path}")
     return 0
 
@@ -119,6 +141,9 @@ def _verify(a: argparse.Namespace) -> int:
 
 
 def _bench(a: argparse.Namespace) -> int:
+    if a.bench == "cache":
+        from .bench.cache import run as run_cache
+        return run_cache(a)
     if a.bench == "decode":
         from .bench.decode import run
         return run(a)
@@ -138,12 +163,40 @@ def _generate(a: argparse.Namespace) -> int:
         raise UsageError("--max-new-tokens must be at least 1")
     if not a.temperature >= 0:  # NaN too
         raise UsageError("--temperature must be a non-negative number")
+    if not 0.0 <= a.prefetch_threshold <= 1.0:
+        raise UsageError("--prefetch-threshold must lie in 0..1")
+    if a.trace is not None and not os.path.isdir(os.path.dirname(os.path.abspath(a.trace))):
+        raise UsageError(f"--trace {a.trace}: its directory does not exist")
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
-                  host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch)
+                  host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
+                  prefetch_threshold=a.prefetch_threshold, trace=a.trace)
     return 0
 
 
-COMMANDS = {"convert": _convert, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
+def _profile(a: argparse.Namespace) -> int:
+    from .formats.profile import build_profile, save_profile
+    from .formats.trace import RoutingTrace
+    d = build_profile([RoutingTrace.load(t) for t in a.traces], a.traces)
+    save_profile(d, a.output)
+    cov = ", ".join(f"{k[4:]} {v:.0%}" for k, v in d["coverage"].items())
+    at1 = sum(r["at_1"] for r in d["reuse"].values()) / len(d["reuse"])
+    print(f"{d['tokens']} token rows, {len(d['layers'])} layers x {d['num_experts']} experts, top-{d['top_k']}\n"
+          f"coverage (share of activations taken by the most used experts): {cov}\n"
+          f"reuse at the next step: {at1:.0%} of reuses; cross-layer predictability: "
+          + (", ".join(f"{x:.0%}" for x in d["cross_layer"]) or "n/a"))
+    if d["predictor"]:
+        print("next-layer predictor (router of layer l+1 on layer l's residual) against the router's choice:")
+        for thr, q in d["predictor"].items():
+            al = q["all"]
+            if al["precision"] is not None:
+                print(f"  confidence >= {thr}: precision {al['precision']:.0%}, recall {al['recall']:.0%}, "
+                      f"{al['guesses_per_token']:.1f} guesses per token; per layer "
+                      + ", ".join(f"{l}: {v['precision'] or 0:.0%}/{v['recall'] or 0:.0%}" for l, v in q["per_layer"].items()))
+    print(f"wrote {a.output}")
+    return 0
+
+
+COMMANDS = {"convert": _convert, "profile": _profile, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

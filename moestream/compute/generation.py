@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import Optional, TextIO
 
 import torch
 
 from ..errors import MoestreamError
 from ..units import format_size
 from .loader import load_model
+from .routing import RoutingRecorder
 
 
 def load_tokenizer(model):
@@ -24,14 +25,18 @@ def load_tokenizer(model):
 
 def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu",
                   device_budget=None, host_budget=None, temperature: float = 0.0, seed: int = 0,
-                  prefetch: bool = False, out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-                  **store_options) -> dict:
+                  prefetch: bool = False, prefetch_threshold: float = 0.0, trace: Optional[str] = None,
+                  out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
     """Generate from `prompt`, writing text to `out` as it is produced and the report to `err`.
-    Returns the report as a dict."""
+    Returns the report as a dict. trace: a file to record the routing into (formats/trace.py)."""
     t_load = time.perf_counter()
     model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget, prefetch=prefetch,
-                       **store_options)
+                       prefetch_threshold=prefetch_threshold, **store_options)
     try:
+        recorder = None
+        if trace is not None:
+            recorder = RoutingRecorder(model.store.index.moe_layers, model.cfg.num_experts, model.cfg.top_k)
+            model.record_routing(recorder)
         tok = load_tokenizer(model)
         ids = tok.encode(prompt).ids
         if model.cfg.bos_token_id is not None and (not ids or ids[0] != model.cfg.bos_token_id):
@@ -58,6 +63,9 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         model.generate(torch.tensor([ids]), max_new_tokens, temperature, eos_token_id=model.cfg.eos_token_id,
                        on_token=on_token, generator=gen, timings=timings)
         out.write("\n")
+        if recorder is not None:
+            recorder.trace({"store": str(model.store.path), "prompt_tokens": len(ids), "temperature": temperature,
+                            "seed": seed}).save(trace)
         st = model.store.stats()
         report = {
             "prompt_tokens": len(ids), "new_tokens": timings["decode_tokens"], "load_seconds": load_seconds,
@@ -76,7 +84,7 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             + f"; stall {st['stall_seconds']:.2f} s; "
             f"device tier {format_size(st['l1_peak'])} of {format_size(st['l1_budget'])}, host tier "
             f"{format_size(st['l2_peak'])} of {format_size(st['l2_budget'])}; io {st['backend']}; "
-            f"dequant {model.dequant}\n")
+            f"dequant {model.dequant}\n" + (f"routing trace written to {trace}\n" if trace is not None else ""))
         return report
     finally:
         model.store.close()

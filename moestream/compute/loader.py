@@ -20,7 +20,7 @@ FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, 
 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
-               prefetch: bool = False, **store_options) -> CausalLM:
+               prefetch: bool = False, prefetch_threshold: float = 0.0, **store_options) -> CausalLM:
     """Open the store at `path` and build its model on `device`.
 
     Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
@@ -29,7 +29,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     bfloat16 on CUDA; on CPU the dtype experts decode to: bf16 for int8/int4 and bf16 stores, so
     no expert is cast at every use, and fp32 for fp32 stores). prefetch: while a layer computes, prefetch the experts
     that the next layer's router picks on the current residual stream (speculative, bounded by
-    the store's prefetch_budget). Off by default: it cuts stall time, but with a device budget
+    the store's prefetch_budget), only experts whose router probability there reaches
+    `prefetch_threshold` (0: every guess). Off by default: it cuts stall time, but with a device budget
     well below the experts' size its extra reads and evictions cost more than they save
     (bench/prefetch.py; bench/results/prefetch_h100_2026-11-22.txt). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
@@ -59,7 +60,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.to(device=dev, dtype=dtype)
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
         model.prefetch_next_layer = prefetch
-        model.dequant = dequant_backend(dev) if idx.quant in ("int8", "int4") else "none (lossless store)"
+        model.prefetch_threshold = float(prefetch_threshold)
+        model.dequant = dequant_backend(dev) if idx.quant in ("int8", "int4", "mixed") else "none (lossless store)"
         return model.eval()
     except BaseException:
         store.close()

@@ -50,6 +50,8 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 #: Quantization schemes for expert tensors ("keep" = store the source dtype unchanged).
 QUANT_CHOICES = ("keep", "bf16", "fp16", "fp32", "int8", "int4")
 INT_QUANTS = ("int8", "int4")
+#: The index's quant when experts differ (convert --profile): each extent's chain names its own
+MIXED_QUANT = "mixed"
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_ZSTD_LEVEL = 3
 

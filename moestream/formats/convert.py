@@ -11,7 +11,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import zstandard
@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import ConvertError
 from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
-from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, QUANT_CHOICES
+from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
 from .families import check_config, family_for
 from .hf_checkpoint import HFCheckpoint
 from .writer import ConversionLock, StoreWriter, is_store
@@ -28,16 +28,29 @@ from .writer import ConversionLock, StoreWriter, is_store
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "keep",
             group_size: int = DEFAULT_GROUP_SIZE, zstd_level: Optional[int] = DEFAULT_ZSTD_LEVEL,
             delta: bool = True, max_file_size: Optional[int] = None, overwrite: bool = False,
-            progress: bool = True) -> Path:
+            progress: bool = True, hot_experts: Optional[Iterable[tuple[int, int]]] = None,
+            hot_quant: str = "int8", cold_quant: str = "int4") -> Path:
     """Convert checkpoint directory `src` into store directory `out` and return its path.
 
     quant: "keep" (source dtype), "bf16"/"fp16"/"fp32" (lossless cast of every float tensor), or
     "int8"/"int4" (group-wise quantization of expert tensors; dense tensors keep their dtype).
     zstd_level None disables zstd. max_file_size (bytes) caps each file of the store.
+    hot_experts: mixed precision: these (layer, expert) pairs are quantized with `hot_quant`,
+    every other expert with `cold_quant` (e.g. a routing profile's most used 20 %: see
+    formats/profile.py); `quant` must then be "keep". The index's quant reads "mixed" and each
+    extent's codec chain names its own.
     An interrupted conversion run again with the same arguments resumes where it stopped."""
     if quant not in QUANT_CHOICES:
         raise ConvertError(f"--quant {quant!r}: choose one of {', '.join(QUANT_CHOICES)}")
-    if quant in INT_QUANTS and (group_size < 2 or group_size % 2 or group_size > 1 << 16):
+    if hot_experts is not None:
+        if quant != "keep":
+            raise ConvertError(f"--quant {quant!r} and --profile: a profile picks each expert's quantization")
+        for q in (hot_quant, cold_quant):
+            if q not in INT_QUANTS:
+                raise ConvertError(f"hot/cold quantization {q!r}: choose one of {', '.join(INT_QUANTS)}")
+        hot_experts = frozenset(hot_experts)
+        quant = MIXED_QUANT
+    if quant in (*INT_QUANTS, MIXED_QUANT) and (group_size < 2 or group_size % 2 or group_size > 1 << 16):
         raise ConvertError(f"--group-size {group_size}: must be an even number between 2 and 65536")
     if zstd_level is not None and not (-7 <= zstd_level <= 22):
         raise ConvertError(f"--zstd-level {zstd_level}: must be between -7 and 22")
@@ -47,7 +60,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
     _check_output_is_not_source(Path(src), out)
     with ConversionLock(out):
         return _convert_locked(src, out, quant=quant, group_size=group_size, zstd_level=zstd_level, delta=delta,
-                               max_file_size=max_file_size, overwrite=overwrite, progress=progress)
+                               max_file_size=max_file_size, overwrite=overwrite, progress=progress,
+                               mixed=(hot_experts, hot_quant, cold_quant) if quant == MIXED_QUANT else None)
 
 
 def _check_output_is_not_source(src: Path, out: Path) -> None:
@@ -60,7 +74,7 @@ def _check_output_is_not_source(src: Path, out: Path) -> None:
 
 
 def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max_file_size, overwrite,
-                    progress) -> Path:
+                    progress, mixed=None) -> Path:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -84,15 +98,24 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
     _check_shapes(ckpt, fam, moe_layers, n_experts, expert_names)
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
 
-    raw_dtype = None if quant in ("keep", *INT_QUANTS) else quant
+    if mixed is not None:
+        unknown = sorted(k for k in mixed[0] if k[0] not in moe_layers or not 0 <= k[1] < n_experts)
+        if unknown:
+            raise ConvertError(f"the routing profile names experts this checkpoint lacks, e.g. layer {unknown[0][0]} "
+                               f"expert {unknown[0][1]} (it has MoE layers {moe_layers} x {n_experts} experts)")
+    raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS) else quant
     opts = EncodeOptions(quant=quant if quant in INT_QUANTS else None, group_size=group_size,
                          zstd_level=zstd_level, delta=delta)
+    if mixed is not None:
+        hot_opts = EncodeOptions(quant=mixed[1], group_size=group_size, zstd_level=zstd_level, delta=delta)
+        opts = EncodeOptions(quant=mixed[2], group_size=group_size, zstd_level=zstd_level, delta=delta)
     lossless = EncodeOptions(quant=None, zstd_level=zstd_level, delta=False)
     fingerprint = hashlib.sha256(json.dumps({
         "src": str(ckpt.root.resolve()),
         "tensors": sorted((t.name, str(t.path), t.offset, t.length, os.path.getmtime(t.path))
                           for t in ckpt.tensors.values()),
         "opts": [quant, group_size, zstd_level, delta, max_file_size],
+        "mixed": None if mixed is None else [sorted(mixed[0]), mixed[1], mixed[2]],
     }).encode()).hexdigest()
     writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)
     workers = max(1, min(8, os.cpu_count() or 1))
@@ -151,7 +174,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
                     dt = raw_dtype or info.dtype
                     tensors.append((t, dt, info.shape, cast_bits(ckpt.read(info.name), info.dtype, dt)))
                 src_len = sum(ckpt.info(fam.expert_tensor_name(layer, e, t)).length for t in fam.expert_tensors)
-                pending.append((e, src_len, encoders.submit(encode_region, tensors, opts, base, base_dtype)))
+                expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
+                pending.append((e, src_len, encoders.submit(encode_region, tensors, expert_opts, base, base_dtype)))
                 while len(pending) > workers:
                     uses_base |= write_oldest()
             while pending:
@@ -162,7 +186,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
             writer.checkpoint(f"layer{layer}")
         path = writer.finish(
             architecture=fam.name, config=ckpt.config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
-            expert_tensors=fam.expert_tensors, quant=quant, group_size=group_size if quant in INT_QUANTS else 0,
+            expert_tensors=fam.expert_tensors, quant=quant,
+            group_size=group_size if quant in (*INT_QUANTS, MIXED_QUANT) else 0,
             source_bytes=total)
     except BaseException:
         writer.abandon()

@@ -41,7 +41,17 @@ def describe(reader: StoreReader) -> dict[str, Any]:
         "files": [{"name": p.name, "bytes": s} for p, s in zip(reader.files, reader.file_sizes)],
         "carried_files": sorted(idx.blobs),
         "layers": layers,
+        # per layer, one character per expert: its bits (8/4 quantized, 16/32 raw floats)
+        "expert_bits": {str(layer): "".join(_bits_mark(idx.extents[(layer, e)]) for e in range(idx.experts_per_layer))
+                        for layer in idx.moe_layers} if idx.quant == "mixed" else None,
     }
+
+
+def _bits_mark(region) -> str:
+    q = region.quant
+    if q is not None:
+        return q.kind[3:]      # "int8" -> "8"
+    return {"bf16": "h", "fp16": "h", "fp32": "f"}.get(region.tensors[0].dtype, "?")
 
 
 def format_description(d: dict[str, Any]) -> str:
@@ -64,4 +74,7 @@ def format_description(d: dict[str, Any]) -> str:
         chains = ", ".join(f"{c} ({n})" for c, n in l["chains"].items())
         lines.append(f"{l['layer']:>5}  {format_size(l['stored_bytes']):>12}  {format_size(l['source_bytes']):>12}  "
                      f"{l['ratio']:>5.2f}x  {chains}")
+    if d.get("expert_bits"):
+        lines += ["", "expert bits (one digit per expert, expert 0 first):"]
+        lines += [f"{layer:>5}  {bits}" for layer, bits in d["expert_bits"].items()]
     return "\n".join(lines)

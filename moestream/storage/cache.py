@@ -2,18 +2,29 @@
 
 Policies: "lru" (least recently used), "lfu" (least frequently used, with aging: every
 `aging_period` accesses all counts are halved, so experts that were hot long ago can leave),
+"least-stale" (after SpecMD's Least-Stale: evict first the experts of the layers the current
+sweep has just passed, whose next use is a whole sweep away, least recently used first),
 and "next-use" for (layer, expert) keys: evict the expert whose next use is estimated to be
 furthest away. A decode step sweeps the MoE layers in order, so an expert of the layer just
 used is needed no sooner than one sweep later, while one of the next layer may be needed at
 once; LRU evicts exactly those (it gets 0 hits on a cyclic sweep smaller than the cache).
 next-use scores each key, in tokens, as d / L + (1 - q) / q: d = layers until its layer comes
 round again (0 for an expert the current layer asked for and has not been served yet, L for
-one it was served or did not ask for), q = the chance its layer asks for it at the next visit,
-estimated by an exponentially weighted average over the layer's visits (weight NEXT_USE_ALPHA
-per visit, so recent use counts most: routing has temporal locality). The first term is the
-layer sweep (what SpecMD's least-stale uses), the second Belady's "furthest next use" under
-that estimate. A pinned hot set (keys that are never evicted) can be given,
-e.g. from a routing profile."""
+one it was served or did not ask for), q = the chance its layer asks for it at the next visit.
+q mixes the two things routing has: skew (a long-run frequency f, an exponentially weighted
+average over the layer's visits, weight NEXT_USE_ALPHA per visit) and temporal locality (r,
+the layer's measured share of experts asked for again at the very next visit, averaged with
+weight REUSE_ALPHA): q = r + (1 - r) f for an expert its layer asked for last time, f for the
+others. The first term is the layer sweep (what SpecMD's least-stale uses), the second Belady's
+"furthest next use" under that estimate. Keys a next-layer predictor expects (`expect`) count
+as certain (q = 1) until their layer is visited. Ties go to the least recently used key (a
+miss counts as used when it was requested, not when its load finished). A pinned hot set (keys that are
+never evicted) can be given, e.g. from a routing profile.
+
+Cost: the sweep policies keep, per layer, its cached keys ranked most evictable first (re-ranked
+only when that layer is visited or its keys change), so choosing a victim looks at one key per
+layer, not at every cached expert: at 48 layers x 1536 cached experts this is what keeps eviction
+off the decode path (`victim_reference` is the plain O(n) definition the tests hold it to)."""
 from __future__ import annotations
 
 import threading
@@ -21,17 +32,21 @@ from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Iterable, Optional, Sequence, TypeVar
 
 K = TypeVar("K", bound=Hashable)
-POLICIES = ("lru", "lfu", "next-use")
-#: Weight of the latest visit in next-use's estimate of each expert's chance of being asked for.
-#: Replayed through the policy alone (routing of a greedy run of a random Mixtral-style model,
-#: 4 layers x 8 experts, 8 slots; synthetic Zipf traces of 2 and 4 layers x 128 experts, 64 and
-#: 51 slots), 0.3 was best or within 1 % of the best of 0.05-0.8, and beat LRU on all three.
-NEXT_USE_ALPHA = 0.3
+POLICIES = ("lru", "lfu", "least-stale", "next-use")
+#: The policies that need the layer order (sweep=)
+SWEEP_POLICIES = ("least-stale", "next-use")
+#: Weight of the latest visit in next-use's long-run frequency of each expert, and in its
+#: estimate of the share of a layer's experts asked for again at the next visit. Chosen with
+#: `moestream bench cache` on the trained routing model's held-out traces and on synthetic ones
+#: (tests of 0.01-0.3 and 0.05-0.3; docs/CACHING.md): frequency over ~50 visits, reuse over ~10.
+NEXT_USE_ALPHA = 0.02
+REUSE_ALPHA = 0.1
 
 
 class TierCache(Generic[K]):
     """Values with sizes in bytes. `put` evicts until the new value fits; a value larger than
-    the whole budget is not cached. `used` never exceeds `budget`."""
+    the whole budget is not cached. `used` never exceeds `budget`. Keys are (layer, expert)
+    for the sweep policies."""
 
     def __init__(self, name: str, budget: int, policy: str = "lru", *, pinned: Iterable[K] = (),
                  aging_period: int = 1024, sweep: Sequence[int] = ()):
@@ -42,16 +57,23 @@ class TierCache(Generic[K]):
         self.name, self.budget, self.policy = name, budget, policy
         self.pinned = set(pinned)
         self.aging_period = aging_period
-        self._items: "OrderedDict[K, tuple[Any, int]]" = OrderedDict()
+        self._items: "OrderedDict[K, tuple[Any, int]]" = OrderedDict()   # least recently used first
         self._counts: dict[K, float] = {}
         self._accesses = 0
-        # next-use: the layer order of a decode step, where the sweep is, and per-layer visits
+        self._tick = 0
+        self._last: dict[K, int] = {}   # key -> tick of its last access (ties go to the oldest)
+        # sweep policies: the layer order of a decode step, where the sweep is, per-layer visits
         self._sweep_pos = {layer: i for i, layer in enumerate(sweep)}
         self._current = 0
-        self._chance: dict[int, dict[K, float]] = {}   # per layer: key -> estimated chance of use next visit
+        self._chance: dict[int, dict[K, float]] = {}   # per layer: key -> long-run frequency per visit
+        self._reuse: dict[int, float] = {}             # per layer: share asked for again at the next visit
+        self._last_asked: dict[int, set] = {}          # per layer: the keys its last visit asked for
         self._wanted: set = set()   # asked for at the current layer and not served yet: needed now
-        if policy == "next-use" and not self._sweep_pos:
-            raise ValueError("the next-use policy needs the layer order (sweep=)")
+        self._expected: set = set()  # guessed by a next-layer predictor for a layer not visited yet
+        self._members: dict[int, set] = {}      # per layer: its cached keys
+        self._ranked: dict[int, list] = {}      # per layer: cached keys, most evictable first (lazy)
+        if policy in SWEEP_POLICIES and not self._sweep_pos:
+            raise ValueError(f"the {policy} policy needs the layer order (sweep=)")
         self._lock = threading.Lock()
         self.used = 0
         self.peak = 0
@@ -84,11 +106,18 @@ class TierCache(Generic[K]):
     def _touch(self, key: K) -> None:
         self._wanted.discard(key)
         self._items.move_to_end(key)
+        self._tick += 1
+        self._last[key] = self._tick
+        self._dirty(key)
         self._counts[key] = self._counts.get(key, 0.0) + 1.0
         self._accesses += 1
         if self._accesses % self.aging_period == 0:
             for k in self._counts:
                 self._counts[k] /= 2.0
+
+    def _dirty(self, key: K) -> None:
+        if self._sweep_pos:
+            self._ranked.pop(key[0], None)
 
     def visit(self, layer: int, keys: Optional[Iterable[K]] = None) -> None:
         """A decode step is at `layer`; with `keys`, its router asked for them (one visit of
@@ -100,7 +129,11 @@ class TierCache(Generic[K]):
             if keys is None:
                 return
             keys = list(keys)
+            for k in self._wanted:
+                self._ranked.pop(k[0], None)
             self._wanted = set(keys)
+            self._expected = {k for k in self._expected if k[0] != layer}
+            self._ranked.pop(layer, None)
             chance = self._chance.setdefault(layer, {})
             for k in list(chance):
                 chance[k] *= 1.0 - NEXT_USE_ALPHA
@@ -108,43 +141,116 @@ class TierCache(Generic[K]):
                     del chance[k]
             for k in keys:
                 chance[k] = chance.get(k, 0.0) + NEXT_USE_ALPHA
+            now = set(keys)
+            before = self._last_asked.get(layer)
+            if before:
+                share = len(before & now) / len(before)
+                self._reuse[layer] = share if layer not in self._reuse else \
+                    self._reuse[layer] * (1.0 - REUSE_ALPHA) + REUSE_ALPHA * share
+            self._last_asked[layer] = now
+
+    def expect(self, keys: Iterable[K]) -> None:
+        """A next-layer predictor guesses `keys` for a layer about to run: next-use keeps them
+        as if certain until that layer is visited. A no-op for the other policies."""
+        if self.policy == "next-use":
+            with self._lock:
+                for k in keys:
+                    self._expected.add(k)
+                    self._dirty(k)
+
+    def _layers_until(self, key: K) -> int:
+        """Layers from the current one until `key`'s layer is visited again (1..L)."""
+        n = len(self._sweep_pos)
+        return (self._sweep_pos.get(key[0], 0) - self._current) % n or n
 
     def next_use(self, key: K) -> float:
         """Estimated tokens until `key` is asked for again (next-use policy)."""
         if key in self._wanted:
             return 0.0
+        d = self._layers_until(key) / len(self._sweep_pos)
+        if key in self._expected:
+            return d
         layer = key[0]
-        n = len(self._sweep_pos)
-        d = (self._sweep_pos.get(layer, 0) - self._current) % n or n
-        q = min(1.0, self._chance.get(layer, {}).get(key, 0.0) + 1e-3)
-        return d / n + (1.0 - q) / q
+        f = self._chance.get(layer, {}).get(key, 0.0)
+        if key in self._last_asked.get(layer, ()):
+            r = self._reuse.get(layer, 0.0)
+            f = r + (1.0 - r) * f
+        q = min(1.0, f + 1e-3)
+        return d + (1.0 - q) / q
+
+    def staleness(self, key: K) -> float:
+        """least-stale's order: layers until the key's layer comes round (current layer: 0 for
+        an expert it still needs, a full sweep for one it has used)."""
+        return 0.0 if key in self._wanted else float(self._layers_until(key))
+
+    def _score(self, key: K) -> float:
+        return self.next_use(key) if self.policy == "next-use" else self.staleness(key)
 
     def victim(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
         """The key the policy would evict next (never a pinned one, nor one `exclude` names)."""
         with self._lock:
             return self._victim(exclude)
 
-    def _victim(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
-        candidates = (k for k in self._items if k not in self.pinned and not (exclude and exclude(k)))
+    def victim_reference(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
+        """The policy's victim by its plain definition, looking at every key (O(n); for tests)."""
+        candidates = [k for k in self._items if k not in self.pinned and not (exclude and exclude(k))]
         if self.policy == "lru":
-            return next(candidates, None)
-        # O(n); n is the number of cached experts (hundreds to thousands)
-        if self.policy == "next-use":
-            return max(candidates, key=self.next_use, default=None)
-        return min(candidates, key=lambda k: self._counts.get(k, 0.0), default=None)
+            return candidates[0] if candidates else None
+        if self.policy == "lfu":
+            return min(candidates, key=lambda k: self._counts.get(k, 0.0), default=None)
+        return max(candidates, key=lambda k: (self._score(k), -self._last[k]), default=None)
+
+    def _victim(self, exclude: Optional[Callable[[K], bool]] = None) -> Optional[K]:
+        if self.policy == "lru":
+            return next((k for k in self._items if k not in self.pinned and not (exclude and exclude(k))), None)
+        if self.policy == "lfu":   # O(n) in the cached keys
+            return self.victim_reference(exclude)
+        # sweep policies: the best candidate of each layer, then the best of those. Within a
+        # layer the order of the scores does not change until the layer is visited or one of its
+        # keys changes (d is the same for all of them), and those events drop its ranking.
+        best, best_rank = None, None
+        for layer, members in self._members.items():
+            ranked = self._ranked.get(layer)
+            if ranked is None:
+                ranked = sorted(members, key=lambda k: (-self._score(k), self._last[k]))
+                self._ranked[layer] = ranked
+            for k in ranked:
+                if k in self.pinned or (exclude is not None and exclude(k)):
+                    continue
+                rank = (self._score(k), -self._last[k])
+                if best_rank is None or rank > best_rank:
+                    best, best_rank = k, rank
+                break
+        return best
+
+    def _remove(self, key: K) -> tuple[Any, int]:
+        value, size = self._items.pop(key)
+        self.used -= size
+        if self._sweep_pos:
+            self._members[key[0]].discard(key)
+            ranked = self._ranked.get(key[0])
+            if ranked is not None:
+                ranked.remove(key)
+        return value, size
 
     def pop(self, key: K) -> Optional[Any]:
         """Remove `key` as an eviction (counted); returns its value or None."""
         with self._lock:
-            item = self._items.pop(key, None)
-            if item is None:
+            if key not in self._items:
                 return None
-            self.used -= item[1]
             self.evictions += 1
-            return item[0]
+            return self._remove(key)[0]
 
-    def put(self, key: K, value: Any, nbytes: int) -> list[K]:
-        """Insert (or refresh) `key`; returns the evicted keys. Not cached when it cannot fit."""
+    def next_tick(self) -> int:
+        """A recency stamp for a miss being requested now, to give `put` when it lands: the
+        key then ranks as used at request time, whatever order concurrent loads finish in."""
+        with self._lock:
+            self._tick += 1
+            return self._tick
+
+    def put(self, key: K, value: Any, nbytes: int, tick: Optional[int] = None) -> list[K]:
+        """Insert (or refresh) `key`; returns the evicted keys. Not cached when it cannot fit.
+        tick: its recency stamp (next_tick() at request time); default now."""
         evicted: list[K] = []
         with self._lock:
             if key in self._items:
@@ -156,12 +262,27 @@ class TierCache(Generic[K]):
                 victim = self._victim()
                 if victim is None:  # everything left is pinned
                     return evicted
-                _, size = self._items.pop(victim)
-                self.used -= size
+                self._remove(victim)
                 self.evictions += 1
                 evicted.append(victim)
             self._wanted.discard(key)
             self._items[key] = (value, nbytes)
+            if tick is None:
+                self._tick += 1
+                tick = self._tick
+            self._last[key] = tick
+            # keys used after `tick` stay more recent than this one (a few: those touched while it loaded)
+            later = []
+            for k in reversed(self._items):
+                if k != key and self._last.get(k, 0) > tick:
+                    later.append(k)
+                elif k != key:
+                    break
+            for k in sorted(later, key=self._last.__getitem__):
+                self._items.move_to_end(k)
+            if self._sweep_pos:
+                self._members.setdefault(key[0], set()).add(key)
+                self._dirty(key)
             self._counts[key] = self._counts.get(key, 0.0) + 1.0
             self.used += nbytes
             self.peak = max(self.peak, self.used)
@@ -170,11 +291,12 @@ class TierCache(Generic[K]):
 
     def discard(self, key: K) -> None:
         with self._lock:
-            item = self._items.pop(key, None)
-            if item is not None:
-                self.used -= item[1]
+            if key in self._items:
+                self._remove(key)
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._members.clear()
+            self._ranked.clear()
             self.used = 0

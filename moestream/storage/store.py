@@ -58,6 +58,7 @@ class _Load:
     prefetch: bool
     counted_prefetch: bool = False      # its bytes count against prefetch_budget while in flight
     started: float = 0.0
+    tick: Optional[int] = None          # L1 recency stamp taken when it was requested
     chunks_left: int = 0
     error: Optional[BaseException] = None
     slot: Optional[int] = None          # its L1 slot (CPU arena); None: decode into new tensors
@@ -110,8 +111,9 @@ class Store:
     slots of one expert each (the largest decoded extent, 4096-aligned).
     host_budget: bytes of stored extents kept in host RAM (L2); 0 disables L2. Default: a
     quarter of available RAM (CUDA) or 0 (CPU, where L1 is host RAM already).
-    policy: "next-use" (default; evicts the expert needed furthest ahead, from the layer sweep and
-    per-expert frequencies: storage/cache.py), "lru" or "lfu" (with aging).
+    policy: "next-use" (default; evicts the expert needed furthest ahead, from the layer sweep,
+    per-expert frequencies and the prefetcher's guesses: storage/cache.py), "least-stale", "lru"
+    or "lfu" (with aging). `moestream bench cache` compares them on routing traces.
     io: "auto", "uring", "posix" or "kvikio".
     verify: check each extent's xxh3-64 before decoding it.
     queue_depth: reads in flight in the backend; chunk_size: bytes per read request.
@@ -311,6 +313,7 @@ class Store:
         experts = [_index(e, "expert") for e in experts]
         with self._cv:
             self._check_open()
+            self.l1.expect([(layer, e) for e in experts])
             for e in experts:
                 key = (layer, e)
                 region = self.reader.extent(*key)
@@ -431,7 +434,7 @@ class Store:
                     self._prefetch.remove(load)
                     self._demand.append(load)
             return load.future
-        load = _Load(key, region, Future(), prefetch=False)
+        load = _Load(key, region, Future(), prefetch=False, tick=self.l1.next_tick())
         load.future.set_running_or_notify_cancel()
         self._pending[key] = load
         if key in self.l2:
@@ -653,11 +656,11 @@ class Store:
             result = None
             if error is None:
                 if load.slot is not None:
-                    self.l1.put(load.key, load.slot, self.arena.slot_size)
+                    self.l1.put(load.key, load.slot, self.arena.slot_size, tick=load.tick)
                     result = self._hand_out(load.key, load.slot)
                 else:
                     if self.arena is None:  # CUDA: cache the new tensors
-                        for k in self.l1.put(load.key, tensors, _tensor_bytes(tensors)):
+                        for k in self.l1.put(load.key, tensors, _tensor_bytes(tensors), tick=load.tick):
                             self._evicted(k)
                     result = dict(tensors)
                 if load.prefetch:

@@ -43,8 +43,8 @@ def test_fetch_matches_reader_under_eviction(stores, io, quant, monkeypatch):
     worst = {"device": 0, "host": 0}
     real_put = TierCache.put
 
-    def checked_put(self, key, value, nbytes):  # the budget is checked after every insertion
-        out = real_put(self, key, value, nbytes)
+    def checked_put(self, key, value, nbytes, tick=None):  # the budget is checked after every insertion
+        out = real_put(self, key, value, nbytes, tick)
         assert self.used <= self.budget
         worst[self.name] = max(worst[self.name], self.used)
         return out

@@ -209,6 +209,8 @@ class StreamingMoE(nn.Module):
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         #: seconds spent in this layer's expert matmuls and their accumulation (for benchmarks)
         self.expert_seconds = 0.0
+        #: a compute.routing.RoutingRecorder while routing is recorded
+        self.recorder = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)                          # [N, E]
@@ -217,8 +219,16 @@ class StreamingMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts
 
+    def guess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This router applied to an earlier layer's residual x [N, H]: its top-k experts
+        [N, A] and their router probabilities [N, A] (the next-layer predictor)."""
+        probs, experts = torch.topk(F.softmax(self.gate(x).float(), dim=-1), self.cfg.top_k, dim=-1)
+        return experts, probs
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)                                         # [N, A], [N, A]
+        if self.recorder is not None:
+            self.recorder.record(self.layer, experts, weights)
         # which tokens go to which expert, worked out on the host once per layer (a per-expert
         # nonzero/tolist would force a device sync per expert)
         routed: dict[int, tuple[list[int], list[int]]] = {}
@@ -271,15 +281,23 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
-                next_layer: Optional["DecoderLayer"] = None) -> torch.Tensor:
+                next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None) -> torch.Tensor:
+        """With `next_layer`, its router guesses its experts from this layer's residual (the
+        next-layer predictor): recorded when routing is, and prefetched when
+        `prefetch_threshold` is set (those with router probability >= it)."""
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, start)     # [B, T, H]
         b, t, hidden = h.shape
         if next_layer is not None and isinstance(next_layer.mlp, StreamingMoE):
             # speculative prefetch: the next layer's router on this layer's residual stream
             # guesses its experts; their reads overlap this layer's expert compute
             nxt = next_layer.mlp
-            guess = nxt.route(next_layer.post_attention_layernorm(h).reshape(b * t, hidden))[1]
-            nxt.store.prefetch(nxt.layer, guess.unique().tolist())
+            guess, probs = nxt.guess(next_layer.post_attention_layernorm(h).reshape(b * t, hidden))   # [N, A]
+            if nxt.recorder is not None:
+                nxt.recorder.predict(nxt.layer, guess, probs)
+            if prefetch_threshold is not None:
+                confident = sorted(set(guess[probs >= prefetch_threshold].tolist()))
+                if confident:
+                    nxt.store.prefetch(nxt.layer, confident)
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
 
 
@@ -297,6 +315,17 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         #: prefetch the next layer's likely experts (its router applied to the current residual)
         self.prefetch_next_layer = False
+        #: ... only those whose router probability reaches this
+        self.prefetch_threshold = 0.0
+        self.recorder = None
+
+    def record_routing(self, recorder) -> None:
+        """Record every MoE layer's routing and the next-layer predictor's guesses into
+        `recorder` (a compute.routing.RoutingRecorder), or stop with None."""
+        self.recorder = recorder
+        for layer in self.layers:
+            if isinstance(layer.mlp, StreamingMoE):
+                layer.mlp.recorder = recorder
 
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits float32 [B, T, V]. With `cache`, positions start at `start`."""
@@ -304,9 +333,13 @@ class CausalLM(nn.Module):
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         rope = self.rotary(positions)
         rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        if self.recorder is not None:
+            self.recorder.start_step(input_ids.numel())
+        predict = self.prefetch_next_layer or self.recorder is not None
+        threshold = self.prefetch_threshold if self.prefetch_next_layer else None
         for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1] if self.prefetch_next_layer and i + 1 < len(self.layers) else None
-            x = layer(x, rope, cache, start, nxt)
+            nxt = self.layers[i + 1] if predict and i + 1 < len(self.layers) else None
+            x = layer(x, rope, cache, start, nxt, threshold)
         return self.lm_head(self.norm(x)).float()
 
     @torch.no_grad()

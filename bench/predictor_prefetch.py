@@ -1,0 +1,72 @@
+"""Decode stall seconds with and without next-layer prefetch, in one sitting, on the trained
+routing model (moestream.bench.routing_model) reading held-out text (teacher-forced decode, so
+every run sees the same tokens). Runs alternate; medians of --repeat.
+
+    .venv/bin/python bench/predictor_prefetch.py [--budget 25%] [--tokens 300] [--repeat 3]"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import moestream
+from moestream.bench import routing_model
+from moestream.bench.traces import held_out_texts
+from moestream.compute import load_model
+from moestream.compute.generation import load_tokenizer
+from moestream.compute.models.common import KVCache
+
+
+def run(store: Path, ids: list[int], budget: int, prefetch: bool, threshold: float) -> dict:
+    model = load_model(store, device_budget=budget, host_budget=0, prefetch=prefetch, prefetch_threshold=threshold)
+    try:
+        cache = KVCache(model.cfg.num_layers, 1, model.cfg.num_kv_heads, len(ids), model.cfg.head_dim,
+                        model.embed_tokens.weight.dtype, "cpu")
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for pos, i in enumerate(ids):
+                model(torch.tensor([[i]]), cache, pos)
+        dt = time.perf_counter() - t0
+        st = model.store.stats()
+        return {"tok_s": len(ids) / dt, "stall_s": st["stall_seconds"], "hits": st["hits_l1"], "reads": st["misses"],
+                "prefetched": st["prefetch_issued"], "prefetch_used": st["prefetch_used"],
+                "wasted_MB": st["prefetch_wasted_bytes"] / 1e6, "cancelled": st["prefetch_cancelled"]}
+    finally:
+        model.store.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budget", default="25%", help="device budget, share of all experts' decoded bytes")
+    p.add_argument("--tokens", type=int, default=300)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--thresholds", default="0,0.1", help="prefetch confidence thresholds to compare")
+    a = p.parse_args()
+    ckpt = routing_model.ensure()
+    store = ckpt.with_name(ckpt.name + ".moe")
+    if not store.exists():
+        moestream.convert(ckpt, store, progress=False)
+    with moestream.open(store, device_budget="64MiB") as s:
+        total = sum(r.decoded_length for r in s.index.extents.values())
+        tok = load_tokenizer(type("M", (), {"store": s})())
+        ids = tok.encode(held_out_texts(1)[0]).ids[:a.tokens]
+    budget = int(total * float(a.budget.rstrip("%")) / 100)
+    systems = [("no prefetch", False, 0.0)] + [(f"prefetch, confidence >= {t}", True, float(t))
+                                              for t in a.thresholds.split(",")]
+    runs: dict = {name: [] for name, *_ in systems}
+    for _ in range(a.repeat):
+        for name, pf, thr in systems:
+            runs[name].append(run(store, ids, budget, pf, thr))
+    print(f"trained routing model, {len(ids)} held-out tokens teacher-forced, device budget {a.budget} of "
+          f"{total / 2**20:.1f} MiB experts, CPU, page cache warm; medians of {a.repeat} alternating runs")
+    keys = list(runs[systems[0][0]][0])
+    print("| system | " + " | ".join(keys) + " |\n|---|" + "---:|" * len(keys))
+    for name, rs in runs.items():
+        print(f"| {name} | " + " | ".join(f"{statistics.median(r[k] for r in rs):.2f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
