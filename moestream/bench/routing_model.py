@@ -79,10 +79,12 @@ def _ids(tok, texts: list[str]) -> np.ndarray:
     return np.concatenate([np.array(e.ids, np.int64) for e in tok.encode_batch(texts)])
 
 
-def coverage_curve(counts: np.ndarray, fractions=(0.01, 0.05, 0.1, 0.2, 0.5)) -> dict[str, float]:
-    """Share of all activations taken by the most used `f` of the (layer, expert) pairs."""
-    c = np.sort(np.asarray(counts, np.float64).reshape(-1))[::-1]
-    return {f"top_{f:.0%}": float(c[:max(1, int(round(f * c.size)))].sum() / max(c.sum(), 1)) for f in fractions}
+def coverage(counts: np.ndarray) -> dict[str, float]:
+    """Share of all activations taken by the most used 1/5/10/20/50 % of the (layer, expert)
+    pairs (the profile's coverage curve, formats/profile.py)."""
+    from ..formats.profile import coverage_curve
+    curve = coverage_curve(counts)
+    return {f"top_{p}%": curve[p - 1] for p in (1, 5, 10, 20, 50)}
 
 
 def train(out: str | Path = DEFAULT_DIR, *, steps: Optional[int] = None, corpus_bytes: Optional[int] = None,
@@ -131,7 +133,7 @@ def train(out: str | Path = DEFAULT_DIR, *, steps: Optional[int] = None, corpus_
     report = {"model": MODEL, "training": cfg_t, "train_tokens": int(len(train_ids)), "held_out_tokens": int(len(test_ids)),
               "final_train_loss": float(np.mean(losses[-20:])), "held_out_loss": held_out,
               "unigram_held_out_loss": unigram, "held_out_vs_unigram": held_out / unigram,
-              "routing_coverage": coverage_curve(counts), "uniform_coverage": coverage_curve(np.ones_like(counts)),
+              "routing_coverage": coverage(counts), "uniform_coverage": coverage(np.ones_like(counts)),
               "seconds": time.perf_counter() - t0, "torch": torch.__version__}
     model.save_pretrained(staging)
     (staging / "training.json").write_text(json.dumps(report, indent=2))

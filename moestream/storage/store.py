@@ -648,24 +648,30 @@ class Store:
             self.l2.put(key, slot, self.l2_arena.slot_size)
 
     def _finish(self, load: _Load, tensors: Optional[Experts] = None, error: Optional[BaseException] = None) -> None:
+        result = None
         with self._cv:
-            if self._pending.get(load.key) is load:
-                del self._pending[load.key]
-            if load.counted_prefetch:
-                self._prefetch_inflight -= load.region.padded_length
-            result = None
-            if error is None:
-                if load.slot is not None:
-                    self.l1.put(load.key, load.slot, self.arena.slot_size, tick=load.tick)
-                    result = self._hand_out(load.key, load.slot)
-                else:
-                    if self.arena is None:  # CUDA: cache the new tensors
-                        for k in self.l1.put(load.key, tensors, _tensor_bytes(tensors), tick=load.tick):
-                            self._evicted(k)
-                    result = dict(tensors)
-                if load.prefetch:
-                    self._prefetched_unused.add(load.key)
-            self._cv.notify_all()
+            try:
+                if self._pending.get(load.key) is load:
+                    del self._pending[load.key]
+                if load.counted_prefetch:
+                    self._prefetch_inflight -= load.region.padded_length
+                if error is None:
+                    if load.slot is not None:
+                        self.l1.put(load.key, load.slot, self.arena.slot_size, tick=load.tick)
+                        result = self._hand_out(load.key, load.slot)
+                    else:
+                        if self.arena is None:  # CUDA: cache the new tensors
+                            for k in self.l1.put(load.key, tensors, _tensor_bytes(tensors), tick=load.tick):
+                                self._evicted(k)
+                        result = dict(tensors)
+                    if load.prefetch:
+                        self._prefetched_unused.add(load.key)
+            except BaseException as e:   # whatever fails here, the caller's future must still end
+                error, result = e, None
+                if load.slot is not None and load.key not in self.l1:
+                    self.arena.give(load.slot)   # never cached: its slot is free again
+            finally:
+                self._cv.notify_all()
         # the result pins its slot: once the future has it, this thread keeps no reference (a
         # caller that drops the result right away must find the slot free again)
         fut, load.future = load.future, None
@@ -674,7 +680,6 @@ class Store:
         else:
             fut.set_result(result)
             del result
-
 
 def open(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
          host_budget: int | str | None = None, policy: str = "next-use", io: str = "auto", verify: bool = True,

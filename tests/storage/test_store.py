@@ -389,3 +389,16 @@ def test_misses_allocate_nothing_that_stays(plain_store, stores):
             assert rss() - before < 2 << 20, (path, rss() - before)
             st = s.stats()
             assert st["misses"] + st["hits_l2"] > 1000     # decoded again and again, from disk or L2
+
+
+def test_a_failure_while_finishing_a_load_reaches_the_caller(plain_store, monkeypatch):
+    def broken_put(self, *a, **k):
+        raise RuntimeError("cache bookkeeping failed")
+
+    with open_store(plain_store, io="posix", device_budget=4 * 36864, host_budget=0) as s:
+        monkeypatch.setattr(TierCache, "put", broken_put)
+        (fut,) = s.fetch(0, [1])
+        with pytest.raises(RuntimeError, match="bookkeeping"):
+            fut.result(timeout=30)            # an error, not a caller waiting forever
+        monkeypatch.undo()
+        assert same(s.get(0, 2), expected(plain_store)[(0, 2)])   # the Store still serves
