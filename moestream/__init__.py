@@ -5,7 +5,7 @@ from .storage import Store, open
 
 __version__ = "0.1.0"
 __all__ = ["BudgetError", "ChecksumError", "ConvertError", "FormatError", "MoestreamError", "StoreIOError", "UsageError",
-           "Store", "StoreReader", "convert", "load_model", "open", "__version__"]
+           "Store", "StoreReader", "convert", "from_pretrained", "load_model", "open", "__version__"]
 
 
 def __getattr__(name: str):
@@ -14,4 +14,7 @@ def __getattr__(name: str):
     if name == "load_model":
         from .compute.loader import load_model
         return load_model
+    if name == "from_pretrained":   # a transformers model whose experts stream from the store (the hf extra)
+        from .integrations.transformers import from_store
+        return from_store
     raise AttributeError(f"module 'moestream' has no attribute {name!r}")

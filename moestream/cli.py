@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefetch the next layer's likely experts (speculative; see README)")
     g.add_argument("--prefetch-threshold", type=float, default=0.0,
                    help="prefetch only guesses whose router probability reaches this (0-1; default 0: all)")
+    g.add_argument("--engine", default="native", choices=["native", "transformers"],
+                   help="native: moestream's own forward (default); transformers: transformers' model class with "
+                        "the moestream experts implementation (any MoE family it knows)")
     g.add_argument("--trace", metavar="FILE", help="record the routing of every token into FILE (.npz; see moestream profile)")
 
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
@@ -169,7 +172,7 @@ def _generate(a: argparse.Namespace) -> int:
         raise UsageError(f"--trace {a.trace}: its directory does not exist")
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
-                  prefetch_threshold=a.prefetch_threshold, trace=a.trace)
+                  prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine)
     return 0
 
 

@@ -7,31 +7,53 @@ from typing import Optional, TextIO
 
 import torch
 
-from ..errors import MoestreamError
+from ..errors import MoestreamError, UsageError
 from ..units import format_size
+from .dequant import dequant_backend
 from .loader import load_model
 from .routing import RoutingRecorder
 
 
+ENGINES = ("native", "transformers")
+
+
 def load_tokenizer(model):
-    """The tokenizer carried in the store (tokenizer.json), as a `tokenizers.Tokenizer`."""
+    """The tokenizer carried in the store (tokenizer.json), as a `tokenizers.Tokenizer`.
+    `model`: a moestream model (its .store) or a Store."""
     from tokenizers import Tokenizer
-    data = model.store.blob("tokenizer.json")
+    store = getattr(model, "store", model)
+    data = store.blob("tokenizer.json")
     try:
         return Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises a bare Exception for malformed files
-        raise MoestreamError(f"{model.store.path}: the carried tokenizer.json cannot be loaded ({e})") from None
+        raise MoestreamError(f"{store.path}: the carried tokenizer.json cannot be loaded ({e})") from None
 
 
 def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu",
                   device_budget=None, host_budget=None, temperature: float = 0.0, seed: int = 0,
                   prefetch: bool = False, prefetch_threshold: float = 0.0, trace: Optional[str] = None,
-                  out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
+                  engine: str = "native", out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
     """Generate from `prompt`, writing text to `out` as it is produced and the report to `err`.
-    Returns the report as a dict. trace: a file to record the routing into (formats/trace.py)."""
+    Returns the report as a dict. trace: a file to record the routing into (formats/trace.py).
+    engine: "native" (moestream's own forward) or "transformers" (transformers' model class with
+    the "moestream" experts implementation: integrations/transformers.py); same report."""
+    if engine not in ENGINES:
+        raise UsageError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "transformers" and (prefetch or trace is not None):
+        raise UsageError("--prefetch and --trace need the native engine")
     t_load = time.perf_counter()
-    model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget, prefetch=prefetch,
-                       prefetch_threshold=prefetch_threshold, **store_options)
+    if engine == "transformers":
+        from ..integrations.transformers import from_store
+        model = from_store(store, device=device, device_budget=device_budget, host_budget=host_budget, **store_options)
+        model.store = model.moestream_store
+        model.dequant = dequant_backend(model.store.device) if model.store.index.quant in ("int8", "int4", "mixed") \
+            else "none (lossless store)"
+        bos, eos = model.config.bos_token_id, model.config.eos_token_id
+    else:
+        model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget,
+                           prefetch=prefetch, prefetch_threshold=prefetch_threshold, **store_options)
+        bos, eos = model.cfg.bos_token_id, model.cfg.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
     try:
         recorder = None
         if trace is not None:
@@ -39,8 +61,8 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             model.record_routing(recorder)
         tok = load_tokenizer(model)
         ids = tok.encode(prompt).ids
-        if model.cfg.bos_token_id is not None and (not ids or ids[0] != model.cfg.bos_token_id):
-            ids = [model.cfg.bos_token_id] + ids
+        if bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
         if not ids:
             raise MoestreamError("the prompt encodes to no tokens")
         load_seconds = time.perf_counter() - t_load
@@ -59,9 +81,12 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         out.write(prompt)
         out.flush()
         timings: dict = {}
-        gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed) if temperature > 0 else None
-        model.generate(torch.tensor([ids]), max_new_tokens, temperature, eos_token_id=model.cfg.eos_token_id,
-                       on_token=on_token, generator=gen, timings=timings)
+        if engine == "transformers":
+            _generate_transformers(model, ids, max_new_tokens, temperature, seed, eos, on_token, timings)
+        else:
+            gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed) if temperature > 0 else None
+            model.generate(torch.tensor([ids]), max_new_tokens, temperature, eos_token_id=eos, on_token=on_token,
+                           generator=gen, timings=timings)
         out.write("\n")
         if recorder is not None:
             recorder.trace({"store": str(model.store.path), "prompt_tokens": len(ids), "temperature": temperature,
@@ -84,7 +109,43 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             + f"; stall {st['stall_seconds']:.2f} s; "
             f"device tier {format_size(st['l1_peak'])} of {format_size(st['l1_budget'])}, host tier "
             f"{format_size(st['l2_peak'])} of {format_size(st['l2_budget'])}; io {st['backend']}; "
-            f"dequant {model.dequant}\n" + (f"routing trace written to {trace}\n" if trace is not None else ""))
+            f"dequant {model.dequant}; engine {engine}\n"
+            + (f"routing trace written to {trace}\n" if trace is not None else ""))
         return report
     finally:
         model.store.close()
+
+
+def _generate_transformers(model, ids: list[int], max_new_tokens: int, temperature: float, seed: int,
+                           eos: Optional[int], on_token, timings: dict) -> None:
+    """transformers' own generate, its tokens passed to on_token as they come (a streamer);
+    prefill time is up to the first new token."""
+    marks: dict = {}
+
+    class _Streamer:
+        def put(self, value: torch.Tensor) -> None:
+            if "prompt" not in marks:         # generate hands the prompt over first
+                marks["prompt"] = True
+                return
+            marks.setdefault("first", time.perf_counter())
+            for t in value.reshape(-1).tolist():
+                on_token(torch.tensor([t]))
+
+        def end(self) -> None:
+            marks["end"] = time.perf_counter()
+
+    if max_new_tokens < 1 or len(ids) + max_new_tokens > model.config.max_position_embeddings:
+        raise UsageError(f"a {len(ids)}-token prompt plus max_new_tokens={max_new_tokens} does not fit the model's "
+                         f"context of {model.config.max_position_embeddings} positions")
+    torch.manual_seed(seed)
+    sample = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=eos if eos is not None else 0, streamer=_Streamer(),
+                             **sample)
+    end = marks.get("end", time.perf_counter())
+    first = marks.get("first", end)
+    new = out.shape[1] - len(ids)
+    timings.update(prefill_seconds=first - t0, prefill_tokens=len(ids), decode_seconds=end - first, decode_tokens=new)

@@ -229,30 +229,11 @@ class StreamingMoE(nn.Module):
         weights, experts = self.route(x)                                         # [N, A], [N, A]
         if self.recorder is not None:
             self.recorder.record(self.layer, experts, weights)
-        # which tokens go to which expert, worked out on the host once per layer (a per-expert
-        # nonzero/tolist would force a device sync per expert)
-        routed: dict[int, tuple[list[int], list[int]]] = {}
-        for i, e in enumerate(experts.reshape(-1).tolist()):
-            rows, slots = routed.setdefault(e, ([], []))
-            rows.append(i // self.cfg.top_k)
-            slots.append(i % self.cfg.top_k)
-        waiting = sorted(routed)
-        self.store.note_routing(self.layer, waiting)
-        # at most as many experts in hand as the device budget holds: a prefill that routes to
-        # every expert of the layer still stays within the budget
-        window = self.store.expert_slots
-        inflight: dict = {}
         gate_name, up_name, down_name = self.cfg.expert_names
         out = torch.zeros_like(x)                                                # [N, H]
-        while waiting or inflight:
-            if waiting and len(inflight) < window:
-                take, waiting = waiting[:window - len(inflight)], waiting[window - len(inflight):]
-                inflight.update(zip(self.store.fetch(self.layer, take), take))
-            fut = self.store.wait_first(inflight)                                # arrival order
-            e = inflight.pop(fut)
-            w = fut.result()
+
+        def compute(e: int, w: dict, rows_l: list[int], slots_l: list[int]) -> None:
             t0 = time.perf_counter()
-            rows_l, slots_l = routed[e]
             if len(rows_l) == x.shape[0] == 1:                                   # decode: no gather
                 h, rows, slot = x, None, slots_l[0]
             else:
@@ -261,12 +242,47 @@ class StreamingMoE(nn.Module):
             y = F.linear(F.silu(F.linear(h, w[gate_name].to(x.dtype))) * F.linear(h, w[up_name].to(x.dtype)),
                          w[down_name].to(x.dtype))                               # [n, H]
             if rows is None:
-                out += y * weights[0, slot]
+                out.add_(y * weights[0, slot])
             else:
                 out.index_add_(0, rows, y * weights[rows, slot, None])
-            del w, fut
             self.expert_seconds += time.perf_counter() - t0
+
+        stream_experts(self.store, self.layer, route_on_host(experts), compute)
         return out
+
+
+def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
+    """experts [N, A] -> {expert: (token rows, top-k positions)}, worked out on the host once per
+    layer (a per-expert nonzero/tolist would force a device sync per expert)."""
+    top_k = experts.shape[-1]
+    routed: dict[int, tuple[list[int], list[int]]] = {}
+    for i, e in enumerate(experts.reshape(-1).tolist()):
+        rows, slots = routed.setdefault(e, ([], []))
+        rows.append(i // top_k)
+        slots.append(i % top_k)
+    return routed
+
+
+def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[int]]], compute) -> None:
+    """Fetch `layer`'s routed experts from the Store and call compute(expert, tensors, rows,
+    top-k positions) for each as it arrives (arrival order), with at most as many experts in
+    hand as the device budget holds: a prefill that routes to every expert of the layer stays
+    within the budget. Tells the Store the routing first (its eviction policy uses it). The
+    tensors are the Store's (read-only); compute must not keep them."""
+    waiting = sorted(routed)
+    store.note_routing(layer, waiting)
+    window = store.expert_slots
+    inflight: dict = {}
+    while waiting or inflight:
+        if waiting and len(inflight) < window:
+            take, waiting = waiting[:window - len(inflight)], waiting[window - len(inflight):]
+            inflight.update(zip(store.fetch(layer, take), take))
+        fut = store.wait_first(inflight)                                         # arrival order
+        e = inflight.pop(fut)
+        w = fut.result()
+        del fut
+        compute(e, w, *routed[e])
+        del w
 
 
 class DecoderLayer(nn.Module):

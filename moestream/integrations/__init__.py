@@ -1,0 +1,1 @@
+"""Bridges into other engines. Each imports its engine only when used."""

@@ -1,0 +1,164 @@
+"""moestream as the weight store of a transformers model: an experts implementation named
+"moestream" in transformers' `ALL_EXPERTS_FUNCTIONS`, and `from_store`, which builds the model
+class the store's config names with its experts never materialised.
+
+    import moestream
+    model = moestream.from_pretrained("mixtral.moe", device_budget="8GiB")   # a transformers model
+    out = model.generate(input_ids, max_new_tokens=32, do_sample=True)       # experts stream from the store
+
+This is the only module that imports transformers at run time (the `hf` extra). The experts of
+each MoE layer keep transformers' own router, gating (`_apply_gate`, e.g. a clamped SwiGLU) and
+post-expert norm; only their weights come from the Store, computed in arrival order by the same
+loop as moestream's own forward (compute/models/common.py: stream_experts)."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..compute.dequant import dequantize
+from ..compute.models.common import route_on_host, stream_experts
+from ..errors import MoestreamError
+from ..formats.families import FAMILIES
+from ..storage.store import Store, parse_device
+
+IMPLEMENTATION = "moestream"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """transformers' experts forward: hidden_states [N, H], top_k_index / top_k_weights [N, A]
+    -> [N, H]. The experts' weights come from the Store attached by `from_store`."""
+    binding = getattr(self, "_moestream", None)
+    if binding is None:
+        raise MoestreamError(f"{type(self).__name__}: the 'moestream' experts implementation needs a model built by "
+                             "moestream.from_pretrained (no store attached to this experts module)")
+    store, layer, (gate_name, up_name, down_name) = binding
+    out = torch.zeros_like(hidden_states)                                        # [N, H]
+    dtype = hidden_states.dtype
+
+    def compute(e: int, w: dict, rows_l: list[int], slots_l: list[int]) -> None:
+        rows = torch.tensor(rows_l, device=hidden_states.device)
+        h = hidden_states[rows]                                                  # [n, H]
+        bias = (lambda name: w[name + "_bias"].to(dtype) if name + "_bias" in w else None) if self.has_bias else \
+            (lambda name: None)
+        up = F.linear(h, w[up_name].to(dtype), bias(up_name))                   # [n, I]
+        if self.has_gate:
+            gate = F.linear(h, w[gate_name].to(dtype), bias(gate_name))         # [n, I]
+            # the layout _apply_gate expects: [gate | up], or interleaved [g0, u0, g1, u1, ...]
+            gu = torch.cat([gate, up], -1) if self.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
+            act = self._apply_gate(gu)
+        else:
+            act = self.act_fn(up)
+        y = F.linear(act, w[down_name].to(dtype), bias(down_name))              # [n, H]
+        if self.has_post_expert_norm:
+            y = self.post_expert_norm(y)
+        slots = torch.tensor(slots_l, device=hidden_states.device)
+        out.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(out.dtype))
+
+    stream_experts(store, layer, route_on_host(top_k_index), compute)
+    return out
+
+
+def register() -> None:
+    """Register the "moestream" experts implementation (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, moestream_experts_forward)
+
+
+def _renamed(name: str, renames: list[tuple[str, str]]) -> str:
+    for src, dst in renames:
+        name = re.sub(src, dst, name)
+    return name
+
+
+def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
+               host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
+               **store_options: Any):
+    """The transformers model of the store at `path`, its routed experts streaming from a Store
+    (`model.moestream_store`: stats, budgets; close it when done). Dense weights are loaded once
+    onto `device`; the experts' parameters are never allocated. dtype: default float32 on CPU,
+    bfloat16 on CUDA. Budgets as in `moestream.open`."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    register()
+    dev = parse_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    store_options.setdefault("dequantize", dequantize)
+    store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
+    try:
+        idx = store.index
+        family = FAMILIES.get(idx.architecture)
+        if family is None:
+            raise MoestreamError(f"{path}: no family record for {idx.architecture!r}")
+        config = transformers.AutoConfig.for_model(**{k: v for k, v in store.config.items()
+                                                     if k not in ("architectures", "transformers_version")})
+        config._experts_implementation = IMPLEMENTATION
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=IMPLEMENTATION)
+        experts = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "has_gate") and hasattr(module, "_apply_gate"):
+                m = _LAYER.search(name + ".")
+                if m is None or int(m.group(1)) not in idx.moe_layers:
+                    raise MoestreamError(f"{path}: transformers' {name} has no MoE layer in the store "
+                                         f"(store layers {list(idx.moe_layers)})")
+                experts[int(m.group(1))] = module
+        if sorted(experts) != sorted(idx.moe_layers):
+            raise MoestreamError(f"{path}: the store has MoE layers {list(idx.moe_layers)}, transformers' "
+                                 f"{type(model).__name__} has experts in {sorted(experts)}")
+        for layer, module in experts.items():   # the Store holds them: drop the (meta) parameters
+            for pname, _ in list(module.named_parameters(recurse=False)):
+                delattr(module, pname)
+            module._moestream = (store, layer, family.gate_up_down)
+        model = model.to_empty(device=dev)
+        renames = [(src, dst) for r in (get_checkpoint_conversion_mapping(config.model_type) or [])
+                   if type(r).__name__ == "WeightRenaming"
+                   for src, dst in zip(r.source_patterns, r.target_patterns)]
+        state = {_renamed(k, renames): v.to(dtype) for k, v in store.dense().items()}
+        if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if "rotary_emb" not in m]
+        if missing or unexpected:
+            raise MoestreamError(f"{path}: dense tensors do not match transformers' {type(model).__name__}: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        _rebuild_rotary(model, dev)
+        model.moestream_store = store
+        return model.eval()
+    except BaseException:
+        store.close()
+        raise
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """transformers' tokenizer of the store at `path`, from the tokenizer files the store carries
+    (tokenizer.json, tokenizer_config.json with its chat template, ...)."""
+    import tempfile
+    from transformers import AutoTokenizer
+    from ..formats.reader import StoreReader
+    with StoreReader(path) as r, tempfile.TemporaryDirectory(prefix="moestream-tokenizer-") as tmp:
+        names = [n for n in r.index.blobs if n.startswith(("tokenizer", "special_tokens", "vocab", "merges",
+                                                             "chat_template"))]
+        if "tokenizer.json" not in names:
+            raise MoestreamError(f"{path}: the store carries no tokenizer.json")
+        for name in names:
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(r.blob(name))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _rebuild_rotary(model, dev: torch.device) -> None:
+    """Rotary embeddings keep their frequencies in non-persistent buffers, computed in
+    __init__ (on meta here): build each again on the device."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            with torch.device(dev):
+                fresh = type(module)(config=module.config)
+            setattr(parent, name.rpartition(".")[2], fresh)

@@ -1,0 +1,82 @@
+"""transformers' own model classes with the "moestream" experts implementation: logits and
+greedy tokens against the same checkpoint loaded by transformers, experts never materialised."""
+import io
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TextIteratorStreamer
+
+import moestream
+from moestream.compute.generation import generate_text
+from moestream.errors import MoestreamError
+from moestream.integrations.transformers import load_tokenizer, moestream_experts_forward
+
+from ..conftest import FAMILIES
+
+EXPERT_BYTES = 3 * 64 * 48 * 4     # one expert of the conftest models, fp32
+
+
+@pytest.fixture(scope="module")
+def stores(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {f: moestream.convert(checkpoints[f], root / f, progress=False) for f in FAMILIES}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_model_streams_its_experts_from_the_store(checkpoints, stores, family):
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).eval()
+    model = moestream.from_pretrained(stores[family], device_budget=3 * EXPERT_BYTES, host_budget=0)
+    try:
+        assert type(model) is type(ref)
+        ids = torch.randint(0, ref.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            want, got = ref(ids).logits, model(ids).logits
+        assert (got - want).abs().max().item() < 1e-4
+        prompt = ids[:1, :6]
+        kw = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0)
+        assert torch.equal(model.generate(prompt, **kw), ref.generate(prompt, **kw))
+        st = model.moestream_store.stats()
+        assert st["evictions_l1"] > 0 and st["misses"] > len(model.moestream_store.index.extents)   # re-read
+        assert st["l1_peak"] <= 3 * EXPERT_BYTES
+        # the experts' parameters were never allocated: only the dense ones exist
+        with moestream.StoreReader(stores[family]) as r:
+            dense = sum(t.length for reg in r.index.dense.values() for t in reg.tensors)
+        params = sum(p.numel() * p.element_size() for p in model.parameters())
+        ref_params = sum(p.numel() * p.element_size() for p in ref.parameters())
+        assert params <= dense + 64 and ref_params - params >= sum(
+            reg.decoded_length for reg in moestream.StoreReader(stores[family]).index.extents.values())
+    finally:
+        model.moestream_store.close()
+
+
+def test_sampling_streamers_and_the_carried_tokenizer(stores):
+    tok = load_tokenizer(stores["mixtral"])
+    model = moestream.from_pretrained(stores["mixtral"], device_budget=3 * EXPERT_BYTES, host_budget=0)
+    try:
+        ids = tok("Experts stream", return_tensors="pt").input_ids
+        streamer = TextIteratorStreamer(tok, skip_prompt=True)
+        torch.manual_seed(0)
+        out = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=True, temperature=0.9,
+                             streamer=streamer, pad_token_id=0)
+        assert out.shape[1] == ids.shape[1] + 8
+        assert "".join(streamer) == tok.decode(out[0, ids.shape[1]:])
+    finally:
+        model.moestream_store.close()
+
+
+def test_engines_agree_on_the_cli_path(stores):
+    texts = {}
+    for engine in ("native", "transformers"):
+        out, err = io.StringIO(), io.StringIO()
+        report = generate_text(str(stores["qwen3_moe"]), "Experts stream", max_new_tokens=10,
+                               device_budget=3 * EXPERT_BYTES, host_budget=0, engine=engine, out=out, err=err)
+        texts[engine] = (out.getvalue(), report["stats"]["misses"], report["stats"]["hits_l1"])
+        assert f"engine {engine}" in err.getvalue()
+    assert texts["native"] == texts["transformers"]      # same text, same reads and hits
+
+
+def test_an_experts_module_without_a_store_is_a_clear_error():
+    class Bare:
+        pass
+    with pytest.raises(MoestreamError, match="moestream.from_pretrained"):
+        moestream_experts_forward(Bare(), torch.zeros(1, 4), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
