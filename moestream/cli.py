@@ -74,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefetch the next layer's likely experts (speculative; see README)")
     g.add_argument("--prefetch-threshold", type=float, default=0.0,
                    help="prefetch only guesses whose router probability reaches this (0-1; default 0: all)")
-    g.add_argument("--engine", default="native", choices=["native", "transformers"],
-                   help="native: moestream's own forward (default); transformers: transformers' model class with "
-                        "the moestream experts implementation (any MoE family it knows)")
+    g.add_argument("--engine", default="auto", choices=["auto", "native", "transformers"],
+                   help="native: moestream's own forward; transformers: transformers' model class with the "
+                        "moestream experts implementation; auto (default): native where the family has one")
     g.add_argument("--trace", metavar="FILE", help="record the routing of every token into FILE (.npz; see moestream profile)")
 
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")

@@ -14,7 +14,7 @@ from .loader import load_model
 from .routing import RoutingRecorder
 
 
-ENGINES = ("native", "transformers")
+ENGINES = ("auto", "native", "transformers")
 
 
 def load_tokenizer(model):
@@ -32,13 +32,19 @@ def load_tokenizer(model):
 def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu",
                   device_budget=None, host_budget=None, temperature: float = 0.0, seed: int = 0,
                   prefetch: bool = False, prefetch_threshold: float = 0.0, trace: Optional[str] = None,
-                  engine: str = "native", out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
+                  engine: str = "auto", out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
     """Generate from `prompt`, writing text to `out` as it is produced and the report to `err`.
     Returns the report as a dict. trace: a file to record the routing into (formats/trace.py).
     engine: "native" (moestream's own forward) or "transformers" (transformers' model class with
-    the "moestream" experts implementation: integrations/transformers.py); same report."""
+    the "moestream" experts implementation: integrations/transformers.py); same report. "auto":
+    native where moestream has a forward for the family, transformers otherwise."""
     if engine not in ENGINES:
         raise UsageError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
+    if engine == "auto":
+        from ..formats.reader import StoreReader
+        from .loader import FORWARDS
+        with StoreReader(store) as r:
+            engine = "native" if r.index.architecture in FORWARDS else "transformers"
     if engine == "transformers" and (prefetch or trace is not None):
         raise UsageError("--prefetch and --trace need the native engine")
     t_load = time.perf_counter()

@@ -44,7 +44,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             dtype = torch.bfloat16 if dev.type == "cuda" else TORCH_DTYPES[first]
         family = FORWARDS.get(idx.architecture)
         if family is None:
-            raise MoestreamError(f"{path}: no model family {idx.architecture!r} (have {', '.join(FORWARDS)})")
+            raise MoestreamError(f"{path}: moestream has no native forward for {idx.architecture!r} (it has "
+                                 f"{', '.join(FORWARDS)}); run it through transformers: moestream.from_pretrained, "
+                                 "or generate --engine transformers")
         hf = check_config(store.config, f"{path}: config", FormatError)
         cfg = ModelConfig.from_hf(hf, FAMILIES[idx.architecture], idx.moe_layers, idx.experts_per_layer)
         with torch.device("meta"):

@@ -21,6 +21,7 @@ class Family:
     renormalise_topk: bool | None      # top-k weights rescaled to sum to one: always (True), or None: config's norm_topk_prob
     transformers_config: str           # the transformers config class (tests and the demo build models from it)
     demo_config: tuple[tuple[str, Any], ...] = ()  # what a small test model of the family sets beyond the common sizes
+    standard_attention: bool = True    # q/k/v/o shapes follow heads x head_dim (checked by the converter)
 
     def renormalises(self, config: dict[str, Any]) -> bool:
         """Whether the router's top-k weights are rescaled to sum to one under `config`."""
@@ -41,6 +42,10 @@ class Family:
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h), "lm_head.weight": (v, h)}
         for l in layers:
             p = f"model.layers.{l}.self_attn."
+            if not self.standard_attention:
+                if l in moe_layers:
+                    out[self.router.format(layer=l)] = (self.num_experts(config), h)
+                continue
             out.update({p + "q_proj.weight": (heads * d, h), p + "k_proj.weight": (kv * d, h),
                         p + "v_proj.weight": (kv * d, h), p + "o_proj.weight": (h, heads * d)})
             if l in moe_layers:
@@ -83,6 +88,23 @@ FAMILIES: dict[str, Family] = {
     "olmoe": Family("olmoe", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="OlmoeConfig",
                     demo_config=(("num_experts", 8), ("norm_topk_prob", False)),
                     **dict(_QWEN, expert_intermediate_key="intermediate_size")),   # OLMoE's experts use intermediate_size
+    # run by transformers' own classes (moestream.from_pretrained / generate --engine transformers);
+    # moestream has no native forward for these
+    "deepseek_v3": Family("deepseek_v3", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="DeepseekV3Config",
+                          demo_config=(("n_routed_experts", 8), ("n_shared_experts", 1), ("first_k_dense_replace", 1),
+                                       ("num_hidden_layers", 3), ("n_group", 2), ("topk_group", 1),
+                                       ("kv_lora_rank", 16), ("q_lora_rank", 24), ("qk_rope_head_dim", 8),
+                                       ("qk_nope_head_dim", 8), ("v_head_dim", 16), ("rope_scaling", None)),
+                          standard_attention=False, **dict(_QWEN, num_experts_key="n_routed_experts")),
+    "glm4_moe": Family("glm4_moe", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="Glm4MoeConfig",
+                       demo_config=(("n_routed_experts", 8), ("n_shared_experts", 1), ("first_k_dense_replace", 1),
+                                    ("num_hidden_layers", 3), ("head_dim", 16)),
+                       **dict(_QWEN, num_experts_key="n_routed_experts")),
+    "qwen3_next": Family("qwen3_next", "model.layers.{layer}.mlp.experts.{expert}.", transformers_config="Qwen3NextConfig",
+                         demo_config=(("num_experts", 8), ("shared_expert_intermediate_size", 48), ("num_hidden_layers", 4),
+                                      ("head_dim", 16), ("linear_key_head_dim", 16), ("linear_value_head_dim", 16),
+                                      ("linear_num_key_heads", 2), ("linear_num_value_heads", 4)),
+                         standard_attention=False, **_QWEN),   # gated full attention + linear attention layers
 }
 
 #: Config fields every family needs, with the largest value accepted (larger is a mistake or

@@ -16,15 +16,26 @@ from ..conftest import FAMILIES
 EXPERT_BYTES = 3 * 64 * 48 * 4     # one expert of the conftest models, fp32
 
 
+#: families moestream has no native forward for: transformers runs them
+TRANSFORMERS_ONLY = ["deepseek_v3", "glm4_moe", "qwen3_next"]
+
+
 @pytest.fixture(scope="module")
-def stores(checkpoints, tmp_path_factory):
+def checkpoints_all(checkpoints, tmp_path_factory):
+    from moestream.demo import build_checkpoint
+    root = tmp_path_factory.mktemp("hf-ckpt")
+    return {**checkpoints, **{f: build_checkpoint(f, root / f, seed=9) for f in TRANSFORMERS_ONLY}}
+
+
+@pytest.fixture(scope="module")
+def stores(checkpoints_all, tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
-    return {f: moestream.convert(checkpoints[f], root / f, progress=False) for f in FAMILIES}
+    return {f: moestream.convert(c, root / f, progress=False) for f, c in checkpoints_all.items()}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_transformers_model_streams_its_experts_from_the_store(checkpoints, stores, family):
-    ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32).eval()
+@pytest.mark.parametrize("family", FAMILIES + TRANSFORMERS_ONLY)
+def test_transformers_model_streams_its_experts_from_the_store(checkpoints_all, stores, family):
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints_all[family], dtype=torch.float32).eval()
     model = moestream.from_pretrained(stores[family], device_budget=3 * EXPERT_BYTES, host_budget=0)
     try:
         assert type(model) is type(ref)
@@ -73,6 +84,15 @@ def test_engines_agree_on_the_cli_path(stores):
         texts[engine] = (out.getvalue(), report["stats"]["misses"], report["stats"]["hits_l1"])
         assert f"engine {engine}" in err.getvalue()
     assert texts["native"] == texts["transformers"]      # same text, same reads and hits
+
+
+def test_a_family_without_a_native_forward_runs_through_transformers(stores):
+    with pytest.raises(MoestreamError, match="--engine transformers"):
+        moestream.load_model(stores["glm4_moe"], device_budget=3 * EXPERT_BYTES)
+    out, err = io.StringIO(), io.StringIO()
+    generate_text(str(stores["glm4_moe"]), "Experts", max_new_tokens=4, device_budget=3 * EXPERT_BYTES,
+                  host_budget=0, out=out, err=err)
+    assert "engine transformers" in err.getvalue()
 
 
 def test_an_experts_module_without_a_store_is_a_clear_error():
