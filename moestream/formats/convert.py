@@ -21,7 +21,7 @@ from ..errors import ConvertError
 from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
 from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
 from .families import check_config, family_for
-from .hf_checkpoint import HFCheckpoint
+from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
 
 
@@ -90,7 +90,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
     if not moe_layers:
         example = fam.expert_tensor_name(0, 0, fam.expert_tensors[0])
         raise ConvertError(f"{ckpt.root}: no expert tensors found (expected names like {example}); "
-                           "fused-expert checkpoints are not supported")
+                           "is its model_type right?")
     expert_names = {fam.expert_tensor_name(l, e, t) for l in moe_layers for e in range(n_experts)
                     for t in fam.expert_tensors}
     for name in sorted(expert_names):
@@ -143,12 +143,12 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
         else:
             bar.update(sum(ckpt.info(n).length for n in dense_names))
         for layer in moe_layers:
-            layer_bytes = sum(ckpt.info(fam.expert_tensor_name(layer, e, t)).length
+            layer_bytes = sum(_expert_info(ckpt, fam, layer, e, t).length
                               for e in range(n_experts) for t in fam.expert_tensors)
             if writer.done(f"layer{layer}"):
                 bar.update(layer_bytes)
                 continue
-            infos = [ckpt.info(fam.expert_tensor_name(layer, 0, t)) for t in fam.expert_tensors]
+            infos = [_expert_info(ckpt, fam, layer, 0, t) for t in fam.expert_tensors]
             store_dtypes = [raw_dtype or i.dtype for i in infos]
             base = base_dtype = None
             if delta:
@@ -167,13 +167,13 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
             for e in range(n_experts):
                 tensors = []
                 for t in fam.expert_tensors:
-                    info = ckpt.info(fam.expert_tensor_name(layer, e, t))
+                    info = _expert_info(ckpt, fam, layer, e, t)
                     if info.shape != infos[fam.expert_tensors.index(t)].shape:
                         raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
                                            f"layer has {infos[fam.expert_tensors.index(t)].shape}")
                     dt = raw_dtype or info.dtype
-                    tensors.append((t, dt, info.shape, cast_bits(ckpt.read(info.name), info.dtype, dt)))
-                src_len = sum(ckpt.info(fam.expert_tensor_name(layer, e, t)).length for t in fam.expert_tensors)
+                    tensors.append((t, dt, info.shape, cast_bits(ckpt.read_info(info), info.dtype, dt)))
+                src_len = sum(_expert_info(ckpt, fam, layer, e, t).length for t in fam.expert_tensors)
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
                 pending.append((e, src_len, encoders.submit(encode_region, tensors, expert_opts, base, base_dtype)))
                 while len(pending) > workers:
@@ -198,6 +198,13 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
     return path
 
 
+def _expert_info(ckpt: HFCheckpoint, fam, layer: int, expert: int, tensor: str) -> TensorInfo:
+    """Where `tensor` of (layer, expert) lies in the checkpoint: its own tensor, or its row of
+    the layer's fused [E, ...] tensor."""
+    name = fam.expert_tensor_name(layer, expert, tensor)
+    return ckpt.row(name, expert) if fam.fused else ckpt.info(name)
+
+
 def _check_shapes(ckpt: HFCheckpoint, fam, moe_layers: list[int], n_experts: int, expert_names: set[str]) -> None:
     """Every tensor whose shape the config fixes has that shape, and no expert tensor lies
     outside the experts the config declares (it would be stored as a dense tensor and never used)."""
@@ -208,12 +215,15 @@ def _check_shapes(ckpt: HFCheckpoint, fam, moe_layers: list[int], n_experts: int
             raise ConvertError(f"{ckpt.info(name).path}: holds expert tensor {name}, but {cfg_path} declares "
                                f"{n_experts} experts per layer and MoE layers {moe_layers}")
     want = fam.expert_shapes(ckpt.config)
-    for name in sorted(expert_names):
-        info = ckpt.info(name)
-        suffix = name.rsplit(".", 2)[-2]
-        if info.shape != want[suffix]:
-            raise ConvertError(f"{info.path}: {name} has shape {list(info.shape)}; {cfg_path} implies "
-                               f"{list(want[suffix])}")
+    for layer in moe_layers:
+        for t in fam.expert_tensors:
+            for e in ([0] if fam.fused else range(n_experts)):
+                name = fam.expert_tensor_name(layer, e, t)
+                info = ckpt.info(name)
+                shape = (n_experts, *want[t]) if fam.fused else want[t]
+                if info.shape != shape:
+                    raise ConvertError(f"{info.path}: {name} has shape {list(info.shape)}; {cfg_path} implies "
+                                       f"{list(shape)}")
     for name, shape in fam.dense_shapes(ckpt.config, range(ckpt.config["num_hidden_layers"]), moe_layers).items():
         if name in ckpt and ckpt.info(name).shape != shape:
             raise ConvertError(f"{ckpt.info(name).path}: {name} has shape {list(ckpt.info(name).shape)}; "
@@ -241,7 +251,7 @@ def _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos):
     for t, info in zip(fam.expert_tensors, infos):
         acc = np.zeros(info.shape, np.float64).reshape(-1)
         for e in range(n_experts):
-            i = ckpt.info(fam.expert_tensor_name(layer, e, t))
-            acc += bits_to_float32(ckpt.read(i.name), i.dtype)
+            i = _expert_info(ckpt, fam, layer, e, t)
+            acc += bits_to_float32(ckpt.read_info(i), i.dtype)
         base[t] = float32_to_bits((acc / n_experts).astype(np.float32), base_dtype)
     return base, base_dtype

@@ -22,14 +22,24 @@ class Family:
     transformers_config: str           # the transformers config class (tests and the demo build models from it)
     demo_config: tuple[tuple[str, Any], ...] = ()  # what a small test model of the family sets beyond the common sizes
     standard_attention: bool = True    # q/k/v/o shapes follow heads x head_dim (checked by the converter)
+    #: fused layout: each expert tensor holds every expert of the layer, [E, ...] (name = prefix + t,
+    #: prefix without {expert}); per-expert shapes in "h" (hidden), "i" (expert intermediate), "2i"
+    fused_shapes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def renormalises(self, config: dict[str, Any]) -> bool:
         """Whether the router's top-k weights are rescaled to sum to one under `config`."""
         return self.renormalise_topk if self.renormalise_topk is not None else bool(config.get("norm_topk_prob", False))
 
-    def expert_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, int]]:
-        """The shape each expert tensor must have under `config`."""
+    @property
+    def fused(self) -> bool:
+        return bool(self.fused_shapes)
+
+    def expert_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """The shape each of one expert's tensors must have under `config`."""
         h, i = config["hidden_size"], config[self.expert_intermediate_key]
+        if self.fused:
+            size = {"h": h, "i": i, "2i": 2 * i}
+            return {t: tuple(size[d] for d in dims) for t, dims in self.fused_shapes}
         gate, up, down = self.gate_up_down
         return {gate: (i, h), up: (i, h), down: (h, i)}
 
@@ -53,12 +63,19 @@ class Family:
         return out
 
     def expert_index(self, tensor_name: str) -> tuple[int, int] | None:
-        """(layer, expert) of a routed-expert tensor name of this family, else None."""
+        """(layer, expert) of a per-expert tensor name of this family, else None (always None
+        for a fused layout, whose tensors hold every expert)."""
+        if self.fused:
+            return None
         m = re.fullmatch(re.escape(self.expert_prefix).replace(r"\{layer\}", r"(\d+)").replace(r"\{expert\}", r"(\d+)")
                          + r"[^.]+\.weight", tensor_name)
         return (int(m.group(1)), int(m.group(2))) if m else None
 
     def expert_tensor_name(self, layer: int, expert: int, tensor: str) -> str:
+        """The checkpoint tensor holding `tensor` of (layer, expert): its own, or (fused) the
+        layer's [E, ...] tensor whose row `expert` it is."""
+        if self.fused:
+            return f"{self.expert_prefix.format(layer=layer)}{tensor}"
         return f"{self.expert_prefix.format(layer=layer, expert=expert)}{tensor}.weight"
 
     def num_experts(self, config: dict[str, Any]) -> int:
@@ -105,6 +122,15 @@ FAMILIES: dict[str, Family] = {
                                       ("head_dim", 16), ("linear_key_head_dim", 16), ("linear_value_head_dim", 16),
                                       ("linear_num_key_heads", 2), ("linear_num_value_heads", 4)),
                          standard_attention=False, **_QWEN),   # gated full attention + linear attention layers
+    # fused, transposed, gate/up interleaved, with biases; its clamped SwiGLU is transformers' _apply_gate
+    "gpt_oss": Family("gpt_oss", "model.layers.{layer}.mlp.experts.",
+                      ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"), "num_local_experts",
+                      ("gate_up_proj", "gate_up_proj", "down_proj"), "intermediate_size",
+                      "model.layers.{layer}.mlp.router.weight", None, "GptOssConfig",
+                      (("num_local_experts", 8), ("num_hidden_layers", 2), ("head_dim", 16), ("sliding_window", 8),
+                       ("bos_token_id", 1), ("eos_token_id", 2)),
+                      fused_shapes=(("gate_up_proj", ("h", "2i")), ("gate_up_proj_bias", ("2i",)),
+                                    ("down_proj", ("i", "h")), ("down_proj_bias", ("h",)))),
 }
 
 #: Config fields every family needs, with the largest value accepted (larger is a mistake or

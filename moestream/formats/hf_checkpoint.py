@@ -113,9 +113,22 @@ class HFCheckpoint:
         except KeyError:
             raise ConvertError(f"{self.root}: tensor {name} is missing from the checkpoint") from None
 
+    def row(self, name: str, index: int) -> TensorInfo:
+        """Row `index` of tensor `name` along its first dimension (one expert of a fused [E, ...]
+        tensor), as a TensorInfo of its own that `read_info` reads."""
+        t = self.info(name)
+        if not t.shape or not 0 <= index < t.shape[0]:
+            raise ConvertError(f"{t.path}: {name} has shape {list(t.shape)}, no row {index}")
+        row_bytes = t.length // t.shape[0]
+        return TensorInfo(f"{name}[{index}]", t.path, t.dtype, t.shape[1:], t.offset + index * row_bytes, row_bytes)
+
     def read(self, name: str) -> np.ndarray:
         """The tensor's bit patterns (uint16 for bf16/fp16, uint32 for fp32), a new array."""
-        t = self.info(name)
+        return self.read_info(self.info(name))
+
+    def read_info(self, t: TensorInfo) -> np.ndarray:
+        """The bit patterns of the bytes `t` names (a tensor, or a row of one)."""
+        name = t.name
         buf = bytearray(t.length)
         with open(t.path, "rb", buffering=0) as f:
             got = f.readinto(memoryview(buf)) if f.seek(t.offset) == t.offset else 0

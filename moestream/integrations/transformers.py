@@ -46,6 +46,14 @@ def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
         h = hidden_states[rows]                                                  # [n, H]
         bias = (lambda name: w[name + "_bias"].to(dtype) if name + "_bias" in w else None) if self.has_bias else \
             (lambda name: None)
+        if "gate_up_proj" in w:                  # a fused layout (GPT-OSS): the module's own row layout
+            gu = _matmul(h, w["gate_up_proj"].to(dtype), self.is_transposed, bias("gate_up_proj"))   # [n, 2I]
+            y = _matmul(self._apply_gate(gu), w["down_proj"].to(dtype), self.is_transposed, bias("down_proj"))
+            if self.has_post_expert_norm:
+                y = self.post_expert_norm(y)
+            slots = torch.tensor(slots_l, device=hidden_states.device)
+            out.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(out.dtype))
+            return
         up = F.linear(h, w[up_name].to(dtype), bias(up_name))                   # [n, I]
         if self.has_gate:
             gate = F.linear(h, w[gate_name].to(dtype), bias(gate_name))         # [n, I]
@@ -62,6 +70,12 @@ def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
 
     stream_experts(store, layer, route_on_host(top_k_index), compute)
     return out
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [n, in] times one expert's weight: [in, out] when transposed, else [out, in] (nn.Linear)."""
+    y = x @ w if transposed else F.linear(x, w)
+    return y + bias if bias is not None else y
 
 
 def register() -> None:

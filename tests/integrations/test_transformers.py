@@ -17,7 +17,7 @@ EXPERT_BYTES = 3 * 64 * 48 * 4     # one expert of the conftest models, fp32
 
 
 #: families moestream has no native forward for: transformers runs them
-TRANSFORMERS_ONLY = ["deepseek_v3", "glm4_moe", "qwen3_next"]
+TRANSFORMERS_ONLY = ["deepseek_v3", "glm4_moe", "qwen3_next", "gpt_oss"]
 
 
 @pytest.fixture(scope="module")
