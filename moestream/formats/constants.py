@@ -50,6 +50,9 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 #: Quantization schemes for expert tensors ("keep" = store the source dtype unchanged).
 QUANT_CHOICES = ("keep", "bf16", "fp16", "fp32", "int8", "int4")
 INT_QUANTS = ("int8", "int4")
+#: Files of a checkpoint a store carries as blobs (and, as plain copies, next to its files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 #: The index's quant when experts differ (convert --profile): each extent's chain names its own
 MIXED_QUANT = "mixed"
 DEFAULT_GROUP_SIZE = 64

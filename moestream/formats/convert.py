@@ -184,8 +184,9 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
                 writer.add_base(layer, encode_region(
                     [(t, base_dtype, i.shape, base[t]) for t, i in zip(fam.expert_tensors, infos)], lossless))
             writer.checkpoint(f"layer{layer}")
+        copies = {p.name: p.read_bytes() for p in [ckpt.root / "config.json", *ckpt.tokenizer_files()]}
         path = writer.finish(
-            architecture=fam.name, config=ckpt.config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
+            copies, architecture=fam.name, config=ckpt.config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
             expert_tensors=fam.expert_tensors, quant=quant,
             group_size=group_size if quant in (*INT_QUANTS, MIXED_QUANT) else 0,
             source_bytes=total)

@@ -14,11 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConvertError
-from .constants import DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, SAFETENSORS_DTYPES
+from .constants import DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, SAFETENSORS_DTYPES, TOKENIZER_FILES
 
 #: Files copied into the store so that `generate` needs nothing else.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
 
 def _is_count(x) -> bool:

@@ -20,12 +20,16 @@ from ..errors import ConvertError, FormatError
 
 from .codecs import EncodedRegion, checksum
 from .constants import (ALIGNMENT, FILE_NAME_PATTERN, FORMAT_VERSION, MAGIC, PREAMBLE_CHECKSUM_STRUCT, PREAMBLE_SIZE,
-                        PREAMBLE_STRUCT, align_up)
+                        PREAMBLE_STRUCT, TOKENIZER_FILES, align_up)
 from .index import Region, StoreIndex, _IndexParser
 
 JOURNAL = "journal.json"
 #: What a staging directory may hold: anything else means it is not ours to delete.
-_STAGING_NAMES = (JOURNAL, JOURNAL + ".tmp")
+#: Plain copies of the source's config and tokenizer files that a finished store also holds, so
+#: that transformers' AutoTokenizer / AutoConfig.from_pretrained(store) work. The store's own
+#: (checksummed) copies are its carried blobs; readers never use these.
+PLAIN_COPIES = ("config.json",) + TOKENIZER_FILES
+_STAGING_NAMES = (JOURNAL, JOURNAL + ".tmp") + PLAIN_COPIES
 
 
 class ConversionLock:
@@ -261,9 +265,10 @@ class StoreWriter:
         return r
 
     # ---- finish ------------------------------------------------------------------------------
-    def finish(self, **index_fields: Any) -> Path:
-        """Write the index into file 0, patch every preamble, fsync, and rename the staging
-        directory to the final name. Returns the store path."""
+    def finish(self, plain_copies: Optional[dict[str, bytes]] = None, **index_fields: Any) -> Path:
+        """Write the index into file 0, patch every preamble, write `plain_copies` (name ->
+        bytes; names from PLAIN_COPIES), fsync, and rename the staging directory to the final
+        name. Returns the store path."""
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self.file_sizes[-1] = self._fh.tell()
@@ -285,6 +290,13 @@ class StoreWriter:
                     pre = pack_preamble(self.store_id, n, count)
                 f.seek(0)
                 f.write(pre)
+                f.flush()
+                os.fsync(f.fileno())
+        for name, data in (plain_copies or {}).items():
+            if name not in PLAIN_COPIES:
+                raise ValueError(f"{name}: not a plain copy a store holds ({', '.join(PLAIN_COPIES)})")
+            with open(self.staging / name, "wb") as f:
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         (self.staging / JOURNAL).unlink(missing_ok=True)

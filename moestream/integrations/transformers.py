@@ -151,10 +151,13 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """transformers' tokenizer of the store at `path`, from the tokenizer files the store carries
-    (tokenizer.json, tokenizer_config.json with its chat template, ...)."""
+    """transformers' tokenizer of the store at `path`: AutoTokenizer.from_pretrained(path) on the
+    plain copies a store holds next to its files, or, for a store written before those existed,
+    from the (checksummed) tokenizer files it carries."""
     import tempfile
     from transformers import AutoTokenizer
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(path)
     from ..formats.reader import StoreReader
     with StoreReader(path) as r, tempfile.TemporaryDirectory(prefix="moestream-tokenizer-") as tmp:
         names = [n for n in r.index.blobs if n.startswith(("tokenizer", "special_tokens", "vocab", "merges",

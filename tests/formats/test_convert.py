@@ -97,7 +97,7 @@ def test_crash_leaves_no_valid_store_and_resume_completes(checkpoints, tmp_path,
 
 def test_changed_options_restart_instead_of_resuming(checkpoints, tmp_path, monkeypatch):
     src, out = checkpoints["mixtral"], tmp_path / "s"
-    monkeypatch.setattr(StoreWriter, "finish", lambda self, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(StoreWriter, "finish", lambda self, *a, **kw: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         moestream.convert(src, out, progress=False)
     monkeypatch.undo()

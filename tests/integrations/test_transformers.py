@@ -60,8 +60,16 @@ def test_transformers_model_streams_its_experts_from_the_store(checkpoints_all, 
         model.moestream_store.close()
 
 
-def test_sampling_streamers_and_the_carried_tokenizer(stores):
-    tok = load_tokenizer(stores["mixtral"])
+def test_sampling_streamers_and_the_carried_tokenizer(stores, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(stores["mixtral"])        # the plain copies next to the store's files
+    assert AutoConfig.from_pretrained(stores["mixtral"]).model_type == "mixtral"
+    # a store without them (written before they existed): from the carried, checksummed blobs
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for p in stores["mixtral"].glob("experts-*.moe"):
+        (bare / p.name).symlink_to(p)
+    assert load_tokenizer(bare)("Experts stream").input_ids == tok("Experts stream").input_ids
     model = moestream.from_pretrained(stores["mixtral"], device_budget=3 * EXPERT_BYTES, host_budget=0)
     try:
         ids = tok("Experts stream", return_tensors="pt").input_ids
