@@ -5,9 +5,9 @@ The model has the expert shapes of Qwen3-30B-A3B (hidden 2048, expert intermedia
 experts, top-8) with fewer layers, so that its expert bytes are several times every budget.
 Its weights are synthetic (N(0, 0.02), bf16) and its routing is *replayed from a trace*: every
 system's routers are forced to the same expert choices, so cache behaviour does not depend on
-random router weights. The trace is synthetic (per-layer Zipf popularity, a chance that a token
-reuses the previous token's expert), calibrated to the skew quoted in the routing issue, until
-traces of a trained model exist.
+random router weights. The trace is synthetic (per-layer Zipf popularity, reuse of the previous token's
+experts, a cross-layer partner), calibrated to the routing of a small MoE trained here on real
+text (moestream/bench/traces.py, docs/CACHING.md).
 
 Each system runs in a child process placed in a cgroup-v1 memory cgroup whose limit (page cache
 included) is budget + allowance, the allowance being the same fixed cost for all (the Python
@@ -37,6 +37,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import UsageError
+from ..formats.profile import coverage_curve
+from . import traces
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -95,38 +97,20 @@ def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE) -> t
     return ckpt, store
 
 
-def synthetic_trace(tokens: int, layers: int, *, experts: int, top_k: int, skew: float = 1.1, reuse: float = 0.3,
-                    seed: int = 0) -> np.ndarray:
-    """[tokens, layers, top_k] expert ids: per layer a Zipf(skew) popularity over a random
-    permutation of the experts; each of the previous token's experts is kept with probability
-    `reuse` (temporal locality), the rest drawn by popularity without repeats."""
-    rng = np.random.default_rng(seed)
-    pop = 1.0 / np.arange(1, experts + 1) ** skew
-    pop /= pop.sum()
-    perms = [rng.permutation(experts) for _ in range(layers)]
-    out = np.zeros((tokens, layers, top_k), np.int64)
-    for l in range(layers):
-        prev: list[int] = []
-        for t in range(tokens):
-            keep = [e for e in prev if rng.random() < reuse]
-            p = pop.copy()
-            for e in keep:
-                p[e] = 0.0
-            fresh = rng.choice(experts, size=top_k - len(keep), replace=False, p=p / p.sum()).tolist()
-            chosen = keep + fresh
-            out[t, l] = perms[l][chosen]
-            prev = [int(np.where(perms[l] == e)[0][0]) for e in out[t, l]]
-    return out
+def synthetic_trace(tokens: int, layers: int, *, experts: int, top_k: int, seed: int = 0) -> np.ndarray:
+    """[tokens, layers, top_k] expert ids from the routing generator calibrated to the trained
+    routing model's held-out traces (bench/traces.py, CALIBRATED)."""
+    return traces.synthetic_trace(tokens, layers, experts, top_k, seed=seed, **traces.CALIBRATED).experts
 
 
-def coverage(trace: np.ndarray, fractions=(0.01, 0.05, 0.2)) -> dict[str, float]:
-    """Share of all expert activations taken by the top `f` of (layer, expert) pairs."""
+def coverage(trace: np.ndarray) -> dict[str, float]:
+    """Share of all expert activations taken by the most used 1/5/20 % of (layer, expert) pairs."""
     t, l, _ = trace.shape
     counts = np.zeros((l, int(trace.max()) + 1))
     for layer in range(l):
         np.add.at(counts[layer], trace[:, layer].reshape(-1), 1)
-    c = np.sort(counts.reshape(-1))[::-1]
-    return {f"top_{f:.0%}": float(c[:max(1, int(round(f * c.size)))].sum() / c.sum()) for f in fractions}
+    curve = coverage_curve(counts)
+    return {f"top_{p}%": curve[p - 1] for p in (1, 5, 20)}
 
 
 # ---- one system, in a child process ------------------------------------------------------------
@@ -526,7 +510,8 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         "memory_limit": f"cgroup v1: budget + {allowance / MiB:.0f} MiB allowance, page cache included" if cg_ok
         else f"none: {cg_why}",
         "model": dict(shape, layers=layers, expert_bytes=expert_bytes, extent_bytes=extent_bytes, store="bf16 lossless, plain extents"),
-        "trace": {"kind": "synthetic (Zipf 1.1, reuse 0.3)", "coverage": coverage(trace)},
+        "trace": {"kind": f"synthetic, calibrated to the trained routing model {traces.CALIBRATED}",
+                  "coverage": coverage(trace)},
         "tokens": tokens, "accelerate_tokens": accelerate_tokens, "budgets": budgets, "repeat": repeat,
         "accelerate_under_limit": acc is not None and acc["system"] == "accelerate",
         "prefetch_predictor": f"simulated, accuracy {prefetch_accuracy}",

@@ -22,6 +22,12 @@ from ..formats.profile import build_profile
 from ..formats.trace import RoutingTrace
 
 
+#: `calibrate` on the trained routing model's four held-out traces (build/profile-heldout.json;
+#: bench/results/bench_cache_dev_2026-11-23.json, "synthetic_parameters"): what `bench decode`
+#: replays at Qwen3-30B-A3B's shape.
+CALIBRATED = {"skew": 1.2, "reuse": 0.1, "cross": 0.15}
+
+
 def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, *, skew: float = 1.0, reuse: float = 0.3,
                     cross: float = 0.0, seed: int = 0) -> RoutingTrace:
     """A decode trace (one token per step) drawn as the module docstring says."""
