@@ -79,6 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "moestream experts implementation; auto (default): native where the family has one")
     g.add_argument("--trace", metavar="FILE", help="record the routing of every token into FILE (.npz; see moestream profile)")
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra: fastapi, uvicorn)")
+    sv.add_argument("store")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--device-budget", type=_size, default=None)
+    sv.add_argument("--host-budget", type=_size, default=None)
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
+    sv.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default 1024)")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
     pr.add_argument("traces", nargs="+", help="trace files (moestream generate --trace)")
     pr.add_argument("-o", "--output", required=True, metavar="PROFILE.json")
@@ -199,7 +211,32 @@ def _profile(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "profile": _profile, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
+def _serve(a: argparse.Namespace) -> int:
+    if a.max_batch < 1 or a.max_queue < 1 or a.max_tokens < 1:
+        raise UsageError("--max-batch, --max-queue and --max-tokens must be at least 1")
+    if not 0 < a.port < 65536:
+        raise UsageError(f"--port {a.port}: must lie in 1..65535")
+    try:
+        import uvicorn
+        from .serving.app import chat_template_of, create_app
+    except ImportError as e:
+        raise UsageError(f"moestream serve needs the serve extra (pip install 'moestream[serve]'): {e}") from None
+    from pathlib import Path
+    from .compute.generation import load_tokenizer
+    from .compute.loader import load_model
+    model = load_model(a.store, device=a.device, device_budget=a.device_budget, host_budget=a.host_budget)
+    try:
+        app = create_app(model, load_tokenizer(model), model_name=Path(a.store).name, max_batch=a.max_batch,
+                         max_queue=a.max_queue, max_tokens_cap=a.max_tokens, api_key=a.api_key,
+                         chat_template=chat_template_of(a.store))
+        print(f"moestream serve: {a.store} on http://{a.host}:{a.port}/v1 (max batch {a.max_batch})", file=sys.stderr)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+    finally:
+        model.store.close()
+    return 0
+
+
+COMMANDS = {"convert": _convert, "profile": _profile, "serve": _serve, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -317,6 +317,16 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
 
 
+    def forward_ragged(self, x: torch.Tensor, ropes: list, caches: list[KVCache], starts: list[int]) -> torch.Tensor:
+        """One decode token for each of B sequences of different lengths, x [B, 1, H]: attention
+        per sequence (its own KV cache and position), the MoE once over all B tokens, so an
+        expert two sequences route to is fetched once."""
+        h = torch.cat([x[i:i + 1] + self.self_attn(self.input_layernorm(x[i:i + 1]), ropes[i], caches[i], starts[i])
+                       for i in range(x.shape[0])])                              # [B, 1, H]
+        b, _, hidden = h.shape
+        return h + self.mlp(self.post_attention_layernorm(h).reshape(b, hidden)).view(b, 1, hidden)
+
+
 class CausalLM(nn.Module):
     """embed -> decoder layers -> norm -> lm_head. `store` serves the routed experts; every
     other weight is a parameter of this module, loaded once."""
@@ -357,6 +367,25 @@ class CausalLM(nn.Module):
             nxt = self.layers[i + 1] if predict and i + 1 < len(self.layers) else None
             x = layer(x, rope, cache, start, nxt, threshold)
         return self.lm_head(self.norm(x)).float()
+
+    @torch.no_grad()
+    def decode_batch(self, tokens: list[int], caches: list[KVCache], positions: list[int]) -> torch.Tensor:
+        """The next-token logits float32 [B, V] of B sequences, each fed one token at its own
+        position with its own KV cache (continuous batching: moestream serve)."""
+        dev = self.embed_tokens.weight.device
+        x = self.embed_tokens(torch.tensor(tokens, device=dev))[:, None, :]      # [B, 1, H]
+        ropes = []
+        for p in positions:
+            cos, sin = self.rotary(torch.tensor([p], device=dev))
+            ropes.append((cos.to(x.dtype), sin.to(x.dtype)))
+        for layer in self.layers:
+            x = layer.forward_ragged(x, ropes, caches, positions)
+        return self.lm_head(self.norm(x[:, 0])).float()
+
+    def new_cache(self, max_len: int) -> KVCache:
+        """A KV cache for one sequence of up to `max_len` positions."""
+        return KVCache(self.cfg.num_layers, 1, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
+                       self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, *,
