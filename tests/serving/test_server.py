@@ -156,3 +156,30 @@ def test_two_hundred_requests_with_disconnects_leave_the_server_healthy(server):
     assert proc.memory_info().rss < baseline * 1.10
     m = httpx.get(base + "/metrics").json()
     assert m["tokens_generated"] > 0 and m["store"]["misses"] > 0
+
+
+def test_max_tokens_is_capped(server):
+    base, _ = server
+    r = client(base).completions.create(model="tiny", prompt="cap", max_tokens=500, temperature=0)
+    assert r.usage.completion_tokens == 64          # the server's --max-tokens
+
+
+def test_a_full_queue_answers_429(store):
+    model = moestream.load_model(store, device_budget=3 * 36864, host_budget=0)
+    app = create_app(model, load_tokenizer(model), model_name="tiny", max_batch=1, max_queue=1, max_tokens_cap=200)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=srv.run, daemon=True)
+    t.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        body = {"prompt": "busy", "max_tokens": 200, "temperature": 0}
+        with ThreadPoolExecutor(6) as ex:
+            codes = list(ex.map(lambda _: httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body,
+                                                     timeout=60).status_code, range(6)))
+        assert 429 in codes and 200 in codes and set(codes) <= {200, 429}
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
+        model.store.close()
