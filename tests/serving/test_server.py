@@ -115,6 +115,8 @@ def test_bad_input_and_keys_are_refused(server):
     base, _ = server
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+    missing = httpx.post(base + "/v1/completions", json={"prompt": "x"})
+    assert missing.status_code == 401 and "API key" in missing.json()["error"]["message"]
     h = {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(base + "/v1/completions", content=b"{not json", headers={**h, "Content-Type": "application/json"})
     assert r.status_code == 422 and "error" in r.json()
