@@ -60,11 +60,7 @@ def main() -> None:
     p.add_argument("--test-tokens", type=int, default=4000)
     p.add_argument("--ridge", type=float, default=1.0)
     a = p.parse_args()
-    ckpt = routing_model.ensure()
-    store = ckpt.with_name(ckpt.name + ".moe")
-    if not store.exists():
-        import moestream
-        moestream.convert(ckpt, store, progress=False)
+    store, _ = routing_model.ensure_store()
     train, test = corpus_text(TRAIN["corpus_bytes"], TRAIN["held_out_files"])
     model = load_model(store, device_budget="64MiB")
     try:

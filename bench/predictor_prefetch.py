@@ -45,14 +45,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--thresholds", default="0,0.1", help="prefetch confidence thresholds to compare")
     a = p.parse_args()
-    ckpt = routing_model.ensure()
-    store = ckpt.with_name(ckpt.name + ".moe")
-    if not store.exists():
-        moestream.convert(ckpt, store, progress=False)
+    store, total = routing_model.ensure_store()
     with moestream.open(store, device_budget="64MiB") as s:
-        total = sum(r.decoded_length for r in s.index.extents.values())
-        tok = load_tokenizer(type("M", (), {"store": s})())
-        ids = tok.encode(held_out_texts(1)[0]).ids[:a.tokens]
+        ids = load_tokenizer(s).encode(held_out_texts(1)[0]).ids[:a.tokens]
     budget = int(total * float(a.budget.rstrip("%")) / 100)
     systems = [("no prefetch", False, 0.0)] + [(f"prefetch, confidence >= {t}", True, float(t))
                                               for t in a.thresholds.split(",")]

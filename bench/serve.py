@@ -63,12 +63,7 @@ def main() -> None:
     p.add_argument("--levels", default="1,4,8")
     p.add_argument("--budget", default="25%")
     a = p.parse_args()
-    ckpt = routing_model.ensure()
-    store = ckpt.with_name(ckpt.name + ".moe")
-    if not store.exists():
-        moestream.convert(ckpt, store, progress=False)
-    with moestream.open(store, device_budget="64MiB") as s:
-        total = sum(r.decoded_length for r in s.index.extents.values())
+    store, total = routing_model.ensure_store()
     budget = int(total * float(a.budget.rstrip("%")) / 100)
     prompts = [t[:400] for t in held_out_texts(8)]
     print(f"trained routing model (4 layers x 32 experts, top-2, fp32), device budget {a.budget} of "

@@ -173,6 +173,18 @@ def ensure(out: str | Path = DEFAULT_DIR, *, progress: bool = True) -> Path:
     return out
 
 
+def ensure_store(out: str | Path = DEFAULT_DIR, *, progress: bool = True) -> tuple[Path, int]:
+    """The trained model converted into a store (lossless) beside it, built when missing, and
+    its experts' decoded bytes (what the benchmarks take budgets as shares of)."""
+    import moestream
+    ckpt = ensure(out, progress=progress)
+    store = ckpt.with_name(ckpt.name + ".moe")
+    if not store.exists():
+        moestream.convert(ckpt, store, progress=False)
+    with moestream.StoreReader(store) as r:
+        return store, sum(x.decoded_length for x in r.index.extents.values())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description="train the small MoE model with real routing (cached)")
     p.add_argument("out", nargs="?", default=str(DEFAULT_DIR))

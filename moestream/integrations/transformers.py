@@ -37,32 +37,13 @@ def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     if binding is None:
         raise MoestreamError(f"{type(self).__name__}: the 'moestream' experts implementation needs a model built by "
                              "moestream.from_pretrained (no store attached to this experts module)")
-    store, layer, (gate_name, up_name, down_name) = binding
+    store, layer, names = binding
     out = torch.zeros_like(hidden_states)                                        # [N, H]
     dtype = hidden_states.dtype
 
     def compute(e: int, w: dict, rows_l: list[int], slots_l: list[int]) -> None:
         rows = torch.tensor(rows_l, device=hidden_states.device)
-        h = hidden_states[rows]                                                  # [n, H]
-        bias = (lambda name: w[name + "_bias"].to(dtype) if name + "_bias" in w else None) if self.has_bias else \
-            (lambda name: None)
-        if "gate_up_proj" in w:                  # a fused layout (GPT-OSS): the module's own row layout
-            gu = _matmul(h, w["gate_up_proj"].to(dtype), self.is_transposed, bias("gate_up_proj"))   # [n, 2I]
-            y = _matmul(self._apply_gate(gu), w["down_proj"].to(dtype), self.is_transposed, bias("down_proj"))
-            if self.has_post_expert_norm:
-                y = self.post_expert_norm(y)
-            slots = torch.tensor(slots_l, device=hidden_states.device)
-            out.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(out.dtype))
-            return
-        up = F.linear(h, w[up_name].to(dtype), bias(up_name))                   # [n, I]
-        if self.has_gate:
-            gate = F.linear(h, w[gate_name].to(dtype), bias(gate_name))         # [n, I]
-            # the layout _apply_gate expects: [gate | up], or interleaved [g0, u0, g1, u1, ...]
-            gu = torch.cat([gate, up], -1) if self.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
-            act = self._apply_gate(gu)
-        else:
-            act = self.act_fn(up)
-        y = F.linear(act, w[down_name].to(dtype), bias(down_name))              # [n, H]
+        y = _expert_output(self, hidden_states[rows], w, names, dtype)                # [n, H]
         if self.has_post_expert_norm:
             y = self.post_expert_norm(y)
         slots = torch.tensor(slots_l, device=hidden_states.device)
@@ -70,6 +51,27 @@ def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
 
     stream_experts(store, layer, route_on_host(top_k_index), compute)
     return out
+
+
+def _expert_output(module, h: torch.Tensor, w: dict, names: tuple[str, str, str], dtype) -> torch.Tensor:
+    """One expert of `module` (a transformers experts class) on its tokens h [n, H] -> [n, H],
+    with its weights `w` from the Store; gating by the module's own _apply_gate."""
+    def bias(name: str) -> Optional[torch.Tensor]:
+        return w[name + "_bias"].to(dtype) if module.has_bias and name + "_bias" in w else None
+
+    if "gate_up_proj" in w:                      # a fused layout (GPT-OSS): the module's own row layout
+        gu = _matmul(h, w["gate_up_proj"].to(dtype), module.is_transposed, bias("gate_up_proj"))   # [n, 2I]
+        return _matmul(module._apply_gate(gu), w["down_proj"].to(dtype), module.is_transposed, bias("down_proj"))
+    gate_name, up_name, down_name = names
+    up = F.linear(h, w[up_name].to(dtype), bias(up_name))                       # [n, I]
+    if module.has_gate:
+        gate = F.linear(h, w[gate_name].to(dtype), bias(gate_name))             # [n, I]
+        # the layout _apply_gate expects: [gate | up], or interleaved [g0, u0, g1, u1, ...]
+        gu = torch.cat([gate, up], -1) if module.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
+        act = module._apply_gate(gu)
+    else:
+        act = module.act_fn(up)
+    return F.linear(act, w[down_name].to(dtype), bias(down_name))               # [n, H]
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
