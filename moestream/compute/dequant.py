@@ -195,6 +195,14 @@ def dequant_backend(device: torch.device | str) -> str:
     return why if ok else f"torch reference dequantizer ({why})"
 
 
+def store_dequant(store) -> str:
+    """What decodes `store`'s experts: the dequantizer in use for an int or mixed store, or
+    none for a lossless one (the run report's "dequant")."""
+    if store.index.quant in ("int8", "int4", "mixed"):
+        return dequant_backend(store.device)
+    return "none (lossless store)"
+
+
 _warned = False
 
 

@@ -9,12 +9,19 @@ import torch
 
 from ..errors import MoestreamError, UsageError
 from ..units import format_size
-from .dequant import dequant_backend
+from .dequant import store_dequant
 from .loader import load_model
 from .routing import RoutingRecorder
 
 
 ENGINES = ("auto", "native", "transformers")
+
+
+def encode_prompt(tok, text: str, bos: Optional[int]) -> list[int]:
+    """`text`'s token ids, the model's bos token first when it has one and the tokenizer did
+    not add it."""
+    ids = tok.encode(text).ids
+    return [bos] + ids if bos is not None and (not ids or ids[0] != bos) else ids
 
 
 def load_tokenizer(model):
@@ -52,8 +59,7 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         from ..integrations.transformers import from_store
         model = from_store(store, device=device, device_budget=device_budget, host_budget=host_budget, **store_options)
         model.store = model.moestream_store
-        model.dequant = dequant_backend(model.store.device) if model.store.index.quant in ("int8", "int4", "mixed") \
-            else "none (lossless store)"
+        model.dequant = store_dequant(model.store)
         bos, eos = model.config.bos_token_id, model.config.eos_token_id
     else:
         model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget,
@@ -66,9 +72,7 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             recorder = RoutingRecorder(model.store.index.moe_layers, model.cfg.num_experts, model.cfg.top_k)
             model.record_routing(recorder)
         tok = load_tokenizer(model)
-        ids = tok.encode(prompt).ids
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
+        ids = encode_prompt(tok, prompt, bos)
         if not ids:
             raise MoestreamError("the prompt encodes to no tokens")
         load_seconds = time.perf_counter() - t_load

@@ -10,7 +10,7 @@ from ..errors import FormatError, MoestreamError
 from ..formats.families import FAMILIES, check_config
 from ..formats.codecs import TORCH_DTYPES
 from ..storage.store import Store, parse_device
-from .dequant import dequant_backend, dequantize
+from .dequant import dequantize, store_dequant
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary
 
@@ -63,7 +63,7 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
         model.prefetch_next_layer = prefetch
         model.prefetch_threshold = float(prefetch_threshold)
-        model.dequant = dequant_backend(dev) if idx.quant in ("int8", "int4", "mixed") else "none (lossless store)"
+        model.dequant = store_dequant(store)
         return model.eval()
     except BaseException:
         store.close()

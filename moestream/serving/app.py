@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..compute.generation import encode_prompt
 from .scheduler import BatchScheduler, GenerationRequest, QueueFull
 
 
@@ -110,10 +111,7 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
                                             "owned_by": "moestream"}]}
 
     async def run(body: _Body, prompt: str, request: Request, chat: bool):
-        ids = tokenizer.encode(prompt).ids
-        bos = model.cfg.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos):
-            ids = [bos] + ids
+        ids = encode_prompt(tokenizer, prompt, model.cfg.bos_token_id)
         max_tokens = min(body.max_tokens or max_tokens_cap, max_tokens_cap)
         if len(ids) + max_tokens > context:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "

@@ -18,8 +18,8 @@ weight REUSE_ALPHA): q = r + (1 - r) f for an expert its layer asked for last ti
 others. The first term is the layer sweep (what SpecMD's least-stale uses), the second Belady's
 "furthest next use" under that estimate. Keys a next-layer predictor expects (`expect`) count
 as certain (q = 1) until their layer is visited. Ties go to the least recently used key (a
-miss counts as used when it was requested, not when its load finished). A pinned hot set (keys that are
-never evicted) can be given, e.g. from a routing profile.
+miss counts as used when it was requested, not when its load finished). A pinned hot set
+(keys that are never evicted) can be given, e.g. from a routing profile.
 
 Cost: the sweep policies keep, per layer, its cached keys ranked most evictable first (re-ranked
 only when that layer is visited or its keys change), so choosing a victim looks at one key per
