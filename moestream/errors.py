@@ -42,6 +42,10 @@ class StoreIOError(MoestreamError):
     """A read failed (EIO, short read past end of file, misaligned O_DIRECT request)."""
 
 
+class ReadCancelled(StoreIOError):
+    """A read whose requester withdrew it before it reached the disk (a wrong prefetch guess)."""
+
+
 class UsageError(MoestreamError, ValueError):
     """An argument is out of its domain (a NaN budget, a bool as an expert index, an unknown
     device). Also a ValueError, so callers that caught ValueError before still do."""

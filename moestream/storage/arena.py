@@ -51,6 +51,12 @@ class ExpertArena:
         with self._lock:
             self._free.append(slot)
 
+    @property
+    def free(self) -> int:
+        """How many slots no cache entry (nor a load in flight) owns."""
+        with self._lock:
+            return len(self._free)
+
     def pinned(self, slot: int) -> bool:
         """Whether tensors handed out from `slot` are still alive somewhere."""
         return self._pins[slot] > 0

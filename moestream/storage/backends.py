@@ -12,13 +12,14 @@ import errno
 import os
 import queue
 import threading
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from ..errors import StoreIOError
+from ..errors import ReadCancelled, StoreIOError
 
 
 @dataclass
@@ -34,6 +35,18 @@ class ReadRequest:
     addr: int = 0
     need: Optional[int] = None
     buf_index: Optional[int] = None   # registered-buffer index (uring READ_FIXED)
+    #: who asked, read when the request is about to start: `ticket.urgent` (a demand read: it
+    #: goes ahead of waiting non-urgent ones) and `ticket.cancelled` (withdrawn: it fails with
+    #: ReadCancelled instead of starting). None: urgent, never withdrawn.
+    ticket: Any = None
+
+    @property
+    def urgent(self) -> bool:
+        return self.ticket is None or bool(self.ticket.urgent)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.ticket is not None and bool(self.ticket.cancelled)
 
 
 def _io_error(req: ReadRequest, err: int, done: int = 0) -> StoreIOError:
@@ -41,6 +54,10 @@ def _io_error(req: ReadRequest, err: int, done: int = 0) -> StoreIOError:
     hint = " (O_DIRECT needs 4096-aligned offsets, lengths and buffers)" if err == errno.EINVAL else ""
     return StoreIOError(f"{req.path}: read of {req.length} bytes at offset {req.offset} failed after {done} "
                         f"bytes: {what}{hint}")
+
+
+def _cancelled(req: ReadRequest) -> ReadCancelled:
+    return ReadCancelled(f"{req.path}: read of {req.length} bytes at offset {req.offset} withdrawn before it started")
 
 
 def open_direct(path: str | os.PathLike) -> tuple[int, Optional[str]]:
@@ -84,6 +101,8 @@ class PosixBackend(_DirectFiles):
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="moestream-pread")
 
     def _read(self, req: ReadRequest) -> int:
+        if req.cancelled:
+            raise _cancelled(req)
         need = req.length if req.need is None else req.need
         got = 0
         while got < req.length:
@@ -108,7 +127,11 @@ class PosixBackend(_DirectFiles):
 
 
 class UringBackend(_DirectFiles):
-    """One thread owns an io_uring ring; up to `queue_depth` reads in flight."""
+    """One thread owns an io_uring ring; up to `queue_depth` reads in flight. Requests wait in
+    arrival order, except that an urgent one (a demand read) starts before every waiting
+    non-urgent one (prefetches), and non-urgent reads take at most half the ring, so an urgent
+    read never waits for a free entry behind a full ring of guesses. A withdrawn request fails
+    with ReadCancelled when its turn comes instead of reading."""
     name = "uring"
 
     def __init__(self, queue_depth: int = 32, registered: Optional[list[tuple[int, int]]] = None):
@@ -135,26 +158,50 @@ class UringBackend(_DirectFiles):
         self._q.put((req, fut))
         return fut
 
+    def _next(self, waiting: "deque[tuple[ReadRequest, Future]]", background: int) -> Optional[tuple[ReadRequest, Future]]:
+        """The request to start next (withdrawn ones are failed on the way), or None."""
+        for i, (req, fut) in enumerate(waiting):
+            if req.urgent and not req.cancelled:
+                del waiting[i]
+                return req, fut
+        while waiting and background < max(1, self.queue_depth // 2):
+            req, fut = waiting.popleft()
+            if req.cancelled:
+                fut.set_exception(_cancelled(req))
+                continue
+            return req, fut
+        return None
+
     def _loop(self) -> None:
         ring = self._ring
         states: dict[int, list] = {}   # user_data -> [req, future, bytes done]
+        waiting: deque = deque()       # submitted, not yet in the ring
         next_id = 1
         stopping = False
         while True:
-            while len(states) < self.queue_depth:
+            block = not states and not waiting and not stopping
+            while True:                # take everything submitted so far (block only when idle)
                 try:
-                    item = self._q.get(block=not states and not stopping, timeout=None if not states else 0)
+                    item = self._q.get(block=block)
                 except queue.Empty:
                     break
+                block = False
                 if item is None:
                     stopping = True
-                    continue
-                req, fut = item
+                else:
+                    waiting.append(item)
+            background = sum(1 for st in states.values() if not st[0].urgent)
+            while len(states) < self.queue_depth:
+                picked = self._next(waiting, background)
+                if picked is None:
+                    break
+                req, fut = picked
                 states[next_id] = [req, fut, 0]
+                background += not req.urgent
                 self._prep(next_id, req, 0)
                 next_id += 1
             if not states:
-                if stopping:
+                if stopping and not waiting:
                     break
                 continue
             try:
@@ -226,6 +273,8 @@ class KvikioBackend:
         pass  # CuFiles are shared per path and closed with the backend
 
     def _read(self, req: ReadRequest) -> int:
+        if req.cancelled:
+            raise _cancelled(req)
         need = req.length if req.need is None else req.need
         # host destinations arrive as memoryviews (the Store's slabs and slots): kvikio wants arrays
         dest = np.frombuffer(req.dest, np.uint8) if isinstance(req.dest, memoryview) else req.dest

@@ -34,7 +34,7 @@ from typing import Iterable, Iterator, Optional
 import psutil
 import torch
 
-from ..errors import BudgetError, MoestreamError, UsageError
+from ..errors import BudgetError, MoestreamError, ReadCancelled, UsageError
 from ..formats.codecs import Dequantizer, dequantize_torch
 from ..formats.constants import ALIGNMENT, align_up
 from ..formats.index import Region
@@ -57,13 +57,21 @@ class _Load:
     future: Future
     prefetch: bool
     counted_prefetch: bool = False      # its bytes count against prefetch_budget while in flight
+    counted_demand: bool = False        # a demand read on the disk: prefetches wait until it lands
     started: float = 0.0
     tick: Optional[int] = None          # L1 recency stamp taken when it was requested
     chunks_left: int = 0
     error: Optional[BaseException] = None
     slot: Optional[int] = None          # its L1 slot (CPU arena); None: decode into new tensors
+    cancelled: bool = False             # a wrong guess withdrawn: reads not yet started will not start
+    bytes_done: int = 0                 # bytes its reads delivered so far
     l2_slot: Optional[int] = None       # an L2 hit: the host-arena slot holding its stored bytes
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def urgent(self) -> bool:
+        """A caller waits for it (the backend starts it before waiting prefetches)."""
+        return not self.prefetch
 
 
 def _is_plain(region: Region) -> bool:
@@ -218,6 +226,7 @@ class Store:
         self._pending: dict[Key, _Load] = {}
         self._prefetched_unused: set[Key] = set()
         self._prefetch_inflight = 0
+        self._demand_reading = 0   # demand loads whose reads have not all landed
         self._routed: tuple[int, frozenset] = (-1, frozenset())   # the layer routed last, its experts
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="moestream-dispatch", daemon=True)
         self._dispatcher.start()
@@ -263,11 +272,15 @@ class Store:
             self.l1.visit(layer, [(layer, e) for e in chosen])
             self.l2.visit(layer, [(layer, e) for e in chosen])
             self._routed = (layer, chosen)
-            wrong = [ld for ld in self._prefetch if ld.key[0] == layer and ld.key[1] not in chosen]
+            wrong = [ld for ld in self._pending.values()
+                     if ld.prefetch and not ld.cancelled and ld.key[0] == layer and ld.key[1] not in chosen]
             for ld in wrong:
-                self._prefetch.remove(ld)
-                self._pending.pop(ld.key, None)
-                ld.future.set_exception(MoestreamError("prefetch cancelled: the router chose otherwise"))
+                if ld in self._prefetch:   # still queued: dropped
+                    self._prefetch.remove(ld)
+                    del self._pending[ld.key]
+                    ld.future.set_exception(MoestreamError("prefetch cancelled: the router chose otherwise"))
+                else:                      # dispatched: its reads not yet started never start
+                    ld.cancelled = True
         self.stats_.add(prefetch_cancelled=len(wrong))
         return len(wrong)
 
@@ -295,6 +308,12 @@ class Store:
         done, _ = _wait(list(futures), return_when=FIRST_COMPLETED)
         self.stats_.add(stall_seconds=time.perf_counter() - t0)
         return next(iter(done))
+
+    @property
+    def busy(self) -> bool:
+        """Whether any load is being read, checksummed or decoded right now (its threads are
+        using CPU). Unlocked: a momentary answer, for compute to size its thread pool by."""
+        return bool(self._pending)
 
     @property
     def expert_slots(self) -> int:
@@ -427,6 +446,7 @@ class Store:
         load = self._pending.get(key)
         if load is not None:
             self.stats_.add(joined_inflight=1)
+            load.cancelled = False   # wanted after all: reads withdrawn meanwhile are issued again
             if load.prefetch:
                 self._note_prefetch_use(key)
                 load.prefetch = False
@@ -512,6 +532,9 @@ class Store:
                 if l2_slot is not None:
                     self.l2_arena.pin(l2_slot)
                     load.l2_slot = l2_slot
+                elif not load.prefetch:
+                    self._demand_reading += 1
+                    load.counted_demand = True
             if load.l2_slot is not None:
                 self._submit_decode(load, None)
             elif load.slot is not None and _is_plain(load.region):
@@ -523,9 +546,13 @@ class Store:
             del load
 
     def _prefetch_allowed(self) -> bool:
-        # one prefetch may always run when none does, even if a single extent exceeds the budget
-        if not self._prefetch:
+        # A prefetch waits until no demand read is queued or on the disk: a read in flight
+        # cannot be overtaken, so a guess issued ahead of the layer's own misses would delay
+        # them (measured: prefetch made decode slower until this rule). Once the misses have
+        # landed the disk is idle while they are computed, which is when guesses should read.
+        if not self._prefetch or self._demand or self._demand_reading:
             return False
+        # one prefetch may always run when none does, even if a single extent exceeds the budget
         size = self._prefetch[0].region.padded_length
         return self._prefetch_inflight == 0 or self._prefetch_inflight + size <= self.prefetch_budget
 
@@ -547,7 +574,7 @@ class Store:
             # buf_index names the registered buffer the destination lies in (0 the pool, 1 the
             # arena, in the order given to choose_backend); a backend that registered none ignores it
             req = ReadRequest(fd, path, r.offset + off, n, view[off:off + n], addr=base_addr + off, need=need,
-                              buf_index=buf_index)
+                              buf_index=buf_index, ticket=load)
             try:
                 fut = self.backend.submit(req)
             except BaseException as e:  # backend closed or broken
@@ -561,10 +588,24 @@ class Store:
             if exc is not None and load.error is None:
                 load.error = exc
             elif exc is None:
+                load.bytes_done += fut.result()
                 self.stats_.add(bytes_read=fut.result())
             load.chunks_left -= 1
             last = load.chunks_left == 0
         if not last:
+            return
+        with self._cv:
+            if load.counted_demand:
+                load.counted_demand = False
+                self._demand_reading -= 1
+            again = isinstance(load.error, ReadCancelled) and not load.cancelled
+            if again:   # withdrawn, then asked for before it ended: read it all again, as a demand
+                load.error = None
+                self._demand_reading += 1
+                load.counted_demand = True
+            self._cv.notify_all()
+        if again:
+            self._issue(load, slab)
             return
         self.stats_.add(read_seconds=time.perf_counter() - load.started, stored_bytes_read=load.region.length)
         if load.error is not None:
@@ -611,8 +652,6 @@ class Store:
                     self._put_l2(load.key, stored)
         except BaseException as e:
             self._release_sources(load, slab)
-            if load.slot is not None:
-                self.arena.give(load.slot)
             self._finish(load, error=e)
             return
         self._release_sources(load, slab)
@@ -650,14 +689,18 @@ class Store:
     def _finish(self, load: _Load, tensors: Optional[Experts] = None, error: Optional[BaseException] = None) -> None:
         result = None
         with self._cv:
+            cached = False
             try:
                 if self._pending.get(load.key) is load:
                     del self._pending[load.key]
                 if load.counted_prefetch:
                     self._prefetch_inflight -= load.region.padded_length
+                if error is not None and load.cancelled:
+                    self.stats_.add(prefetch_wasted_bytes=load.bytes_done)
                 if error is None:
                     if load.slot is not None:
                         self.l1.put(load.key, load.slot, self.arena.slot_size, tick=load.tick)
+                        cached = True
                         result = self._hand_out(load.key, load.slot)
                     else:
                         if self.arena is None:  # CUDA: cache the new tensors
@@ -668,9 +711,9 @@ class Store:
                         self._prefetched_unused.add(load.key)
             except BaseException as e:   # whatever fails here, the caller's future must still end
                 error, result = e, None
-                if load.slot is not None and load.key not in self.l1:
-                    self.arena.give(load.slot)   # never cached: its slot is free again
             finally:
+                if error is not None and load.slot is not None and not cached:
+                    self.arena.give(load.slot)   # never cached: its slot is free again
                 self._cv.notify_all()
         # the result pins its slot: once the future has it, this thread keeps no reference (a
         # caller that drops the result right away must find the slot free again)

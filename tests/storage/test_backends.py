@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from moestream.errors import StoreIOError
+from moestream.errors import ReadCancelled, StoreIOError
 from moestream.storage import BufferPool, PosixBackend, ReadRequest, UringBackend, backends
 from moestream.storage.uring import supported
 
@@ -183,3 +183,50 @@ def test_many_concurrent_submitters(data_file, name):
     be.close()
     os.close(fd)
     assert not errors
+
+
+class Ticket:
+    def __init__(self, urgent=True, cancelled=False):
+        self.urgent, self.cancelled = urgent, cancelled
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_a_withdrawn_request_fails_instead_of_reading(data_file, name):
+    path, data = data_file
+    fd, _ = open_direct(path)
+    pool = BufferPool(4096, 2)
+    be = make_backend(name, pool)
+    s1, s2 = pool.acquire(), pool.acquire()
+    s2.view[:] = b"\0" * 4096
+    kept = be.submit(ReadRequest(fd, str(path), 0, 4096, s1.view, s1.addr, buf_index=0, ticket=Ticket(False)))
+    gone = be.submit(ReadRequest(fd, str(path), 4096, 4096, s2.view, s2.addr, buf_index=0,
+                                 ticket=Ticket(False, cancelled=True)))
+    assert kept.result(timeout=10) == 4096 and bytes(s1.view) == data[:4096]
+    with pytest.raises(ReadCancelled, match=rf"{path.name}.*offset 4096"):
+        gone.result(timeout=10)
+    assert bytes(s2.view) == b"\0" * 4096          # nothing landed
+    be.close()
+    os.close(fd)
+
+
+@pytest.mark.skipif(not supported()[0], reason="io_uring unavailable")
+def test_uring_starts_an_urgent_read_before_waiting_guesses(data_file):
+    """queue_depth 2: guesses may take one ring entry; the demand read submitted after six of
+    them starts as soon as an entry frees, ahead of the five still waiting."""
+    path, data = data_file
+    fd, _ = open_direct(path)
+    pool = BufferPool(4096, 7)
+    be = make_backend("uring", pool, queue_depth=2)
+    done: list[str] = []
+    lock = threading.Lock()
+    futs = []
+    for i, urgent in enumerate([False] * 6 + [True]):
+        s = pool.acquire()
+        f = be.submit(ReadRequest(fd, str(path), i * 4096, 4096, s.view, s.addr, buf_index=0, ticket=Ticket(urgent)))
+        f.add_done_callback(lambda _, i=i: (lock.acquire(), done.append(i), lock.release()))
+        futs.append((f, s, i))
+    for f, s, i in futs:
+        assert f.result(timeout=10) == 4096 and bytes(s.view) == data[i * 4096:(i + 1) * 4096]
+    be.close()
+    os.close(fd)
+    assert done.index(6) <= 2, done

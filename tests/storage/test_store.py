@@ -402,3 +402,91 @@ def test_a_failure_while_finishing_a_load_reaches_the_caller(plain_store, monkey
             fut.result(timeout=30)            # an error, not a caller waiting forever
         monkeypatch.undo()
         assert same(s.get(0, 2), expected(plain_store)[(0, 2)])   # the Store still serves
+
+
+class GatedBackend(FaultyBackend):
+    """Holds every read until `release()`; `fail` makes held reads fail with EIO instead."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.held: list = []
+        self.open_ = False
+        self.fail = False
+        self.lock = threading.Lock()
+
+    def submit(self, req):
+        with self.lock:
+            if not self.open_:
+                out = Future()
+                self.held.append((req, out))
+                return out
+        return self.inner.submit(req)
+
+    def release(self):
+        with self.lock:
+            self.open_ = True
+            held, self.held = self.held, []
+        for req, out in held:
+            if self.fail:
+                out.set_exception(StoreIOError(f"{req.path}: read at offset {req.offset} failed: EIO"))
+                continue
+            inner = self.inner.submit(req)
+            inner.add_done_callback(lambda f, out=out: out.set_exception(f.exception()) if f.exception()
+                                    else out.set_result(f.result()))
+
+
+def wait_until(cond, timeout=10.0):
+    t0 = time.perf_counter()
+    while not cond():
+        assert time.perf_counter() - t0 < timeout, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("io", IOS)
+def test_a_wrong_guess_in_flight_is_withdrawn_and_a_rerequested_one_still_lands(plain_store, io):
+    ref = expected(plain_store)
+    with open_store(plain_store, io=io, device_budget=8 * 36864, host_budget=0, chunk_size=8192,
+                    prefetch_budget=4 * 36864) as s:
+        gate = s.backend = GatedBackend(s.backend)
+        free = s.arena.free
+        assert s.prefetch(1, [4, 5, 6]) == 3
+        wait_until(lambda: {r.ticket.key for r, _ in gate.held} == {(1, 4), (1, 5), (1, 6)})  # all dispatched
+        assert s.note_routing(1, [4]) == 2            # 5 and 6 are on their way: withdrawn
+        again = s.fetch(1, [6])[0]                     # ... but 6 is asked for after all
+        gate.release()
+        assert same(again.result(timeout=10), ref[(1, 6)])
+        assert same(s.get(1, 4), ref[(1, 4)])
+        wait_until(lambda: not s._pending)
+        st = s.stats()
+        assert (1, 5) not in s.l1 and st["prefetch_cancelled"] == 2
+        assert st["prefetch_wasted_bytes"] == 0       # its reads never started: nothing was read for it
+        assert s.arena.free == free - 2               # 4 and 6 hold slots; 5's went back
+        assert same(s.get(1, 5), ref[(1, 5)])         # a fresh load later
+
+
+def test_prefetch_waits_for_the_demand_reads_in_flight(plain_store):
+    ref = expected(plain_store)
+    with open_store(plain_store, io="posix", device_budget=8 * 36864, host_budget=0) as s:
+        gate = s.backend = GatedBackend(s.backend)
+        demand = s.fetch(0, [0, 1])
+        wait_until(lambda: len({r.ticket.key for r, _ in gate.held}) == 2)
+        s.prefetch(1, [2, 3])
+        time.sleep(0.2)
+        assert {r.ticket.key for r, _ in gate.held} == {(0, 0), (0, 1)}   # the guesses wait
+        gate.release()
+        for f, e in zip(demand, (0, 1)):
+            assert same(f.result(timeout=10), ref[(0, e)])
+        wait_until(lambda: (1, 2) in s.l1 and (1, 3) in s.l1)
+
+
+def test_a_failed_read_gives_its_slot_back(plain_store):
+    with open_store(plain_store, io="posix", device_budget=3 * 36864, host_budget=0) as s:
+        gate = s.backend = GatedBackend(s.backend)
+        gate.fail = True
+        fut = s.fetch(0, [0])[0]
+        wait_until(lambda: gate.held)
+        gate.release()
+        with pytest.raises(StoreIOError, match="EIO"):
+            fut.result(timeout=10)
+        wait_until(lambda: not s._pending)
+        assert s.arena.free == s.arena.count and (0, 0) not in s.l1

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import MoestreamError, UsageError
+from ..threads import COMPUTE_THREADS
 
 
 @dataclass
@@ -211,6 +212,9 @@ class StreamingMoE(nn.Module):
         self.expert_seconds = 0.0
         #: a compute.routing.RoutingRecorder while routing is recorded
         self.recorder = None
+        #: (layer, experts) to prefetch once this layer's own reads are queued (set by
+        #: DecoderLayer for its next-layer guesses; used by one forward, then cleared)
+        self.prefetch_next: Optional[tuple[int, list[int]]] = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)                          # [N, E]
@@ -247,7 +251,8 @@ class StreamingMoE(nn.Module):
                 out.index_add_(0, rows, y * weights[rows, slot, None])
             self.expert_seconds += time.perf_counter() - t0
 
-        stream_experts(self.store, self.layer, route_on_host(experts), compute)
+        then, self.prefetch_next = self.prefetch_next, None
+        stream_experts(self.store, self.layer, route_on_host(experts), compute, then_prefetch=then)
         return out
 
 
@@ -263,12 +268,15 @@ def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]
     return routed
 
 
-def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[int]]], compute) -> None:
+def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[int]]], compute,
+                   then_prefetch: Optional[tuple[int, list[int]]] = None) -> None:
     """Fetch `layer`'s routed experts from the Store and call compute(expert, tensors, rows,
     top-k positions) for each as it arrives (arrival order), with at most as many experts in
     hand as the device budget holds: a prefill that routes to every expert of the layer stays
     within the budget. Tells the Store the routing first (its eviction policy uses it). The
-    tensors are the Store's (read-only); compute must not keep them."""
+    tensors are the Store's (read-only); compute must not keep them. `then_prefetch` (layer,
+    experts) is prefetched right after this layer's own fetches are queued, so that its reads
+    come after them."""
     waiting = sorted(routed)
     store.note_routing(layer, waiting)
     window = store.expert_slots
@@ -277,12 +285,17 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
         if waiting and len(inflight) < window:
             take, waiting = waiting[:window - len(inflight)], waiting[window - len(inflight):]
             inflight.update(zip(store.fetch(layer, take), take))
+            if then_prefetch is not None:
+                store.prefetch(*then_prefetch)
+                then_prefetch = None
         fut = store.wait_first(inflight)                                         # arrival order
         e = inflight.pop(fut)
         w = fut.result()
         del fut
+        COMPUTE_THREADS.adjust(store.busy)   # leave a core to the store's threads while they work
         compute(e, w, *routed[e])
         del w
+    COMPUTE_THREADS.adjust(store.busy)
 
 
 class DecoderLayer(nn.Module):
@@ -312,7 +325,9 @@ class DecoderLayer(nn.Module):
                 nxt.recorder.predict(nxt.layer, guess, probs)
             if prefetch_threshold is not None:
                 confident = sorted(set(guess[probs >= prefetch_threshold].tolist()))
-                if confident:
+                if confident and isinstance(self.mlp, StreamingMoE):
+                    self.mlp.prefetch_next = (nxt.layer, confident)   # queued behind this layer's reads
+                elif confident:
                     nxt.store.prefetch(nxt.layer, confident)
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
 

@@ -1,0 +1,40 @@
+"""Torch's intra-op thread count while the Store's own threads are working.
+
+An expert's matmuls at decode are three GEMVs; torch runs each as a parallel region that ends
+when its slowest thread does. The Store's reads (syscalls, completions), checksums and decodes
+run on the same cores, so while any of them is in flight one of torch's threads shares its core
+and every region waits for it. Measured on the 2-core development machine (bench/contention.py),
+per expert of Qwen3-30B-A3B's shape:
+
+    torch threads              2          1
+    nothing else running       0.73 ms    1.17 ms
+    an O_DIRECT read running   1.64 ms    1.27 ms
+
+So while the store has work in flight, compute leaves one core to it, and takes it back as soon
+as the store is idle (all experts cached: no cost)."""
+from __future__ import annotations
+
+import torch
+
+
+class ComputeThreads:
+    """Sets torch's intra-op threads to all but one while the store is busy, all otherwise.
+    `full` is the count to use when idle (default: torch's count when first adjusted); a count
+    set by someone else meanwhile is adopted as the new full count."""
+
+    def __init__(self, full: int | None = None):
+        self.full = full
+        self.current: int | None = None
+
+    def adjust(self, store_busy: bool) -> None:
+        now = torch.get_num_threads()
+        if self.full is None or (self.current is not None and now != self.current):
+            self.full = now
+        n = max(1, self.full - 1) if store_busy else self.full
+        if n != now:
+            torch.set_num_threads(n)
+        self.current = n
+
+
+#: one per process: torch's thread count is process-wide
+COMPUTE_THREADS = ComputeThreads()
