@@ -142,7 +142,7 @@ class InMemoryExperts:
         with StoreReader(store.path, verify=False) as r:
             self.experts = {k: r.expert(*k) for k in r.index.extents}
         self.expert_slots = len(self.experts)
-        self.busy = False
+        self.prefetching = False
 
     def fetch(self, layer, experts):
         out = []

@@ -310,10 +310,11 @@ class Store:
         return next(iter(done))
 
     @property
-    def busy(self) -> bool:
-        """Whether any load is being read, checksummed or decoded right now (its threads are
-        using CPU). Unlocked: a momentary answer, for compute to size its thread pool by."""
-        return bool(self._pending)
+    def prefetching(self) -> bool:
+        """Whether prefetched experts are being read, checksummed or decoded right now: work of
+        the Store's threads that overlaps the caller's compute. Unlocked: a momentary answer,
+        for compute to size its thread pool by."""
+        return self._prefetch_inflight > 0
 
     @property
     def expert_slots(self) -> int:

@@ -292,10 +292,10 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
         e = inflight.pop(fut)
         w = fut.result()
         del fut
-        COMPUTE_THREADS.adjust(store.busy)   # leave a core to the store's threads while they work
+        COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
         compute(e, w, *routed[e])
         del w
-    COMPUTE_THREADS.adjust(store.busy)
+    COMPUTE_THREADS.adjust(store.prefetching)
 
 
 class DecoderLayer(nn.Module):
