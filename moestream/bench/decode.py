@@ -453,8 +453,10 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
              (f", {br / MiB:.0f} MiB read" if br else "") +
              (f", {res['vs_io_ceiling']:.2f} of the I/O ceiling" if "vs_io_ceiling" in res else "")))
 
-    # The machine is shared and noisy (the same run has given 13 and 49 tok/s minutes apart):
-    # every system runs `repeat` times, taking turns, and the median run is reported.
+    # The machine is shared and noisy (the same run has given 13 and 49 tok/s minutes apart, and
+    # the disk's throughput drifts by 3x over minutes): every system runs `repeat` times, taking
+    # turns in an order that rotates each round (no system always follows the same one), and the
+    # median run is reported.
     for rep in range(repeat):
         log(f"round {rep + 1}/{repeat}")
         for system in BOUNDS:
@@ -463,7 +465,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                                  None), None, None)
         for frac in budgets:
             budget = int(expert_bytes * frac)
-            for system in SYSTEMS:
+            for system in SYSTEMS[rep % len(SYSTEMS):] + SYSTEMS[:rep % len(SYSTEMS)]:
                 if system not in systems:
                     continue
                 limit = budget + allowance if cg_ok else None
