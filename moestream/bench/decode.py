@@ -253,6 +253,7 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
         "expert_matmul_seconds": sum(m.expert_seconds for m in moes),
         "prefetch_issued": st["prefetch_issued"] - s0["prefetch_issued"],
         "prefetch_used": st["prefetch_used"] - s0["prefetch_used"],
+        "prefetch_late": st["prefetch_late"] - s0["prefetch_late"],
         "prefetch_cancelled": st["prefetch_cancelled"] - s0["prefetch_cancelled"],
         "prefetch_wasted_bytes": st["prefetch_wasted_bytes"] - s0["prefetch_wasted_bytes"],
         "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"),
@@ -534,7 +535,9 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                                "stall_seconds": [best and best["stall_seconds"], nopf and nopf["stall_seconds"]],
                                "hits_l1": [best and best["hits_l1"], nopf and nopf["hits_l1"]],
                                "bytes_read": [best and best["bytes_read"], nopf and nopf["bytes_read"]],
-                               "wasted_bytes": best and best["prefetch_wasted_bytes"]},
+                               "wasted_bytes": best and best["prefetch_wasted_bytes"],
+                               "issued_used_late_cancelled": best and [best["prefetch_issued"], best["prefetch_used"],
+                                                                       best.get("prefetch_late"), best["prefetch_cancelled"]]},
     }
     return out
 

@@ -28,6 +28,7 @@ class StoreStats:
     stall_seconds: float = 0.0     # time callers spent blocked waiting for experts
     prefetch_issued: int = 0
     prefetch_used: int = 0         # prefetched experts later asked for
+    prefetch_late: int = 0         # ... of which asked for while still being read (the caller waited for the rest)
     prefetch_cancelled: int = 0    # queued guesses dropped (the router chose otherwise, or cancel_prefetch)
     prefetch_skipped: int = 0      # guesses dropped because no slot could be taken without evicting a needed expert
     prefetch_wasted_bytes: int = 0 # bytes of prefetched experts evicted before any use

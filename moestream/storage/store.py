@@ -448,8 +448,8 @@ class Store:
         if load is not None:
             self.stats_.add(joined_inflight=1)
             load.cancelled = False   # wanted after all: reads withdrawn meanwhile are issued again
-            if load.prefetch:
-                self._note_prefetch_use(key)
+            if load.prefetch:   # a guess asked for before it landed: used, late
+                self.stats_.add(prefetch_used=1, prefetch_late=1)
                 load.prefetch = False
                 if load in self._prefetch:  # still queued: move it ahead as a demand read
                     self._prefetch.remove(load)

@@ -459,6 +459,7 @@ def test_a_wrong_guess_in_flight_is_withdrawn_and_a_rerequested_one_still_lands(
         wait_until(lambda: not s._pending)
         st = s.stats()
         assert (1, 5) not in s.l1 and st["prefetch_cancelled"] == 2
+        assert st["prefetch_used"] == 2 and st["prefetch_late"] >= 1   # 6 was joined while it was read
         assert st["prefetch_wasted_bytes"] == 0       # its reads never started: nothing was read for it
         assert s.arena.free == free - 2               # 4 and 6 hold slots; 5's went back
         assert same(s.get(1, 5), ref[(1, 5)])         # a fresh load later
