@@ -30,9 +30,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     no expert is cast at every use, and fp32 for fp32 stores). prefetch: while a layer computes, prefetch the experts
     that the next layer's router picks on the current residual stream (speculative, bounded by
     the store's prefetch_budget), only experts whose router probability there reaches
-    `prefetch_threshold` (0: every guess). Off by default: it cuts stall time, but with a device budget
-    well below the experts' size its extra reads and evictions cost more than they save
-    (bench/prefetch.py; bench/results/prefetch_h100_2026-11-22.txt). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    `prefetch_threshold` (0: every guess). Off by default: it cuts stall time, but the wrong guesses'
+    reads, and on few cores the compute the hidden reads take back, cost more than it saves in
+    every run so far (`moestream bench decode`, bench/prefetch.py, README). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = parse_device(device)
     store_options.setdefault("dequantize", dequantize)
