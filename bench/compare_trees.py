@@ -7,7 +7,13 @@ inside one memory cgroup, page cache dropped first, taking turns.
 
 Uses the 2-layer store `moestream bench decode --quick` builds (--workdir), its synthetic trace,
 a device budget of 25 % of the experts and no host tier, and each tree's own defaults (policy,
-compute dtype). Only APIs both trees have: load_model, generate, StreamingMoE.route, store.stats."""
+compute dtype). Only APIs both trees have: load_model, generate, StreamingMoE.route, store.stats.
+
+With --systems (e.g. naive,lru,best-no-prefetch,best) each tree's own `bench decode` child runs
+those systems instead (same store, trace, budget and cgroup limit as `bench decode`; --layers
+picks the store), taking turns tree by tree and system by system:
+
+    sudo .venv/bin/python bench/compare_trees.py --old /tmp/oldtree --new . --systems naive,lru,best --layers 4"""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +60,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/tmp"))
     p.add_argument("--no-limit", action="store_true", help="no memory cgroup (speed only)")
+    p.add_argument("--systems", help="comma-separated `bench decode` systems, run by each tree's own bench child")
+    p.add_argument("--layers", type=int, default=2, help="with --systems: the store's decoder layers (2 or 4)")
     a = p.parse_args()
+    if a.systems:
+        return compare_systems(a)
     import numpy as np
     from moestream.bench.decode import GiB, SHAPE, build_store, synthetic_trace
     from moestream.bench.io import drop_page_cache
@@ -96,6 +106,35 @@ def main() -> None:
         if ok:
             print(f"{name} ({a.old if name == 'old' else a.new}): median {ok[(len(ok) - 1) // 2]:.2f} tok/s of "
                   f"{', '.join(f'{x:.2f}' for x in ok)}")
+
+
+def compare_systems(a: argparse.Namespace) -> None:
+    import statistics
+    from moestream.bench import decode as D
+    from moestream.formats import StoreReader
+    work = Path(a.workdir) / "moestream-bench-decode"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, store = D.build_store(work, a.layers, print)
+    with StoreReader(store) as r:
+        extents = list(r.index.extents.values())
+    expert_bytes = sum(x.decoded_length for x in extents)
+    budget = expert_bytes // 4
+    trace = D.synthetic_trace(8 + 64 + 2, a.layers, experts=D.SHAPE["experts"], top_k=D.SHAPE["top_k"])
+    base = dict(store=str(store), checkpoint=str(ckpt), workdir=str(work), trace=trace.tolist(), tokens=64,
+                prompt_tokens=8, extent_bytes=max(x.padded_length for x in extents), accelerate_tokens=3, shape=D.SHAPE)
+    limit = None if a.no_limit or not D.cgroup_available()[0] else budget + D.GiB
+    rows: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(a.rounds):
+        for name, tree in (("old", a.old), ("new", a.new)):
+            for system in a.systems.split(","):
+                r = D.run_child(D.system_spec(base, system, budget), limit, tree=tree)
+                if "error" not in r:
+                    rows.setdefault((name, system), []).append(r["tokens_per_s"])
+                print(f"round {rnd + 1} {name} {system}: " + (r["error"] if "error" in r else
+                      f"{r['tokens_per_s']:.2f} tok/s, stall {r['stall_seconds']:.2f} s, {r['hits_l1']} hits, "
+                      f"{r['bytes_read'] / 2**20:.0f} MiB read"), flush=True)
+    for (name, system), v in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{system:17s} {name}: median {statistics.median(v):.2f} tok/s of {', '.join(f'{x:.2f}' for x in v)}")
 
 
 if __name__ == "__main__":

@@ -326,9 +326,24 @@ def cgroup_available() -> tuple[bool, str]:
     return True, "cgroup v1 memory controller"
 
 
-def run_child(spec: dict[str, Any], limit: Optional[int]) -> dict[str, Any]:
+def system_spec(base: dict[str, Any], system: str, budget: int, prefetch_accuracy: float = 0.85) -> dict[str, Any]:
+    """What `system` runs with at a device budget of `budget` bytes (base: the run's common spec)."""
+    spec = dict(base, system=system, device_budget=budget)
+    if system == "naive":       # one layer's experts, no cache to speak of
+        spec.update(device_budget=base["shape"]["top_k"] * base["extent_bytes"], policy="lru")
+    elif system == "lru":
+        spec.update(policy="lru")
+    elif system == "best-no-prefetch":
+        spec.update(policy="next-use")
+    elif system == "best":
+        spec.update(policy="next-use", prefetch_accuracy=prefetch_accuracy)
+    return spec
+
+
+def run_child(spec: dict[str, Any], limit: Optional[int], tree: Optional[str] = None) -> dict[str, Any]:
     """Run one system in a child process, inside a fresh memory cgroup of `limit` bytes (page
-    cache included) when given. Returns its figures, or {"error": ...} (e.g. killed by the limit)."""
+    cache included) when given, with the moestream of source `tree` (default: this one; for
+    bench/compare_trees.py). Returns its figures, or {"error": ...} (e.g. killed by the limit)."""
     from .io import drop_page_cache
     drop_page_cache()
     cg = None
@@ -350,7 +365,8 @@ def run_child(spec: dict[str, Any], limit: Optional[int]) -> dict[str, Any]:
             (cg / "cgroup.procs").write_text(str(os.getpid()))
     try:
         p = subprocess.run([sys.executable, "-m", "moestream.bench.decode", "--child", str(spec_file)],
-                           capture_output=True, text=True, preexec_fn=enter)
+                           capture_output=True, text=True, preexec_fn=enter, cwd=tree,
+                           env=dict(os.environ, PYTHONPATH=str(Path(tree).resolve())) if tree else None)
         if p.returncode != 0:
             peak = int((cg / "memory.max_usage_in_bytes").read_text()) if cg is not None else 0
             if p.returncode == -9 and cg is not None and peak >= 0.95 * limit:
@@ -470,15 +486,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                 if system not in systems:
                     continue
                 limit = budget + allowance if cg_ok else None
-                spec = dict(base, system=system, device_budget=budget)
-                if system == "naive":
-                    spec.update(device_budget=shape["top_k"] * extent_bytes, policy="lru")
-                elif system == "lru":
-                    spec.update(policy="lru")
-                elif system == "best-no-prefetch":
-                    spec.update(policy="next-use")
-                elif system == "best":
-                    spec.update(policy="next-use", prefetch_accuracy=prefetch_accuracy)
+                spec = system_spec(base, system, budget, prefetch_accuracy)
                 res = run_child(spec, limit)
                 if system == "accelerate" and "error" in res and limit is not None:
                     # the closest configuration accelerate supports: the same offload without a limit
