@@ -254,12 +254,16 @@ class Store:
         with self._cv:
             self._check_open()
             self.l1.visit(layer)
+            queued = len(self._demand)
             for e in experts:
                 key = (layer, e)
                 region = self.reader.extent(*key)
-                self.stats_.add(requests=1)
                 out.append(self._fetch_locked(key, region))
-            self._cv.notify_all()
+            self.stats_.add(requests=len(experts))
+            if len(self._demand) != queued:
+                # only new demand reads concern the dispatcher: waking it for hits would cost
+                # every cached expert a thread switch
+                self._cv.notify_all()
         return out
 
     def note_routing(self, layer: int, experts: Iterable[int]) -> int:
