@@ -111,17 +111,10 @@ def main() -> None:
 def compare_systems(a: argparse.Namespace) -> None:
     import statistics
     from moestream.bench import decode as D
-    from moestream.formats import StoreReader
     work = Path(a.workdir) / "moestream-bench-decode"
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, store = D.build_store(work, a.layers, print)
-    with StoreReader(store) as r:
-        extents = list(r.index.extents.values())
-    expert_bytes = sum(x.decoded_length for x in extents)
+    base, expert_bytes = D.common_spec(work, a.layers)
     budget = expert_bytes // 4
-    trace = D.synthetic_trace(8 + 64 + 2, a.layers, experts=D.SHAPE["experts"], top_k=D.SHAPE["top_k"])
-    base = dict(store=str(store), checkpoint=str(ckpt), workdir=str(work), trace=trace.tolist(), tokens=64,
-                prompt_tokens=8, extent_bytes=max(x.padded_length for x in extents), accelerate_tokens=3, shape=D.SHAPE)
     limit = None if a.no_limit or not D.cgroup_available()[0] else budget + D.GiB
     rows: dict[tuple[str, str], list[float]] = {}
     for rnd in range(a.rounds):

@@ -46,6 +46,8 @@ MiB = 1 << 20
 
 #: Expert shapes of Qwen3-30B-A3B, with this many decoder layers (quick / full).
 SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4, head_dim=128, vocab=4096)
+#: accuracy of the simulated next-layer predictor behind `best` (published next-layer predictors)
+PREFETCH_ACCURACY = 0.85
 SYSTEMS = ("naive", "lru", "best-no-prefetch", "best", "accelerate")
 BOUNDS = ("inmemory", "resident")
 
@@ -192,13 +194,12 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     from ..compute.loader import load_model
     from ..compute.models.common import StreamingMoE
     opts: dict[str, Any] = dict(host_budget=0, device_budget=spec["device_budget"], policy=spec.get("policy", "next-use"))
-    if spec.get("prefetch_accuracy") is not None:
+    acc = spec.get("prefetch_accuracy")
+    if acc is not None:
         opts["prefetch_budget"] = top_k * spec["extent_bytes"]
-    opts.update(spec.get("store_options", {}))
     model = load_model(store_path, **opts)
     moes = [m for m in model.modules() if isinstance(m, StreamingMoE)]
     rng = random.Random(1)
-    acc = spec.get("prefetch_accuracy")
     for i, m in enumerate(moes):
         m.route = _forced_router(trace, i, clock, top_k)
         if acc is not None and i > 0:
@@ -326,7 +327,24 @@ def cgroup_available() -> tuple[bool, str]:
     return True, "cgroup v1 memory controller"
 
 
-def system_spec(base: dict[str, Any], system: str, budget: int, prefetch_accuracy: float = 0.85) -> dict[str, Any]:
+def common_spec(work: Path, layers: int, *, tokens: int = 64, prompt: int = 8, accelerate_tokens: int = 3,
+                shape: dict[str, int] = SHAPE, log=print) -> tuple[dict[str, Any], int]:
+    """The spec every system of one run shares (store built once in `work`, the routing trace),
+    and the store's decoded expert bytes."""
+    from ..formats.reader import StoreReader
+    ckpt, store = build_store(work, layers, log, shape)
+    with StoreReader(store) as r:
+        extents = list(r.index.extents.values())
+    trace = synthetic_trace(prompt + max(tokens, accelerate_tokens) + 2, layers, experts=shape["experts"],
+                            top_k=shape["top_k"])
+    base = dict(store=str(store), checkpoint=str(ckpt), workdir=str(work), trace=trace.tolist(), tokens=tokens,
+                prompt_tokens=prompt, extent_bytes=max(x.padded_length for x in extents),
+                accelerate_tokens=accelerate_tokens, shape=shape, extents=len(extents))
+    return base, sum(x.decoded_length for x in extents)
+
+
+def system_spec(base: dict[str, Any], system: str, budget: int,
+                prefetch_accuracy: float = PREFETCH_ACCURACY) -> dict[str, Any]:
     """What `system` runs with at a device budget of `budget` bytes (base: the run's common spec)."""
     spec = dict(base, system=system, device_budget=budget)
     if system == "naive":       # one layer's experts, no cache to speak of
@@ -429,7 +447,7 @@ def raw_read_bandwidth(store: Path, log) -> tuple[float, float]:
 
 def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets: Optional[list[float]] = None,
                  tokens: Optional[int] = None, layers: Optional[int] = None, accelerate_tokens: Optional[int] = None,
-                 allowance: int = GiB, prefetch_accuracy: float = 0.85, systems=SYSTEMS + BOUNDS,
+                 allowance: int = GiB, prefetch_accuracy: float = PREFETCH_ACCURACY, systems=SYSTEMS + BOUNDS,
                  shape: dict[str, int] = SHAPE, prompt: int = 8, repeat: int = 2, log=print) -> dict[str, Any]:
     """Run the decode benchmark; returns every figure as plain data."""
     work = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "moestream-bench-decode"
@@ -438,22 +456,15 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     tokens = tokens or 64
     budgets = budgets or ([0.25] if quick else [0.10, 0.25, 0.50])
     accelerate_tokens = accelerate_tokens or (3 if quick else 8)
-    ckpt, store = build_store(work, layers, log, shape)
-    from ..formats.reader import StoreReader
-    with StoreReader(store) as r:
-        extents = list(r.index.extents.values())
-    expert_bytes = sum(x.decoded_length for x in extents)
-    extent_bytes = max(x.padded_length for x in extents)
-    trace = synthetic_trace(prompt + max(tokens, accelerate_tokens) + 2, layers, experts=shape["experts"],
-                            top_k=shape["top_k"])
+    base, expert_bytes = common_spec(work, layers, tokens=tokens, prompt=prompt, accelerate_tokens=accelerate_tokens,
+                                     shape=shape, log=log)
+    store, extent_bytes, trace = Path(base["store"]), base["extent_bytes"], np.asarray(base["trace"])
     cg_ok, cg_why = cgroup_available()
     root = os.geteuid() == 0
-    log(f"store {store}: {expert_bytes / GiB:.2f} GiB of experts in {len(extents)} extents; "
+    log(f"store {store}: {expert_bytes / GiB:.2f} GiB of experts in {base['extents']} extents; "
         f"memory limits: {'cgroup v1' if cg_ok else 'NONE (' + cg_why + ')'}; page cache "
         f"{'dropped before each system' if root else 'NOT dropped (not root)'}")
     raw, fetch = raw_read_bandwidth(store, log)
-    base = dict(store=str(store), checkpoint=str(ckpt), workdir=str(work), trace=trace.tolist(), tokens=tokens,
-                prompt_tokens=prompt, extent_bytes=extent_bytes, accelerate_tokens=accelerate_tokens, shape=shape)
     results: list[dict[str, Any]] = []
     runs: dict[tuple[str, Optional[float]], list[dict[str, Any]]] = {}
 
