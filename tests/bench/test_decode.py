@@ -28,6 +28,11 @@ def test_bench_decode_runs_every_system(tmp_path):
     assert rows["naive"]["hits_l1"] <= rows["lru"]["hits_l1"]
     assert rows["naive"]["bytes_read"] == rows["naive"]["misses"] * d["model"]["extent_bytes"]
     assert rows["best"]["prefetch_issued"] > 0
+    # accelerate streams from its own offload folder: at half the expert bytes, one layer's
+    # experts fit the budget and the other's are read from disk at every forward
+    acc = rows["accelerate"]
+    assert acc["experts_on_disk"] == 1 and acc["device_map"]["disk"] == 1, acc
+    assert (tmp_path / "moestream-bench-decode" / "qwen3moe-2L-h64-e16.accelerate-offload" / "index.json").exists()
     for key in ("best_vs_naive", "best_vs_accelerate", "best_vs_io_ceiling", "resident_vs_inmemory",
                 "store_fetch_vs_raw"):
         assert d[key] is not None and d[key] > 0, key
