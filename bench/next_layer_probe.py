@@ -1,6 +1,8 @@
 """Next-layer prediction on the trained routing model: layer l+1's router applied to layer l's
 residual (what `--prefetch` uses) against a linear probe fitted on training text (ridge
-regression from that residual, normed by layer l+1's norm, to layer l+1's router logits).
+regression from that residual, normed by layer l+1's norm, to layer l+1's router logits), and
+the same two from the residual entering layer l+1 (after layer l's MoE, before layer l+1's
+attention: "pre-attention", with one attention block of lead time instead of one MoE block).
 Both are scored on held-out text: share of the router's real top-k that the top-k guess hits
 (precision = recall for top-k guesses), and precision/recall of guesses whose softmax
 probability reaches a threshold.
@@ -19,12 +21,16 @@ from moestream.compute.generation import load_tokenizer
 
 
 def collect(model, tok, texts, n_tokens):
-    """Per layer: the residual entering the MoE norm [N, H] and the router logits [N, E]."""
+    """Per layer: the residual entering the MoE norm [N, H], the router logits [N, E] and the
+    residual entering the layer [N, H]."""
     layers = range(len(model.layers))
     res: dict = {l: [] for l in layers}
     logits: dict = {l: [] for l in layers}
+    inp: dict = {l: [] for l in layers}
     hooks = []
     for l, layer in enumerate(model.layers):
+        hooks.append(layer.register_forward_pre_hook(
+            lambda mod, args, l=l: inp[l].append(args[0].reshape(-1, args[0].shape[-1]))))
         hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
             lambda mod, args, l=l: res[l].append(args[0].reshape(-1, args[0].shape[-1]))))
         hooks.append(layer.mlp.gate.register_forward_hook(lambda mod, args, out, l=l: logits[l].append(out)))
@@ -40,7 +46,8 @@ def collect(model, tok, texts, n_tokens):
                 break
     for h in hooks:
         h.remove()
-    return {l: torch.cat(res[l]).float() for l in layers}, {l: torch.cat(logits[l]).float() for l in layers}
+    cat = lambda d: {l: torch.cat(d[l]).float() for l in layers}
+    return cat(res), cat(logits), cat(inp)
 
 
 def score(guess_logits, real, k, thresholds=(0.1, 0.2)):
@@ -65,8 +72,8 @@ def main() -> None:
     model = load_model(store, device_budget="64MiB")
     try:
         tok = load_tokenizer(model)
-        res_tr, log_tr = collect(model, tok, train[::7], a.train_tokens)
-        res_te, log_te = collect(model, tok, test, a.test_tokens)
+        res_tr, log_tr, inp_tr = collect(model, tok, train[::7], a.train_tokens)
+        res_te, log_te, inp_te = collect(model, tok, test, a.test_tokens)
         k = model.cfg.top_k
         print(f"trained routing model; probe fitted on {len(res_tr[0])} training tokens, scored on {len(res_te[0])} "
               f"held-out tokens; top-{k}")
@@ -75,16 +82,18 @@ def main() -> None:
             for l in range(len(model.layers) - 1):
                 nxt = model.layers[l + 1]
                 norm = lambda h: nxt.post_attention_layernorm(h.to(nxt.post_attention_layernorm.weight.dtype)).float()
-                x_tr, x_te = norm(res_tr[l]), norm(res_te[l])
-                x_tr1 = torch.cat([x_tr, torch.ones(len(x_tr), 1)], 1)
-                x_te1 = torch.cat([x_te, torch.ones(len(x_te), 1)], 1)
-                w = torch.linalg.solve(x_tr1.T @ x_tr1 + a.ridge * torch.eye(x_tr1.shape[1]), x_tr1.T @ log_tr[l + 1])
                 real = log_te[l + 1].topk(k, -1).indices
-                for name, guess in (("next router", nxt.mlp.gate(x_te.to(nxt.mlp.gate.weight.dtype)).float()),
-                                    ("linear probe", x_te1 @ w)):
-                    s = score(guess, real, k)
-                    cells = " | ".join(f"{v[0]:.0%} / {v[1]:.0%}" for key, v in s.items() if key != "top_k_hit")
-                    print(f"| {l + 1} | {name} | {s['top_k_hit']:.0%} | {cells} |")
+                for where, x_tr, x_te in (("layer l's residual", norm(res_tr[l]), norm(res_te[l])),
+                                          ("pre-attention", norm(inp_tr[l + 1]), norm(inp_te[l + 1]))):
+                    x_tr1 = torch.cat([x_tr, torch.ones(len(x_tr), 1)], 1)
+                    x_te1 = torch.cat([x_te, torch.ones(len(x_te), 1)], 1)
+                    w = torch.linalg.solve(x_tr1.T @ x_tr1 + a.ridge * torch.eye(x_tr1.shape[1]),
+                                           x_tr1.T @ log_tr[l + 1])
+                    for name, guess in (("next router", nxt.mlp.gate(x_te.to(nxt.mlp.gate.weight.dtype)).float()),
+                                        ("linear probe", x_te1 @ w)):
+                        s = score(guess, real, k)
+                        cells = " | ".join(f"{v[0]:.0%} / {v[1]:.0%}" for key, v in s.items() if key != "top_k_hit")
+                        print(f"| {l + 1} | {name}, {where} | {s['top_k_hit']:.0%} | {cells} |")
     finally:
         model.store.close()
 
