@@ -1,6 +1,7 @@
 """Decode stall seconds with and without next-layer prefetch, in one sitting, on the trained
 routing model (moestream.bench.routing_model) reading held-out text (teacher-forced decode, so
-every run sees the same tokens). Runs alternate; medians of --repeat.
+every run sees the same tokens). Guesses come from the next layer's router, or from next-layer
+probes fitted on the training text (compute/predictor.py). Runs alternate; medians of --repeat.
 
     .venv/bin/python bench/predictor_prefetch.py [--budget 25%] [--tokens 300] [--repeat 3]"""
 from __future__ import annotations
@@ -14,14 +15,15 @@ import torch
 
 import moestream
 from moestream.bench import routing_model
-from moestream.bench.traces import held_out_texts
+from moestream.bench.traces import fit_text_probes, held_out_texts
 from moestream.compute import load_model
 from moestream.compute.generation import load_tokenizer
 from moestream.compute.models.common import KVCache
 
 
-def run(store: Path, ids: list[int], budget: int, prefetch: bool, threshold: float) -> dict:
-    model = load_model(store, device_budget=budget, host_budget=0, prefetch=prefetch, prefetch_threshold=threshold)
+def run(store: Path, ids: list[int], budget: int, prefetch: bool, threshold: float, predictor=None) -> dict:
+    model = load_model(store, device_budget=budget, host_budget=0, prefetch=prefetch, prefetch_threshold=threshold,
+                       predictor=predictor)
     try:
         cache = KVCache(model.cfg.num_layers, 1, model.cfg.num_kv_heads, len(ids), model.cfg.head_dim,
                         model.embed_tokens.weight.dtype, "cpu")
@@ -49,12 +51,14 @@ def main() -> None:
     with moestream.open(store, device_budget="64MiB") as s:
         ids = load_tokenizer(s).encode(held_out_texts(1)[0]).ids[:a.tokens]
     budget = int(total * float(a.budget.rstrip("%")) / 100)
-    systems = [("no prefetch", False, 0.0)] + [(f"prefetch, confidence >= {t}", True, float(t))
-                                              for t in a.thresholds.split(",")]
+    probes = fit_text_probes(store)
+    systems = [("no prefetch", False, 0.0, None)]
+    for guesser, pred in (("router", None), ("probes", probes)):
+        systems += [(f"prefetch ({guesser}), confidence >= {t}", True, float(t), pred) for t in a.thresholds.split(",")]
     runs: dict = {name: [] for name, *_ in systems}
     for _ in range(a.repeat):
-        for name, pf, thr in systems:
-            runs[name].append(run(store, ids, budget, pf, thr))
+        for name, pf, thr, pred in systems:
+            runs[name].append(run(store, ids, budget, pf, thr, pred))
     print(f"trained routing model, {len(ids)} held-out tokens teacher-forced, device budget {a.budget} of "
           f"{total / 2**20:.1f} MiB experts, CPU, page cache warm; medians of {a.repeat} alternating runs")
     keys = list(runs[systems[0][0]][0])

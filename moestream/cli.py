@@ -1,4 +1,4 @@
-"""`moestream convert|inspect|verify|generate|bench`. User mistakes end in one line on stderr
+"""`moestream convert|inspect|verify|generate|fit-predictor|profile|serve|bench`. User mistakes end in one line on stderr
 and a non-zero exit, never a traceback (set MOESTREAM_DEBUG=1 to see one)."""
 from __future__ import annotations
 
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefetch the next layer's likely experts (speculative; see README)")
     g.add_argument("--prefetch-threshold", type=float, default=0.0,
                    help="prefetch only guesses whose router probability reaches this (0-1; default 0: all)")
+    g.add_argument("--predictor", metavar="PROBES.npz",
+                   help="guess the next layer's experts with these probes (moestream fit-predictor), not its router")
     g.add_argument("--engine", default="auto", choices=["auto", "native", "transformers"],
                    help="native: moestream's own forward; transformers: transformers' model class with the "
                         "moestream experts implementation; auto (default): native where the family has one")
@@ -90,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     sv.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default 1024)")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+
+    fp = sub.add_parser("fit-predictor", help="fit next-layer probes (guesses for --prefetch) on text")
+    fp.add_argument("store")
+    fp.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to fit on")
+    fp.add_argument("--held-out", nargs="+", default=[], metavar="FILE", help="text files to score on (not fitted)")
+    fp.add_argument("--tokens", type=int, default=20000, help="tokens to fit on (default 20000)")
+    fp.add_argument("--ridge", type=float, default=1.0, help="L2 penalty of the regression (default 1.0)")
+    fp.add_argument("-o", "--output", required=True, metavar="PROBES.npz")
 
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
     pr.add_argument("traces", nargs="+", help="trace files (moestream generate --trace)")
@@ -184,7 +194,49 @@ def _generate(a: argparse.Namespace) -> int:
         raise UsageError(f"--trace {a.trace}: its directory does not exist")
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
-                  prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine)
+                  prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor)
+    return 0
+
+
+def _fit_predictor(a: argparse.Namespace) -> int:
+    from pathlib import Path
+    from tqdm import tqdm
+    from .compute.generation import load_tokenizer
+    from .compute.loader import load_model
+    from .compute.predictor import collect, fit_probes, score, token_batches
+    if a.tokens < 2:
+        raise UsageError("--tokens must be at least 2")
+    if not a.ridge >= 0:
+        raise UsageError("--ridge must be a non-negative number")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+        raise UsageError(f"--output {a.output}: its directory does not exist")
+
+    def read(files):
+        out = []
+        for f in files:
+            try:
+                out.append(Path(f).read_text(encoding="utf-8", errors="replace"))
+            except OSError as e:
+                raise UsageError(f"{f}: {e.strerror}") from None
+        return out
+    texts, held = read(a.text), read(a.held_out)
+    model = load_model(a.store)
+    try:
+        tok = load_tokenizer(model)
+        batches = token_batches(tok, texts, tokens=a.tokens)
+        if not batches:
+            raise UsageError(f"--text {' '.join(a.text)}: no tokens to fit on")
+        with tqdm(total=sum(b.numel() for b in batches), unit="tok", desc="fit-predictor") as bar:
+            probes = fit_probes(model, batches, a.ridge, progress=bar.update)
+        probes.save(a.output)
+        print(f"wrote {a.output}: probes for layers {sorted(probes.weights)}, fitted on {probes.meta['tokens']} tokens")
+        for name, data in (("fitting text", batches), ("held-out text", token_batches(tok, held, tokens=a.tokens))):
+            if data:
+                rows = score(model, probes, *collect(model, data))
+                print(f"top-{model.cfg.top_k} hit on the {name} (router guess -> probe): " +
+                      ", ".join(f"layer {k}: {r['router']:.0%} -> {r['probe']:.0%}" for k, r in rows.items()))
+    finally:
+        model.store.close()
     return 0
 
 
@@ -236,7 +288,7 @@ def _serve(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "profile": _profile, "serve": _serve, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
+COMMANDS = {"convert": _convert, "fit-predictor": _fit_predictor, "profile": _profile, "serve": _serve, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,6 +14,9 @@ Policies:
   least-stale         the layer sweep alone (SpecMD's Least-Stale, see storage/cache.py)
   next-use            the default: the sweep plus per-expert frequencies
   next-use+predict    next-use told the next-layer predictor's guesses (traces that recorded them)
+  frequency-oracle    offline: pins the experts the trace uses most (its own counts, as many as
+                      the slots less one layer's top-k), LRU for the rest. It knows how often each
+                      expert will be used, not when: the most a policy of frequencies can get
   belady              the offline optimum (evicts the expert used furthest in the future)"""
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from ..formats.trace import RoutingTrace
 from ..storage.cache import TierCache
 
 ONLINE = ("lru", "lfu", "pinned+lru", "least-stale", "next-use", "next-use+predict")
-POLICIES = ONLINE + ("belady",)
+OFFLINE = ("frequency-oracle", "belady")
+POLICIES = ONLINE + OFFLINE
 Request = tuple[int, list[int], Optional[list[int]]]
 
 
@@ -64,6 +68,15 @@ def simulate(requests: Sequence[Request], layers: Sequence[int], slots: int, pol
                 cache.pop(victim)
             cache.put(k, True, 1, tick=tick)
     return hits
+
+
+def most_used(requests: Sequence[Request], n: int) -> list[tuple[int, int]]:
+    """The `n` (layer, expert) keys the requests use most, most used first (ties: lowest key)."""
+    counts: dict = {}
+    for layer, chosen, _ in requests:
+        for e in chosen:
+            counts[(layer, e)] = counts.get((layer, e), 0) + 1
+    return sorted(counts, key=lambda k: (-counts[k], k))[:max(n, 0)]
 
 
 def belady(requests: Sequence[Request], slots: int) -> int:
@@ -130,13 +143,16 @@ def bench_cache(traces: Sequence[tuple[str, RoutingTrace]], capacities: Sequence
                 t0 = time.perf_counter()
                 if pol == "belady":
                     h = belady(requests, slots)
+                elif pol == "frequency-oracle":
+                    h = simulate(requests, trace.layers, slots, "pinned+lru",
+                                 pinned=most_used(requests, slots - trace.top_k))
                 else:
                     pinned = hot_experts(prof, cap / 2) if pol == "pinned+lru" else ()
                     h = simulate(requests, trace.layers, slots, pol, pinned=pinned)
                 rates[pol] = h / n if n else 0.0
                 if progress:
                     progress(f"{name}: {cap:.0%} {pol}: {rates[pol]:.1%} ({time.perf_counter() - t0:.1f} s)")
-            online = {p: r for p, r in rates.items() if p != "belady"}
+            online = {p: r for p, r in rates.items() if p not in OFFLINE}
             best = max(online, key=online.get) if online else None
             row["capacities"][f"{cap:.0%}"] = {"slots": slots, "hit_rate": rates, "best_online": best,
                                                "best_vs_belady_pp": 100 * (rates["belady"] - rates[best])

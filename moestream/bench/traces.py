@@ -86,15 +86,16 @@ def calibrate(profile: dict[str, Any], *, tokens: int = 300, seed: int = 0) -> d
 
 
 def record_text_trace(store: str | Path, texts: Sequence[str], *, tokens_per_text: int = 256,
-                      device_budget: str | int = "1GiB") -> RoutingTrace:
+                      device_budget: str | int = "1GiB", predictor=None) -> RoutingTrace:
     """The routing of the store's model reading `texts` token by token (teacher-forced decode:
-    one token per step, KV cache kept), with the next-layer predictor's guesses."""
+    one token per step, KV cache kept), with the next-layer predictor's guesses (its routers',
+    or those of `predictor`: next-layer probes, compute/predictor.py)."""
     import torch
     from ..compute.generation import load_tokenizer
     from ..compute.loader import load_model
     from ..compute.models.common import KVCache
     from ..compute.routing import RoutingRecorder
-    model = load_model(store, device_budget=device_budget, host_budget=0)
+    model = load_model(store, device_budget=device_budget, host_budget=0, predictor=predictor)
     try:
         tok = load_tokenizer(model)
         rec = RoutingRecorder(model.store.index.moe_layers, model.cfg.num_experts, model.cfg.top_k)
@@ -108,6 +109,21 @@ def record_text_trace(store: str | Path, texts: Sequence[str], *, tokens_per_tex
                     model(torch.tensor([[i]]), cache, pos)
         return rec.trace({"store": str(store), "source": "teacher-forced held-out text", "texts": len(texts),
                           "tokens_per_text": tokens_per_text})
+    finally:
+        model.store.close()
+
+
+def fit_text_probes(store: str | Path, tokens: int = 20000):
+    """Next-layer probes for the routing model, fitted on `tokens` tokens of its training text
+    (every 7th training file, none of the held-out ones)."""
+    from ..compute.generation import load_tokenizer
+    from ..compute.loader import load_model
+    from ..compute.predictor import fit_probes, token_batches
+    from .routing_model import TRAIN, corpus_text
+    train, _ = corpus_text(TRAIN["corpus_bytes"], TRAIN["held_out_files"])
+    model = load_model(store, device_budget="64MiB")
+    try:
+        return fit_probes(model, token_batches(load_tokenizer(model), train[::7], tokens=tokens))
     finally:
         model.store.close()
 

@@ -39,12 +39,14 @@ def load_tokenizer(model):
 def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: str = "cpu",
                   device_budget=None, host_budget=None, temperature: float = 0.0, seed: int = 0,
                   prefetch: bool = False, prefetch_threshold: float = 0.0, trace: Optional[str] = None,
-                  engine: str = "auto", out: TextIO = sys.stdout, err: TextIO = sys.stderr, **store_options) -> dict:
+                  engine: str = "auto", out: TextIO = sys.stdout, err: TextIO = sys.stderr,
+                  predictor: Optional[str] = None, **store_options) -> dict:
     """Generate from `prompt`, writing text to `out` as it is produced and the report to `err`.
     Returns the report as a dict. trace: a file to record the routing into (formats/trace.py).
     engine: "native" (moestream's own forward) or "transformers" (transformers' model class with
     the "moestream" experts implementation: integrations/transformers.py); same report. "auto":
-    native where moestream has a forward for the family, transformers otherwise."""
+    native where moestream has a forward for the family, transformers otherwise. predictor:
+    next-layer probes (moestream fit-predictor) for the guesses of --prefetch and --trace."""
     if engine not in ENGINES:
         raise UsageError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "auto":
@@ -52,8 +54,8 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         from .loader import FORWARDS
         with StoreReader(store) as r:
             engine = "native" if r.index.architecture in FORWARDS else "transformers"
-    if engine == "transformers" and (prefetch or trace is not None):
-        raise UsageError("--prefetch and --trace need the native engine")
+    if engine == "transformers" and (prefetch or trace is not None or predictor is not None):
+        raise UsageError("--prefetch, --predictor and --trace need the native engine")
     t_load = time.perf_counter()
     if engine == "transformers":
         from ..integrations.transformers import from_store
@@ -63,7 +65,8 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         bos, eos = model.config.bos_token_id, model.config.eos_token_id
     else:
         model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget,
-                           prefetch=prefetch, prefetch_threshold=prefetch_threshold, **store_options)
+                           prefetch=prefetch, prefetch_threshold=prefetch_threshold, predictor=predictor,
+                           **store_options)
         bos, eos = model.cfg.bos_token_id, model.cfg.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     try:

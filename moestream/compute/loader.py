@@ -13,6 +13,7 @@ from ..storage.store import Store, parse_device
 from .dequant import dequantize, store_dequant
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary
+from .predictor import NextLayerProbes
 
 #: The forward of each family (its facts: formats.families.FAMILIES).
 FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
@@ -20,7 +21,8 @@ FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, 
 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
-               prefetch: bool = False, prefetch_threshold: float = 0.0, **store_options) -> CausalLM:
+               prefetch: bool = False, prefetch_threshold: float = 0.0,
+               predictor: "str | os.PathLike | NextLayerProbes | None" = None, **store_options) -> CausalLM:
     """Open the store at `path` and build its model on `device`.
 
     Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
@@ -32,7 +34,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     the store's prefetch_budget), only experts whose router probability there reaches
     `prefetch_threshold` (0: every guess). Off by default: it cuts stall time, but the wrong guesses'
     reads, and on few cores the compute the hidden reads take back, cost more than it saves in
-    every run so far (`moestream bench decode`, bench/prefetch.py, README). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    every run so far (`moestream bench decode`, bench/prefetch.py, README). predictor: next-layer
+    probes (a file from `moestream fit-predictor`, or a NextLayerProbes) that make the guesses
+    instead of the routers (compute/predictor.py). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = parse_device(device)
     store_options.setdefault("dequantize", dequantize)
@@ -64,6 +68,10 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.prefetch_next_layer = prefetch
         model.prefetch_threshold = float(prefetch_threshold)
         model.dequant = store_dequant(store)
+        if predictor is not None:
+            given = isinstance(predictor, NextLayerProbes)
+            probes = predictor if given else NextLayerProbes.load(predictor)
+            model.use_probes(probes, "predictor" if given else f"{predictor}: does not fit {path}")
         return model.eval()
     except BaseException:
         store.close()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import moestream
-from moestream.bench.cache import ONLINE, belady, bench_cache, parse_capacities, simulate
+from moestream.bench.cache import ONLINE, belady, bench_cache, most_used, parse_capacities, simulate
 from moestream.bench.traces import synthetic_trace
 from moestream.errors import UsageError
 from moestream.formats.profile import build_profile, hot_experts
@@ -85,10 +85,23 @@ def test_bench_cache_reports_every_policy_and_the_gap_to_belady():
     assert list(caps) == ["10%", "50%"]
     for c in caps.values():
         rates = c["hit_rate"]
-        assert set(rates) == {"lru", "lfu", "pinned+lru", "least-stale", "next-use", "belady"}   # no guesses recorded
+        assert set(rates) == {"lru", "lfu", "pinned+lru", "least-stale", "next-use", "frequency-oracle",
+                              "belady"}   # no guesses recorded
         assert all(0 <= r <= rates["belady"] for r in rates.values())
+        # the best *online* policy: the frequency oracle is offline, like Belady
+        assert c["best_online"] not in ("frequency-oracle", "belady")
         assert c["best_vs_belady_pp"] == pytest.approx(100 * (rates["belady"] - max(
-            v for k, v in rates.items() if k != "belady")))
+            v for k, v in rates.items() if k not in ("belady", "frequency-oracle"))))
+
+
+def test_frequency_oracle_pins_the_most_used_experts():
+    # expert 0 of layer 0 is used every step, 1..5 once each: with 3 slots and top-1 the oracle
+    # pins 2 keys, the most used first, and gets every reuse of expert 0 after its first use
+    seq = [(0, [e], None) for e in (0, 1, 0, 2, 0, 3, 0, 4, 0, 5, 0, 1)]
+    assert most_used(seq, 2) == [(0, 0), (0, 1)]
+    assert most_used(seq, 0) == [] and most_used(seq, -1) == []
+    assert simulate(seq, [0], 3, "pinned+lru", pinned=most_used(seq, 2)) == 6 == belady(seq, 3)
+    assert simulate(seq, [0], 3, "lru") == 5          # LRU lets expert 1 go before its reuse
 
 
 def test_capacities_are_parsed_or_refused():

@@ -215,6 +215,9 @@ class StreamingMoE(nn.Module):
         #: (layer, experts) to prefetch once this layer's own reads are queued (set by
         #: DecoderLayer for its next-layer guesses; used by one forward, then cleared)
         self.prefetch_next: Optional[tuple[int, list[int]]] = None
+        #: a fitted next-layer probe [H + 1, E] float32 (compute/predictor.py) that replaces this
+        #: router in guess(): the router assumes the residual does not change in between
+        self.probe: Optional[torch.Tensor] = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)                          # [N, E]
@@ -224,9 +227,13 @@ class StreamingMoE(nn.Module):
         return weights.to(x.dtype), experts
 
     def guess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This router applied to an earlier layer's residual x [N, H]: its top-k experts
-        [N, A] and their router probabilities [N, A] (the next-layer predictor)."""
-        probs, experts = torch.topk(F.softmax(self.gate(x).float(), dim=-1), self.cfg.top_k, dim=-1)
+        """This router (or its fitted probe) applied to an earlier layer's residual x [N, H]: its
+        top-k experts [N, A] and their probabilities [N, A] (the next-layer predictor)."""
+        if self.probe is not None:
+            logits = torch.addmm(self.probe[-1], x.float(), self.probe[:-1])       # [N, E]
+        else:
+            logits = self.gate(x).float()                                        # [N, E]
+        probs, experts = torch.topk(F.softmax(logits, dim=-1), self.cfg.top_k, dim=-1)
         return experts, probs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -359,6 +366,16 @@ class CausalLM(nn.Module):
         #: ... only those whose router probability reaches this
         self.prefetch_threshold = 0.0
         self.recorder = None
+
+    def use_probes(self, probes, where: str = "next-layer probes") -> None:
+        """Guess each layer's experts with its fitted probe (a compute.predictor.NextLayerProbes)
+        instead of its router; None: back to the routers. FormatError if they do not fit."""
+        moe = {layer.mlp.layer: layer.mlp for layer in self.layers if isinstance(layer.mlp, StreamingMoE)}
+        if probes is not None:
+            probes.check(self.cfg.hidden_size, self.cfg.num_experts, moe, where)
+        for key, mlp in moe.items():
+            w = probes.weights.get(key) if probes is not None else None
+            mlp.probe = None if w is None else torch.from_numpy(w).to(self.embed_tokens.weight.device)
 
     def record_routing(self, recorder) -> None:
         """Record every MoE layer's routing and the next-layer predictor's guesses into

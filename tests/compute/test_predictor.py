@@ -1,0 +1,130 @@
+"""Next-layer probes: the regression, the file, the forward's use of them and the CLI."""
+import numpy as np
+import pytest
+import torch
+
+import moestream
+from moestream.cli import main
+from moestream.compute import load_model
+from moestream.compute.generation import load_tokenizer
+from moestream.compute.predictor import NextLayerProbes, collect, fit_probes, ridge, score, token_batches
+from moestream.compute.routing import RoutingRecorder
+from moestream.errors import FormatError, UsageError
+
+TEXT = ("Mixture-of-experts models route every token to a few experts; the rest of the weights "
+        "stay on the disk until a router asks for them. ") * 40
+
+
+@pytest.fixture(scope="module")
+def store(checkpoints, tmp_path_factory):
+    return moestream.convert(checkpoints["mixtral"], tmp_path_factory.mktemp("probes") / "s", progress=False)
+
+
+def test_ridge_recovers_a_linear_map_and_its_bias():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 8, generator=g)
+    w, b = torch.randn(8, 5, generator=g), torch.randn(5, generator=g)
+    fit = ridge(x, x @ w + b, 1e-9)
+    assert fit.shape == (9, 5) and fit.dtype == np.float32
+    np.testing.assert_allclose(fit[:-1], w.numpy(), atol=1e-4)
+    np.testing.assert_allclose(fit[-1], b.numpy(), atol=1e-4)
+    # the penalty shrinks the weights, never the bias
+    shrunk = ridge(x, x @ w + b, 1e6)
+    assert np.abs(shrunk[:-1]).max() < 0.05 and np.allclose(shrunk[-1], (x @ w + b).mean(0).numpy(), atol=0.2)
+
+
+def test_probes_fit_their_text_at_least_as_well_as_the_router(store):
+    model = load_model(store, device_budget="64MiB")
+    try:
+        batches = token_batches(load_tokenizer(model), [TEXT], tokens=600, length=100)
+        assert sum(b.numel() for b in batches) == 600 and all(b.shape[0] == 1 for b in batches)
+        probes = fit_probes(model, batches, penalty=1e-6)
+        inputs, logits = collect(model, batches)
+        moe = [layer.mlp.layer for layer in model.layers]
+        assert sorted(probes.weights) == moe[1:]                 # no probe for the first MoE layer
+        for key, x in inputs.items():
+            assert x.shape == (600, model.cfg.hidden_size) and logits[key].shape == (600, model.cfg.num_experts)
+            gate = model.layers[moe.index(key)].mlp.gate
+            w = torch.from_numpy(probes.weights[key])
+            with torch.no_grad():
+                router_err = (gate(x.to(gate.weight.dtype)).float() - logits[key]).pow(2).mean()
+            probe_err = (torch.addmm(w[-1], x, w[:-1]) - logits[key]).pow(2).mean()
+            # the router's guess is one linear map of the same input: least squares does no worse
+            assert probe_err <= router_err * 1.001 + 1e-6, (key, probe_err, router_err)
+        rows = score(model, probes, inputs, logits)
+        assert all(0 <= r["router"] <= 1 and 0 <= r["probe"] <= 1 for r in rows.values())
+        assert probes.meta == {"tokens": 600, "ridge": 1e-6}
+    finally:
+        model.store.close()
+
+
+def test_probes_file_round_trip_and_errors(tmp_path):
+    w = {1: np.arange(5 * 3, dtype=np.float32).reshape(5, 3)}
+    p = NextLayerProbes(4, 3, w, {"tokens": 10})
+    p.save(tmp_path / "p.npz")
+    q = NextLayerProbes.load(tmp_path / "p.npz")
+    assert (q.hidden_size, q.num_experts, q.meta["tokens"]) == (4, 3, 10)
+    np.testing.assert_array_equal(q.weights[1], w[1])
+    assert not (tmp_path / "p.npz.partial").exists()
+    with pytest.raises(ValueError, match="expected float32"):
+        NextLayerProbes(4, 3, {1: np.zeros((4, 3), np.float32)})
+    (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
+    with pytest.raises(FormatError, match="junk.npz: not a next-layer probes file"):
+        NextLayerProbes.load(tmp_path / "junk.npz")
+    np.savez(tmp_path / "other.npz", meta=np.array('{"format": "something else"}'))
+    with pytest.raises(FormatError, match="other.npz: not a next-layer probes file"):
+        NextLayerProbes.load(tmp_path / "other.npz")
+    with pytest.raises(UsageError, match="missing.npz: no such probes file"):
+        NextLayerProbes.load(tmp_path / "missing.npz")
+    with pytest.raises(FormatError, match="hidden size 4 and 3 experts, the model has 8 and 3"):
+        q.check(8, 3, [0, 1], "here")
+    with pytest.raises(FormatError, match=r"layers \[1\], which are not MoE layers"):
+        q.check(4, 3, [0, 2], "here")
+
+
+def test_the_forward_guesses_with_the_probes(store, tmp_path):
+    model = load_model(store, device_budget="64MiB")
+    try:
+        cfg, layers = model.cfg, [layer.mlp.layer for layer in model.layers]
+        favourite = [3, 5][:cfg.top_k]
+        w = np.zeros((cfg.hidden_size + 1, cfg.num_experts), np.float32)
+        w[-1, favourite] = 50.0                                   # a bias no input can outvote
+        model.use_probes(NextLayerProbes(cfg.hidden_size, cfg.num_experts, {layers[1]: w}))
+
+        def guesses():
+            rec = RoutingRecorder(model.store.index.moe_layers, cfg.num_experts, cfg.top_k)
+            model.record_routing(rec)
+            with torch.no_grad():
+                model(torch.tensor([[1, 17, 33, 5, 90, 7]]))
+            model.record_routing(None)
+            return rec.trace()
+        t = guesses()
+        assert (np.sort(t.predicted[:, 1], -1) == sorted(favourite)).all()
+        assert (t.confidence[:, 1] > 0.99 / cfg.top_k).all()
+        model.use_probes(None)                                    # back to the router's guess
+        assert not (np.sort(guesses().predicted[:, 1], -1) == sorted(favourite)).all()
+        with pytest.raises(FormatError, match="the model has"):
+            model.use_probes(NextLayerProbes(cfg.hidden_size + 1, cfg.num_experts,
+                                             {layers[1]: np.zeros((cfg.hidden_size + 2, cfg.num_experts), np.float32)}))
+    finally:
+        model.store.close()
+
+
+def test_cli_fits_probes_and_generate_uses_them(store, tmp_path, capsys):
+    (tmp_path / "fit.txt").write_text(TEXT)
+    (tmp_path / "held.txt").write_text(TEXT[::-1])
+    out = tmp_path / "probes.npz"
+    assert main(["fit-predictor", str(store), "--text", str(tmp_path / "fit.txt"), "--held-out",
+                 str(tmp_path / "held.txt"), "--tokens", "300", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text and "fitted on 300 tokens" in text
+    assert "on the fitting text (router guess -> probe): layer 1:" in text and "on the held-out text" in text
+    assert NextLayerProbes.load(out).meta["tokens"] == 300
+    assert main(["generate", str(store), "--prompt", "Experts", "--max-new-tokens", "3", "--prefetch",
+                 "--predictor", str(out), "--trace", str(tmp_path / "t.npz")]) == 0
+    capsys.readouterr()
+    # user mistakes: one line, no traceback
+    assert main(["fit-predictor", str(store), "--text", str(tmp_path / "nope.txt"), "-o", str(out)]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    assert main(["generate", str(store), "--prompt", "x", "--predictor", str(tmp_path / "held.txt")]) == 1
+    assert "held.txt: not a next-layer probes file" in capsys.readouterr().err
