@@ -18,6 +18,7 @@ from moestream.bench import routing_model
 from moestream.bench.routing_model import TRAIN, corpus_text
 from moestream.compute import load_model
 from moestream.compute.generation import load_tokenizer
+from moestream.compute.predictor import ridge, top_k_hit
 
 
 def collect(model, tok, texts, n_tokens):
@@ -50,9 +51,9 @@ def collect(model, tok, texts, n_tokens):
     return cat(res), cat(logits), cat(inp)
 
 
-def score(guess_logits, real, k, thresholds=(0.1, 0.2)):
-    top = guess_logits.topk(k, -1).indices
-    out = {"top_k_hit": (top[:, :, None] == real[:, None, :]).any(-1).float().mean().item()}
+def score(guess_logits, real_logits, k, thresholds=(0.1, 0.2)):
+    real = real_logits.topk(k, -1).indices
+    out = {"top_k_hit": top_k_hit(guess_logits, real_logits, k)}
     p = guess_logits.softmax(-1).topk(k, -1)
     for thr in thresholds:
         ok = p.values >= thr
@@ -82,16 +83,12 @@ def main() -> None:
             for l in range(len(model.layers) - 1):
                 nxt = model.layers[l + 1]
                 norm = lambda h: nxt.post_attention_layernorm(h.to(nxt.post_attention_layernorm.weight.dtype)).float()
-                real = log_te[l + 1].topk(k, -1).indices
                 for where, x_tr, x_te in (("layer l's residual", norm(res_tr[l]), norm(res_te[l])),
                                           ("pre-attention", norm(inp_tr[l + 1]), norm(inp_te[l + 1]))):
-                    x_tr1 = torch.cat([x_tr, torch.ones(len(x_tr), 1)], 1)
-                    x_te1 = torch.cat([x_te, torch.ones(len(x_te), 1)], 1)
-                    w = torch.linalg.solve(x_tr1.T @ x_tr1 + a.ridge * torch.eye(x_tr1.shape[1]),
-                                           x_tr1.T @ log_tr[l + 1])
+                    w = torch.from_numpy(ridge(x_tr, log_tr[l + 1], a.ridge))   # the fit of fit-predictor
                     for name, guess in (("next router", nxt.mlp.gate(x_te.to(nxt.mlp.gate.weight.dtype)).float()),
-                                        ("linear probe", x_te1 @ w)):
-                        s = score(guess, real, k)
+                                        ("linear probe", torch.addmm(w[-1], x_te, w[:-1]))):
+                        s = score(guess, log_te[l + 1], k)
                         cells = " | ".join(f"{v[0]:.0%} / {v[1]:.0%}" for key, v in s.items() if key != "top_k_hit")
                         print(f"| {l + 1} | {name}, {where} | {s['top_k_hit']:.0%} | {cells} |")
     finally:
