@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import FormatError, UsageError
+from ..formats.npz import save_npz_atomic
 
 FORMAT = "moestream-next-layer-probes/1"
 
@@ -44,13 +45,9 @@ class NextLayerProbes:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the probes to `path` (.npz), atomically: a crash leaves the old file or none."""
-        tmp = f"{os.fspath(path)}.partial"
         meta = dict(self.meta, format=FORMAT, hidden_size=self.hidden_size, num_experts=self.num_experts)
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **{f"layer_{l}": w for l, w in self.weights.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_npz_atomic(path, {"meta": np.array(json.dumps(meta)),
+                               **{f"layer_{l}": w for l, w in self.weights.items()}})
 
     @staticmethod
     def load(path: str | os.PathLike) -> "NextLayerProbes":

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from ..errors import FormatError
+from .npz import save_npz_atomic
 
 TRACE_FORMAT = "moestream-trace-1"
 
@@ -104,12 +105,7 @@ class RoutingTrace:
             arrays["predicted"] = self.predicted.astype(np.int16)
         if self.confidence is not None:
             arrays["confidence"] = self.confidence.astype(np.float16)
-        tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        save_npz_atomic(path, arrays, compressed=True)
 
     @staticmethod
     def load(path: str | os.PathLike) -> "RoutingTrace":
