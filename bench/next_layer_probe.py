@@ -18,7 +18,7 @@ from moestream.bench import routing_model
 from moestream.bench.routing_model import TRAIN, corpus_text
 from moestream.compute import load_model
 from moestream.compute.generation import load_tokenizer
-from moestream.compute.predictor import ridge, top_k_hit
+from moestream.compute.predictor import probe_logits, ridge, top_k_hit
 
 
 def collect(model, tok, texts, n_tokens):
@@ -87,7 +87,7 @@ def main() -> None:
                                           ("pre-attention", norm(inp_tr[l + 1]), norm(inp_te[l + 1]))):
                     w = torch.from_numpy(ridge(x_tr, log_tr[l + 1], a.ridge))   # the fit of fit-predictor
                     for name, guess in (("next router", nxt.mlp.gate(x_te.to(nxt.mlp.gate.weight.dtype)).float()),
-                                        ("linear probe", torch.addmm(w[-1], x_te, w[:-1]))):
+                                        ("linear probe", probe_logits(w, x_te))):
                         s = score(guess, log_te[l + 1], k)
                         cells = " | ".join(f"{v[0]:.0%} / {v[1]:.0%}" for key, v in s.items() if key != "top_k_hit")
                         print(f"| {l + 1} | {name}, {where} | {s['top_k_hit']:.0%} | {cells} |")

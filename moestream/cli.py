@@ -203,7 +203,7 @@ def _fit_predictor(a: argparse.Namespace) -> int:
     from tqdm import tqdm
     from .compute.generation import load_tokenizer
     from .compute.loader import load_model
-    from .compute.predictor import collect, fit_probes, score, token_batches
+    from .compute.predictor import collect, probes_from, score, token_batches
     if a.tokens < 2:
         raise UsageError("--tokens must be at least 2")
     if not a.ridge >= 0:
@@ -227,12 +227,15 @@ def _fit_predictor(a: argparse.Namespace) -> int:
         if not batches:
             raise UsageError(f"--text {' '.join(a.text)}: no tokens to fit on")
         with tqdm(total=sum(b.numel() for b in batches), unit="tok", desc="fit-predictor") as bar:
-            probes = fit_probes(model, batches, a.ridge, progress=bar.update)
+            fitted_on = collect(model, batches, progress=bar.update)
+        probes = probes_from(model, *fitted_on, a.ridge)
         probes.save(a.output)
         print(f"wrote {a.output}: probes for layers {sorted(probes.weights)}, fitted on {probes.meta['tokens']} tokens")
-        for name, data in (("fitting text", batches), ("held-out text", token_batches(tok, held, tokens=a.tokens))):
+        held_batches = token_batches(tok, held, tokens=a.tokens)
+        held_out = collect(model, held_batches) if held_batches else None
+        for name, data in (("fitting text", fitted_on), ("held-out text", held_out)):
             if data:
-                rows = score(model, probes, *collect(model, data))
+                rows = score(model, probes, *data)
                 print(f"top-{model.cfg.top_k} hit on the {name} (router guess -> probe): " +
                       ", ".join(f"layer {k}: {r['router']:.0%} -> {r['probe']:.0%}" for k, r in rows.items()))
     finally:

@@ -315,7 +315,7 @@ def accelerate_device_map(model, budget: int) -> dict[str, str]:
         if name in experts:
             device_map[name] = "cpu" if experts[name] <= left else "disk"
             left -= experts[name] if experts[name] <= left else 0
-        elif not any(n.split(".")[-1] == "experts" for n, _ in module.named_modules()):
+        elif not any(k.startswith(name + ".") for k in experts):
             device_map[name] = "cpu"     # a module with no experts inside
     return device_map
 

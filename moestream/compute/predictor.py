@@ -87,6 +87,11 @@ def ridge(x: torch.Tensor, y: torch.Tensor, penalty: float) -> np.ndarray:
     return torch.linalg.solve(x.T @ x + reg, x.T @ y.double()).float().numpy()
 
 
+def probe_logits(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A probe w [H + 1, E] (last row: bias) applied to inputs x [N, H]: logits [N, E], float32."""
+    return torch.addmm(w[-1], x.float(), w[:-1])
+
+
 def top_k_hit(guess_logits: torch.Tensor, real_logits: torch.Tensor, k: int) -> float:
     """Share of the real top-k [N, k] that the guess's top-k hits: precision = recall for top-k
     guesses against top-k choices."""
@@ -99,8 +104,7 @@ def score(model, probes: Optional["NextLayerProbes"], inputs: dict[int, torch.Te
           logits: dict[int, torch.Tensor]) -> dict[int, dict[str, float]]:
     """Per predicted layer: the top-k hit of its router's guess and of its probe (when there is
     one) on collected inputs/logits."""
-    from .models.common import StreamingMoE
-    routers = {layer.mlp.layer: layer.mlp.gate for layer in model.layers if isinstance(layer.mlp, StreamingMoE)}
+    routers = {key: mlp.gate for key, mlp in model.moe_layers().items()}
     k = model.cfg.top_k
     out = {}
     with torch.no_grad():
@@ -108,8 +112,7 @@ def score(model, probes: Optional["NextLayerProbes"], inputs: dict[int, torch.Te
             gate = routers[key]
             row = {"router": top_k_hit(gate(x.to(gate.weight.dtype)).float(), logits[key], k)}
             if probes is not None and key in probes.weights:
-                w = torch.from_numpy(probes.weights[key])
-                row["probe"] = top_k_hit(torch.addmm(w[-1], x.float(), w[:-1]), logits[key], k)
+                row["probe"] = top_k_hit(probe_logits(torch.from_numpy(probes.weights[key]), x), logits[key], k)
             out[key] = row
     return out
 
@@ -156,7 +159,12 @@ def collect(model, batches: Iterable[torch.Tensor], progress=None) -> tuple[dict
 
 def fit_probes(model, batches: Iterable[torch.Tensor], penalty: float = 1.0, progress=None) -> NextLayerProbes:
     """Probes for every MoE layer that has one before it, fitted on `batches` of token ids."""
-    inputs, logits = collect(model, batches, progress)
+    return probes_from(model, *collect(model, batches, progress), penalty)
+
+
+def probes_from(model, inputs: dict[int, torch.Tensor], logits: dict[int, torch.Tensor],
+                penalty: float = 1.0) -> NextLayerProbes:
+    """Probes fitted on what `collect` returned (so the same activations can also be scored)."""
     weights = {k: ridge(inputs[k], logits[k], penalty) for k in inputs}
     n = len(next(iter(inputs.values())))
     return NextLayerProbes(model.cfg.hidden_size, model.cfg.num_experts, weights,

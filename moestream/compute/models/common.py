@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import MoestreamError, UsageError
+from ..predictor import probe_logits
 from ..threads import COMPUTE_THREADS
 
 
@@ -230,7 +231,7 @@ class StreamingMoE(nn.Module):
         """This router (or its fitted probe) applied to an earlier layer's residual x [N, H]: its
         top-k experts [N, A] and their probabilities [N, A] (the next-layer predictor)."""
         if self.probe is not None:
-            logits = torch.addmm(self.probe[-1], x.float(), self.probe[:-1])       # [N, E]
+            logits = probe_logits(self.probe, x)                                  # [N, E]
         else:
             logits = self.gate(x).float()                                        # [N, E]
         probs, experts = torch.topk(F.softmax(logits, dim=-1), self.cfg.top_k, dim=-1)
@@ -367,10 +368,14 @@ class CausalLM(nn.Module):
         self.prefetch_threshold = 0.0
         self.recorder = None
 
+    def moe_layers(self) -> dict[int, "StreamingMoE"]:
+        """The streaming MoE blocks by their store layer id (dense-MLP layers left out)."""
+        return {layer.mlp.layer: layer.mlp for layer in self.layers if isinstance(layer.mlp, StreamingMoE)}
+
     def use_probes(self, probes, where: str = "next-layer probes") -> None:
         """Guess each layer's experts with its fitted probe (a compute.predictor.NextLayerProbes)
         instead of its router; None: back to the routers. FormatError if they do not fit."""
-        moe = {layer.mlp.layer: layer.mlp for layer in self.layers if isinstance(layer.mlp, StreamingMoE)}
+        moe = self.moe_layers()
         if probes is not None:
             probes.check(self.cfg.hidden_size, self.cfg.num_experts, moe, where)
         for key, mlp in moe.items():
