@@ -146,13 +146,28 @@ def dequantize_np(buf: bytes, numel: int, quant: str, group_size: int) -> np.nda
 
 # ---- byte shuffle ----------------------------------------------------------------------------
 
+# One strided assignment per byte plane: numpy's general transpose copy of a [N, itemsize] uint8
+# array runs 6-8x slower (measured 158 -> 28 us for 64 KiB of bf16), and unshuffle is on the
+# decode path of every shuffled extent.
 def shuffle(buf: np.ndarray, itemsize: int) -> np.ndarray:
     """Byte-shuffle: all first bytes of each element, then all second bytes, ... (uint8 in/out)."""
-    return np.ascontiguousarray(buf.reshape(-1, itemsize).T).reshape(-1)
+    elems = buf.reshape(-1, itemsize)
+    out = np.empty(buf.size, np.uint8)
+    planes = out.reshape(itemsize, -1)
+    for i in range(itemsize):
+        planes[i] = elems[:, i]
+    return out
 
 
-def unshuffle(buf: np.ndarray, itemsize: int) -> np.ndarray:
-    return np.ascontiguousarray(buf.reshape(itemsize, -1).T).reshape(-1)
+def unshuffle(buf: np.ndarray, itemsize: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Undo `shuffle`: uint8 in, uint8 out (written into `out`, same size, when given)."""
+    if out is None:
+        out = np.empty(buf.size, np.uint8)
+    planes = buf.reshape(itemsize, -1)
+    elems = out.reshape(-1, itemsize)
+    for i in range(itemsize):
+        elems[:, i] = planes[i]
+    return out
 
 
 # ---- encoding of a region --------------------------------------------------------------------
@@ -320,8 +335,13 @@ def unpack_payload(region: Region, stored: bytes | memoryview | np.ndarray, *, p
                               path=path, offset=region.offset, extent=extent)
     arr = np.frombuffer(data, dtype=np.uint8)
     if region.has(STAGE_SHUFFLE):
-        arr = np.concatenate([unshuffle(arr[t.offset:t.offset + t.length], DTYPE_ITEMSIZE[t.dtype])
-                              for t in region.tensors]) if region.tensors else arr
+        if region.tensors:   # the tensors tile the payload, each shuffled on its own
+            whole = np.empty(sum(t.length for t in region.tensors), np.uint8)
+            pos = 0
+            for t in region.tensors:
+                unshuffle(arr[t.offset:t.offset + t.length], DTYPE_ITEMSIZE[t.dtype], out=whole[pos:pos + t.length])
+                pos += t.length
+            arr = whole
     return arr
 
 

@@ -178,3 +178,17 @@ def test_a_tokenizer_that_is_not_json_is_one_line(lossless, tmp_path):
     p = run_cli("generate", store, "--prompt", "hi", "--max-new-tokens", "2")
     assert p.returncode == 1 and "the carried tokenizer.json cannot be loaded" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_loading_and_decoding_do_not_import_torch_dynamo(lossless):
+    # building the model on the meta device must not run init or arange there: either imports
+    # torch._dynamo, 1.5 s of every start-up on the development machine
+    code = ("import sys, torch\n"
+            "from moestream.compute import load_model\n"
+            f"m = load_model({str(lossless['mixtral'])!r}, device_budget='64MiB')\n"
+            "m.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)\n"
+            "m.store.close()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"

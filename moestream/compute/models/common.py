@@ -79,7 +79,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [D/2] and the attention scaling factor for the config's rope type."""
     d = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    # on the CPU even while the model is built on the meta device: these are config, not weights,
+    # and arange on meta imports torch._dynamo (1.5 s of every start-up, measured)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
     rope_type = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type", "default"))
     if rope_type == "default":
         return inv.float(), 1.0
@@ -94,7 +96,7 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
             return d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
         low = max(math.floor(dim_for(beta_fast)), 0)
         high = min(math.ceil(dim_for(beta_slow)), d - 1)
-        ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        ramp = ((torch.arange(d // 2, dtype=torch.float64, device="cpu") - low) / max(high - low, 1e-3)).clamp(0, 1)
         extrapolation = 1 - ramp
         inv = (inv / factor) * (1 - extrapolation) + inv * extrapolation
         mscale = cfg.rope_scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
@@ -357,7 +359,10 @@ class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: list[DecoderLayer], store):
         super().__init__()
         self.cfg, self.store = cfg, store
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight skips the random init, whose normal_ on the meta device imports torch._dynamo
+        # (1.5 s of every start-up); the loader assigns the real weights anyway
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
+                                         _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
