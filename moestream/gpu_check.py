@@ -5,7 +5,9 @@
 2. the Numba CUDA dequant kernels against the Numba CPU kernels on random inputs, and their
    throughput against a device-to-device copy of the output size;
 3. the streaming forward with device="cuda": logits and greedy tokens against transformers
-   for each family, then decode tokens/s on a synthetic model larger than its device budget.
+   for each family; plain, int8 and int4 stores against the CPU forward of the same store
+   (the Store's CUDA decode streams); then decode tokens/s on a synthetic model larger than
+   its device budget.
 
 Prints a table and writes every figure to $OUT/gpu_check.json (or ./gpu_check.json)."""
 from __future__ import annotations
@@ -153,6 +155,52 @@ def forward_check(work: Path):
     return rows
 
 
+@section("forward on cuda vs on cpu: plain, int8 and int4 stores, prefetch on, kvikio into device memory")
+def store_paths_check(work: Path):
+    """The CUDA decode path (pinned slab -> device on the Store's own streams, Numba dequant on
+    those streams, event waits) against the CPU forward of the same store: plain extents come
+    straight from a pinned slab that is reused as soon as the copy's event completes, so a
+    missing wait shows as wrong logits here. Prefetch on, so decode threads run beside compute.
+    With kvikio, the plain store also runs with io="kvikio", verify=False: extents read straight
+    into device memory and used in place."""
+    import moestream
+    from moestream.compute import load_model
+    from moestream.demo import build_checkpoint
+    from moestream.storage.backends import kvikio_usable
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ck = build_checkpoint("mixtral", work / "ck_paths", seed=11, with_tokenizer=False)
+    rows = []
+    for quant, zstd in (("keep", None), ("int8", 3), ("int4", None)):   # keep: plain fp32 extents
+        store = moestream.convert(ck, work / f"paths_{quant}_{zstd}", quant=quant,
+                                  zstd_level=zstd, delta=False, progress=False)
+        ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+        runs = [("cpu", {}), ("cuda", {})]
+        if quant == "keep" and kvikio_usable()[0]:   # plain extents straight into device memory
+            runs.append(("cuda", {"io": "kvikio", "verify": False}))
+        logits = []
+        for dev, options in runs:
+            model = load_model(store, device=dev, dtype=torch.float32, device_budget=3 * 3 * 64 * 96 * 4,
+                               host_budget=0, prefetch=True, **options)
+            with torch.no_grad():
+                got = model(ids.to(dev))
+                got = torch.stack([got] + [model(ids.to(dev)) for _ in range(2)])   # misses, then reuse
+            logits.append(got.cpu())
+            st = model.store.stats()
+            model.store.close()
+            if dev == "cpu":
+                continue
+            diff = (logits[0] - logits[-1]).abs().max().item()
+            rows.append({"store": quant, "zstd": zstd, **options, "max_abs_logit_diff_vs_cpu": diff,
+                         "misses": st["misses"], "device_reads": st["device_reads"], "backend": st["backend"]})
+            print(f"   {quant} zstd={zstd} io={st['backend']}: max |cuda - cpu| {diff:.2e}, expert reads "
+                  f"{st['misses']}, straight into device memory {st['device_reads']}")
+            if diff > 1e-4:
+                raise AssertionError(f"{quant} store, {options or 'defaults'}: the cuda forward differs from the cpu one")
+            if options and not st["device_reads"]:
+                raise AssertionError("io='kvikio', verify=False: no extent was read straight into device memory")
+    return rows
+
+
 @section("decode tokens/s on cuda, synthetic model larger than the device budget")
 def decode_speed(work: Path, size: int):
     import moestream
@@ -201,6 +249,7 @@ def main() -> int:
         environment()
         dequant_check()
         forward_check(work)
+        store_paths_check(work)
         decode_speed(work, model_size)
         io_check(work, io_size)
     finally:

@@ -142,18 +142,33 @@ def _cuda():
 
 
 def dequantize_cuda_arrays(codes, scales, mins, base, out, numel: int, group_size: int, quant: str,
-                           threads: int = 256) -> None:
+                           threads: int = 256, stream=0) -> None:
     """CUDA twin of dequantize_cpu_arrays: `codes` uint8, `scales`/`mins` float32 (one per
     group), `base` float32 or None, `out` float32; CUDA device arrays (anything with
-    __cuda_array_interface__, or numpy arrays under the simulator)."""
+    __cuda_array_interface__, or numpy arrays under the simulator). The kernel is queued on
+    `stream` (a Numba stream; 0: the default stream) and not waited for."""
     int8_kernel, int4_kernel = _cuda()
     work = numel if quant == "int8" else (numel + 1) // 2
     blocks = max(1, min(65535, (work + threads - 1) // threads))
     dummy = base if base is not None else out
     if quant == "int8":
-        int8_kernel[blocks, threads](codes, scales, dummy, out, numel, group_size, base is not None)
+        int8_kernel[blocks, threads, stream](codes, scales, dummy, out, numel, group_size, base is not None)
     else:
-        int4_kernel[blocks, threads](codes, scales, mins, dummy, out, numel, group_size, base is not None)
+        int4_kernel[blocks, threads, stream](codes, scales, mins, dummy, out, numel, group_size, base is not None)
+
+
+def _numba_stream(stream: torch.cuda.Stream):
+    """torch's stream as a Numba stream, so that a kernel queues behind the torch work that made
+    its inputs (the host-to-device copy of the codes) with no host-side wait."""
+    handle = stream.cuda_stream
+    return cuda.external_stream(handle) if handle else 0   # 0: the legacy default stream, for both
+
+
+def _device_array(t: torch.Tensor):
+    # sync=False: by default Numba synchronizes the stream a tensor's __cuda_array_interface__
+    # names (the caller's current stream) for every array it wraps, a host-side wait per plane
+    # on whatever the caller has queued; the kernel runs on that same stream instead
+    return cuda.as_cuda_array(t, sync=False)
 
 
 _CUDA_STATUS: Optional[tuple[bool, str]] = None
@@ -239,10 +254,10 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.T
         sf = view_f16(scales).float()
         mf = view_f16(mins).float() if mins is not None else None
         with torch.cuda.device(dev):
-            dequantize_cuda_arrays(cuda.as_cuda_array(codes.contiguous()), cuda.as_cuda_array(sf),
-                                   cuda.as_cuda_array(mf) if mf is not None else None,
-                                   cuda.as_cuda_array(b) if b is not None else None, cuda.as_cuda_array(res),
-                                   numel, group_size, quant)
+            dequantize_cuda_arrays(_device_array(codes.contiguous()), _device_array(sf),
+                                   _device_array(mf) if mf is not None else None,
+                                   _device_array(b) if b is not None else None, _device_array(res),
+                                   numel, group_size, quant, stream=_numba_stream(torch.cuda.current_stream(dev)))
         return out.view(-1).copy_(res) if out is not None else res.to(out_dtype)
     # a device without a working Numba kernel: the plain-torch reference runs anywhere torch
     # does; said once as a warning and in dequant_backend() (load_model reports it)

@@ -347,7 +347,7 @@ def unpack_payload(region: Region, stored: bytes | memoryview | np.ndarray, *, p
 
 def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Optional[dict[str, torch.Tensor]] = None,
                 *, dequantize: Dequantizer = dequantize_torch, device: torch.device | str = "cpu",
-                out: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+                out: Optional[torch.Tensor] = None, alias: bool = False) -> dict[str, torch.Tensor]:
     """Turn a decoded payload into named tensors on `device`: raw planes are reinterpreted
     (XOR-ed with the base where the chain says so); quantized planes go to `device` as codes and
     are dequantized there to bf16 (plus the base for delta extents). `payload` is only read.
@@ -355,7 +355,14 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
     Without `out`, returned tensors are new allocations owned by the caller. With `out` (uint8,
     on `device`, at least `region.decoded_length` bytes), the tensors are written into it, packed
     in index order, and returned as views of it: one copy (raw) or one dequant pass (int) from
-    the payload, no allocation."""
+    the payload, no allocation.
+
+    With `alias`, raw planes already on `device` (and not delta-coded) are returned as views of
+    `payload`, which the caller hands over (a buffer read straight into device memory).
+
+    On CUDA the work is queued on the current stream and not waited for: copies from a pinned
+    `payload` may still be reading it when this returns, so a caller that reuses that memory
+    waits for the stream first (Store._decode does, on its own stream)."""
     if isinstance(payload, np.ndarray):
         payload = torch.from_numpy(payload) if payload.flags.writeable else _readonly_tensor(payload)
     q = region.quant
@@ -376,10 +383,13 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
             pos += n
         if q is None:
             bits = buf.view(TORCH_BITS[t.dtype])
-            if dst is None:
-                bits = bits.clone()
+            on_device = bits.device.type == torch.device(device).type
+            if dst is None and alias and on_device and not need_base:
+                pass
+            elif dst is None:   # a new tensor: on CUDA the host-to-device copy is the only copy
+                bits = bits.clone() if on_device else bits.to(device, non_blocking=True)
             else:
-                dst.view(TORCH_BITS[t.dtype]).copy_(bits)
+                dst.view(TORCH_BITS[t.dtype]).copy_(bits, non_blocking=True)
                 bits = dst.view(TORCH_BITS[t.dtype])
             if need_base:
                 bits ^= base[t.name].reshape(-1).to(dtype).view(TORCH_BITS[t.dtype]).to(bits.device)

@@ -184,13 +184,20 @@ class StoreReader:
 
     def decode(self, region: Region, stored, extent: Optional[tuple[int, int]] = None, *,
                device: torch.device | str = "cpu", dequantize: Dequantizer = dequantize_torch,
-               out: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+               out: Optional[torch.Tensor] = None, alias: bool = False) -> dict[str, torch.Tensor]:
         """Decode stored bytes of `region` to named tensors on `device`: new tensors owned by
         the caller, or views of `out` (uint8, at least region.decoded_length bytes) written in
-        place (codecs.materialize)."""
-        payload = unpack_payload(region, stored, path=str(self.files[region.file]), extent=extent)
+        place (codecs.materialize). `stored` may be a uint8 tensor in device memory when the
+        region has no codec stage; with `alias` the tensors are then views of it."""
+        if isinstance(stored, torch.Tensor) and stored.device.type != "cpu":
+            if region.chain:
+                raise ValueError(f"extent {extent}: codec stages {region.chain} are undone on the host; "
+                                 "only plain extents can be decoded from device memory")
+            payload = stored
+        else:
+            payload = unpack_payload(region, stored, path=str(self.files[region.file]), extent=extent)
         base = self.base(extent[0]) if extent is not None and extent[0] in self.index.bases else None
-        return materialize(region, payload, base, dequantize=dequantize, device=device, out=out)
+        return materialize(region, payload, base, dequantize=dequantize, device=device, out=out, alias=alias)
 
     def base(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's base expert (decoded once, cached on CPU)."""

@@ -20,6 +20,7 @@ class StoreStats:
     bytes_read: int = 0            # bytes the disk delivered (aligned extents, incl. padding)
     stored_bytes_read: int = 0     # the extents' stored bytes within bytes_read
     reads: int = 0                 # extent reads issued to the backend
+    device_reads: int = 0          # ... of which read straight into device memory (kvikio, GPUDirect Storage)
     bytes_decoded: int = 0         # bytes of tensors produced by decoding
     checksum_seconds: float = 0.0  # xxh3 of stored bytes, summed over decode threads
     decode_seconds: float = 0.0    # undoing codecs and dequantizing, summed over decode threads

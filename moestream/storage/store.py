@@ -6,8 +6,11 @@ policy a slot no caller still holds). A lossless extent with no codec stage is r
 into that slot (O_DIRECT into the final tensor's memory) and only checksummed: no copy at all.
 Any other extent is read into an aligned slab of the BufferPool, checksummed there, and decoded
 from the slab into the slot (zstd/shuffle undone, int codes dequantized in one pass). A CUDA
-store decodes into new device tensors instead (the caching allocator recycles them). Reading of
-one expert thus overlaps the decoding of the previous ones, and nothing is allocated per miss.
+store decodes into new device tensors instead (the caching allocator recycles them): each decode
+thread copies from the pinned slab with non_blocking copies and dequantizes on its own CUDA
+stream, and waits on that stream's event alone, so the caller's queued kernels never hold up a
+decode. Reading of one expert thus overlaps the decoding of the previous ones, and nothing is
+allocated per miss on a CPU device.
 
 L2 holds *stored* bytes (compressed, quantized) in a preallocated host arena, for extents whose
 stored form is smaller than their decoded one, or on a CUDA device where host RAM is not the
@@ -66,6 +69,7 @@ class _Load:
     cancelled: bool = False             # a wrong guess withdrawn: reads not yet started will not start
     bytes_done: int = 0                 # bytes its reads delivered so far
     l2_slot: Optional[int] = None       # an L2 hit: the host-arena slot holding its stored bytes
+    device_buf: Optional[torch.Tensor] = None   # CUDA + kvikio: its stored bytes, read straight into device memory
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -77,6 +81,13 @@ class _Load:
 def _is_plain(region: Region) -> bool:
     """Stored bytes are the decoded tensors' bytes: no quantization, delta, shuffle or zstd."""
     return not region.chain
+
+
+def reads_to_device(device: torch.device, backend: str, region: Region, verify: bool) -> bool:
+    """Whether an extent is read straight into device memory (GPUDirect Storage, or kvikio's
+    compat mode) and used there, with no host stage: a CUDA device, the kvikio backend, an extent
+    with no codec stage, and no checksum to take (xxh3 runs on the host)."""
+    return device.type == "cuda" and backend == "kvikio" and _is_plain(region) and not verify
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -112,7 +123,9 @@ class Store:
     Ownership: every result is a new dict. On a CPU device its tensors are views of the cache
     slot that holds the expert (no copy): the slot is not reused while any of them (or a view
     of them) is alive, so they stay valid after eviction; they are shared with later hits of
-    the same expert, so treat them as read-only. On CUDA they are new tensors owned by the caller.
+    the same expert, so treat them as read-only. On CUDA they are new tensors owned by the caller,
+complete when the future resolves, and marked (record_stream) as used by every stream fetch()
+was called from; a caller that passes them to yet another stream marks them itself.
 
     device_budget: bytes of decoded experts kept on `device` (L1). Default: a quarter of free
     device memory (CUDA) or of available RAM (CPU). On a CPU device it is preallocated as
@@ -123,7 +136,10 @@ class Store:
     per-expert frequencies and the prefetcher's guesses: storage/cache.py), "least-stale", "lru"
     or "lfu" (with aging). `moestream bench cache` compares them on routing traces.
     io: "auto", "uring", "posix" or "kvikio".
-    verify: check each extent's xxh3-64 before decoding it.
+    verify: check each extent's xxh3-64 before decoding it. On CUDA with io="kvikio", verify=False
+    lets extents with no codec stage be read straight into device memory and used in place
+    (GPUDirect Storage where the machine has it; stats()["device_reads"] counts them): the
+    checksum runs on the host, so verifying needs the host stage.
     queue_depth: reads in flight in the backend; chunk_size: bytes per read request.
     prefetch_budget: bytes of prefetch reads in flight, and of prefetched experts not yet used
     that L1 may hold (default: 4 extents).
@@ -228,6 +244,8 @@ class Store:
         self._prefetch_inflight = 0
         self._demand_reading = 0   # demand loads whose reads have not all landed
         self._routed: tuple[int, frozenset] = (-1, frozenset())   # the layer routed last, its experts
+        self._thread_state = threading.local()   # CUDA: each decode thread's own stream
+        self._consumer_streams: set = set()       # CUDA: the streams fetch() was called on
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="moestream-dispatch", daemon=True)
         self._dispatcher.start()
 
@@ -251,6 +269,8 @@ class Store:
         out = []
         layer = _index(layer, "layer")
         experts = [_index(e, "expert") for e in experts]
+        if self.device.type == "cuda":
+            self._consumer_streams.add(torch.cuda.current_stream(self.device))
         with self._cv:
             self._check_open()
             self.l1.visit(layer)
@@ -544,6 +564,9 @@ class Store:
                 self._submit_decode(load, None)
             elif load.slot is not None and _is_plain(load.region):
                 self._issue(load, None)   # straight into the L1 slot
+            elif reads_to_device(self.device, self.backend.name, load.region, self.reader.verify):
+                load.device_buf = torch.empty(load.region.padded_length, dtype=torch.uint8, device=self.device)
+                self._issue(load, None)   # straight into device memory
             else:
                 self._issue(load, self.pool.acquire())
             # the load's future will hold its result, which pins its slot: keep no reference
@@ -571,6 +594,9 @@ class Store:
         self.stats_.add(reads=1)
         if slab is not None:
             base_addr, view, buf_index = slab.addr, slab.view, 0
+        elif load.device_buf is not None:   # kvikio takes device tensors; no registered buffer
+            self.stats_.add(device_reads=1)
+            base_addr, view, buf_index = 0, load.device_buf, None
         else:
             base_addr, view, buf_index = self.arena.slot_addr(load.slot), self.arena.slot_view(load.slot), 1
         for off in offsets:
@@ -616,7 +642,20 @@ class Store:
         if load.error is not None:
             if slab is not None:
                 self.pool.release(slab)
+            load.device_buf = None
             self._finish(load, error=load.error)
+            return
+        if load.device_buf is not None:   # already where it is used: its tensors are views of it
+            buf, load.device_buf = load.device_buf, None
+            try:
+                tensors = self.reader.decode(load.region, buf[:load.region.length], load.key, device=self.device,
+                                             alias=True)
+                self._mark_consumers(tensors)
+            except BaseException as e:
+                self._finish(load, error=e)
+                return
+            self.stats_.add(bytes_decoded=load.region.decoded_length)
+            self._finish(load, tensors=tensors)
             return
         self._submit_decode(load, slab)
 
@@ -648,11 +687,11 @@ class Store:
             t1 = time.perf_counter()
             tensors = None
             if slab is not None or load.l2_slot is not None:
-                out = slot_tensor(self.arena, load.slot) if load.slot is not None else None
-                tensors = self.reader.decode(r, stored, load.key, device=self.device, dequantize=self._dequantize,
-                                             out=out)
                 if self.device.type == "cuda":
-                    torch.cuda.current_stream(self.device).synchronize()
+                    tensors = self._decode_cuda(load, stored)
+                else:
+                    out = slot_tensor(self.arena, load.slot) if load.slot is not None else None
+                    tensors = self.reader.decode(r, stored, load.key, dequantize=self._dequantize, out=out)
                 if slab is not None and self._keeps_in_l2(r):
                     self._put_l2(load.key, stored)
         except BaseException as e:
@@ -663,6 +702,30 @@ class Store:
         self.stats_.add(bytes_decoded=r.decoded_length, checksum_seconds=t1 - t0,
                         decode_seconds=time.perf_counter() - t1)
         self._finish(load, tensors=tensors)
+
+    def _decode_cuda(self, load: _Load, stored) -> Experts:
+        """Copy (pinned host -> device) and dequantize one expert on this decode thread's own
+        CUDA stream, then wait for that stream's event: only this expert's copy and kernels, never
+        the caller's queued matmuls (a device or current-stream synchronize would wait for them
+        too). The tensors are complete when handed out, so any stream may read them at once."""
+        stream = getattr(self._thread_state, "stream", None)
+        if stream is None:
+            stream = self._thread_state.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            tensors = self.reader.decode(load.region, stored, load.key, device=self.device,
+                                         dequantize=self._dequantize)
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()   # the pinned source may be reused after this
+        self._mark_consumers(tensors)
+        return tensors
+
+    def _mark_consumers(self, tensors: Experts) -> None:
+        # the blocks were allocated on a Store thread's stream: without record_stream, freeing
+        # them (on eviction) could let that stream reuse them while a caller's kernels still read them
+        for consumer in list(self._consumer_streams):
+            for t in tensors.values():
+                t.record_stream(consumer)
 
     def _release_sources(self, load: _Load, slab) -> None:
         if slab is not None:

@@ -67,6 +67,7 @@ def test_cpu_kernel_rounds_bf16_like_torch():
 
 CUDASIM_SCRIPT = textwrap.dedent("""
     import numpy as np
+    from numba import cuda
     from moestream.compute.dequant import dequantize_cuda_arrays
     from moestream.formats.codecs import quantize, split_quantized
     from tests.compute.test_dequant import numpy_reference
@@ -79,7 +80,8 @@ CUDASIM_SCRIPT = textwrap.dedent("""
         base = rng.standard_normal(numel).astype(np.float32) if with_base else None
         out = np.full(numel, np.nan, np.float32)
         f32 = lambda plane: None if plane is None else plane.view(np.float16).astype(np.float32)
-        dequantize_cuda_arrays(codes.copy(), f32(scales), f32(mins), base, out, numel, g, quant, threads=32)
+        dequantize_cuda_arrays(codes.copy(), f32(scales), f32(mins), base, out, numel, g, quant, threads=32,
+                               stream=cuda.stream() if with_base else 0)   # queued on a given stream too
         ref = numpy_reference(buf, numel, quant, g, None if base is None else base.astype(np.float64))
         assert np.isfinite(out).all(), "unwritten output"
         assert np.abs(out - ref).max() <= 1e-6 * (np.abs(ref).max() + 1), (quant, np.abs(out - ref).max())

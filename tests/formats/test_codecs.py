@@ -20,6 +20,28 @@ def test_shuffle_inverse(data, itemsize):
     assert unshuffle(shuffle(a, itemsize), itemsize).tobytes() == data
 
 
+@given(st.binary(min_size=0, max_size=512), st.sampled_from([2, 4, 8]))
+def test_shuffle_is_the_byte_plane_transpose(data, itemsize):
+    data = data[: len(data) // itemsize * itemsize]
+    a = np.frombuffer(data, np.uint8)
+    want = a.reshape(-1, itemsize).T.reshape(-1)   # plane i = byte i of every element
+    assert np.array_equal(shuffle(a, itemsize), want)
+    out = np.full(a.size, 7, np.uint8)
+    assert unshuffle(want, itemsize, out=out) is out and out.tobytes() == data
+
+
+def test_materialize_alias_returns_views_of_the_payload():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    enc = encode_region([("w", "fp32", (3, 4), float32_to_bits(x.reshape(-1), "fp32"))],
+                        EncodeOptions(zstd_level=None, delta=False))
+    region = Region(0, 4096, len(enc.stored), enc.raw_length, "0" * 16, enc.chain, enc.tensors)
+    payload = torch.frombuffer(bytearray(enc.stored), dtype=torch.uint8)
+    viewed = materialize(region, payload, alias=True)["w"]
+    copied = materialize(region, payload)["w"]
+    assert torch.equal(viewed, torch.from_numpy(x)) and torch.equal(copied, viewed)
+    assert viewed.data_ptr() == payload.data_ptr() and copied.data_ptr() != payload.data_ptr()
+
+
 @given(hnp.arrays(np.float32, st.integers(1, 300), elements=st.floats(-1e4, 1e4, width=32)))
 def test_bf16_bits_match_torch(x):
     ours = float32_to_bits(x, "bf16")

@@ -491,3 +491,34 @@ def test_a_failed_read_gives_its_slot_back(plain_store):
             fut.result(timeout=10)
         wait_until(lambda: not s._pending)
         assert s.arena.free == s.arena.count and (0, 0) not in s.l1
+
+
+def test_only_plain_unverified_kvikio_cuda_reads_go_straight_to_the_device(plain_store, stores):
+    from moestream.storage.store import reads_to_device
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with StoreReader(plain_store) as r:
+        plain = r.extent(r.layers[0], 0)
+    with StoreReader(stores["int4"]) as r:
+        coded = r.extent(r.layers[0], 0)
+    assert reads_to_device(cuda, "kvikio", plain, verify=False)
+    assert not reads_to_device(cuda, "kvikio", plain, verify=True)      # xxh3 needs the bytes on the host
+    assert not reads_to_device(cuda, "kvikio", coded, verify=False)     # codec stages are undone on the host
+    assert not reads_to_device(cuda, "uring", plain, verify=False)
+    assert not reads_to_device(cpu, "kvikio", plain, verify=False)
+
+
+def test_plain_extents_decode_from_device_memory_as_views(plain_store, stores):
+    # the meta device stands in for CUDA memory: the same code path, shapes and dtypes only
+    with StoreReader(plain_store) as r:
+        key = (r.layers[0], 1)
+        region = r.extent(*key)
+        want = r.expert(*key)
+        buf = torch.empty(region.padded_length, dtype=torch.uint8, device="meta")
+        got = r.decode(region, buf[:region.length], key, device="meta", alias=True)
+        assert {k: (v.shape, v.dtype) for k, v in got.items()} == {k: (v.shape, v.dtype) for k, v in want.items()}
+        assert all(v.untyped_storage().nbytes() == buf.untyped_storage().nbytes() for v in got.values())
+    with StoreReader(stores["int4"]) as r:
+        region = r.extent(r.layers[0], 1)
+        with pytest.raises(ValueError, match="only plain extents"):
+            r.decode(region, torch.empty(region.length, dtype=torch.uint8, device="meta"), (r.layers[0], 1),
+                     device="meta")
