@@ -712,11 +712,13 @@ was called from; a caller that passes them to yet another stream marks them itse
         if stream is None:
             stream = self._thread_state.stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
-            tensors = self.reader.decode(load.region, stored, load.key, device=self.device,
-                                         dequantize=self._dequantize)
-            done = torch.cuda.Event()
-            done.record(stream)
-        done.synchronize()   # the pinned source may be reused after this
+            try:
+                tensors = self.reader.decode(load.region, stored, load.key, device=self.device,
+                                             dequantize=self._dequantize)
+            finally:   # a failed decode too: its copies may be reading the pinned source
+                done = torch.cuda.Event()
+                done.record(stream)
+                done.synchronize()   # the pinned source may be reused after this
         self._mark_consumers(tensors)
         return tensors
 
