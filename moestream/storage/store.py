@@ -124,8 +124,8 @@ class Store:
     slot that holds the expert (no copy): the slot is not reused while any of them (or a view
     of them) is alive, so they stay valid after eviction; they are shared with later hits of
     the same expert, so treat them as read-only. On CUDA they are new tensors owned by the caller,
-complete when the future resolves, and marked (record_stream) as used by every stream fetch()
-was called from; a caller that passes them to yet another stream marks them itself.
+    complete when the future resolves, and marked (record_stream) as used by every stream fetch()
+    was called from; a caller that passes them to yet another stream marks them itself.
 
     device_budget: bytes of decoded experts kept on `device` (L1). Default: a quarter of free
     device memory (CUDA) or of available RAM (CPU). On a CPU device it is preallocated as
