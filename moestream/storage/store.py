@@ -645,18 +645,6 @@ class Store:
             load.device_buf = None
             self._finish(load, error=load.error)
             return
-        if load.device_buf is not None:   # already where it is used: its tensors are views of it
-            buf, load.device_buf = load.device_buf, None
-            try:
-                tensors = self.reader.decode(load.region, buf[:load.region.length], load.key, device=self.device,
-                                             alias=True)
-                self._mark_consumers(tensors)
-            except BaseException as e:
-                self._finish(load, error=e)
-                return
-            self.stats_.add(bytes_decoded=load.region.decoded_length)
-            self._finish(load, tensors=tensors)
-            return
         self._submit_decode(load, slab)
 
     def _submit_decode(self, load: _Load, slab) -> None:
@@ -671,14 +659,16 @@ class Store:
 
     # ---- internals: decode -------------------------------------------------------------------
     def _decode(self, load: _Load, slab) -> None:
-        """Checksum and decode the stored bytes (in the L1 slot, a slab, or an L2 slot) into the
-        load's L1 slot, or into new tensors when it has none."""
+        """Checksum and decode the stored bytes (in the L1 slot, a slab, an L2 slot, or device
+        memory) into the load's L1 slot, or into new tensors when it has none."""
         t0 = time.perf_counter()
         r = load.region
         if load.l2_slot is not None:
             stored = self.l2_arena.slot_view(load.l2_slot)[:r.length]
         elif slab is not None:
             stored = slab.view[:r.length]
+        elif load.device_buf is not None:   # never verified: see reads_to_device
+            stored = load.device_buf[:r.length]
         else:
             stored = self.arena.slot_view(load.slot)[:r.length]
         try:
@@ -686,7 +676,10 @@ class Store:
                 self.reader.check(r, stored, load.key)      # ChecksumError naming file, offset, expert
             t1 = time.perf_counter()
             tensors = None
-            if slab is not None or load.l2_slot is not None:
+            if load.device_buf is not None:   # read where it is used: its tensors are views of it
+                tensors = self.reader.decode(r, stored, load.key, device=self.device, alias=True)
+                self._mark_consumers(tensors)
+            elif slab is not None or load.l2_slot is not None:
                 if self.device.type == "cuda":
                     tensors = self._decode_cuda(load, stored)
                 else:
@@ -730,6 +723,7 @@ class Store:
                 t.record_stream(consumer)
 
     def _release_sources(self, load: _Load, slab) -> None:
+        load.device_buf = None   # its tensors, if any, keep the memory alive
         if slab is not None:
             self.pool.release(slab)
         if load.l2_slot is not None:
