@@ -7,9 +7,14 @@
 3. the streaming forward with device="cuda": logits and greedy tokens against transformers
    for each family; plain, int8 and int4 stores against the CPU forward of the same store
    (the Store's CUDA decode streams); then decode tokens/s on a synthetic model larger than
-   its device budget.
+   its device budget;
+4. `moestream bench decode --quick --device cuda` (one round): the Qwen3-30B-A3B-shaped model
+   at a 25 % device budget, naive / LRU / best / accelerate, and best reading with kvikio
+   straight into device memory against io_uring + a copy.
 
-Prints a table and writes every figure to $OUT/gpu_check.json (or ./gpu_check.json)."""
+`python -m moestream.gpu_check [SECTION ...]` runs only the named sections (environment, dequant,
+forward, store_paths, decode_speed, bench_decode, io); a lent machine's 10-minute call may not
+fit them all. Prints a table and writes every figure to $OUT/gpu_check.json (or ./gpu_check.json)."""
 from __future__ import annotations
 
 import json
@@ -237,7 +242,21 @@ def decode_speed(work: Path, size: int):
     return rows
 
 
-def main() -> int:
+@section("bench decode --quick --device cuda: kvikio direct vs io_uring + copy, peers under one host memory limit")
+def bench_decode_cuda(work: Path):
+    from moestream.bench.decode import bench_decode, format_table
+    d = bench_decode(quick=True, workdir=str(work), repeat=1, device="cuda", log=lambda m: print("   " + m, flush=True))
+    print(format_table(d))
+    return d
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    names = ["environment", "dequant", "forward", "store_paths", "decode_speed", "bench_decode", "io"]
+    only = sys.argv[1:] if argv is None else argv
+    unknown = [n for n in only if n not in names]
+    if unknown:
+        print(f"gpu-check: no section {', '.join(unknown)} (sections: {', '.join(names)})", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; nothing was run", file=sys.stderr)
         return 2
@@ -246,12 +265,12 @@ def main() -> int:
     io_size = int(float(os.environ.get("MOESTREAM_GPU_IO_GIB", "2")) * (1 << 30))
     model_size = int(float(os.environ.get("MOESTREAM_GPU_MODEL_GIB", "1")) * (1 << 30))
     try:
-        environment()
-        dequant_check()
-        forward_check(work)
-        store_paths_check(work)
-        decode_speed(work, model_size)
-        io_check(work, io_size)
+        runs = {"environment": environment, "dequant": dequant_check, "forward": lambda: forward_check(work),
+                "store_paths": lambda: store_paths_check(work), "decode_speed": lambda: decode_speed(work, model_size),
+                "bench_decode": lambda: bench_decode_cuda(work), "io": lambda: io_check(work, io_size)}
+        for name in names:
+            if not only or name in only:
+                runs[name]()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         (out_dir / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))

@@ -46,6 +46,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import UsageError
+from ..units import parse_size
 from ..formats.profile import coverage_curve
 from . import traces
 
@@ -58,6 +59,11 @@ SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4,
 PREFETCH_ACCURACY = 0.85
 SYSTEMS = ("naive", "lru", "best-no-prefetch", "best", "accelerate")
 BOUNDS = ("inmemory", "resident")
+#: On CUDA, `best` twice more, reaching device memory two ways: io_uring into pinned host memory
+#: and a copy to the device, against kvikio reading straight into device memory (GPUDirect
+#: Storage where the machine has it). Both skip the checksum, which needs the host stage; `best`
+#: itself (io_uring, verified) shows what verifying costs.
+CUDA_SYSTEMS = ("best-uring-unverified", "best-kvikio")
 
 
 # ---- the model and its store -------------------------------------------------------------------
@@ -144,13 +150,13 @@ def _forced_router(trace: np.ndarray, layer_index: int, clock: _Clock, top_k: in
 
 
 class InMemoryExperts:
-    """Every expert as an in-memory tensor behind the Store's fetch interface: the upper bound
-    that the streaming forward can reach (no reads, no cache bookkeeping)."""
+    """Every expert as an in-memory tensor (on `device`) behind the Store's fetch interface: the
+    upper bound that the streaming forward can reach (no reads, no cache bookkeeping)."""
 
-    def __init__(self, store):
+    def __init__(self, store, device="cpu"):
         from ..formats.reader import StoreReader
         with StoreReader(store.path, verify=False) as r:
-            self.experts = {k: r.expert(*k) for k in r.index.extents}
+            self.experts = {k: {n: t.to(device) for n, t in r.expert(*k).items()} for k in r.index.extents}
         self.expert_slots = len(self.experts)
         self.prefetching = False
 
@@ -203,7 +209,9 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
         return _prepare_accelerate_offload(spec)
     from ..compute.loader import load_model
     from ..compute.models.common import StreamingMoE
-    opts: dict[str, Any] = dict(host_budget=0, device_budget=spec["device_budget"], policy=spec.get("policy", "next-use"))
+    device = spec.get("device", "cpu")
+    opts: dict[str, Any] = dict(host_budget=0, device_budget=spec["device_budget"], policy=spec.get("policy", "next-use"),
+                                device=device, io=spec.get("io", "auto"), verify=spec.get("verify", True))
     acc = spec.get("prefetch_accuracy")
     if acc is not None:
         opts["prefetch_budget"] = top_k * spec["extent_bytes"]
@@ -224,7 +232,7 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     if acc is not None:
         model.prefetch_next_layer, model.prefetch_threshold = True, 0.0
     if system == "inmemory":
-        mem = InMemoryExperts(model.store)
+        mem = InMemoryExperts(model.store, device)
         for m in moes:
             m.store = mem
 
@@ -267,9 +275,16 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
         "prefetch_late": st["prefetch_late"] - s0["prefetch_late"],
         "prefetch_cancelled": st["prefetch_cancelled"] - s0["prefetch_cancelled"],
         "prefetch_wasted_bytes": st["prefetch_wasted_bytes"] - s0["prefetch_wasted_bytes"],
-        "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"),
+        "device_reads": st.get("device_reads", 0) - s0.get("device_reads", 0),
+        "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"), "device": device,
     }
-    out["rest_seconds"] = out["decode_seconds"] - out["stall_seconds"] - out["expert_matmul_seconds"]
+    if device.startswith("cuda"):
+        # kernels run asynchronously: the host's time around an expert's matmuls is the time to
+        # queue them, not to run them (decode_seconds is right: every token syncs at sampling)
+        out["expert_matmul_seconds"] = out["rest_seconds"] = None
+        out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+        out["rest_seconds"] = out["decode_seconds"] - out["stall_seconds"] - out["expert_matmul_seconds"]
     if system != "inmemory":
         store.close()
     return out
@@ -298,25 +313,25 @@ def _prepare_accelerate_offload(spec) -> dict[str, Any]:
     return {"system": "accelerate-offload", "folder": str(folder)}
 
 
-def accelerate_device_map(model, budget: int) -> dict[str, str]:
-    """accelerate's device map for a budget of `budget` expert bytes: every dense module on the
-    CPU (moestream keeps them in memory too, outside its budget), then each layer's experts
-    module on the CPU while the budget lasts and on "disk" after. Like `infer_auto_device_map`,
+def accelerate_device_map(model, budget: int, device: "str | int" = "cpu") -> dict[str, "str | int"]:
+    """accelerate's device map for a budget of `budget` expert bytes: every dense module on
+    `device` ("cpu", or a CUDA index; moestream keeps them there too, outside its budget), then
+    each layer's experts module on `device` while the budget lasts and on "disk" after. Like `infer_auto_device_map`,
     it keeps room in the budget for the largest offloaded module, which is loaded whole at each
     forward. `infer_auto_device_map` itself puts the whole model on disk at these budgets (its
     no-split unit, a decoder layer, is larger than the budget), so this map is the kinder one."""
     experts = {name: sum(p.numel() * p.element_size() for p in m.parameters())
                for name, m in model.named_modules() if name.split(".")[-1] == "experts"}
     left = budget - max(experts.values(), default=0)
-    device_map: dict[str, str] = {}
+    device_map: dict[str, "str | int"] = {}
     for name, module in model.named_modules():
         if not name or any(name == k or name.startswith(k + ".") for k in device_map):
             continue
         if name in experts:
-            device_map[name] = "cpu" if experts[name] <= left else "disk"
+            device_map[name] = device if experts[name] <= left else "disk"
             left -= experts[name] if experts[name] <= left else 0
         elif not any(k.startswith(name + ".") for k in experts):
-            device_map[name] = "cpu"     # a module with no experts inside
+            device_map[name] = device    # a module with no experts inside
     return device_map
 
 
@@ -324,7 +339,9 @@ def _run_accelerate(spec, trace, ids, clock) -> dict[str, Any]:
     """transformers + accelerate disk offload of the same model, routers forced to the trace:
     the model is built on the meta device, its CPU modules loaded from the offload folder, and
     `dispatch_model(..., offload_dir=)` streams the "disk" modules from accelerate's own
-    memory-mapped .dat files at every forward (the path `load_checkpoint_and_dispatch` sets up)."""
+    memory-mapped .dat files at every forward (the path `load_checkpoint_and_dispatch` sets up).
+    On CUDA the modules in the budget sit on the GPU (dispatch_model moves them there) and the
+    offloaded ones are copied to it at each forward."""
     import torch
     import transformers
     from accelerate import dispatch_model, init_empty_weights
@@ -333,13 +350,16 @@ def _run_accelerate(spec, trace, ids, clock) -> dict[str, Any]:
     config = transformers.AutoConfig.from_pretrained(spec["checkpoint"])
     with init_empty_weights():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    device_map = accelerate_device_map(model, int(spec["device_budget"]))
+    device = spec.get("device", "cpu")
+    # accelerate names a CUDA device by its index
+    target: "str | int" = (torch.device(device).index or 0) if device.startswith("cuda") else "cpu"
+    device_map = accelerate_device_map(model, int(spec["device_budget"]), target)
     weights = OffloadedWeightsLoader(save_folder=folder)
     on_disk = tuple(k + "." for k, v in device_map.items() if v == "disk")
     for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
         if name in weights and not name.startswith(on_disk):   # a copy: not a view of the page cache
             set_module_tensor_to_device(model, name, "cpu", value=weights[name].clone())
-    model = dispatch_model(model, device_map, main_device="cpu", offload_dir=folder)
+    model = dispatch_model(model, device_map, main_device=target, offload_dir=folder)
     model.eval()
     routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
     for i, r in enumerate(routers):
@@ -367,7 +387,7 @@ def _run_accelerate(spec, trace, ids, clock) -> dict[str, Any]:
     model.register_forward_pre_hook(pre_hook, with_kwargs=True)
     model.register_forward_hook(post_hook, with_kwargs=True)
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=spec["accelerate_tokens"] + 1, min_new_tokens=spec["accelerate_tokens"] + 1,
+        model.generate(ids.to(device), max_new_tokens=spec["accelerate_tokens"] + 1, min_new_tokens=spec["accelerate_tokens"] + 1,
                        do_sample=False, use_cache=True)
     disk1 = _disk_sectors_read(folder)
     decode = calls[1:]                                   # the first call is the prefill
@@ -375,9 +395,9 @@ def _run_accelerate(spec, trace, ids, clock) -> dict[str, Any]:
     return {"system": "accelerate", "tokens": len(decode), "decode_seconds": decode_seconds,
             "tokens_per_s": len(decode) / decode_seconds, "prefill_seconds": calls[0][2] - calls[0][1],
             "disk_bytes_read": (disk1 - before["disk"]) * 512 if disk1 is not None else None, "bytes_read": None,
-            "device_map": {v: sum(1 for x in device_map.values() if x == v) for v in sorted(set(device_map.values()))},
+            "device_map": {str(v): sum(1 for x in device_map.values() if x == v) for v in set(device_map.values())},
             "experts_on_disk": sum(1 for k, v in device_map.items() if v == "disk" and k.endswith(".experts")),
-            "vm_hwm_bytes": _vm_hwm()}
+            "vm_hwm_bytes": _vm_hwm(), "device": device}
 
 
 # ---- the parent: cgroups, page cache, the I/O ceiling -----------------------------------------
@@ -414,6 +434,13 @@ def system_spec(base: dict[str, Any], system: str, budget: int,
                 prefetch_accuracy: float = PREFETCH_ACCURACY) -> dict[str, Any]:
     """What `system` runs with at a device budget of `budget` bytes (base: the run's common spec)."""
     spec = dict(base, system=system, device_budget=budget)
+    if base.get("device", "cpu").startswith("cuda"):
+        # named, not "auto" (which takes kvikio where it is installed): uring + a copy to the
+        # device is the path every system but best-kvikio takes
+        spec.update(io="uring")
+    if system in CUDA_SYSTEMS:
+        spec.update(policy="next-use", prefetch_accuracy=prefetch_accuracy, verify=False,
+                    io="kvikio" if system == "best-kvikio" else "uring")
     if system == "naive":       # one layer's experts, no cache to speak of
         spec.update(device_budget=base["shape"]["top_k"] * base["extent_bytes"], policy="lru")
     elif system == "lru":
@@ -511,9 +538,28 @@ def raw_read_bandwidth(store: Path, log) -> tuple[float, float]:
 
 def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets: Optional[list[float]] = None,
                  tokens: Optional[int] = None, layers: Optional[int] = None, accelerate_tokens: Optional[int] = None,
-                 allowance: int = GiB, prefetch_accuracy: float = PREFETCH_ACCURACY, systems=SYSTEMS + BOUNDS,
-                 shape: dict[str, int] = SHAPE, prompt: int = 8, repeat: int = 2, log=print) -> dict[str, Any]:
-    """Run the decode benchmark; returns every figure as plain data."""
+                 allowance: Optional[int] = None, prefetch_accuracy: float = PREFETCH_ACCURACY,
+                 systems: Optional[tuple[str, ...]] = None, shape: dict[str, int] = SHAPE, prompt: int = 8,
+                 repeat: int = 2, device: str = "cpu", log=print) -> dict[str, Any]:
+    """Run the decode benchmark; returns every figure as plain data.
+
+    device: "cpu" or "cuda[:N]". On CUDA the budgets are bytes of device memory (the Store's L1
+    there, accelerate's modules placed there), the memory cgroup bounds host memory only (page
+    cache included; it cannot bound GPU memory), and CUDA_SYSTEMS compare kvikio reads straight
+    into device memory with io_uring reads and a copy. allowance: bytes of the memory limit
+    beyond the budget, the same for every system (default 1 GiB on CPU; 3 GiB on CUDA, whose
+    libraries and context take host memory of their own)."""
+    cuda = device.startswith("cuda")
+    if cuda:
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no CUDA device here")
+    streamed = SYSTEMS + (CUDA_SYSTEMS if cuda else ())
+    systems = systems or streamed + BOUNDS
+    for system in systems:
+        if system not in streamed + BOUNDS:
+            raise UsageError(f"--system {system}: not a system on {device} (those are {', '.join(streamed + BOUNDS)})")
+    allowance = allowance if allowance is not None else (3 * GiB if cuda else GiB)
     work = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "moestream-bench-decode"
     work.mkdir(parents=True, exist_ok=True)
     layers = layers or (2 if quick else 4)
@@ -522,10 +568,11 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     accelerate_tokens = accelerate_tokens or (2 if quick else 4)
     base, expert_bytes = common_spec(work, layers, tokens=tokens, prompt=prompt, accelerate_tokens=accelerate_tokens,
                                      shape=shape, log=log)
+    base["device"] = device
     store, extent_bytes, trace = Path(base["store"]), base["extent_bytes"], np.asarray(base["trace"])
     cg_ok, cg_why = cgroup_available()
     root = os.geteuid() == 0
-    log(f"store {store}: {expert_bytes / GiB:.2f} GiB of experts in {base['extents']} extents; "
+    log(f"store {store}: {expert_bytes / GiB:.2f} GiB of experts in {base['extents']} extents; device {device}; "
         f"memory limits: {'cgroup v1' if cg_ok else 'NONE (' + cg_why + ')'}; page cache "
         f"{'dropped before each system' if root else 'NOT dropped (not root)'}")
     raw, fetch = raw_read_bandwidth(store, log)
@@ -562,7 +609,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                                  None), None, None)
         for frac in budgets:
             budget = int(expert_bytes * frac)
-            for system in SYSTEMS[rep % len(SYSTEMS):] + SYSTEMS[:rep % len(SYSTEMS)]:
+            for system in streamed[rep % len(streamed):] + streamed[:rep % len(streamed)]:
                 if system not in systems or (system == "accelerate" and rep > 0):
                     # accelerate once: under the limit it is two orders of magnitude slower than
                     # the others (minutes a run), far beyond what the disk's drift could change
@@ -602,11 +649,13 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     def ratio(a, b):
         return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
     out = {
-        "command": "moestream bench decode" + (" --quick" if quick else ""),
+        "command": "moestream bench decode" + (" --quick" if quick else "") + (f" --device {device}" if cuda else ""),
+        "device": device, "device_name": _device_name(device),
         "machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, {platform.platform()}",
         "page_cache": "dropped before each system" if root else "not dropped (not root)",
-        "memory_limit": f"cgroup v1: budget + {allowance / MiB:.0f} MiB allowance, page cache included" if cg_ok
-        else f"none: {cg_why}",
+        "memory_limit": (f"cgroup v1: budget + {allowance / MiB:.0f} MiB allowance, page cache included"
+                         + ("; host memory only: the budget is device memory, which no cgroup bounds" if cuda else ""))
+        if cg_ok else f"none: {cg_why}",
         "model": dict(shape, layers=layers, expert_bytes=expert_bytes, extent_bytes=extent_bytes, store="bf16 lossless, plain extents"),
         "trace": {"kind": f"synthetic, calibrated to the trained routing model {traces.CALIBRATED}",
                   "coverage": coverage(trace)},
@@ -624,6 +673,8 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         "inmemory_vs_io_ceiling": inmem["tokens_per_s"] / best["io_ceiling_tokens_per_s"]
         if inmem and best and best.get("io_ceiling_tokens_per_s") else None,
         "resident_vs_inmemory": ratio(res, inmem),
+        # on CUDA: kvikio straight into device memory over io_uring + a copy, both unverified
+        "kvikio_direct_vs_uring_h2d": ratio(find("best-kvikio", at), find("best-uring-unverified", at)) if cuda else None,
         "prefetch_on_vs_off": {"tokens_per_s": [best and best["tokens_per_s"], nopf and nopf["tokens_per_s"]],
                                "stall_seconds": [best and best["stall_seconds"], nopf and nopf["stall_seconds"]],
                                "hits_l1": [best and best["hits_l1"], nopf and nopf["hits_l1"]],
@@ -635,8 +686,16 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     return out
 
 
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        import torch
+        return torch.cuda.get_device_name(torch.device(device))
+    return platform.processor() or platform.machine()
+
+
 def format_table(d: dict[str, Any]) -> str:
-    lines = [f"# {d['command']} — {d['machine']}", f"# page cache {d['page_cache']}; memory limit {d['memory_limit']}",
+    lines = [f"# {d['command']} — {d['machine']}" + (f"; {d['device_name']}" if d.get("device", "cpu") != "cpu" else ""),
+             f"# page cache {d['page_cache']}; memory limit {d['memory_limit']}",
              f"# model: {d['model']['layers']} layers x {d['model']['experts']} experts (hidden {d['model']['hidden']}, "
              f"expert intermediate {d['model']['inter']}, top-{d['model']['top_k']}), {d['model']['expert_bytes'] / GiB:.2f} GiB "
              f"of bf16 experts; trace {d['trace']['kind']}; prefetch predictor {d['prefetch_predictor']}",
@@ -662,9 +721,9 @@ def format_table(d: dict[str, Any]) -> str:
                      f"{f('stall_seconds')} | {f('expert_matmul_seconds')} | {f('rest_seconds')} | "
                      f"{f('checksum_seconds')} | {f('decode_codec_seconds')} | {r['vm_hwm_bytes'] / MiB:.0f} |")
     lines.append("")
-    for k in ("best_vs_naive", "best_vs_lru", "best_vs_accelerate", "best_vs_io_ceiling", "inmemory_vs_io_ceiling",
-              "default_vs_naive",
-              "default_vs_accelerate", "resident_vs_inmemory", "store_fetch_vs_raw"):
+    keys = ["best_vs_naive", "best_vs_lru", "best_vs_accelerate", "best_vs_io_ceiling", "inmemory_vs_io_ceiling",
+            "default_vs_naive", "default_vs_accelerate", "resident_vs_inmemory", "store_fetch_vs_raw"]
+    for k in keys + (["kvikio_direct_vs_uring_h2d"] if d.get("device", "cpu") != "cpu" else []):
         lines.append(f"{k} = {d[k]:.2f}" if d.get(k) is not None else f"{k} = n/a")
     return "\n".join(lines)
 
@@ -674,7 +733,7 @@ def plot(d: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in SYSTEMS + ("accelerate (no limit)",):
+    for system in SYSTEMS + CUDA_SYSTEMS + ("accelerate (no limit)",):
         pts = sorted((r["budget_fraction"], r["tokens_per_s"]) for r in d["results"]
                      if r["system"] == system and "error" not in r and r["budget_fraction"] is not None)
         if pts:
@@ -686,7 +745,8 @@ def plot(d: dict[str, Any], path: str) -> None:
     ax.set_ylim(bottom=0)
     ax.set_xlabel("device budget, % of expert bytes (memory limit = budget + allowance)")
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"moestream bench decode: {d['model']['layers']}L x {d['model']['experts']} experts, CPU")
+    ax.set_title(f"moestream bench decode: {d['model']['layers']}L x {d['model']['experts']} experts, "
+                 f"{d.get('device_name') or d.get('device', 'cpu')}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -703,7 +763,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="decoder layers (default 2 with --quick, else 4)")
     p.add_argument("--budget", type=float, action="append", help="a fraction of expert bytes, repeatable "
                    "(default 0.10, 0.25, 0.50; 0.25 with --quick)")
-    p.add_argument("--system", action="append", choices=SYSTEMS + BOUNDS, help="run only these (repeatable)")
+    p.add_argument("--system", action="append", choices=SYSTEMS + CUDA_SYSTEMS + BOUNDS,
+                   help="run only these (repeatable; " + ", ".join(CUDA_SYSTEMS) + " on CUDA only)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes and the "
+                   "budgets live")
+    p.add_argument("--allowance", help="memory limit beyond the budget, the same for every system "
+                   "(default 1GiB on CPU, 3GiB on CUDA)")
     p.add_argument("--repeat", type=int, default=2, help="runs per system, taking turns; the median is reported")
 
 
@@ -717,9 +782,13 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError("--repeat must be at least 1")
     if a.layers is not None and a.layers < 2:
         raise UsageError("--layers must be at least 2")
+    if a.device != "cpu" and not a.device.startswith("cuda"):
+        raise UsageError(f"--device {a.device}: cpu or cuda[:N]")
+    allowance = parse_size(a.allowance, "--allowance") if a.allowance else None
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if a.json else (lambda m: print(m, flush=True))
     d = bench_decode(quick=a.quick, workdir=a.workdir, budgets=a.budget, tokens=a.tokens, layers=a.layers,
-                     systems=tuple(a.system) if a.system else SYSTEMS + BOUNDS, repeat=a.repeat, log=log)
+                     systems=tuple(a.system) if a.system else None, repeat=a.repeat, device=a.device,
+                     allowance=allowance, log=log)
     if a.plot:
         plot(d, a.plot)
     print(json.dumps(d, indent=2) if a.json else "\n" + format_table(d))

@@ -2,8 +2,10 @@
 its child process (in a memory cgroup where this machine allows), with the same forced routing."""
 import json
 
-from moestream.bench.decode import (BOUNDS, SYSTEMS, bench_decode, coverage, format_table, plot,
-                                    synthetic_trace)
+import pytest
+
+from moestream.bench.decode import (BOUNDS, CUDA_SYSTEMS, SYSTEMS, bench_decode, coverage, format_table, plot,
+                                    synthetic_trace, system_spec)
 
 TINY = dict(hidden=64, inter=32, experts=16, top_k=4, heads=4, kv_heads=2, head_dim=16, vocab=128)
 
@@ -61,6 +63,33 @@ def test_accelerate_device_map_keeps_room_for_the_streamed_layer():
         assert not any(k.startswith("model.layers.0.mlp.experts.") for k in m)   # one unit per experts module
     names = {n for n, _ in model.named_parameters()}   # every weight is placed exactly once
     assert all(sum(n == k or n.startswith(k + ".") for k in m) == 1 for n in names)
+    on_gpu = accelerate_device_map(model, 2 * layer, 0)  # CUDA: accelerate names the device by its index
+    assert set(on_gpu.values()) == {0, "disk"} and on_gpu["lm_head"] == 0
+    assert [on_gpu[f"model.layers.{l}.mlp.experts"] for l in range(3)].count(0) == 1
+
+
+def test_cuda_systems_pick_their_io_path():
+    base = dict(shape=TINY, extent_bytes=4096, device="cuda")
+    specs = {s: system_spec(base, s, 1 << 20) for s in SYSTEMS + CUDA_SYSTEMS}
+    assert specs["best-kvikio"]["io"] == "kvikio" and specs["best-kvikio"]["verify"] is False
+    assert specs["best-uring-unverified"]["io"] == "uring" and specs["best-uring-unverified"]["verify"] is False
+    for s in CUDA_SYSTEMS:     # the same policy and simulated predictor as best: only the path differs
+        assert specs[s]["policy"] == specs["best"]["policy"]
+        assert specs[s]["prefetch_accuracy"] == specs["best"]["prefetch_accuracy"]
+    for s in SYSTEMS:          # never "auto", which takes kvikio where it is installed
+        assert specs[s]["io"] == "uring" and specs[s].get("verify", True) is True, s
+    assert "io" not in system_spec(dict(base, device="cpu"), "best", 1 << 20)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the error where there is no CUDA")
+def test_cli_device_errors(capsys):
+    from moestream.cli import main
+    assert main(["bench", "decode", "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+    assert main(["bench", "decode", "--device", "tpu"]) == 2
+    assert "--device tpu" in capsys.readouterr().err
+    assert main(["bench", "decode", "--system", "best-kvikio", "--workdir", "/nonexistent"]) == 2
+    assert "--system best-kvikio: not a system on cpu" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_budgets(capsys):
