@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     z = c.add_mutually_exclusive_group()
     z.add_argument("--zstd-level", type=int, default=3, help="zstd level, kept only where it pays (default 3)")
     z.add_argument("--no-zstd", action="store_true", help="never compress")
+    c.add_argument("--zstd-min-saving", type=float, default=0.5, metavar="S",
+                   help="an expert extent keeps zstd only when it saves this share of its bytes (default 0.5: "
+                        "on NVMe decoding costs more than the read it saves; 0 for slow disks)")
     d = c.add_mutually_exclusive_group()
     d.add_argument("--delta", dest="delta", action="store_true", default=True,
                    help="try a delta against the layer's mean expert, kept only where it pays (default)")
@@ -135,7 +138,8 @@ def _convert(a: argparse.Namespace) -> int:
             raise UsageError(f"--hot-fraction {a.hot_fraction}: must lie in 0..1")
         hot = hot_experts(load_profile(a.profile), a.hot_fraction)
     path = convert(a.src, a.out, quant=a.quant, group_size=a.group_size,
-                   zstd_level=None if a.no_zstd else a.zstd_level, delta=a.delta, max_file_size=a.max_file_size,
+                   zstd_level=None if a.no_zstd else a.zstd_level, zstd_min_saving=a.zstd_min_saving, delta=a.delta,
+                   max_file_size=a.max_file_size,
                    overwrite=a.overwrite, progress=not a.quiet, hot_experts=hot, hot_quant=f"int{a.hot_bits}",
                    cold_quant=f"int{a.cold_bits}")
     print(f"wrote {path}")

@@ -176,8 +176,8 @@ def store_paths_check(work: Path):
     ck = build_checkpoint("mixtral", work / "ck_paths", seed=11, with_tokenizer=False)
     rows = []
     for quant, zstd in (("keep", None), ("int8", 3), ("int4", None)):   # keep: plain fp32 extents
-        store = moestream.convert(ck, work / f"paths_{quant}_{zstd}", quant=quant,
-                                  zstd_level=zstd, delta=False, progress=False)
+        store = moestream.convert(ck, work / f"paths_{quant}_{zstd}", quant=quant,   # zstd wherever smaller
+                                  zstd_level=zstd, zstd_min_saving=0, delta=False, progress=False)
         ids = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
         runs = [("cpu", {}), ("cuda", {})]
         if quant == "keep" and kvikio_usable()[0]:   # plain extents straight into device memory
@@ -215,8 +215,8 @@ def decode_speed(work: Path, size: int):
     src = write_synthetic_checkpoint(work / "speed_ck", size)
     rows = []
     for quant, zstd in (("int4", None), ("bf16", None), ("int4", 3)):
-        store = moestream.convert(src, work / f"speed_{quant}_{zstd}", quant=quant, zstd_level=zstd, delta=False,
-                                  progress=False)
+        store = moestream.convert(src, work / f"speed_{quant}_{zstd}", quant=quant, zstd_level=zstd,
+                                  zstd_min_saving=0, delta=False, progress=False)
         with StoreReader(store) as r:
             decoded = sum(reg.decoded_length for reg in r.index.extents.values())
         for frac in (0.25, 1.5):

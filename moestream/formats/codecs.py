@@ -15,7 +15,8 @@ import xxhash
 import zstandard
 
 from ..errors import ConvertError, FormatError
-from .constants import DTYPE_ITEMSIZE, STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec
+from .constants import (ALIGNMENT, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DTYPE_ITEMSIZE, STAGE_DELTA,
+                        STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec)
 from .index import Region, TensorSlice, payload_length
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -175,11 +176,14 @@ def unshuffle(buf: np.ndarray, itemsize: int, out: Optional[np.ndarray] = None) 
 @dataclass(frozen=True)
 class EncodeOptions:
     """How the writer encodes expert extents. quant: None (raw, lossless) or "int8"/"int4";
-    zstd_level: None disables zstd; delta: try a delta against the layer's base expert."""
+    zstd_level: None disables zstd; delta: try a delta against the layer's base expert;
+    zstd_min_saving: the share of the (4096-padded) stored bytes that zstd must save to be kept
+    (constants.DEFAULT_ZSTD_MIN_SAVING says why)."""
     quant: Optional[str] = None
     group_size: int = 64
-    zstd_level: Optional[int] = 3
+    zstd_level: Optional[int] = DEFAULT_ZSTD_LEVEL
     delta: bool = True
+    zstd_min_saving: float = DEFAULT_ZSTD_MIN_SAVING
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,9 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
                   base: Optional[dict[str, np.ndarray]] = None, base_dtype: Optional[str] = None) -> EncodedRegion:
     """Encode tensors [(name, dtype, shape, bits)] into one region. `base` maps tensor names
     to the layer's base expert (bit patterns of `base_dtype`); delta, shuffle and zstd are kept
-    only where they make the stored bytes smaller (and, for delta, the error no larger)."""
+    only where they make the stored bytes, padded to ALIGNMENT as the file lays them out,
+    smaller (zstd: by opts.zstd_min_saving at least; delta: with the error no larger); among
+    candidates of one padded size, the smaller error, then the fewer stages (less to decode), win."""
     candidates = [_encode_planes(tensors, opts, None, None)]
     if opts.delta and base is not None:
         candidates.append(_encode_planes(tensors, opts, base, base_dtype))
@@ -219,15 +225,26 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
             stored, ch2 = payload, ch
             if opts.zstd_level is not None:
                 z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
-                if len(z) < len(payload):
+                saving = 1 - _padded(len(z)) / _padded(len(payload))
+                if saving > 0 and saving >= opts.zstd_min_saving:
                     stored, ch2 = z, ch + (STAGE_ZSTD,)
             if STAGE_SHUFFLE in ch2 and STAGE_ZSTD not in ch2:
                 continue  # shuffle without zstd saves nothing
             cand = EncodedRegion(stored, len(payload), ch2, slices, err)
-            if best is None or len(cand.stored) < len(best.stored):
+            if best is None or _rank(cand) < _rank(best):
                 best = cand
     assert best is not None
     return best
+
+
+def _padded(n: int) -> int:
+    return -(-n // ALIGNMENT) * ALIGNMENT
+
+
+def _rank(c: EncodedRegion) -> tuple[int, float, int]:
+    """Fewer bytes on disk first; at one size the smaller error (a quantized delta), then the
+    fewer stages to decode."""
+    return _padded(len(c.stored)), c.rel_error, len(c.chain)
 
 
 def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):

@@ -57,6 +57,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MIXED_QUANT = "mixed"
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_ZSTD_LEVEL = 3
+#: An expert extent keeps zstd (and the shuffle before it) only when that makes its 4096-padded
+#: stored bytes at least this much smaller. Decoding costs CPU on the hot path of every miss,
+#: and on NVMe it costs more than the read it saves: on the development machine a 6 MiB bf16
+#: shuffle+zstd extent takes 8.9 ms to decode against 5.8 ms to read cold (docs/STORAGE.md), for
+#: 11-30 % fewer bytes; a plain extent is read straight into its cache slot (CPU) or into device
+#: memory (kvikio) and not decoded at all. Saving s pays when s > read bandwidth / decode
+#: bandwidth of all decode threads, so 0.5 keeps zstd for what it halves (deltas of upcycled
+#: experts, sparse or low-entropy tensors); 0 keeps whatever is smaller (slow disks).
+DEFAULT_ZSTD_MIN_SAVING = 0.5
 
 #: Codec-chain stage names, in encode order. A chain is a list of these strings:
 #:   "int8:G" | "int4:G"  group-wise quantization with G elements per group (absent: raw dtype)

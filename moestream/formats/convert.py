@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from ..errors import ConvertError
 from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
-from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
+from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
 from .families import check_config, family_for
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
@@ -27,14 +27,18 @@ from .writer import ConversionLock, StoreWriter, is_store
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "keep",
             group_size: int = DEFAULT_GROUP_SIZE, zstd_level: Optional[int] = DEFAULT_ZSTD_LEVEL,
-            delta: bool = True, max_file_size: Optional[int] = None, overwrite: bool = False,
+            zstd_min_saving: float = DEFAULT_ZSTD_MIN_SAVING, delta: bool = True,
+            max_file_size: Optional[int] = None, overwrite: bool = False,
             progress: bool = True, hot_experts: Optional[Iterable[tuple[int, int]]] = None,
             hot_quant: str = "int8", cold_quant: str = "int4") -> Path:
     """Convert checkpoint directory `src` into store directory `out` and return its path.
 
     quant: "keep" (source dtype), "bf16"/"fp16"/"fp32" (lossless cast of every float tensor), or
     "int8"/"int4" (group-wise quantization of expert tensors; dense tensors keep their dtype).
-    zstd_level None disables zstd. max_file_size (bytes) caps each file of the store.
+    zstd_level None disables zstd. zstd_min_saving: an expert extent keeps zstd only when it
+    saves at least this share of its stored bytes (default 0.5: decoding costs more than the read
+    it saves on NVMe, see constants.DEFAULT_ZSTD_MIN_SAVING; 0 keeps whatever is smaller, for
+    slow disks). max_file_size (bytes) caps each file of the store.
     hot_experts: mixed precision: these (layer, expert) pairs are quantized with `hot_quant`,
     every other expert with `cold_quant` (e.g. a routing profile's most used 20 %: see
     formats/profile.py); `quant` must then be "keep". The index's quant reads "mixed" and each
@@ -54,12 +58,15 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
         raise ConvertError(f"--group-size {group_size}: must be an even number between 2 and 65536")
     if zstd_level is not None and not (-7 <= zstd_level <= 22):
         raise ConvertError(f"--zstd-level {zstd_level}: must be between -7 and 22")
+    if not 0 <= zstd_min_saving < 1:
+        raise ConvertError(f"--zstd-min-saving {zstd_min_saving}: must lie in [0, 1)")
     if max_file_size is not None and max_file_size < 1 << 20:
         raise ConvertError(f"--max-file-size {max_file_size}: must be at least 1 MiB")
     out = Path(out)
     _check_output_is_not_source(Path(src), out)
     with ConversionLock(out):
-        return _convert_locked(src, out, quant=quant, group_size=group_size, zstd_level=zstd_level, delta=delta,
+        return _convert_locked(src, out, quant=quant, group_size=group_size, zstd_level=zstd_level,
+                               zstd_min_saving=zstd_min_saving, delta=delta,
                                max_file_size=max_file_size, overwrite=overwrite, progress=progress,
                                mixed=(hot_experts, hot_quant, cold_quant) if quant == MIXED_QUANT else None)
 
@@ -73,7 +80,7 @@ def _check_output_is_not_source(src: Path, out: Path) -> None:
             raise ConvertError(f"{p}: is the source checkpoint or holds it; choose another output path")
 
 
-def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max_file_size, overwrite,
+def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_saving, delta, max_file_size, overwrite,
                     progress, mixed=None) -> Path:
     if out.exists() or out.is_symlink():
         if not overwrite:
@@ -104,17 +111,17 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, delta, max
             raise ConvertError(f"the routing profile names experts this checkpoint lacks, e.g. layer {unknown[0][0]} "
                                f"expert {unknown[0][1]} (it has MoE layers {moe_layers} x {n_experts} experts)")
     raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS) else quant
-    opts = EncodeOptions(quant=quant if quant in INT_QUANTS else None, group_size=group_size,
-                         zstd_level=zstd_level, delta=delta)
+    z = dict(zstd_level=zstd_level, zstd_min_saving=zstd_min_saving)
+    opts = EncodeOptions(quant=quant if quant in INT_QUANTS else None, group_size=group_size, delta=delta, **z)
     if mixed is not None:
-        hot_opts = EncodeOptions(quant=mixed[1], group_size=group_size, zstd_level=zstd_level, delta=delta)
-        opts = EncodeOptions(quant=mixed[2], group_size=group_size, zstd_level=zstd_level, delta=delta)
-    lossless = EncodeOptions(quant=None, zstd_level=zstd_level, delta=False)
+        hot_opts = EncodeOptions(quant=mixed[1], group_size=group_size, delta=delta, **z)
+        opts = EncodeOptions(quant=mixed[2], group_size=group_size, delta=delta, **z)
+    lossless = EncodeOptions(quant=None, delta=False, **z)
     fingerprint = hashlib.sha256(json.dumps({
         "src": str(ckpt.root.resolve()),
         "tensors": sorted((t.name, str(t.path), t.offset, t.length, os.path.getmtime(t.path))
                           for t in ckpt.tensors.values()),
-        "opts": [quant, group_size, zstd_level, delta, max_file_size],
+        "opts": [quant, group_size, zstd_level, zstd_min_saving, delta, max_file_size],
         "mixed": None if mixed is None else [sorted(mixed[0]), mixed[1], mixed[2]],
     }).encode()).hexdigest()
     writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)

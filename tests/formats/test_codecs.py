@@ -103,14 +103,39 @@ def test_lossless_region_roundtrip_any_bits(data, dtype, zstd, delta):
         assert np.array_equal(got.view(width).numpy().view(nbits), bits)
 
 
+def _bf16_weights(rng, shape):
+    return float32_to_bits(rng.normal(0, 0.02, shape).astype(np.float32), "bf16")
+
+
 def test_zstd_and_shuffle_kept_only_where_they_pay():
     rng = np.random.default_rng(0)
     noise = [("n", "fp32", (64, 64), rng.integers(0, 2**32, (64, 64), dtype=np.uint32))]
-    enc = encode_region(noise, EncodeOptions(quant=None, zstd_level=3, delta=False))
+    enc = encode_region(noise, EncodeOptions(quant=None, zstd_level=3, delta=False, zstd_min_saving=0))
     assert enc.chain == () and len(enc.stored) == 64 * 64 * 4
-    weights = [("w", "fp32", (64, 64), float32_to_bits(rng.normal(0, 0.02, (64, 64)).astype(np.float32), "fp32"))]
-    enc = encode_region(weights, EncodeOptions(quant=None, zstd_level=3, delta=False))
-    assert enc.chain == ("shuffle", "zstd") and len(enc.stored) < 64 * 64 * 4
+    weights = [("w", "bf16", (1024, 256), _bf16_weights(rng, (1024, 256)))]
+    enc = encode_region(weights, EncodeOptions(quant=None, zstd_level=3, delta=False, zstd_min_saving=0))
+    assert enc.chain == ("shuffle", "zstd") and len(enc.stored) < 1024 * 256 * 2
+
+
+def test_zstd_kept_only_when_it_saves_the_minimum_of_padded_bytes():
+    rng = np.random.default_rng(0)
+    weights = [("w", "bf16", (1024, 256), _bf16_weights(rng, (1024, 256)))]
+    smallest = encode_region(weights, EncodeOptions(quant=None, zstd_level=3, delta=False, zstd_min_saving=0))
+    saving = 1 - (-(-len(smallest.stored) // 4096) * 4096) / (1024 * 256 * 2)   # the file pads to 4 KiB
+    assert 0.1 < saving < 0.5, saving           # what shuffle+zstd saves on bf16 weights
+    for min_saving, chain in ((saving, ("shuffle", "zstd")), (saving + 0.01, ()), (0.5, ())):
+        enc = encode_region(weights, EncodeOptions(quant=None, zstd_level=3, delta=False, zstd_min_saving=min_saving))
+        assert enc.chain == chain, min_saving
+    assert EncodeOptions().zstd_min_saving == 0.5
+    # zstd that saves bytes but not a 4 KiB page is not kept even at 0: the page is read and
+    # the frame decoded all the same
+    fp32 = [("w", "fp32", (64, 64), float32_to_bits(rng.normal(0, 0.02, (64, 64)).astype(np.float32), "fp32"))]
+    enc = encode_region(fp32, EncodeOptions(quant=None, zstd_level=3, delta=False, zstd_min_saving=0))
+    assert enc.chain == () and len(enc.stored) == 64 * 64 * 4
+    # a sparse expert (a delta, a pruned tensor) more than halves and keeps zstd at the default
+    sparse = np.where(rng.random((128, 128)) < 0.05, rng.normal(0, 0.02, (128, 128)), 0).astype(np.float32)
+    enc = encode_region([("s", "fp32", (128, 128), float32_to_bits(sparse, "fp32"))], EncodeOptions(delta=False))
+    assert enc.chain[-1] == "zstd" and len(enc.stored) <= 128 * 128 * 4 / 2
 
 
 def test_delta_kept_only_when_smaller_and_not_worse():

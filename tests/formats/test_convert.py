@@ -51,6 +51,9 @@ def test_bad_arguments(checkpoints, tmp_path):
         moestream.convert(checkpoints["mixtral"], tmp_path / "s", quant="int3", progress=False)
     with pytest.raises(ConvertError, match="--group-size"):
         moestream.convert(checkpoints["mixtral"], tmp_path / "s", quant="int4", group_size=7, progress=False)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConvertError, match=rf"--zstd-min-saving {bad}: must lie in \[0, 1\)"):
+            moestream.convert(checkpoints["mixtral"], tmp_path / "s", zstd_min_saving=bad, progress=False)
     (tmp_path / "exists").mkdir()
     with pytest.raises(ConvertError, match="already exists"):
         moestream.convert(checkpoints["mixtral"], tmp_path / "exists", progress=False)
@@ -156,6 +159,7 @@ def test_cli_convert_inspect_verify(checkpoints, tmp_path):
     (("convert", "/nonexistent/ckpt", "/tmp/never"), "not a directory"),
     (("convert", ".", "/tmp/never", "--max-file-size", "lots"), "cannot parse 'lots'"),
     (("convert", ".", "/tmp/never", "--quant", "int3"), "invalid choice"),
+    (("convert", ".", "/tmp/never", "--zstd-min-saving", "2"), "--zstd-min-saving 2.0: must lie in [0, 1)"),
 ])
 def test_cli_errors_are_one_line(args, needle):
     p = run_cli(*args)

@@ -50,7 +50,7 @@ def assert_bit_exact(store, src, cast):
 @pytest.mark.parametrize("delta", [True, False])
 def test_lossless_keep_bit_exact(checkpoints, tmp_path, family, zstd, delta):
     out = moestream.convert(checkpoints[family], tmp_path / "s", zstd_level=3 if zstd else None, delta=delta,
-                            progress=False)
+                            zstd_min_saving=0, progress=False)
     assert_bit_exact(out, source_tensors(checkpoints[family]), None)
     with StoreReader(out) as r:
         chains = {s for reg in r.index.extents.values() for s in reg.chain}
@@ -75,6 +75,21 @@ def test_sharded_bf16_checkpoint_and_multi_file_store(sharded_bf16_checkpoint, t
     with StoreReader(out) as r:
         assert len({reg.file for reg in r.index.extents.values()}) >= 2
     assert_bit_exact(out, source_tensors(sharded_bf16_checkpoint), None)
+
+
+def test_bf16_shuffle_zstd_bit_exact_and_kept_only_above_the_minimum_saving(sharded_bf16_checkpoint, tmp_path):
+    """192 KiB bf16 experts: shuffle+zstd saves about a quarter. Kept at zstd_min_saving=0 (and
+    still bit exact); the default (0.5) stores them raw, to be read without decoding."""
+    source = source_tensors(sharded_bf16_checkpoint)
+    chains = {}
+    for min_saving in (0, None):
+        kw = {} if min_saving is None else {"zstd_min_saving": min_saving}
+        out = moestream.convert(sharded_bf16_checkpoint, tmp_path / f"s{min_saving}", progress=False, **kw)
+        assert_bit_exact(out, source, None)
+        with StoreReader(out) as r:
+            chains[min_saving] = {tuple(reg.chain) for reg in r.index.extents.values()}
+    assert ("shuffle", "zstd") in chains[0], chains[0]
+    assert chains[None] == {()}, chains[None]
 
 
 def test_xor_delta_is_kept_where_experts_are_similar(tmp_path):
