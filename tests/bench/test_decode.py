@@ -90,6 +90,8 @@ def test_cli_device_errors(capsys):
     assert "--device tpu" in capsys.readouterr().err
     assert main(["bench", "decode", "--system", "best-kvikio", "--workdir", "/nonexistent"]) == 2
     assert "--system best-kvikio: not a system on cpu" in capsys.readouterr().err
+    assert main(["bench", "decode", "--allowance", "lots"]) == 2
+    assert "--allowance: cannot parse 'lots'" in capsys.readouterr().err
 
 
 def test_cli_rejects_bad_budgets(capsys):
