@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import MoestreamError, UsageError
+from .formats.constants import DEFAULT_ZSTD_MIN_SAVING
 from .units import parse_size
 
 
@@ -39,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     z = c.add_mutually_exclusive_group()
     z.add_argument("--zstd-level", type=int, default=3, help="zstd level, kept only where it pays (default 3)")
     z.add_argument("--no-zstd", action="store_true", help="never compress")
-    c.add_argument("--zstd-min-saving", type=float, default=0.5, metavar="S",
-                   help="an expert extent keeps zstd only when it saves this share of its bytes (default 0.5: "
-                        "on NVMe decoding costs more than the read it saves; 0 for slow disks)")
+    c.add_argument("--zstd-min-saving", type=float, default=DEFAULT_ZSTD_MIN_SAVING, metavar="S",
+                   help="an expert extent keeps zstd only when it saves this share of its bytes (default "
+                        f"{DEFAULT_ZSTD_MIN_SAVING}: on NVMe decoding costs more than the read it saves; 0 for slow disks)")
     d = c.add_mutually_exclusive_group()
     d.add_argument("--delta", dest="delta", action="store_true", default=True,
                    help="try a delta against the layer's mean expert, kept only where it pays (default)")

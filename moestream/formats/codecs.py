@@ -15,8 +15,8 @@ import xxhash
 import zstandard
 
 from ..errors import ConvertError, FormatError
-from .constants import (ALIGNMENT, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DTYPE_ITEMSIZE, STAGE_DELTA,
-                        STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec)
+from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DTYPE_ITEMSIZE, STAGE_DELTA,
+                        STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec, align_up)
 from .index import Region, TensorSlice, payload_length
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -225,7 +225,7 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
             stored, ch2 = payload, ch
             if opts.zstd_level is not None:
                 z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
-                saving = 1 - _padded(len(z)) / _padded(len(payload))
+                saving = 1 - align_up(len(z)) / align_up(len(payload))
                 if saving > 0 and saving >= opts.zstd_min_saving:
                     stored, ch2 = z, ch + (STAGE_ZSTD,)
             if STAGE_SHUFFLE in ch2 and STAGE_ZSTD not in ch2:
@@ -237,14 +237,10 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
     return best
 
 
-def _padded(n: int) -> int:
-    return -(-n // ALIGNMENT) * ALIGNMENT
-
-
 def _rank(c: EncodedRegion) -> tuple[int, float, int]:
     """Fewer bytes on disk first; at one size the smaller error (a quantized delta), then the
     fewer stages to decode."""
-    return _padded(len(c.stored)), c.rel_error, len(c.chain)
+    return align_up(len(c.stored)), c.rel_error, len(c.chain)
 
 
 def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
