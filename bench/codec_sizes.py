@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import argparse
 import shutil
-from collections import Counter
 
 import moestream
 from moestream.formats import StoreReader
+from moestream.formats.inspect import chain_counts
 from moestream.bench.io import synthetic_checkpoint
 from moestream.units import parse_size
 
@@ -27,9 +27,9 @@ def main() -> None:
                     regs = list(r.index.extents.values())
                 stored = sum(x.length for x in regs)
                 source = sum(x.source_length for x in regs)
-                chains = Counter("+".join(x.chain) or "raw" for x in regs)
+                chains = chain_counts(regs)
                 print(f"{quant:>5} zstd={zstd!s:>4}: {stored / 2**20:8.1f} MiB of {source / 2**20:.1f} MiB source "
-                      f"= {stored / source:.3f}  {dict(chains)}")
+                      f"= {stored / source:.3f}  {chains}")
                 shutil.rmtree(out)
 
 

@@ -17,12 +17,13 @@ import argparse
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import moestream
+from moestream.bench.decode import fetch_all
 from moestream.bench.io import drop_page_cache, synthetic_checkpoint
 from moestream.formats import StoreReader
+from moestream.formats.inspect import chain_counts
 from moestream.units import parse_size
 
 
@@ -34,15 +35,7 @@ def fetch_cold(store: Path) -> dict:
     random.Random(0).shuffle(keys)
     dropped = drop_page_cache()
     with moestream.open(store, device_budget=32 * one, host_budget=0) as s:
-        t0 = time.perf_counter()
-        inflight: set = set()
-        for l, e in keys:
-            if len(inflight) == 16:
-                inflight.remove(s.wait_first(inflight))
-            inflight.update(s.fetch(l, [e]))
-        for f in inflight:
-            f.result()
-        dt = time.perf_counter() - t0
+        dt = fetch_all(s, keys)
         st = s.stats()
     return {"decoded_GBps": decoded / dt / 1e9, "read_MB": st["bytes_read"] / 1e6,
             "decode_cpu_s": st["decode_seconds"], "checksum_s": st["checksum_seconds"], "cold": dropped}
@@ -50,11 +43,7 @@ def fetch_cold(store: Path) -> dict:
 
 def chains(store: Path) -> str:
     with StoreReader(store) as r:
-        c: dict[str, int] = {}
-        for x in r.index.extents.values():
-            k = "+".join(x.chain) or "raw"
-            c[k] = c.get(k, 0) + 1
-    return ", ".join(f"{k} ({n})" for k, n in sorted(c.items()))
+        return ", ".join(f"{k} ({n})" for k, n in chain_counts(r.index.extents.values()).items())
 
 
 def routing_model_runs(work: Path, repeat: int) -> dict:

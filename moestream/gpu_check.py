@@ -250,12 +250,21 @@ def bench_decode_cuda(work: Path):
     return d
 
 
+#: section name -> its run, given (workdir, model bytes, io bytes); in the order they run
+SECTIONS = {"environment": lambda work, model, io: environment(),
+            "dequant": lambda work, model, io: dequant_check(),
+            "forward": lambda work, model, io: forward_check(work),
+            "store_paths": lambda work, model, io: store_paths_check(work),
+            "decode_speed": lambda work, model, io: decode_speed(work, model),
+            "bench_decode": lambda work, model, io: bench_decode_cuda(work),
+            "io": lambda work, model, io: io_check(work, io)}
+
+
 def main(argv: "list[str] | None" = None) -> int:
-    names = ["environment", "dequant", "forward", "store_paths", "decode_speed", "bench_decode", "io"]
     only = sys.argv[1:] if argv is None else argv
-    unknown = [n for n in only if n not in names]
+    unknown = [n for n in only if n not in SECTIONS]
     if unknown:
-        print(f"gpu-check: no section {', '.join(unknown)} (sections: {', '.join(names)})", file=sys.stderr)
+        print(f"gpu-check: no section {', '.join(unknown)} (sections: {', '.join(SECTIONS)})", file=sys.stderr)
         return 2
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; nothing was run", file=sys.stderr)
@@ -265,12 +274,9 @@ def main(argv: "list[str] | None" = None) -> int:
     io_size = int(float(os.environ.get("MOESTREAM_GPU_IO_GIB", "2")) * (1 << 30))
     model_size = int(float(os.environ.get("MOESTREAM_GPU_MODEL_GIB", "1")) * (1 << 30))
     try:
-        runs = {"environment": environment, "dequant": dequant_check, "forward": lambda: forward_check(work),
-                "store_paths": lambda: store_paths_check(work), "decode_speed": lambda: decode_speed(work, model_size),
-                "bench_decode": lambda: bench_decode_cuda(work), "io": lambda: io_check(work, io_size)}
-        for name in names:
+        for name, run in SECTIONS.items():
             if not only or name in only:
-                runs[name]()
+                run(work, model_size, io_size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         (out_dir / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2, default=str))

@@ -495,6 +495,20 @@ def run_child(spec: dict[str, Any], limit: Optional[int], tree: Optional[str] = 
                 pass
 
 
+def fetch_all(store, keys, in_flight: int = 16) -> float:
+    """Fetch every (layer, expert) of `keys` from the open Store once, `in_flight` at a time, a
+    new one as soon as one lands (results dropped); returns the seconds it took."""
+    t0 = time.perf_counter()
+    inflight: set = set()
+    for l, e in keys:
+        if len(inflight) == in_flight:
+            inflight.remove(store.wait_first(inflight))
+        inflight.update(store.fetch(l, [e]))
+    for f in inflight:
+        f.result()
+    return time.perf_counter() - t0
+
+
 def raw_read_bandwidth(store: Path, log) -> tuple[float, float]:
     """(raw uring cold GB/s over every extent in random order, Store.fetch cold GB/s over the
     same extents: read + checksum + decode), measured back to back."""
@@ -522,16 +536,8 @@ def raw_read_bandwidth(store: Path, log) -> tuple[float, float]:
             os.close(fd)
     drop_page_cache()
     with Store(store, device_budget=32 * regions[0].decoded_length, host_budget=0, queue_depth=128) as s:
-        t0 = time.perf_counter()
-        inflight: set = set()
-        for l, e in keys:  # 16 experts in flight, a new one as soon as one lands (results dropped)
-            if len(inflight) == 16:
-                inflight.remove(s.wait_first(inflight))
-            inflight.update(s.fetch(l, [e]))
-        for f in inflight:
-            f.result()
-        inflight.clear()
-        fetch = s.stats()["bytes_read"] / (time.perf_counter() - t0) / 1e9
+        seconds = fetch_all(s, keys)
+        fetch = s.stats()["bytes_read"] / seconds / 1e9
     log(f"raw uring cold random reads {raw:.2f} GB/s; Store.fetch (read + checksum + decode) {fetch:.2f} GB/s")
     return raw, fetch
 

@@ -64,7 +64,7 @@ DEFAULT_ZSTD_LEVEL = 3
 #: 11-30 % fewer bytes; a plain extent is read straight into its cache slot (CPU) or into device
 #: memory (kvikio) and not decoded at all. Saving s pays when s > read bandwidth / decode
 #: bandwidth of all decode threads, so 0.5 keeps zstd for what it halves (deltas of upcycled
-#: experts, sparse or low-entropy tensors); 0 keeps whatever is smaller (slow disks).
+#: experts, sparse or low-entropy tensors); 0 keeps it wherever it saves a page (slow disks).
 DEFAULT_ZSTD_MIN_SAVING = 0.5
 
 #: Codec-chain stage names, in encode order. A chain is a list of these strings:

@@ -37,8 +37,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
     "int8"/"int4" (group-wise quantization of expert tensors; dense tensors keep their dtype).
     zstd_level None disables zstd. zstd_min_saving: an expert extent keeps zstd only when it
     saves at least this share of its stored bytes (default 0.5: decoding costs more than the read
-    it saves on NVMe, see constants.DEFAULT_ZSTD_MIN_SAVING; 0 keeps whatever is smaller, for
-    slow disks). max_file_size (bytes) caps each file of the store.
+    it saves on NVMe, see constants.DEFAULT_ZSTD_MIN_SAVING; 0 keeps it wherever it saves a
+    page, for slow disks). max_file_size (bytes) caps each file of the store.
     hot_experts: mixed precision: these (layer, expert) pairs are quantized with `hot_quant`,
     every other expert with `cold_quant` (e.g. a routing profile's most used 20 %: see
     formats/profile.py); `quant` must then be "keep". The index's quant reads "mixed" and each

@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Iterable
 
+from .index import Region
 from .reader import StoreReader
+
+
+def chain_counts(regions: Iterable[Region]) -> dict[str, int]:
+    """Extents per codec chain ("int4:64+zstd", "raw" for none), most common first."""
+    return dict(Counter("+".join(r.chain) or "raw" for r in regions).most_common())
 
 
 def describe(reader: StoreReader) -> dict[str, Any]:
@@ -15,9 +21,8 @@ def describe(reader: StoreReader) -> dict[str, Any]:
         regions = [idx.extents[(layer, e)] for e in range(idx.experts_per_layer)]
         stored = sum(r.padded_length for r in regions)
         source = sum(r.source_length for r in regions)
-        chains = Counter("+".join(r.chain) or "raw" for r in regions)
         layers.append({"layer": layer, "stored_bytes": stored, "source_bytes": source,
-                       "ratio": source / stored if stored else 0.0, "chains": dict(chains.most_common())})
+                       "ratio": source / stored if stored else 0.0, "chains": chain_counts(regions)})
     dense_stored = sum(r.padded_length for r in idx.dense.values()) + sum(r.padded_length for r in idx.bases.values())
     expert_stored = sum(r.padded_length for r in idx.extents.values())
     extent_sizes = [r.padded_length for r in idx.extents.values()]
