@@ -9,7 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import MoestreamError, UsageError
-from .formats.constants import DEFAULT_ZSTD_MIN_SAVING
+from .formats.constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING
 from .units import parse_size
 
 
@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out", help="store directory to create")
     c.add_argument("--quant", default="keep", choices=["keep", "bf16", "fp16", "fp32", "int8", "int4"],
                    help="expert encoding (default: keep the source dtype, lossless)")
-    c.add_argument("--group-size", type=int, default=64, help="elements per quantization group (default 64)")
+    c.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"elements per quantization group (default {DEFAULT_GROUP_SIZE})")
     z = c.add_mutually_exclusive_group()
-    z.add_argument("--zstd-level", type=int, default=3, help="zstd level, kept only where it pays (default 3)")
+    z.add_argument("--zstd-level", type=int, default=DEFAULT_ZSTD_LEVEL,
+                   help=f"zstd level, kept only where it pays (default {DEFAULT_ZSTD_LEVEL})")
     z.add_argument("--no-zstd", action="store_true", help="never compress")
     c.add_argument("--zstd-min-saving", type=float, default=DEFAULT_ZSTD_MIN_SAVING, metavar="S",
                    help="an expert extent keeps zstd only when it saves this share of its bytes (default "

@@ -385,3 +385,17 @@ def test_int_scales_beyond_fp16_are_refused_and_verify_flags_nan_scales(checkpoi
     with StoreReader(out) as r:
         problems = r.verify_all()
     assert problems == [f"{f}: offset {reg.offset}: layer 0 expert 3: tensor w1 has NaN or inf quantization scales"]
+
+
+def test_cli_convert_defaults_are_the_api_defaults():
+    """`moestream convert` and `moestream.convert()` encode the same store when given nothing:
+    the CLI's defaults are the ones the API takes from formats/constants.py."""
+    import inspect as pyinspect
+
+    from moestream.cli import build_parser
+    from moestream.formats.convert import convert
+
+    a = build_parser().parse_args(["convert", "CKPT", "OUT"])
+    api = pyinspect.signature(convert).parameters
+    for name in ("group_size", "zstd_level", "zstd_min_saving"):
+        assert getattr(a, name) == api[name].default, name
