@@ -2,7 +2,7 @@
 
 Random-initialised models route almost uniformly, so cache policies and next-layer predictors
 cannot be judged on them. This trains a Mixtral-style model (transformers' own
-MixtralForCausalLM: 4 layers x 32 experts, top-2, hidden 128) for a few minutes on text that
+MixtralForCausalLM: 8 layers x 32 experts, top-2, hidden 128) for a few minutes on text that
 ships with every Python: the standard library's sources. Deterministic (fixed seed, fixed file
 order, 2 threads); the checkpoint is saved in the Hugging Face layout with its tokenizer and a
 `training.json` report (held-out loss against a unigram baseline, routing coverage), and reused
@@ -28,7 +28,7 @@ import numpy as np
 DEFAULT_DIR = Path("build/routing-model")
 #: The model's shape: small enough to train in minutes on 2 cores, with enough experts per layer
 #: that 5 % of them is more than one.
-MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
              num_key_value_heads=2, num_local_experts=32, num_experts_per_tok=2, max_position_embeddings=512,
              rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
              output_router_logits=True, router_aux_loss_coef=0.01)

@@ -23,9 +23,9 @@ from ..formats.trace import RoutingTrace
 
 
 #: `calibrate` on the trained routing model's four held-out traces (build/profile-heldout.json;
-#: bench/results/bench_cache_dev_2026-11-23.json, "synthetic_parameters"): what `bench decode`
+#: bench/results/bench_cache_8L_dev_2026-11-23.json, "synthetic_parameters"): what `bench decode`
 #: replays at Qwen3-30B-A3B's shape.
-CALIBRATED = {"skew": 1.2, "reuse": 0.1, "cross": 0.15}
+CALIBRATED = {"skew": 1.6, "reuse": 0.1, "cross": 0.15}
 
 
 def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, *, skew: float = 1.0, reuse: float = 0.3,
@@ -75,7 +75,7 @@ def calibrate(profile: dict[str, Any], *, tokens: int = 300, seed: int = 0) -> d
     layers, experts, k = len(profile["layers"]), profile["num_experts"], profile["top_k"]
     target = trace_statistics(profile)
     best: Optional[tuple[float, dict[str, float]]] = None
-    for skew, reuse, cross in itertools.product((0.4, 0.6, 0.8, 1.0, 1.2, 1.4), (0.0, 0.1, 0.2, 0.3, 0.45),
+    for skew, reuse, cross in itertools.product((0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0), (0.0, 0.1, 0.2, 0.3, 0.45),
                                                 (0.0, 0.15, 0.3, 0.5)):
         t = synthetic_trace(tokens, layers, experts, k, skew=skew, reuse=reuse, cross=cross, seed=seed)
         err = float(np.abs(trace_statistics(build_profile([t])) - target).sum())
