@@ -131,7 +131,7 @@ def test_cli_profile_and_bench_cache(tmp_path):
 
 
 def test_the_routing_model_trains_and_reports_against_a_unigram_baseline(tmp_path):
-    from moestream.bench.routing_model import train
+    from moestream.bench.routing_model import MODEL, train
     report = train(tmp_path / "rm", steps=3, corpus_bytes=1_000_000, progress=False)
     for name in ("config.json", "model.safetensors", "tokenizer.json", "training.json"):
         assert (tmp_path / "rm" / name).exists()
@@ -143,4 +143,5 @@ def test_the_routing_model_trains_and_reports_against_a_unigram_baseline(tmp_pat
     store = moestream.convert(tmp_path / "rm", tmp_path / "rm.moe", progress=False)
     from moestream.bench.traces import record_text_trace
     t = record_text_trace(store, ["def f(x):\n    return x + 1\n"], tokens_per_text=8)
-    assert t.tokens == 8 and t.num_experts == 32 and len(t.layers) == 4
+    assert t.tokens == 8 and t.num_experts == MODEL["num_local_experts"] == 32
+    assert len(t.layers) == MODEL["num_hidden_layers"] == 8

@@ -38,10 +38,18 @@ def test_bench_decode_runs_every_system(tmp_path):
     for key in ("best_vs_naive", "best_vs_accelerate", "best_vs_io_ceiling", "inmemory_vs_io_ceiling", "resident_vs_inmemory",
                 "store_fetch_vs_raw"):
         assert d[key] is not None and d[key] > 0, key
+    # B is sampled before and after the systems; the faster sample is every ceiling's B
+    samples = d["bandwidth_samples_gbps"]["raw_uring_cold"]
+    assert len(samples) == 2 and d["raw_uring_cold_gbps"] == max(samples)
+    for r in streamed[:4]:
+        assert r["io_ceiling_tokens_per_s"] == pytest.approx(r["tokens"] * d["raw_uring_cold_gbps"] * 1e9 / r["bytes_read"])
+    assert d["ceiling_exceeded_by"] == sorted({r["system"] for r in d["results"] if r.get("vs_io_ceiling", 0) > 1})
     json.dumps(d)
     table = format_table(d)
     for system in SYSTEMS + BOUNDS:
         assert f"| {system} |" in table
+    assert ("WARNING" in table) == bool(d["ceiling_exceeded_by"])
+    assert "WARNING: naive ran above the I/O ceiling" in format_table(dict(d, ceiling_exceeded_by=["naive"]))
     plot(d, str(tmp_path / "decode.png"))
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
