@@ -164,11 +164,15 @@ def _evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, np.ndarray]:
 
 
 def ensure(out: str | Path = DEFAULT_DIR, *, progress: bool = True) -> Path:
-    """The trained checkpoint at `out`, trained first when missing (a few minutes)."""
+    """The trained checkpoint at `out`, trained first when missing or when it was trained with
+    another MODEL shape than this one (a few minutes)."""
     out = Path(out)
-    if not (out / "training.json").exists():
+    report = out / "training.json"
+    stale = report.exists() and json.loads(report.read_text()).get("model") != MODEL
+    if not report.exists() or stale:
         if progress:
-            print(f"training the routing model into {out} (once; a few minutes on 2 cores)", file=sys.stderr, flush=True)
+            why = "its shape is not MODEL's (an older version's checkpoint)" if stale else "once"
+            print(f"training the routing model into {out} ({why}; a few minutes on 2 cores)", file=sys.stderr, flush=True)
         train(out, progress=progress)
     return out
 
@@ -179,8 +183,8 @@ def ensure_store(out: str | Path = DEFAULT_DIR, *, progress: bool = True) -> tup
     import moestream
     ckpt = ensure(out, progress=progress)
     store = ckpt.with_name(ckpt.name + ".moe")
-    if not store.exists():
-        moestream.convert(ckpt, store, progress=False)
+    if not store.exists() or store.stat().st_mtime < (ckpt / "training.json").stat().st_mtime:
+        moestream.convert(ckpt, store, progress=False, overwrite=True)   # missing, or of an older checkpoint
     with moestream.StoreReader(store) as r:
         return store, sum(x.decoded_length for x in r.index.extents.values())
 

@@ -145,3 +145,15 @@ def test_the_routing_model_trains_and_reports_against_a_unigram_baseline(tmp_pat
     t = record_text_trace(store, ["def f(x):\n    return x + 1\n"], tokens_per_text=8)
     assert t.tokens == 8 and t.num_experts == MODEL["num_local_experts"] == 32
     assert len(t.layers) == MODEL["num_hidden_layers"] == 8
+
+
+def test_a_routing_model_of_another_shape_is_trained_again(tmp_path, monkeypatch):
+    from moestream.bench import routing_model as rm
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "training.json").write_text(json.dumps({"model": rm.MODEL}))
+    trained = []
+    monkeypatch.setattr(rm, "train", lambda out, progress=True: trained.append(out))
+    assert rm.ensure(tmp_path / "rm", progress=False) == tmp_path / "rm" and trained == []
+    monkeypatch.setattr(rm, "MODEL", dict(rm.MODEL, num_hidden_layers=4))   # the checkpoint of another version
+    rm.ensure(tmp_path / "rm", progress=False)
+    assert trained == [tmp_path / "rm"]
