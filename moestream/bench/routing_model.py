@@ -163,9 +163,9 @@ def _evaluate(model, ids: np.ndarray, seq: int) -> tuple[float, np.ndarray]:
     return total / tokens, counts
 
 
-def ensure(out: str | Path = DEFAULT_DIR, *, progress: bool = True) -> Path:
-    """The trained checkpoint at `out`, trained first when missing or when it was trained with
-    another MODEL shape than this one (a few minutes)."""
+def ensure(out: str | Path = DEFAULT_DIR, *, progress: bool = True, steps: Optional[int] = None) -> Path:
+    """The trained checkpoint at `out`, trained first (for `steps`, default TRAIN's) when missing
+    or when it was trained with another MODEL shape than this one (a few minutes)."""
     out = Path(out)
     report = out / "training.json"
     stale = report.exists() and json.loads(report.read_text()).get("model") != MODEL
@@ -173,7 +173,7 @@ def ensure(out: str | Path = DEFAULT_DIR, *, progress: bool = True) -> Path:
         if progress:
             why = "its shape is not MODEL's (an older version's checkpoint)" if stale else "once"
             print(f"training the routing model into {out} ({why}; a few minutes on 2 cores)", file=sys.stderr, flush=True)
-        train(out, progress=progress)
+        train(out, progress=progress, steps=steps)
     return out
 
 
@@ -195,8 +195,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {TRAIN['steps']})")
     p.add_argument("--force", action="store_true", help="train again even if OUT exists")
     a = p.parse_args(argv)
-    if a.force or not (Path(a.out) / "training.json").exists():
+    if a.force:
         train(a.out, steps=a.steps)
+    else:
+        ensure(a.out, steps=a.steps)      # trains when missing or of another shape
     print(json.dumps(json.loads((Path(a.out) / "training.json").read_text()), indent=2))
     return 0
 

@@ -152,7 +152,7 @@ def test_a_routing_model_of_another_shape_is_trained_again(tmp_path, monkeypatch
     (tmp_path / "rm").mkdir()
     (tmp_path / "rm" / "training.json").write_text(json.dumps({"model": rm.MODEL}))
     trained = []
-    monkeypatch.setattr(rm, "train", lambda out, progress=True: trained.append(out))
+    monkeypatch.setattr(rm, "train", lambda out, progress=True, steps=None: trained.append(out))
     assert rm.ensure(tmp_path / "rm", progress=False) == tmp_path / "rm" and trained == []
     monkeypatch.setattr(rm, "MODEL", dict(rm.MODEL, num_hidden_layers=4))   # the checkpoint of another version
     rm.ensure(tmp_path / "rm", progress=False)
