@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     fp.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to fit on")
     fp.add_argument("--held-out", nargs="+", default=[], metavar="FILE", help="text files to score on (not fitted)")
     fp.add_argument("--tokens", type=int, default=20000, help="tokens to fit on (default 20000)")
-    fp.add_argument("--ridge", type=float, default=1.0, help="L2 penalty of the regression (default 1.0)")
+    fp.add_argument("--hidden", type=int, default=None,
+                    help="hidden units of each probe (default: DEFAULT_PROBE_WIDTH in compute/predictor.py; it "
+                         "needs ~80000 tokens to beat a linear probe); 0: linear, by ridge regression")
+    fp.add_argument("--ridge", type=float, default=1.0, help="L2 penalty of the linear probes' regression (default 1.0)")
     fp.add_argument("-o", "--output", required=True, metavar="PROBES.npz")
 
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
@@ -210,11 +213,15 @@ def _fit_predictor(a: argparse.Namespace) -> int:
     from tqdm import tqdm
     from .compute.generation import load_tokenizer
     from .compute.loader import load_model
-    from .compute.predictor import collect, probes_from, score, token_batches
+    from .compute.predictor import DEFAULT_PROBE_WIDTH, collect, probes_from, score, token_batches
     if a.tokens < 2:
         raise UsageError("--tokens must be at least 2")
     if not a.ridge >= 0:
         raise UsageError("--ridge must be a non-negative number")
+    if a.hidden is None:
+        a.hidden = DEFAULT_PROBE_WIDTH
+    if a.hidden < 0:
+        raise UsageError("--hidden must be 0 (linear probes) or a positive number of units")
     if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
         raise UsageError(f"--output {a.output}: its directory does not exist")
 
@@ -235,7 +242,7 @@ def _fit_predictor(a: argparse.Namespace) -> int:
             raise UsageError(f"--text {' '.join(a.text)}: no tokens to fit on")
         with tqdm(total=sum(b.numel() for b in batches), unit="tok", desc="fit-predictor") as bar:
             fitted_on = collect(model, batches, progress=bar.update)
-        probes = probes_from(model, *fitted_on, a.ridge)
+        probes = probes_from(model, *fitted_on, a.ridge, width=a.hidden)
         probes.save(a.output)
         print(f"wrote {a.output}: probes for layers {sorted(probes.weights)}, fitted on {probes.meta['tokens']} tokens")
         held_batches = token_batches(tok, held, tokens=a.tokens)

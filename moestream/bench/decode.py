@@ -55,8 +55,8 @@ MiB = 1 << 20
 
 #: Expert shapes of Qwen3-30B-A3B, with this many decoder layers (quick / full).
 SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4, head_dim=128, vocab=4096)
-#: accuracy of the simulated next-layer predictor behind `best` (published next-layer predictors)
-PREFETCH_ACCURACY = 0.85
+#: accuracy of the simulated next-layer predictor behind `best`
+PREFETCH_ACCURACY = traces.PREFETCH_ACCURACY
 SYSTEMS = ("naive", "lru", "best-no-prefetch", "best", "accelerate")
 BOUNDS = ("inmemory", "resident")
 #: On CUDA, `best` twice more, reaching device memory two ways: io_uring into pinned host memory
@@ -225,8 +225,7 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
             # (made while layer i-1 runs) is the trace's truth, each expert wrong with p 1-acc
             def guess(x, i=i):
                 truth = trace[clock.start, i].tolist() if clock.count == 1 else []
-                g = [e if rng.random() < acc else rng.choice([o for o in range(shape["experts"]) if o not in truth])
-                     for e in truth]
+                g = traces.simulated_guess(truth, shape["experts"], acc, rng)
                 return torch.tensor([g]), torch.ones(1, len(g))                  # [1, A], [1, A]
             m.guess = guess
     if acc is not None:

@@ -12,6 +12,7 @@ The synthetic generator has three knobs, each matching one statistic of a profil
 values then generate traces of any shape (e.g. 48 layers x 128 experts, top-8)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -26,6 +27,10 @@ from ..formats.trace import RoutingTrace
 #: bench/results/bench_cache_8L_dev_2026-11-23.json, "synthetic_parameters"): what `bench decode`
 #: replays at Qwen3-30B-A3B's shape.
 CALIBRATED = {"skew": 1.6, "reuse": 0.1, "cross": 0.15}
+#: Accuracy of the simulated next-layer predictor (`simulated_guess`): the published one-layer-ahead
+#: figures (82.6 % for a linear probe) and what fitted probes reach on the routing model (87.0 %,
+#: docs/CACHING.md). `bench decode` prefetches with it, `bench cache` guesses synthetic traces' layers.
+PREFETCH_ACCURACY = 0.85
 
 
 def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, *, skew: float = 1.0, reuse: float = 0.3,
@@ -59,6 +64,27 @@ def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, *, skew:
     weights = np.full(out.shape, 1.0 / top_k, np.float32)
     return RoutingTrace(tuple(range(layers)), experts, np.arange(tokens), out, weights, None,
                         {"synthetic": {"skew": skew, "reuse": reuse, "cross": cross, "seed": seed}})
+
+
+def simulated_guess(truth: Sequence[int], experts: int, accuracy: float, rng) -> list[int]:
+    """A next-layer predictor's guess of `truth` (one token's experts at one layer): each expert
+    right with chance `accuracy`, otherwise replaced by one it did not choose (uniformly).
+    `rng`: a random.Random or anything with .random() and .choice()."""
+    wrong = [o for o in range(experts) if o not in truth]
+    return [int(e) if rng.random() < accuracy or not wrong else rng.choice(wrong) for e in truth]
+
+
+def with_simulated_guesses(trace: RoutingTrace, accuracy: float = PREFETCH_ACCURACY, seed: int = 0) -> RoutingTrace:
+    """`trace` with the guesses of a simulated next-layer predictor (`simulated_guess`) recorded
+    for every layer but the first, which has no earlier layer of the same token to guess from."""
+    import random
+    rng = random.Random(seed)
+    pred = np.full(trace.experts.shape, -1, np.int64)
+    for t in range(trace.tokens):
+        for i in range(1, len(trace.layers)):
+            pred[t, i] = simulated_guess(trace.experts[t, i].tolist(), trace.num_experts, accuracy, rng)
+    meta = dict(trace.meta, simulated_guesses={"accuracy": accuracy, "seed": seed})
+    return dataclasses.replace(trace, predicted=pred, confidence=None, meta=meta)
 
 
 def trace_statistics(profile: dict[str, Any]) -> np.ndarray:
@@ -113,17 +139,19 @@ def record_text_trace(store: str | Path, texts: Sequence[str], *, tokens_per_tex
         model.store.close()
 
 
-def fit_text_probes(store: str | Path, tokens: int = 20000):
+def fit_text_probes(store: str | Path, tokens: int = 80000, width: Optional[int] = None):
     """Next-layer probes for the routing model, fitted on `tokens` tokens of its training text
-    (every 7th training file, none of the held-out ones)."""
+    (every 7th training file, none of the held-out ones); `width` hidden units (default
+    DEFAULT_PROBE_WIDTH; 0: linear)."""
     from ..compute.generation import load_tokenizer
     from ..compute.loader import load_model
-    from ..compute.predictor import fit_probes, token_batches
+    from ..compute.predictor import DEFAULT_PROBE_WIDTH, fit_probes, token_batches
     from .routing_model import TRAIN, corpus_text
     train, _ = corpus_text(TRAIN["corpus_bytes"], TRAIN["held_out_files"])
     model = load_model(store, device_budget="64MiB")
     try:
-        return fit_probes(model, token_batches(load_tokenizer(model), train[::7], tokens=tokens))
+        return fit_probes(model, token_batches(load_tokenizer(model), train[::7], tokens=tokens),
+                          width=DEFAULT_PROBE_WIDTH if width is None else width)
     finally:
         model.store.close()
 

@@ -1,15 +1,21 @@
 """The cache simulator drives the Store's own policy objects: a trace replayed through a real
 Store and through the simulator gives the same hits; Belady bounds every policy; the CLI."""
+import functools
 import json
+import random
 import subprocess
 import sys
 import time
+from concurrent.futures import wait
 
+import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import moestream
-from moestream.bench.cache import ONLINE, belady, bench_cache, most_used, parse_capacities, simulate
-from moestream.bench.traces import synthetic_trace
+from moestream.bench.cache import (ONLINE, PREFETCHING, belady, bench_cache, format_table, most_used, parse_capacities,
+                                   replay, simulate)
+from moestream.bench.traces import simulated_guess, synthetic_trace, with_simulated_guesses
 from moestream.errors import UsageError
 from moestream.formats.profile import build_profile, hot_experts
 
@@ -25,35 +31,51 @@ def store4(tmp_path_factory):
     return moestream.convert(ckpt, root / "store", zstd_level=None, delta=False, progress=False)
 
 
-def replay_through_store(path, trace, slots, policy, pinned=()):
+def replay_through_store(path, trace, slots, policy, pinned=(), prefetch=False):
     """The Store asked as the forward asks it: note the routing, fetch the layer's experts, hold
-    them until the layer is done. One read and one decode at a time, so puts happen in order."""
+    them until the layer is done, then (prefetch=True) prefetch the next layer's guesses and let
+    them land. One read and one decode at a time, so puts happen in order."""
     with moestream.open(path, device_budget=slots * EXPERT_BYTES, host_budget=0, policy=policy, io="posix",
-                        queue_depth=1, decode_threads=1, pinned_experts=pinned) as s:
+                        queue_depth=1, decode_threads=1, pinned_experts=pinned, prefetch_budget="1GiB") as s:
         assert s.expert_slots == slots
-        for layer, chosen, _ in trace.requests():
+        requests = list(trace.requests())
+        for i, (layer, chosen, _) in enumerate(requests):
             s.note_routing(layer, chosen)
             futures = s.fetch(layer, chosen)
             results = [f.result() for f in futures]
             del futures, results
+            if prefetch and i + 1 < len(requests) and requests[i + 1][2]:
+                nxt, _, guess = requests[i + 1]
+                s.prefetch(nxt, guess)
+                landing = [s._pending[(nxt, e)].future for e in guess if (nxt, e) in s._pending]
+                wait(landing, timeout=10)      # a wrong guess lands too: nothing asks before it does
+                del landing                    # a landed future's result holds its slot
             # a decode thread drops its own reference to a result just after handing it over:
             # wait for that, so no slot of this layer still counts as held at the next one
             deadline = time.monotonic() + 10
             while any(s.arena.pinned(s.l1.peek(k)) for k in s.l1.keys()) and time.monotonic() < deadline:
                 time.sleep(0.0005)
-        return s.stats()["hits_l1"]
+        return s.stats()
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu", "least-stale", "next-use", "pinned+lru"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "least-stale", "next-use", "pinned+lru",
+                                    "least-stale+prefetch", "next-use+prefetch"])
 def test_a_simulated_hit_rate_is_the_one_a_store_gets(store4, policy):
     trace = synthetic_trace(40, 4, 16, 2, skew=1.0, reuse=0.3, cross=0.2, seed=3)
+    trace = with_simulated_guesses(trace, 0.7, seed=1)       # wrong guesses must cost the same too
     requests = list(trace.requests())
     slots = 12
     pinned = hot_experts(build_profile([trace]), 6 / 64) if policy == "pinned+lru" else ()
-    simulated = simulate(requests, trace.layers, slots, policy, pinned=pinned)
-    real = replay_through_store(store4, trace, slots, "lru" if policy == "pinned+lru" else policy, pinned)
-    assert real == simulated
-    assert 0 < simulated < sum(len(c) for _, c, _ in requests)
+    simulated = replay(requests, trace.layers, slots, policy, pinned=pinned)
+    base = {"pinned+lru": "lru"}.get(policy, policy.split("+")[0])
+    real = replay_through_store(store4, trace, slots, base, pinned, prefetch=policy.endswith("+prefetch"))
+    assert real["hits_l1"] == simulated.hits
+    assert 0 < simulated.hits < sum(len(c) for _, c, _ in requests)
+    assert real["prefetch_issued"] == simulated.prefetched and real["prefetch_used"] == simulated.prefetch_used
+    if policy.endswith("+prefetch"):
+        assert real.get("prefetch_skipped", 0) == simulated.prefetch_skipped
+        # some guesses were wrong and some used: both kinds went through the comparison
+        assert 0 < simulated.prefetch_used < simulated.prefetched
 
 
 def test_belady_bounds_every_online_policy_and_lru_fails_the_sweep():
@@ -61,11 +83,73 @@ def test_belady_bounds_every_online_policy_and_lru_fails_the_sweep():
     requests = list(trace.requests())
     for slots in (10, 48, 96):
         best = belady(requests, slots)
-        for pol in ONLINE[:-1]:
+        for pol in ONLINE:
             assert simulate(requests, trace.layers, slots, pol,
                             pinned=hot_experts(build_profile([trace]), slots / 2 / 192)) <= best
     # a cache smaller than one sweep's working set: LRU evicts each expert just before its reuse
     assert simulate(requests, trace.layers, 10, "lru") < simulate(requests, trace.layers, 10, "next-use")
+
+
+def best_by_search(requests, slots, prefetch):
+    """The most hits any schedule gets, by trying them all: every miss cached (evicting any key),
+    each guess either skipped or loaded (evicting any key). Tiny inputs only."""
+    events = []
+    for i, (layer, chosen, _) in enumerate(requests):
+        events += [(True, (layer, e)) for e in chosen]
+        if prefetch and i + 1 < len(requests) and requests[i + 1][2]:
+            events += [(False, (requests[i + 1][0], e)) for e in requests[i + 1][2]]
+
+    @functools.lru_cache(maxsize=None)
+    def best(i, cached):
+        if i == len(events):
+            return 0
+        demand, k = events[i]
+        if k in cached:
+            return demand + best(i + 1, cached)
+        options = [] if demand else [cached]                  # a guess may be skipped
+        options += [cached | {k}] if len(cached) < slots else [(cached - {v}) | {k} for v in cached]
+        return max(best(i + 1, c) for c in options)
+
+    return best(0, frozenset())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(0, 3), min_size=1, max_size=2, unique=True),
+                          st.one_of(st.none(), st.lists(st.integers(0, 3), min_size=1, max_size=2, unique=True))),
+                min_size=1, max_size=7),
+       st.integers(1, 3))
+def test_belady_is_the_optimum_with_and_without_guesses(steps, slots):
+    # two layers taking turns, four experts each: as many schedules as a search can try
+    requests = [(i % 2, sorted(chosen), sorted(guess) if guess else None) for i, (chosen, guess) in enumerate(steps)]
+    assert belady(requests, slots) == best_by_search(requests, slots, prefetch=False)
+    assert belady(requests, slots, prefetch=True) == best_by_search(requests, slots, prefetch=True)
+
+
+def test_belady_with_guesses_bounds_the_prefetching_policies():
+    trace = with_simulated_guesses(synthetic_trace(150, 6, 32, 4, skew=1.0, reuse=0.3, cross=0.2, seed=1), 0.8)
+    requests = list(trace.requests())
+    for slots in (10, 48, 96):
+        bound = belady(requests, slots, prefetch=True)
+        assert bound >= belady(requests, slots)
+        for pol in PREFETCHING:
+            got = replay(requests, trace.layers, slots, pol)
+            assert got.hits <= bound
+            assert got.prefetched > 0 and got.hits + got.misses == sum(len(c) for _, c, _ in requests)
+    # guesses that are right 80 % of the time are worth more hits than demand loading gets
+    assert replay(requests, trace.layers, 48, "next-use+prefetch").hits > replay(requests, trace.layers, 48, "next-use").hits
+
+
+def test_simulated_guesses_are_right_as_often_as_asked():
+    rng = random.Random(0)
+    assert simulated_guess([3, 5], 8, 1.0, rng) == [3, 5]
+    wrong = simulated_guess([3, 5], 8, 0.0, rng)
+    assert len(wrong) == 2 and not set(wrong) & {3, 5}
+    trace = synthetic_trace(200, 4, 16, 2, seed=5)
+    g = with_simulated_guesses(trace, 0.85, seed=2)
+    assert (g.predicted[:, 0] == -1).all()          # the first layer has nothing to guess from
+    right = (g.predicted[:, 1:] == trace.experts[:, 1:]).mean()
+    assert 0.8 < right < 0.9
+    assert np.array_equal(g.experts, trace.experts) and g.meta["simulated_guesses"]["accuracy"] == 0.85
 
 
 def test_belady_on_a_hand_made_sequence():
@@ -87,11 +171,32 @@ def test_bench_cache_reports_every_policy_and_the_gap_to_belady():
         rates = c["hit_rate"]
         assert set(rates) == {"lru", "lfu", "pinned+lru", "least-stale", "next-use", "frequency-oracle",
                               "belady"}   # no guesses recorded
+        assert c["best_prefetching"] is None and c["best_prefetching_vs_belady+prefetch_pp"] is None
         assert all(0 <= r <= rates["belady"] for r in rates.values())
         # the best *online* policy: the frequency oracle is offline, like Belady
         assert c["best_online"] not in ("frequency-oracle", "belady")
         assert c["best_vs_belady_pp"] == pytest.approx(100 * (rates["belady"] - max(
             v for k, v in rates.items() if k not in ("belady", "frequency-oracle"))))
+
+
+def test_bench_cache_with_guesses_reports_the_prefetching_policies_against_their_bound():
+    trace = with_simulated_guesses(synthetic_trace(60, 4, 16, 2, seed=2), 0.85)
+    d = bench_cache([("t", trace)], [0.1, 0.5])
+    row = d["results"][0]
+    assert row["guesses"] == {"accuracy": 0.85, "seed": 0}
+    for c in row["capacities"].values():
+        rates = c["hit_rate"]
+        assert set(PREFETCHING) | {"belady+prefetch"} <= set(rates)
+        assert max(rates[p] for p in PREFETCHING) <= rates["belady+prefetch"]
+        assert c["best_prefetching_vs_belady+prefetch_pp"] == pytest.approx(
+            100 * (rates["belady+prefetch"] - max(rates[p] for p in PREFETCHING)))
+        # demand-only policies are still held to plain belady
+        assert c["best_online"] not in PREFETCHING
+        # what prefetching costs: it reads more than next-use alone, and says how much was used
+        assert c["reads_per_token"]["next-use+prefetch"] > c["reads_per_token"]["next-use"] > 0
+        assert c["reads_per_token"]["belady"] is None
+        assert 0 < c["prefetch"]["next-use+prefetch"]["prefetch_used"] <= c["prefetch"]["next-use+prefetch"]["prefetched"]
+    assert "best prefetching vs belady+prefetch" in format_table(d)
 
 
 def test_frequency_oracle_pins_the_most_used_experts():
@@ -124,6 +229,8 @@ def test_cli_profile_and_bench_cache(tmp_path):
     d = json.loads(r.stdout)
     assert [row["trace"] for row in d["results"]] == [str(tmp_path / "t.npz"), "synthetic 3x8x2"]
     assert (tmp_path / "c.png").stat().st_size > 0
+    r = run("bench", "cache", "--synthetic", "3x8x2", "--guess-accuracy", "1.5")
+    assert r.returncode == 2 and "--guess-accuracy" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "cache", str(tmp_path / "t.npz"), "--capacity", "0%")
     assert r.returncode == 2 and "--capacity" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "cache", str(tmp_path / "p.json"))

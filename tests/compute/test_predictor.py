@@ -7,7 +7,7 @@ import moestream
 from moestream.cli import main
 from moestream.compute import load_model
 from moestream.compute.generation import load_tokenizer
-from moestream.compute.predictor import (NextLayerProbes, collect, fit_probes, probe_logits, ridge, score,
+from moestream.compute.predictor import (NextLayerProbes, collect, fit_mlp, fit_probes, probe_logits, ridge, score,
                                          token_batches)
 from moestream.compute.routing import RoutingRecorder
 from moestream.errors import FormatError, UsageError
@@ -39,7 +39,7 @@ def test_probes_fit_their_text_at_least_as_well_as_the_router(store):
     try:
         batches = token_batches(load_tokenizer(model), [TEXT], tokens=600, length=100)
         assert sum(b.numel() for b in batches) == 600 and all(b.shape[0] == 1 for b in batches)
-        probes = fit_probes(model, batches, penalty=1e-6)
+        probes = fit_probes(model, batches, penalty=1e-6, width=0)
         inputs, logits = collect(model, batches)
         moe = [layer.mlp.layer for layer in model.layers]
         assert sorted(probes.weights) == moe[1:]                 # no probe for the first MoE layer
@@ -59,6 +59,52 @@ def test_probes_fit_their_text_at_least_as_well_as_the_router(store):
         model.store.close()
 
 
+def test_a_probe_with_a_hidden_layer_learns_what_a_linear_one_cannot():
+    # y = |x| per coordinate: no linear map of x comes near it, one hidden layer does
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 6, generator=g)
+    y = torch.cat([x.abs(), -x.abs()], 1)                       # [N, 12]
+    hid, out = fit_mlp(x, y, 32, epochs=100)
+    assert hid.shape == (7, 32) and out.shape == (33, 12) and hid.dtype == out.dtype == np.float32
+    xt = torch.randn(500, 6, generator=g)
+    yt = torch.cat([xt.abs(), -xt.abs()], 1)
+    mlp_err = (probe_logits([torch.from_numpy(hid), torch.from_numpy(out)], xt) - yt).pow(2).mean()
+    lin_err = (probe_logits(torch.from_numpy(ridge(x, y, 1e-6)), xt) - yt).pow(2).mean()
+    assert mlp_err < 0.2 * lin_err, (mlp_err, lin_err)
+    # deterministic: the same seed gives the same probe
+    again = fit_mlp(x, y, 32, epochs=100)
+    np.testing.assert_array_equal(again[0], hid)
+    np.testing.assert_array_equal(again[1], out)
+
+
+def test_probes_with_hidden_layers_fit_save_and_guess(store, tmp_path):
+    model = load_model(store, device_budget="64MiB")
+    try:
+        batches = token_batches(load_tokenizer(model), [TEXT], tokens=400, length=100)
+        probes = fit_probes(model, batches, width=16)
+        assert probes.meta == {"tokens": 400, "hidden": 16, "epochs": 8}
+        key = min(probes.weights)
+        assert probes.hidden[key].shape == (model.cfg.hidden_size + 1, 16)
+        assert probes.weights[key].shape == (17, model.cfg.num_experts)
+        probes.save(tmp_path / "p.npz")
+        back = NextLayerProbes.load(tmp_path / "p.npz")
+        assert back.meta["format"] == "moestream-next-layer-probes/2"
+        for a, b in zip(back.maps(key), probes.maps(key)):
+            np.testing.assert_array_equal(a, b)
+        # the forward guesses with the probe's own maps
+        model.use_probes(back)
+        x = torch.randn(3, model.cfg.hidden_size)
+        mlp = model.moe_layers()[key]
+        expected = torch.topk(torch.softmax(probe_logits([torch.from_numpy(m) for m in probes.maps(key)], x), -1),
+                              model.cfg.top_k, -1)
+        experts, probs = mlp.guess(x)
+        assert torch.equal(experts, expected.indices) and torch.allclose(probs, expected.values)
+        rows = score(model, back, *collect(model, batches))
+        assert all(0 <= r["probe"] <= 1 for r in rows.values())
+    finally:
+        model.store.close()
+
+
 def test_probes_file_round_trip_and_errors(tmp_path):
     w = {1: np.arange(5 * 3, dtype=np.float32).reshape(5, 3)}
     p = NextLayerProbes(4, 3, w, {"tokens": 10})
@@ -69,6 +115,14 @@ def test_probes_file_round_trip_and_errors(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["p.npz"]          # no temporary file left
     with pytest.raises(ValueError, match="expected float32"):
         NextLayerProbes(4, 3, {1: np.zeros((4, 3), np.float32)})
+    with pytest.raises(ValueError, match=r"expected float32 \(9, 3\)"):    # output rows follow the hidden map
+        NextLayerProbes(4, 3, {1: np.zeros((5, 3), np.float32)}, hidden={1: np.zeros((5, 8), np.float32)})
+    with pytest.raises(ValueError, match="hidden map without an output map"):
+        NextLayerProbes(4, 3, {}, hidden={1: np.zeros((5, 8), np.float32)})
+    # a file of the first format (linear probes only) is still read
+    np.savez(tmp_path / "v1.npz", meta=np.array('{"format": "moestream-next-layer-probes/1", "hidden_size": 4, '
+                                                '"num_experts": 3}'), layer_1=w[1])
+    assert NextLayerProbes.load(tmp_path / "v1.npz").maps(1)[0].shape == (5, 3)
     (tmp_path / "junk.npz").write_bytes(b"not a zip at all")
     with pytest.raises(FormatError, match="junk.npz: not a next-layer probes file"):
         NextLayerProbes.load(tmp_path / "junk.npz")
@@ -127,5 +181,7 @@ def test_cli_fits_probes_and_generate_uses_them(store, tmp_path, capsys):
     # user mistakes: one line, no traceback
     assert main(["fit-predictor", str(store), "--text", str(tmp_path / "nope.txt"), "-o", str(out)]) == 2
     assert "nope.txt" in capsys.readouterr().err
+    assert main(["fit-predictor", str(store), "--text", str(tmp_path / "fit.txt"), "--hidden", "-1", "-o", str(out)]) == 2
+    assert "--hidden" in capsys.readouterr().err
     assert main(["generate", str(store), "--prompt", "x", "--predictor", str(tmp_path / "held.txt")]) == 1
     assert "held.txt: not a next-layer probes file" in capsys.readouterr().err

@@ -66,3 +66,25 @@ def test_sweep_policies_need_the_layer_order():
         TierCache("d", 1, "least-stale")
     with pytest.raises(ValueError, match="policy="):
         TierCache("d", 1, "mru", sweep=[0])
+
+
+@pytest.mark.parametrize("guessed", [False, True])
+def test_next_use_evicts_first_what_the_guesses_will_load_again(guessed):
+    # three layers, each asking for its expert 0 at every visit; the predictor (when on) names
+    # layer 1's expert every time, never layer 2's (as the first layer of a sweep is never guessed)
+    c = TierCache("d", 3, "next-use", sweep=[0, 1, 2])
+    for _ in range(30):
+        c.visit(0, [(0, 0)])
+        c.put((0, 0), 1, 1)
+        if guessed:
+            c.expect([(1, 0)])
+        c.visit(1, [(1, 0)])
+        c.put((1, 0), 1, 1)
+        c.visit(2, [(2, 0)])
+        c.put((2, 0), 1, 1)
+    c.visit(0, [(0, 0), (0, 5)])         # a new expert of layer 0 needs a slot, before this round's guess
+    v = c.victim(exclude=lambda k: k[0] == 0)
+    assert v == c.victim_reference(exclude=lambda k: k[0] == 0)
+    # by distance alone layer 2 is further (2 layers against 1) and goes; a layer whose experts
+    # the prefetcher loads again anyway is the cheaper one to evict
+    assert v == ((1, 0) if guessed else (2, 0))

@@ -218,9 +218,9 @@ class StreamingMoE(nn.Module):
         #: (layer, experts) to prefetch once this layer's own reads are queued (set by
         #: DecoderLayer for its next-layer guesses; used by one forward, then cleared)
         self.prefetch_next: Optional[tuple[int, list[int]]] = None
-        #: a fitted next-layer probe [H + 1, E] float32 (compute/predictor.py) that replaces this
-        #: router in guess(): the router assumes the residual does not change in between
-        self.probe: Optional[torch.Tensor] = None
+        #: a fitted next-layer probe, its affine maps in order (compute/predictor.py), that
+        #: replaces this router in guess(): the router assumes the residual does not change in between
+        self.probe: Optional[tuple[torch.Tensor, ...]] = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         probs = F.softmax(self.gate(x).float(), dim=-1)                          # [N, E]
@@ -384,8 +384,9 @@ class CausalLM(nn.Module):
         if probes is not None:
             probes.check(self.cfg.hidden_size, self.cfg.num_experts, moe, where)
         for key, mlp in moe.items():
-            w = probes.weights.get(key) if probes is not None else None
-            mlp.probe = None if w is None else torch.from_numpy(w).to(self.embed_tokens.weight.device)
+            fitted = probes is not None and key in probes.weights
+            mlp.probe = tuple(torch.from_numpy(m).to(self.embed_tokens.weight.device)
+                              for m in probes.maps(key)) if fitted else None
 
     def record_routing(self, recorder) -> None:
         """Record every MoE layer's routing and the next-layer predictor's guesses into
