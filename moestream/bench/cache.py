@@ -75,6 +75,18 @@ def replay(requests: Sequence[Request], layers: Sequence[int], slots: int, polic
     prefetch = policy.endswith("+prefetch")
     hits = misses = prefetched = used = skipped = 0
     unused: set = set()          # prefetched, not asked for yet
+
+    def make_room(exclude) -> bool:
+        """A free slot, or evict the policy's victim among keys `exclude` spares (Store._claim_slot)."""
+        if len(cache) < slots:
+            return True
+        victim = cache.victim(exclude=exclude)
+        if victim is None:
+            return False
+        cache.pop(victim)
+        unused.discard(victim)
+        return True
+
     for i, (layer, chosen, _) in enumerate(requests):
         guess = requests[i + 1][2] if prefetch and i + 1 < len(requests) else None
         keys = [(layer, e) for e in chosen]
@@ -92,13 +104,8 @@ def replay(requests: Sequence[Request], layers: Sequence[int], slots: int, polic
         misses += len(pending)
         held = set(keys)
         for k, tick in pending:       # the dispatcher: a free slot, or the victim no caller holds
-            if len(cache) >= slots:
-                victim = cache.victim(exclude=held.__contains__)
-                if victim is None:
-                    continue          # decoded uncached
-                cache.pop(victim)
-                unused.discard(victim)
-            cache.put(k, True, 1, tick=tick)
+            if make_room(held.__contains__):
+                cache.put(k, True, 1, tick=tick)   # else decoded uncached
         if guess:                     # Store.prefetch, queued behind this layer's reads
             nxt = requests[i + 1][0]
             wanted = [(nxt, e) for e in guess]
@@ -106,13 +113,9 @@ def replay(requests: Sequence[Request], layers: Sequence[int], slots: int, polic
             for k in wanted:
                 if k in cache:
                     continue
-                if len(cache) >= slots:
-                    victim = cache.victim(exclude=lambda v: v[0] == nxt or v in held)
-                    if victim is None:
-                        skipped += 1
-                        continue
-                    cache.pop(victim)
-                    unused.discard(victim)
+                if not make_room(lambda v: v[0] == nxt or v in held):
+                    skipped += 1
+                    continue
                 cache.put(k, True, 1)
                 unused.add(k)
                 prefetched += 1
