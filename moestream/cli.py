@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prefetch the next layer's likely experts (speculative; see README)")
     g.add_argument("--prefetch-threshold", type=float, default=0.0,
                    help="prefetch only guesses whose router probability reaches this (0-1; default 0: all)")
+    g.add_argument("--extra-guesses", type=int, default=0, metavar="N",
+                   help="guess N experts per token and layer beyond the top-k, for --prefetch and --trace "
+                        "(default 0; more hits, more reads: docs/CACHING.md)")
     g.add_argument("--predictor", metavar="PROBES.npz",
                    help="guess the next layer's experts with these probes (moestream fit-predictor), not its router")
     g.add_argument("--engine", default="auto", choices=["auto", "native", "transformers"],
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default 1024)")
     sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
 
-    fp = sub.add_parser("fit-predictor", help="fit next-layer probes (guesses for --prefetch) on text")
+    fp = sub.add_parser("fit-predictor", help="fit next-layer probes (guesses for --prefetch; the first layer's from the "
+                        "embedding) on text")
     fp.add_argument("store")
     fp.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to fit on")
     fp.add_argument("--held-out", nargs="+", default=[], metavar="FILE", help="text files to score on (not fitted)")
@@ -204,7 +208,8 @@ def _generate(a: argparse.Namespace) -> int:
         raise UsageError(f"--trace {a.trace}: its directory does not exist")
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
-                  prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor)
+                  prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor,
+                  extra_guesses=a.extra_guesses)
     return 0
 
 

@@ -25,7 +25,9 @@ Policies:
                       policies (with them an online policy can beat plain belady, which only
                       bounds policies that load on demand)
 
-Synthetic traces get their guesses from a simulated predictor (traces.with_simulated_guesses)."""
+Guesses cover every layer, the first layer's made from the token's embedding (CausalLM.forward),
+and name the top-k experts and `--extra-guesses` more (recorded guesses are cut to that width).
+Synthetic traces get theirs from a simulated predictor (traces.with_simulated_guesses)."""
 from __future__ import annotations
 
 import argparse
@@ -218,6 +220,7 @@ def bench_cache(traces: Sequence[tuple[str, RoutingTrace]], capacities: Sequence
                                "top_k": trace.top_k, "tokens": trace.tokens, "requests": n,
                                "profile": "given" if profile is not None else "the trace's own",
                                "guesses": trace.meta.get("simulated_guesses", "recorded") if guessed else None,
+                               "guess_width": trace.guess_width if guessed else None,
                                "threshold": threshold if guessed else None, "capacities": {}}
         for cap in capacities:
             slots = max(1, int(round(cap * total)))
@@ -263,8 +266,8 @@ def format_table(d: dict[str, Any]) -> str:
         guesses = ""
         if row.get("guesses") is not None:
             g = row["guesses"]
-            guesses = (f", guesses {'recorded' if g == 'recorded' else 'simulated, accuracy ' + str(g['accuracy'])}"
-                       f" (confidence >= {row['threshold']})")
+            guesses = (f", guesses {'recorded' if g == 'recorded' else 'simulated, top-k accuracy ' + str(g['accuracy'])}"
+                       f" of {row.get('guess_width')} experts (confidence >= {row['threshold']})")
         lines.append(f"{row['trace']}: {row['layers']} layers x {row['experts']} experts, top-{row['top_k']}, "
                      f"{row['tokens']} tokens, {row['requests']} expert requests (hot set from {row['profile']} "
                      f"profile{guesses})")
@@ -322,8 +325,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threshold", type=float, default=0.0,
                    help="confidence a recorded guess needs to be used (default 0: every guess)")
     p.add_argument("--guess-accuracy", type=float, default=PREFETCH_ACCURACY,
-                   help=f"accuracy of the simulated next-layer predictor that guesses synthetic traces' "
+                   help=f"accuracy of the top-k of the simulated predictor that guesses synthetic traces' "
                         f"experts (default {PREFETCH_ACCURACY}; 0 for none)")
+    p.add_argument("--extra-guesses", type=int, default=0, metavar="N",
+                   help="guesses name the top-k experts and N more (default 0, as generate's): synthetic traces' "
+                        "simulated ones; recorded ones are cut to that width (record wider ones with generate "
+                        "--extra-guesses)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png", help="hit rate against capacity, one panel per trace")
 
@@ -334,8 +341,18 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"--guess-accuracy {a.guess_accuracy}: must lie in [0, 1]")
     if not a.traces and not a.synthetic:
         raise UsageError("give trace files, --synthetic LxExK, or both")
+    if a.extra_guesses < 0:
+        raise UsageError(f"--extra-guesses {a.extra_guesses}: must not be negative")
     log = (lambda m: print(m, file=sys.stderr)) if a.json else (lambda m: None)
-    traces = [(t, RoutingTrace.load(t)) for t in a.traces]
+    traces = []
+    for t in a.traces:
+        tr = RoutingTrace.load(t)
+        width = min(tr.top_k + a.extra_guesses, tr.num_experts)
+        if tr.predicted is not None and width > tr.guess_width:
+            raise UsageError(f"--extra-guesses {a.extra_guesses}: {t} recorded guesses of {tr.guess_width} experts "
+                             f"(top-{tr.top_k}), and recorded guesses can be cut, not widened (record them with "
+                             f"generate --extra-guesses)")
+        traces.append((t, tr.narrowed(width)))
     params: dict[str, Any] = {"skew": 1.0, "reuse": 0.3, "cross": 0.0}
     if a.calibrate:
         params = calibrate_from(load_profile(a.calibrate))
@@ -348,7 +365,7 @@ def run(a: argparse.Namespace) -> int:
         tr = synthetic_trace(a.tokens, layers, experts, k, skew=params["skew"], reuse=params["reuse"],
                              cross=params["cross"])
         if a.guess_accuracy > 0:
-            tr = with_simulated_guesses(tr, a.guess_accuracy)
+            tr = with_simulated_guesses(tr, a.guess_accuracy, width=min(k + a.extra_guesses, experts))
         traces.append((f"synthetic {spec}" + (" (calibrated)" if a.calibrate else ""), tr))
     d = bench_cache(traces, caps, profile=load_profile(a.profile) if a.profile else None,
                     policies=a.policy or POLICIES, threshold=a.threshold, progress=log)

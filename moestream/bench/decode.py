@@ -220,13 +220,14 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     rng = random.Random(1)
     for i, m in enumerate(moes):
         m.route = _forced_router(trace, i, clock, top_k)
-        if acc is not None and i > 0:
-            # the model's own next-layer prefetch path, its predictor simulated: layer i's guess
-            # (made while layer i-1 runs) is the trace's truth, each expert wrong with p 1-acc
-            def guess(x, i=i):
+        if acc is not None:
+            # the model's own prefetch path, its predictor simulated: layer i's guess (made while
+            # layer i-1 runs; the first layer's from the embedding) is the trace's truth, each
+            # expert wrong with p 1-acc (traces.simulated_guess)
+            def guess(x, width=None, i=i):
                 truth = trace[clock.start, i].tolist() if clock.count == 1 else []
-                g = traces.simulated_guess(truth, shape["experts"], acc, rng)
-                return torch.tensor([g]), torch.ones(1, len(g))                  # [1, A], [1, A]
+                g = traces.simulated_guess(truth, shape["experts"], acc, rng, width if truth else 0)
+                return torch.tensor([g], dtype=torch.long), torch.ones(1, len(g))   # [1, G], [1, G]
             m.guess = guess
     if acc is not None:
         model.prefetch_next_layer, model.prefetch_threshold = True, 0.0
@@ -678,7 +679,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                   "coverage": coverage(trace)},
         "tokens": tokens, "accelerate_tokens": accelerate_tokens, "budgets": budgets, "repeat": repeat,
         "accelerate_under_limit": acc is not None and acc["system"] == "accelerate",
-        "prefetch_predictor": f"simulated, accuracy {prefetch_accuracy}",
+        "prefetch_predictor": f"simulated, accuracy {prefetch_accuracy}; every layer, the first from the embedding",
         "raw_uring_cold_gbps": raw, "store_fetch_cold_gbps": fetch, "store_fetch_vs_raw": fetch / raw,
         "bandwidth_samples_gbps": {"raw_uring_cold": [b[0] for b in bandwidths],
                                    "store_fetch_cold": [b[1] for b in bandwidths], "taken": "before and after the systems; the faster is B"},

@@ -27,10 +27,15 @@ from ..formats.trace import RoutingTrace
 #: bench/results/bench_cache_8L_dev_2026-11-23.json, "synthetic_parameters"): what `bench decode`
 #: replays at Qwen3-30B-A3B's shape.
 CALIBRATED = {"skew": 1.6, "reuse": 0.1, "cross": 0.15}
-#: Accuracy of the simulated next-layer predictor (`simulated_guess`): the published one-layer-ahead
-#: figures (82.6 % for a linear probe) and what fitted probes reach on the routing model (87.0 %,
-#: docs/CACHING.md). `bench decode` prefetches with it, `bench cache` guesses synthetic traces' layers.
+#: Accuracy of the simulated next-layer predictor's top-k (`simulated_guess`): the published
+#: one-layer-ahead figures (82.6 % for a linear probe) and what fitted probes reach on the routing
+#: model (87.0 %, docs/CACHING.md). `bench decode` prefetches with it, `bench cache` guesses
+#: synthetic traces' layers.
 PREFETCH_ACCURACY = 0.85
+#: Chance that one more guess beyond the top-k names an expert the top-k missed: on the routing
+#: model the probes' third guess catches 63 % of what their top-2 miss (87.0 % -> 95.2 %), the
+#: embedding's 50 % (84.8 % -> 92.4 %) (docs/CACHING.md)
+EXTRA_RECALL = 0.6
 
 
 def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, *, skew: float = 1.0, reuse: float = 0.3,
@@ -66,24 +71,51 @@ def synthetic_trace(tokens: int, layers: int, experts: int, top_k: int, *, skew:
                         {"synthetic": {"skew": skew, "reuse": reuse, "cross": cross, "seed": seed}})
 
 
-def simulated_guess(truth: Sequence[int], experts: int, accuracy: float, rng) -> list[int]:
-    """A next-layer predictor's guess of `truth` (one token's experts at one layer): each expert
-    right with chance `accuracy`, otherwise replaced by one it did not choose (uniformly).
-    `rng`: a random.Random or anything with .random() and .choice()."""
-    wrong = [o for o in range(experts) if o not in truth]
-    return [int(e) if rng.random() < accuracy or not wrong else rng.choice(wrong) for e in truth]
+def simulated_guess(truth: Sequence[int], experts: int, accuracy: float, rng, width: Optional[int] = None,
+                    extra_recall: float = EXTRA_RECALL) -> list[int]:
+    """A predictor's guess of `truth` (one token's experts at one layer), `width` experts (default
+    len(truth)), most likely first: the first len(truth) each right with chance `accuracy`,
+    otherwise an expert it did not choose; each further one, with chance `extra_recall`, an
+    expert the first ones missed (while one is left), otherwise another it did not choose. No
+    expert twice. `rng`: a random.Random or anything with .random() and .choice()."""
+    truth = [int(e) for e in truth]
+    width = len(truth) if width is None else width
+    guess: list[int] = []
+    missed: list[int] = []
+
+    def other() -> Optional[int]:
+        left = [o for o in range(experts) if o not in truth and o not in guess]
+        return rng.choice(left) if left else None
+    for e in truth[:width]:
+        g = e if rng.random() < accuracy else other()
+        if g is None:
+            g = e
+        if g != e:
+            missed.append(e)
+        guess.append(g)
+    while len(guess) < min(width, experts):
+        if missed and rng.random() < extra_recall:
+            guess.append(missed.pop(0))
+            continue
+        g = other()
+        guess.append(g if g is not None else missed.pop(0))
+    return guess
 
 
-def with_simulated_guesses(trace: RoutingTrace, accuracy: float = PREFETCH_ACCURACY, seed: int = 0) -> RoutingTrace:
-    """`trace` with the guesses of a simulated next-layer predictor (`simulated_guess`) recorded
-    for every layer but the first, which has no earlier layer of the same token to guess from."""
+def with_simulated_guesses(trace: RoutingTrace, accuracy: float = PREFETCH_ACCURACY, seed: int = 0,
+                           width: Optional[int] = None) -> RoutingTrace:
+    """`trace` with the guesses of a simulated predictor (`simulated_guess`, `width` experts,
+    default the top-k) recorded for every layer, the first included (the forward guesses it from
+    the token's embedding)."""
     import random
     rng = random.Random(seed)
-    pred = np.full(trace.experts.shape, -1, np.int64)
+    width = trace.top_k if width is None else width
+    pred = np.full(trace.experts.shape[:2] + (min(width, trace.num_experts),), -1, np.int64)
     for t in range(trace.tokens):
-        for i in range(1, len(trace.layers)):
-            pred[t, i] = simulated_guess(trace.experts[t, i].tolist(), trace.num_experts, accuracy, rng)
-    meta = dict(trace.meta, simulated_guesses={"accuracy": accuracy, "seed": seed})
+        for i in range(len(trace.layers)):
+            pred[t, i] = simulated_guess(trace.experts[t, i].tolist(), trace.num_experts, accuracy, rng, width)
+    meta = dict(trace.meta, simulated_guesses={"accuracy": accuracy, "width": int(pred.shape[2]),
+                                               "extra_recall": EXTRA_RECALL, "seed": seed})
     return dataclasses.replace(trace, predicted=pred, confidence=None, meta=meta)
 
 
@@ -112,16 +144,17 @@ def calibrate(profile: dict[str, Any], *, tokens: int = 300, seed: int = 0) -> d
 
 
 def record_text_trace(store: str | Path, texts: Sequence[str], *, tokens_per_text: int = 256,
-                      device_budget: str | int = "1GiB", predictor=None) -> RoutingTrace:
+                      device_budget: str | int = "1GiB", predictor=None, extra_guesses: int = 0) -> RoutingTrace:
     """The routing of the store's model reading `texts` token by token (teacher-forced decode:
-    one token per step, KV cache kept), with the next-layer predictor's guesses (its routers',
-    or those of `predictor`: next-layer probes, compute/predictor.py)."""
+    one token per step, KV cache kept), with the predictor's guesses of top-k + `extra_guesses`
+    experts (its routers', or those of `predictor`: next-layer probes, compute/predictor.py)."""
     import torch
     from ..compute.generation import load_tokenizer
     from ..compute.loader import load_model
     from ..compute.models.common import KVCache
     from ..compute.routing import RoutingRecorder
-    model = load_model(store, device_budget=device_budget, host_budget=0, predictor=predictor)
+    model = load_model(store, device_budget=device_budget, host_budget=0, predictor=predictor,
+                       extra_guesses=extra_guesses)
     try:
         tok = load_tokenizer(model)
         rec = RoutingRecorder(model.store.index.moe_layers, model.cfg.num_experts, model.cfg.top_k)

@@ -40,13 +40,14 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
                   device_budget=None, host_budget=None, temperature: float = 0.0, seed: int = 0,
                   prefetch: bool = False, prefetch_threshold: float = 0.0, trace: Optional[str] = None,
                   engine: str = "auto", out: TextIO = sys.stdout, err: TextIO = sys.stderr,
-                  predictor: Optional[str] = None, **store_options) -> dict:
+                  predictor: Optional[str] = None, extra_guesses: int = 0, **store_options) -> dict:
     """Generate from `prompt`, writing text to `out` as it is produced and the report to `err`.
     Returns the report as a dict. trace: a file to record the routing into (formats/trace.py).
     engine: "native" (moestream's own forward) or "transformers" (transformers' model class with
     the "moestream" experts implementation: integrations/transformers.py); same report. "auto":
     native where moestream has a forward for the family, transformers otherwise. predictor:
-    next-layer probes (moestream fit-predictor) for the guesses of --prefetch and --trace."""
+    next-layer probes (moestream fit-predictor) for the guesses of --prefetch and --trace;
+    extra_guesses: experts each guess names beyond the top-k (load_model)."""
     if engine not in ENGINES:
         raise UsageError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "auto":
@@ -54,8 +55,8 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         from .loader import FORWARDS
         with StoreReader(store) as r:
             engine = "native" if r.index.architecture in FORWARDS else "transformers"
-    if engine == "transformers" and (prefetch or trace is not None or predictor is not None):
-        raise UsageError("--prefetch, --predictor and --trace need the native engine")
+    if engine == "transformers" and (prefetch or trace is not None or predictor is not None or extra_guesses):
+        raise UsageError("--prefetch, --predictor, --extra-guesses and --trace need the native engine")
     t_load = time.perf_counter()
     if engine == "transformers":
         from ..integrations.transformers import from_store
@@ -66,7 +67,7 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
     else:
         model = load_model(store, device=device, device_budget=device_budget, host_budget=host_budget,
                            prefetch=prefetch, prefetch_threshold=prefetch_threshold, predictor=predictor,
-                           **store_options)
+                           extra_guesses=extra_guesses, **store_options)
         bos, eos = model.cfg.bos_token_id, model.cfg.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     try:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import FormatError, MoestreamError
+from ..errors import FormatError, MoestreamError, UsageError
 from ..formats.families import FAMILIES, check_config
 from ..formats.codecs import TORCH_DTYPES
 from ..storage.store import Store, parse_device
@@ -21,7 +21,7 @@ FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, 
 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
-               prefetch: bool = False, prefetch_threshold: float = 0.0,
+               prefetch: bool = False, prefetch_threshold: float = 0.0, extra_guesses: int = 0,
                predictor: "str | os.PathLike | NextLayerProbes | None" = None, **store_options) -> CausalLM:
     """Open the store at `path` and build its model on `device`.
 
@@ -34,7 +34,11 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     the store's prefetch_budget), only experts whose router probability there reaches
     `prefetch_threshold` (0: every guess). Off by default: it cuts stall time, but the wrong guesses'
     reads, and on few cores the compute the hidden reads take back, cost more than it saves in
-    every run so far (`moestream bench decode`, bench/prefetch.py, README). predictor: next-layer
+    every run so far (`moestream bench decode`, bench/prefetch.py, README). Every layer's
+    experts are guessed (the first layer's from the token's embedding), the top-k of the guess
+    and `extra_guesses` more: for prefetch and for recorded traces (docs/CACHING.md: one more
+    guess cuts demand reads 3x in the cache simulator, and is slower on a 2-core machine).
+    predictor: next-layer
     probes (a file from `moestream fit-predictor`, or a NextLayerProbes) that make the guesses
     instead of the routers (compute/predictor.py). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
@@ -67,6 +71,10 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
         model.prefetch_next_layer = prefetch
         model.prefetch_threshold = float(prefetch_threshold)
+        if not 0 <= extra_guesses <= cfg.num_experts - cfg.top_k:
+            raise UsageError(f"extra_guesses={extra_guesses}: must lie in 0..{cfg.num_experts - cfg.top_k} "
+                             f"({cfg.num_experts} experts per layer, top-{cfg.top_k})")
+        model.guess_width = cfg.top_k + int(extra_guesses)
         model.dequant = store_dequant(store)
         if predictor is not None:
             given = isinstance(predictor, NextLayerProbes)

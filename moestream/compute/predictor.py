@@ -12,6 +12,10 @@ change is not linear (layer l's experts make it), and a probe with one hidden la
 89 % of the router's top-2 against 86.5 % for ridge (docs/CACHING.md), for one more [H+1, D] GEMV.
 It needs more text than ridge to get there (80 k tokens; at 20 k both reach 86.5 %).
 
+The first MoE layer has no layer before it: its guess (and its probe) starts from the token's
+embedding, normed by its post-attention norm, before its attention runs. There the probe hits
+86.7 % of the router's top-2 on the routing model, the router itself 68 % (docs/CACHING.md).
+
 File (.npz, numpy's own format): `meta` (a JSON string: format, hidden size, experts, the
 tokens and the fit's settings) and per predicted MoE layer L one float32 array `layer_<L>`, the
 output map [D + 1, experts] (D = hidden size for a linear probe), and for a probe with a hidden
@@ -186,12 +190,13 @@ def score(model, probes: Optional["NextLayerProbes"], inputs: dict[int, torch.Te
 
 
 def collect(model, batches: Iterable[torch.Tensor], progress=None) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
-    """Run `model` (a moestream CausalLM) on token batches [B, T]; returns, per predicted MoE
-    layer, the probe's inputs [N, H] (the previous layer's residual after its attention, normed
-    by this layer's post-attention norm) and the router's logits there [N, E] (float32).
+    """Run `model` (a moestream CausalLM) on token batches [B, T]; returns, per MoE layer, the
+    probe's inputs [N, H] (the previous layer's residual after its attention, or for the first
+    layer the token's embedding, normed by this layer's post-attention norm) and the router's
+    logits there [N, E] (float32).
     progress(tokens) is called after each batch."""
     from .models.common import StreamingMoE
-    pairs = [(i, layer) for i, layer in enumerate(model.layers) if i > 0 and isinstance(layer.mlp, StreamingMoE)]
+    pairs = [(i, layer) for i, layer in enumerate(model.layers) if isinstance(layer.mlp, StreamingMoE)]
     inputs: dict[int, list] = {layer.mlp.layer: [] for _, layer in pairs}
     logits: dict[int, list] = {layer.mlp.layer: [] for _, layer in pairs}
     hooks = []
@@ -200,13 +205,17 @@ def collect(model, batches: Iterable[torch.Tensor], progress=None) -> tuple[dict
     saved = model.prefetch_next_layer, model.recorder
     model.prefetch_next_layer, model.recorder = False, None
     for i, layer in pairs:
-        prev, key = model.layers[i - 1], layer.mlp.layer
+        key = layer.mlp.layer
 
-        def keep_input(mod, args, layer=layer, key=key):
-            h = args[0].reshape(-1, args[0].shape[-1])
+        def keep_input(h, layer=layer, key=key):
+            h = h.reshape(-1, h.shape[-1])
             # .forward: calling the module would fire the hook this loop puts on that same norm
             inputs[key].append(layer.post_attention_layernorm.forward(h).float())
-        hooks.append(prev.post_attention_layernorm.register_forward_pre_hook(keep_input))
+        if i == 0:   # the first layer's guess is made from the token's embedding (CausalLM.forward)
+            hooks.append(model.embed_tokens.register_forward_hook(lambda mod, args, out, f=keep_input: f(out)))
+        else:        # the others' from the layer before's residual after its attention
+            hooks.append(model.layers[i - 1].post_attention_layernorm.register_forward_pre_hook(
+                lambda mod, args, f=keep_input: f(args[0])))
         hooks.append(layer.mlp.gate.register_forward_hook(
             lambda mod, args, out, key=key: logits[key].append(out.reshape(-1, out.shape[-1]).float())))
     try:
@@ -227,7 +236,7 @@ def collect(model, batches: Iterable[torch.Tensor], progress=None) -> tuple[dict
 
 def fit_probes(model, batches: Iterable[torch.Tensor], penalty: float = 1.0, progress=None, *,
                width: int = DEFAULT_PROBE_WIDTH) -> NextLayerProbes:
-    """Probes for every MoE layer that has one before it, fitted on `batches` of token ids."""
+    """Probes for every MoE layer (the first one's from the embedding), fitted on `batches` of token ids."""
     return probes_from(model, *collect(model, batches, progress), penalty, width=width)
 
 

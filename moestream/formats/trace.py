@@ -9,15 +9,19 @@ A trace file is a NumPy .npz archive (compressed) with these arrays:
                                    share one step; each decode step is one row per sequence)
     experts       int16 [N, L, K]  the router's top-k experts of each token row at each layer
     weights       float16 [N, L, K] their routing weights
-    predicted     int16 [N, L, K]  optional: the next-layer predictor's guess for that layer,
-                                   made one layer earlier; -1 where none was made
-    confidence    float16 [N, L, K] with predicted: the router probability of each guess
+    predicted     int16 [N, L, G]  optional: the predictor's guess of that layer's experts, made
+                                   before the layer runs (one layer earlier; the first layer's
+                                   from the token's embedding), most likely first: G experts
+                                   (the predictor's width: K, or more with generate
+                                   --extra-guesses); -1 where none was made
+    confidence    float16 [N, L, G] with predicted: the predicted probability of each guess
     meta          uint8 [...]      optional: UTF-8 JSON (store, prompt tokens, sampler...)
 
 2 bytes per (token, layer, expert) for the ids, 2 for the weights: a 1000-token trace of a
 94-layer top-8 model is 3 MB before compression."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -51,8 +55,12 @@ class RoutingTrace:
             raise FormatError(f"trace: experts has shape {self.experts.shape}, expected [{n}, {len(self.layers)}, K]")
         if self.weights.shape != self.experts.shape:
             raise FormatError(f"trace: weights has shape {self.weights.shape}, experts {self.experts.shape}")
-        if self.predicted is not None and self.predicted.shape != self.experts.shape:
-            raise FormatError(f"trace: predicted has shape {self.predicted.shape}, experts {self.experts.shape}")
+        if self.predicted is not None:
+            p = self.predicted
+            if p.ndim != 3 or p.shape[:2] != self.experts.shape[:2] or p.shape[2] < 1:
+                raise FormatError(f"trace: predicted has shape {p.shape}, expected [{n}, {len(self.layers)}, G]")
+            if n and (p.min() < -1 or p.max() >= self.num_experts):
+                raise FormatError(f"trace: guessed expert ids outside -1..{self.num_experts - 1}")
         if self.confidence is not None and (self.predicted is None or self.confidence.shape != self.predicted.shape):
             raise FormatError("trace: confidence needs predicted of the same shape")
         if n and (self.experts.min() < 0 or self.experts.max() >= self.num_experts):
@@ -67,6 +75,21 @@ class RoutingTrace:
     @property
     def tokens(self) -> int:
         return int(len(self.step))
+
+    @property
+    def guess_width(self) -> int:
+        """Experts each recorded guess names (0 without guesses)."""
+        return 0 if self.predicted is None else int(self.predicted.shape[2])
+
+    def narrowed(self, width: int) -> "RoutingTrace":
+        """This trace with each guess cut to its `width` most likely experts: what a predictor of
+        that width would have guessed (guesses are recorded most likely first)."""
+        if self.predicted is None or width >= self.guess_width:
+            return self
+        if width < 1:
+            raise ValueError(f"guess width {width}: must be at least 1")
+        conf = None if self.confidence is None else self.confidence[:, :, :width]
+        return dataclasses.replace(self, predicted=self.predicted[:, :, :width], confidence=conf)
 
     def requests(self, threshold: float = 0.0) -> Iterator[tuple[int, list[int], Optional[list[int]]]]:
         """What a Store is asked, in order: (layer, sorted experts routed by any row of the

@@ -21,8 +21,8 @@ as certain (q = 1) until their layer is visited. When guesses are loaded ahead (
 eviction costs a read only if the guesses will not load the key again before it is needed, so
 the estimate is divided by the share of the layer's experts the guesses miss (measured per layer,
 averaged with weight REUSE_ALPHA; floor MIN_UNCOVERED): experts of well-guessed layers go first,
-those of the first layer, which nothing guesses, last. Without guesses the share is 0 and nothing
-changes. Ties go to the least recently used key (a
+those of the layers the guesses miss most (or never name) last. Without guesses the share is 0
+and nothing changes. Ties go to the least recently used key (a
 miss counts as used when it was requested, not when its load finished). A pinned hot set
 (keys that are never evicted) can be given, e.g. from a routing profile.
 
@@ -190,7 +190,7 @@ class TierCache(Generic[K]):
         q = min(1.0, f + 1e-3)
         # what an eviction costs is a read only when the guesses will not load the key again
         # first: a layer whose experts the prefetcher names 90 % of the time is 10x cheaper to
-        # evict from than one it never guesses (the first layer)
+        # evict from than one it never guesses
         return (d + (1.0 - q) / q) / max(1.0 - self._covered.get(layer, 0.0), MIN_UNCOVERED)
 
     def staleness(self, key: K) -> float:

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 import moestream
 from moestream.bench.cache import (ONLINE, PREFETCHING, belady, bench_cache, format_table, most_used, parse_capacities,
                                    replay, simulate)
-from moestream.bench.traces import simulated_guess, synthetic_trace, with_simulated_guesses
+from moestream.bench.traces import EXTRA_RECALL, simulated_guess, synthetic_trace, with_simulated_guesses
 from moestream.errors import UsageError
 from moestream.formats.profile import build_profile, hot_experts
 
@@ -146,10 +146,29 @@ def test_simulated_guesses_are_right_as_often_as_asked():
     assert len(wrong) == 2 and not set(wrong) & {3, 5}
     trace = synthetic_trace(200, 4, 16, 2, seed=5)
     g = with_simulated_guesses(trace, 0.85, seed=2)
-    assert (g.predicted[:, 0] == -1).all()          # the first layer has nothing to guess from
-    right = (g.predicted[:, 1:] == trace.experts[:, 1:]).mean()
+    assert (g.predicted >= 0).all()                 # every layer, the first one's from the embedding
+    right = (g.predicted == trace.experts).mean()
     assert 0.8 < right < 0.9
     assert np.array_equal(g.experts, trace.experts) and g.meta["simulated_guesses"]["accuracy"] == 0.85
+
+
+def test_wider_simulated_guesses_catch_what_the_top_k_missed():
+    rng = random.Random(0)
+    # the extra guesses name the missed experts when extra_recall is 1, and never when it is 0
+    assert sorted(simulated_guess([3, 5], 8, 0.0, rng, width=4, extra_recall=1.0)[2:]) == [3, 5]
+    assert not set(simulated_guess([3, 5], 8, 0.0, rng, width=6, extra_recall=0.0)) & {3, 5}
+    assert simulated_guess([3, 5], 4, 1.0, rng, width=9) and len(simulated_guess([3, 5], 4, 1.0, rng, width=9)) == 4
+    trace = synthetic_trace(300, 4, 16, 2, seed=5)
+    g = with_simulated_guesses(trace, 0.85, seed=2, width=3)
+    assert g.guess_width == 3 and g.meta["simulated_guesses"]["width"] == 3
+    for row in g.predicted.reshape(-1, 3):
+        assert len(set(row.tolist())) == 3          # no expert named twice
+    top_k = (g.predicted[:, :, :2, None] == trace.experts[:, :, None, :]).any(2).mean()
+    whole = (g.predicted[:, :, :, None] == trace.experts[:, :, None, :]).any(2).mean()
+    # the third guess finds ~EXTRA_RECALL of the 15 % the top-2 miss, not just another 1/14
+    assert 0.8 < top_k < 0.9 and 0.08 * 0.6 * 0.8 < whole - top_k < 0.15 * 0.6 * 1.25
+    # narrowing gives back the top-k guess
+    assert np.array_equal(g.narrowed(2).predicted, g.predicted[:, :, :2]) and g.narrowed(5) is g
 
 
 def test_belady_on_a_hand_made_sequence():
@@ -180,10 +199,11 @@ def test_bench_cache_reports_every_policy_and_the_gap_to_belady():
 
 
 def test_bench_cache_with_guesses_reports_the_prefetching_policies_against_their_bound():
-    trace = with_simulated_guesses(synthetic_trace(60, 4, 16, 2, seed=2), 0.85)
+    trace = with_simulated_guesses(synthetic_trace(60, 4, 16, 2, seed=2), 0.85, width=3)
     d = bench_cache([("t", trace)], [0.1, 0.5])
     row = d["results"][0]
-    assert row["guesses"] == {"accuracy": 0.85, "seed": 0}
+    assert row["guesses"] == {"accuracy": 0.85, "width": 3, "extra_recall": EXTRA_RECALL, "seed": 0}
+    assert row["guess_width"] == 3
     for c in row["capacities"].values():
         rates = c["hit_rate"]
         assert set(PREFETCHING) | {"belady+prefetch"} <= set(rates)
@@ -231,6 +251,16 @@ def test_cli_profile_and_bench_cache(tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 0
     r = run("bench", "cache", "--synthetic", "3x8x2", "--guess-accuracy", "1.5")
     assert r.returncode == 2 and "--guess-accuracy" in r.stderr and "Traceback" not in r.stderr
+    # wider guesses: simulated ones are drawn that wide, recorded ones cut to it, never widened
+    with_simulated_guesses(trace, 0.8, width=3).save(tmp_path / "g.npz")
+    r = run("bench", "cache", str(tmp_path / "g.npz"), "--capacity", "25%", "--json", "--synthetic", "3x8x2",
+            "--tokens", "30", "--extra-guesses", "1")
+    assert r.returncode == 0, r.stderr
+    assert [row["guess_width"] for row in json.loads(r.stdout)["results"]] == [3, 3]
+    r = run("bench", "cache", str(tmp_path / "g.npz"), "--capacity", "25%", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["guess_width"] == 2
+    r = run("bench", "cache", str(tmp_path / "g.npz"), "--extra-guesses", "2")
+    assert r.returncode == 2 and "g.npz recorded guesses of 3 experts" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "cache", str(tmp_path / "t.npz"), "--capacity", "0%")
     assert r.returncode == 2 and "--capacity" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "cache", str(tmp_path / "p.json"))

@@ -79,8 +79,12 @@ def test_bytes_read_counts_the_extents_read(lossless, monkeypatch):
         assert st["bytes_read"] == sum(issued) and st["reads"] == len(issued)
         if not prefetch:
             assert st["reads"] == st["misses"] and st["prefetch_issued"] == 0
-        else:  # speculative reads are reads too, and no expert is read twice with a 1 GiB budget
-            assert st["prefetch_issued"] > 0 and st["reads"] == st["misses"] + st["prefetch_issued"]
+        else:  # speculative reads are reads too, and no expert is read twice with a 1 GiB budget; a
+            # guess the router rejects before its read starts (the first layer's, guessed from the
+            # embedding just before it routes, often is) is withdrawn, counted cancelled, not read
+            assert st["prefetch_issued"] > 0 and st["reads"] > st["misses"]
+            withdrawn = st["prefetch_cancelled"] + st["prefetch_skipped"]
+            assert st["misses"] + st["prefetch_issued"] - withdrawn <= st["reads"] <= st["misses"] + st["prefetch_issued"]
 
 
 @pytest.mark.parametrize("quant,min_top1,max_kl", [("int8", 0.9, 0.01), ("int4", 0.6, 0.2)])

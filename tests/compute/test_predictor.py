@@ -11,6 +11,7 @@ from moestream.compute.predictor import (NextLayerProbes, collect, fit_mlp, fit_
                                          token_batches)
 from moestream.compute.routing import RoutingRecorder
 from moestream.errors import FormatError, UsageError
+from moestream.formats.trace import RoutingTrace
 
 TEXT = ("Mixture-of-experts models route every token to a few experts; the rest of the weights "
         "stay on the disk until a router asks for them. ") * 40
@@ -42,7 +43,12 @@ def test_probes_fit_their_text_at_least_as_well_as_the_router(store):
         probes = fit_probes(model, batches, penalty=1e-6, width=0)
         inputs, logits = collect(model, batches)
         moe = [layer.mlp.layer for layer in model.layers]
-        assert sorted(probes.weights) == moe[1:]                 # no probe for the first MoE layer
+        assert sorted(probes.weights) == moe                     # the first MoE layer's too
+        # ... fitted on the token's embedding, normed by that layer's post-attention norm
+        ids = torch.cat([b.reshape(-1) for b in batches])
+        with torch.no_grad():
+            emb = model.layers[0].post_attention_layernorm(model.embed_tokens(ids)).float()
+        torch.testing.assert_close(inputs[moe[0]], emb)
         for key, x in inputs.items():
             assert x.shape == (600, model.cfg.hidden_size) and logits[key].shape == (600, model.cfg.num_experts)
             gate = model.layers[moe.index(key)].mlp.gate
@@ -154,10 +160,17 @@ def test_the_forward_guesses_with_the_probes(store, tmp_path):
             model.record_routing(None)
             return rec.trace()
         t = guesses()
-        assert (np.sort(t.predicted[:, 1], -1) == sorted(favourite)).all()
-        assert (t.confidence[:, 1] > 0.99 / cfg.top_k).all()
+        assert t.guess_width == model.guess_width == cfg.top_k
+        model.guess_width = cfg.top_k + 1                         # load_model(extra_guesses=1)
+        t = guesses()
+        # the top-k of the guess are the probe's favourites, the extra guess is another expert
+        assert (np.sort(t.predicted[:, 1, :cfg.top_k], -1) == sorted(favourite)).all()
+        assert (t.confidence[:, 1, :cfg.top_k] > 0.99 / cfg.top_k).all()
+        assert not np.isin(t.predicted[:, 1, cfg.top_k:], favourite).any()
         model.use_probes(None)                                    # back to the router's guess
-        assert not (np.sort(guesses().predicted[:, 1], -1) == sorted(favourite)).all()
+        assert not (np.sort(guesses().predicted[:, 1, :cfg.top_k], -1) == sorted(favourite)).all()
+        model.guess_width = 1
+        assert guesses().guess_width == 1
         with pytest.raises(FormatError, match="the model has"):
             model.use_probes(NextLayerProbes(cfg.hidden_size + 1, cfg.num_experts,
                                              {layers[1]: np.zeros((cfg.hidden_size + 2, cfg.num_experts), np.float32)}))
@@ -173,11 +186,16 @@ def test_cli_fits_probes_and_generate_uses_them(store, tmp_path, capsys):
                  str(tmp_path / "held.txt"), "--tokens", "300", "-o", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"wrote {out}" in text and "fitted on 300 tokens" in text
-    assert "on the fitting text (router guess -> probe): layer 1:" in text and "on the held-out text" in text
+    assert "on the fitting text (router guess -> probe): layer 0:" in text and ", layer 1:" in text
+    assert "on the held-out text" in text
     assert NextLayerProbes.load(out).meta["tokens"] == 300
     assert main(["generate", str(store), "--prompt", "Experts", "--max-new-tokens", "3", "--prefetch",
-                 "--predictor", str(out), "--trace", str(tmp_path / "t.npz")]) == 0
+                 "--predictor", str(out), "--trace", str(tmp_path / "t.npz"), "--extra-guesses", "1"]) == 0
     capsys.readouterr()
+    trace = RoutingTrace.load(tmp_path / "t.npz")
+    assert trace.guess_width == trace.top_k + 1 and (trace.predicted >= 0).all()
+    assert main(["generate", str(store), "--prompt", "x", "--extra-guesses", "-1"]) == 2
+    assert "extra_guesses=-1: must lie in 0.." in capsys.readouterr().err
     # user mistakes: one line, no traceback
     assert main(["fit-predictor", str(store), "--text", str(tmp_path / "nope.txt"), "-o", str(out)]) == 2
     assert "nope.txt" in capsys.readouterr().err

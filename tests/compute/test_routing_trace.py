@@ -20,7 +20,7 @@ def store(checkpoints, tmp_path_factory):
 def test_the_trace_holds_transformers_routing_and_the_predictors_guesses(checkpoints, store, tmp_path):
     out, err = io.StringIO(), io.StringIO()
     report = generate_text(str(store), "Experts stream", max_new_tokens=12, device_budget=4 * 36864, host_budget=0,
-                           trace=str(tmp_path / "t.npz"), out=out, err=err)
+                           trace=str(tmp_path / "t.npz"), out=out, err=err, extra_guesses=1)
     assert "routing trace written to" in err.getvalue()
     t = RoutingTrace.load(tmp_path / "t.npz")
     prompt = report["prompt_tokens"]
@@ -47,6 +47,12 @@ def test_the_trace_holds_transformers_routing_and_the_predictors_guesses(checkpo
     for layer, logits in enumerate(o.router_logits):
         want = logits.topk(2, dim=-1).indices.sort(dim=-1).values.numpy()
         assert np.array_equal(np.sort(t2.experts[:, layer], axis=-1), want)
-    # layer 1's experts were guessed from layer 0's residual; layer 0 has no guess
-    assert t.predicted is not None and (t.predicted[:, 0] == -1).all() and (t.predicted[:, 1] >= 0).all()
-    assert ((t.confidence[:, 1] > 0) & (t.confidence[:, 1] <= 1)).all()
+    # layer 1's experts were guessed from layer 0's residual, layer 0's from the token's embedding:
+    # transformers' layer-0 router on its own embedding, normed by its layer-0 post-attention norm
+    assert t.predicted is not None and (t.predicted >= 0).all() and t.guess_width == 3
+    assert ((t.confidence > 0) & (t.confidence <= 1)).all() and (np.diff(t.confidence, axis=-1) <= 0).all()
+    with torch.no_grad():
+        first = ref.model.layers[0]
+        logits = first.mlp.gate(first.post_attention_layernorm(ref.model.embed_tokens(ids[:, :-1]))[0])
+        logits = logits[0] if isinstance(logits, tuple) else logits       # transformers' router returns a tuple
+    assert t2.guess_width == 2 and np.array_equal(t2.predicted[:, 0], logits.topk(2, dim=-1).indices.numpy())

@@ -23,12 +23,12 @@ def trace_of(experts, steps=None, predicted=None, confidence=None, num_experts=4
 
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(0, 12), layers=st.integers(1, 4), k=st.integers(1, 3), seed=st.integers(0, 99),
-       guesses=st.booleans())
-def test_a_trace_survives_a_round_trip(tmp_path_factory, n, layers, k, seed, guesses):
+       guesses=st.booleans(), width=st.integers(1, 5))
+def test_a_trace_survives_a_round_trip(tmp_path_factory, n, layers, k, seed, guesses, width):
     rng = np.random.default_rng(seed)
     e = rng.integers(0, 8, (n, layers, k))
-    p = rng.integers(-1, 8, (n, layers, k)) if guesses else None
-    c = rng.random((n, layers, k)).astype(np.float32) if guesses else None
+    p = rng.integers(-1, 8, (n, layers, width)) if guesses else None      # a guess may name more or fewer than k
+    c = rng.random((n, layers, width)).astype(np.float32) if guesses else None
     t = RoutingTrace(tuple(range(layers)), 8, np.sort(rng.integers(0, 5, n)), e,
                      rng.random((n, layers, k)).astype(np.float32), p, {"seed": seed}, c)
     path = tmp_path_factory.mktemp("t") / "t.npz"
@@ -61,6 +61,19 @@ def test_bad_traces_are_refused_naming_the_file(tmp_path):
         trace_of([[[5]]])
     with pytest.raises(FormatError, match="not in order"):
         trace_of([[[0]], [[1]]], steps=[1, 0])
+    with pytest.raises(FormatError, match="guessed expert ids outside -1..3"):
+        trace_of([[[0]]], predicted=[[[4]]])
+    with pytest.raises(FormatError, match=r"predicted has shape \(1, 2, 1\), expected \[1, 1, G\]"):
+        trace_of([[[0]]], predicted=[[[1], [2]]])
+    # saved guesses of a bad shape: the reader names the file
+    t = trace_of([[[0]]], predicted=[[[1, 2]]])
+    t.save(tmp_path / "g.npz")
+    with np.load(tmp_path / "g.npz") as z:
+        arrays = dict(z)
+    arrays["predicted"] = np.zeros((1, 1, 0), np.int16)
+    np.savez(tmp_path / "g.npz", **arrays)
+    with pytest.raises(FormatError, match="g.npz: trace: predicted has shape"):
+        RoutingTrace.load(tmp_path / "g.npz")
 
 
 def test_profile_statistics_by_hand(tmp_path):
@@ -87,6 +100,10 @@ def test_predictor_precision_and_recall_by_hand():
     assert q["0"]["all"] == {"precision": 0.75, "recall": 0.75, "guesses_per_token": 2.0}
     assert q["0.5"]["all"] == {"precision": 1.0, "recall": 0.5, "guesses_per_token": 1.0}
     assert list(q["0"]["per_layer"]) == ["1"]
+    # one more guess each (3 per token): recall up, precision down; cut back, the top-2 again
+    wide = trace_of([[[0, 1], [1, 3]], [[0, 1], [0, 1]]], predicted=[[[-1, -1, -1], [1, 2, 3]], [[-1, -1, -1], [0, 1, 2]]])
+    assert predictor_quality([wide])["0"]["all"] == {"precision": 4 / 6, "recall": 1.0, "guesses_per_token": 3.0}
+    assert predictor_quality([wide.narrowed(2)])["0"]["all"]["recall"] == 0.75
 
 
 def test_bad_profiles_are_refused(tmp_path):

@@ -229,15 +229,33 @@ class StreamingMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), experts
 
-    def guess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This router (or its fitted probe) applied to an earlier layer's residual x [N, H]: its
-        top-k experts [N, A] and their probabilities [N, A] (the next-layer predictor)."""
+    def guess(self, x: torch.Tensor, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This router (or its fitted probe) applied to a residual from before this layer x [N, H]:
+        its `width` (default top-k) most likely experts [N, G], most likely first, and their
+        probabilities [N, G] (the predictor)."""
         if self.probe is not None:
             logits = probe_logits(self.probe, x)                                  # [N, E]
         else:
             logits = self.gate(x).float()                                        # [N, E]
-        probs, experts = torch.topk(F.softmax(logits, dim=-1), self.cfg.top_k, dim=-1)
+        probs, experts = torch.topk(F.softmax(logits, dim=-1), width or self.cfg.top_k, dim=-1)
         return experts, probs
+
+    def guess_ahead(self, x: torch.Tensor, width: int, threshold: Optional[float],
+                    queue_behind: Optional["StreamingMoE"] = None) -> None:
+        """Guess this layer's experts from x [N, H] (a residual from before the layer, normed by
+        its post-attention norm), record the guess when routing is recorded, and with a
+        `threshold` prefetch those guessed with probability >= it: queued behind `queue_behind`'s
+        own reads (the layer running now), or at once."""
+        guess, probs = self.guess(x, width)                                       # [N, G], [N, G]
+        if self.recorder is not None:
+            self.recorder.predict(self.layer, guess, probs)
+        if threshold is None:
+            return
+        confident = sorted(set(guess[probs >= threshold].tolist()))
+        if confident and queue_behind is not None:
+            queue_behind.prefetch_next = (self.layer, confident)
+        elif confident:
+            self.store.prefetch(self.layer, confident)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)                                         # [N, A], [N, A]
@@ -320,25 +338,19 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
-                next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None) -> torch.Tensor:
-        """With `next_layer`, its router guesses its experts from this layer's residual (the
-        next-layer predictor): recorded when routing is, and prefetched when
-        `prefetch_threshold` is set (those with router probability >= it)."""
+                next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None,
+                guess_width: Optional[int] = None) -> torch.Tensor:
+        """With `next_layer`, its router (or probe) guesses its `guess_width` likeliest experts
+        from this layer's residual (the next-layer predictor): recorded when routing is, and
+        prefetched when `prefetch_threshold` is set (those with probability >= it)."""
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, start)     # [B, T, H]
         b, t, hidden = h.shape
         if next_layer is not None and isinstance(next_layer.mlp, StreamingMoE):
             # speculative prefetch: the next layer's router on this layer's residual stream
             # guesses its experts; their reads overlap this layer's expert compute
-            nxt = next_layer.mlp
-            guess, probs = nxt.guess(next_layer.post_attention_layernorm(h).reshape(b * t, hidden))   # [N, A]
-            if nxt.recorder is not None:
-                nxt.recorder.predict(nxt.layer, guess, probs)
-            if prefetch_threshold is not None:
-                confident = sorted(set(guess[probs >= prefetch_threshold].tolist()))
-                if confident and isinstance(self.mlp, StreamingMoE):
-                    self.mlp.prefetch_next = (nxt.layer, confident)   # queued behind this layer's reads
-                elif confident:
-                    nxt.store.prefetch(nxt.layer, confident)
+            next_layer.mlp.guess_ahead(next_layer.post_attention_layernorm(h).reshape(b * t, hidden),   # [N, H]
+                                       guess_width or next_layer.mlp.cfg.top_k, prefetch_threshold,
+                                       self.mlp if isinstance(self.mlp, StreamingMoE) else None)
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
 
 
@@ -371,6 +383,9 @@ class CausalLM(nn.Module):
         self.prefetch_next_layer = False
         #: ... only those whose router probability reaches this
         self.prefetch_threshold = 0.0
+        #: experts each guess names per token and layer (prefetched, recorded): the top-k, or
+        #: more (load_model's extra_guesses), which catch most of what the top-k misses for more reads
+        self.guess_width = cfg.top_k
         self.recorder = None
 
     def moe_layers(self) -> dict[int, "StreamingMoE"]:
@@ -406,9 +421,16 @@ class CausalLM(nn.Module):
             self.recorder.start_step(input_ids.numel())
         predict = self.prefetch_next_layer or self.recorder is not None
         threshold = self.prefetch_threshold if self.prefetch_next_layer else None
+        first = self.layers[0] if self.layers else None
+        if predict and first is not None and isinstance(first.mlp, StreamingMoE):
+            # the first layer has no layer before it: its experts are guessed from the token's
+            # embedding, before its attention runs (the read overlaps only that attention)
+            b, t, hidden = x.shape
+            first.mlp.guess_ahead(first.post_attention_layernorm(x).reshape(b * t, hidden),   # [N, H]
+                                  self.guess_width, threshold)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1] if predict and i + 1 < len(self.layers) else None
-            x = layer(x, rope, cache, start, nxt, threshold)
+            x = layer(x, rope, cache, start, nxt, threshold, self.guess_width)
         return self.lm_head(self.norm(x)).float()
 
     @torch.no_grad()
