@@ -296,18 +296,23 @@ def plot(d: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = d["results"]
-    fig, axes = plt.subplots(1, len(rows), figsize=(5 * len(rows), 4), squeeze=False)
-    for ax, row in zip(axes[0], rows):
+    cols = min(len(rows), 3)              # panels wrap into rows of three: readable at any count
+    nrows = -(-len(rows) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(rows):]:
+        ax.set_visible(False)
+    for ax, row in zip(axes.flat, rows):
         caps = list(row["capacities"])
         x = [float(c.rstrip("%")) for c in caps]
         for pol in next(iter(row["capacities"].values()))["hit_rate"]:
             ax.plot(x, [100 * row["capacities"][c]["hit_rate"][pol] for c in caps], marker="o", label=pol,
                     linestyle="--" if pol.startswith("belady") else "-")
-        ax.set_title(f"{row['trace']}\n{row['layers']}L x {row['experts']}E top-{row['top_k']}", fontsize=9)
+        width = f", guesses of {row['guess_width']}" if row.get("guess_width") else ""
+        ax.set_title(f"{row['trace']}\n{row['layers']}L x {row['experts']}E top-{row['top_k']}{width}", fontsize=9)
         ax.set_xlabel("capacity (% of experts)")
         ax.set_ylabel("hit rate (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
