@@ -38,9 +38,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     experts are guessed (the first layer's from the token's embedding), the top-k of the guess
     and `extra_guesses` more: for prefetch and for recorded traces (docs/CACHING.md: one more
     guess cuts demand reads 3x in the cache simulator, and is slower on a 2-core machine).
-    predictor: next-layer
-    probes (a file from `moestream fit-predictor`, or a NextLayerProbes) that make the guesses
-    instead of the routers (compute/predictor.py). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    predictor: next-layer probes (a file from `moestream fit-predictor`, or a NextLayerProbes)
+    that make the guesses instead of the routers (compute/predictor.py). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = parse_device(device)
     store_options.setdefault("dequantize", dequantize)
@@ -57,6 +56,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
                                  "or generate --engine transformers")
         hf = check_config(store.config, f"{path}: config", FormatError)
         cfg = ModelConfig.from_hf(hf, FAMILIES[idx.architecture], idx.moe_layers, idx.experts_per_layer)
+        if not 0 <= extra_guesses <= cfg.num_experts - cfg.top_k:
+            raise UsageError(f"extra_guesses={extra_guesses}: must lie in 0..{cfg.num_experts - cfg.top_k} "
+                             f"({cfg.num_experts} experts per layer, top-{cfg.top_k})")
         with torch.device("meta"):
             model = family.build(cfg, store, hf)
         model = model.to_empty(device=dev)
@@ -71,9 +73,6 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
         model.prefetch_next_layer = prefetch
         model.prefetch_threshold = float(prefetch_threshold)
-        if not 0 <= extra_guesses <= cfg.num_experts - cfg.top_k:
-            raise UsageError(f"extra_guesses={extra_guesses}: must lie in 0..{cfg.num_experts - cfg.top_k} "
-                             f"({cfg.num_experts} experts per layer, top-{cfg.top_k})")
         model.guess_width = cfg.top_k + int(extra_guesses)
         model.dequant = store_dequant(store)
         if predictor is not None:

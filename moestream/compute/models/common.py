@@ -240,12 +240,12 @@ class StreamingMoE(nn.Module):
         probs, experts = torch.topk(F.softmax(logits, dim=-1), width or self.cfg.top_k, dim=-1)
         return experts, probs
 
-    def guess_ahead(self, x: torch.Tensor, width: int, threshold: Optional[float],
+    def guess_ahead(self, x: torch.Tensor, width: Optional[int], threshold: Optional[float],
                     queue_behind: Optional["StreamingMoE"] = None) -> None:
-        """Guess this layer's experts from x [N, H] (a residual from before the layer, normed by
-        its post-attention norm), record the guess when routing is recorded, and with a
-        `threshold` prefetch those guessed with probability >= it: queued behind `queue_behind`'s
-        own reads (the layer running now), or at once."""
+        """Guess this layer's `width` (default top-k) likeliest experts from x [N, H] (a residual
+        from before the layer, normed by its post-attention norm), record the guess when routing
+        is recorded, and with a `threshold` prefetch those guessed with probability >= it: queued
+        behind `queue_behind`'s own reads (the layer running now), or at once."""
         guess, probs = self.guess(x, width)                                       # [N, G], [N, G]
         if self.recorder is not None:
             self.recorder.predict(self.layer, guess, probs)
@@ -349,7 +349,7 @@ class DecoderLayer(nn.Module):
             # speculative prefetch: the next layer's router on this layer's residual stream
             # guesses its experts; their reads overlap this layer's expert compute
             next_layer.mlp.guess_ahead(next_layer.post_attention_layernorm(h).reshape(b * t, hidden),   # [N, H]
-                                       guess_width or next_layer.mlp.cfg.top_k, prefetch_threshold,
+                                       guess_width, prefetch_threshold,
                                        self.mlp if isinstance(self.mlp, StreamingMoE) else None)
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
 
