@@ -261,6 +261,8 @@ def test_cli_profile_and_bench_cache(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["results"][0]["guess_width"] == 2
     r = run("bench", "cache", str(tmp_path / "g.npz"), "--extra-guesses", "2")
     assert r.returncode == 2 and "g.npz recorded guesses of 3 experts" in r.stderr and "Traceback" not in r.stderr
+    r = run("bench", "cache", "--synthetic", "3x8x2", "--extra-guesses", "-1")
+    assert r.returncode == 2 and "--extra-guesses -1: must not be negative" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "cache", str(tmp_path / "t.npz"), "--capacity", "0%")
     assert r.returncode == 2 and "--capacity" in r.stderr and "Traceback" not in r.stderr
     r = run("bench", "cache", str(tmp_path / "p.json"))
