@@ -214,6 +214,10 @@ def store_dequant(store) -> str:
     """What decodes `store`'s experts: the dequantizer in use for an int or mixed store, or
     none for a lossless one (the run report's "dequant")."""
     if store.index.quant in ("int8", "int4", "mixed"):
+        if getattr(store, "keep_quantized", False):
+            where = ("numba-cpu int8-activation kernels" if store.device.type == "cpu"
+                     else f"{dequant_backend(store.device)} at each use")
+            return f"none: held quantized, multiplied by {where}"
         return dequant_backend(store.device)
     return "none (lossless store)"
 

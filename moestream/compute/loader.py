@@ -15,6 +15,8 @@ from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary
 from .predictor import NextLayerProbes
 
+#: How int8/int4 experts are computed (load_model's expert_compute), the default first.
+EXPERT_COMPUTE = ("quantized", "dequantized")
 #: The forward of each family (its facts: formats.families.FAMILIES).
 FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, "olmoe": olmoe}
 
@@ -22,7 +24,8 @@ FORWARDS = {"mixtral": mixtral, "qwen2_moe": qwen2_moe, "qwen3_moe": qwen3_moe, 
 def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
                prefetch: bool = False, prefetch_threshold: float = 0.0, extra_guesses: int = 0,
-               predictor: "str | os.PathLike | NextLayerProbes | None" = None, **store_options) -> CausalLM:
+               predictor: "str | os.PathLike | NextLayerProbes | None" = None, expert_compute: str = "quantized",
+               **store_options) -> CausalLM:
     """Open the store at `path` and build its model on `device`.
 
     Dense weights (embeddings, attention, norms, routers, shared experts) are loaded once;
@@ -39,10 +42,17 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     and `extra_guesses` more: for prefetch and for recorded traces (docs/CACHING.md: one more
     guess cuts demand reads 3x in the cache simulator, and is slower on a 2-core machine).
     predictor: next-layer probes (a file from `moestream fit-predictor`, or a NextLayerProbes)
-    that make the guesses instead of the routers (compute/predictor.py). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
+    that make the guesses instead of the routers (compute/predictor.py).
+    expert_compute: "quantized" (default) holds int8/int4 experts in their stored form in every
+    tier and multiplies them there (compute/quant_kernels.py; the budgets count those bytes);
+    "dequantized" decodes them to bf16 on load, as before (more bytes an expert, the bf16
+    matmuls). Lossless stores are the same either way. `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
     dev = parse_device(device)
+    if expert_compute not in EXPERT_COMPUTE:
+        raise UsageError(f"expert_compute={expert_compute!r}: choose one of {', '.join(EXPERT_COMPUTE)}")
     store_options.setdefault("dequantize", dequantize)
+    store_options.setdefault("keep_quantized", expert_compute == "quantized")
     store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
     try:
         idx = store.index

@@ -15,7 +15,7 @@ import xxhash
 import zstandard
 
 from ..errors import ConvertError, FormatError
-from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DTYPE_ITEMSIZE, STAGE_DELTA,
+from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_ERROR_RATIO, DTYPE_ITEMSIZE, STAGE_DELTA,
                         STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec, align_up)
 from .index import Region, TensorSlice, payload_length
 
@@ -214,27 +214,40 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
     best: Optional[EncodedRegion] = None
     plain_error = candidates[0][3]
     for planes, chain, slices, err in candidates:
-        if chain and chain[-1] in (STAGE_DELTA, STAGE_XOR_DELTA) and err > plain_error:
+        is_delta = bool(chain) and chain[-1] in (STAGE_DELTA, STAGE_XOR_DELTA)
+        if is_delta and err > plain_error:
             continue
-        options = [(planes, chain)]
-        if opts.quant is None and opts.zstd_level is not None:
-            options.append((b"".join(shuffle(np.frombuffer(p, np.uint8), DTYPE_ITEMSIZE[t.dtype]).tobytes()
-                                     for p, t in zip(planes, slices)), chain + (STAGE_SHUFFLE,)))
-        for payload, ch in options:
-            payload = payload if isinstance(payload, bytes) else b"".join(payload)
-            stored, ch2 = payload, ch
-            if opts.zstd_level is not None:
-                z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
-                saving = 1 - align_up(len(z)) / align_up(len(payload))
-                if saving > 0 and saving >= opts.zstd_min_saving:
-                    stored, ch2 = z, ch + (STAGE_ZSTD,)
-            if STAGE_SHUFFLE in ch2 and STAGE_ZSTD not in ch2:
-                continue  # shuffle without zstd saves nothing
-            cand = EncodedRegion(stored, len(payload), ch2, slices, err)
+        if is_delta and opts.quant is not None and err > DELTA_MAX_ERROR_RATIO * plain_error:
+            # a quantized delta decodes to bf16 on load while a plain int extent is held as stored
+            # and multiplied in place (formats/quantized.py): worth it only for experts close to
+            # their layer's mean (upcycled ones), not for the 1/E narrower range that independent
+            # experts' deltas have (which had nearly every extent of a random store take delta)
+            continue
+        for cand in _region_options(planes, chain, slices, err, opts):
             if best is None or _rank(cand) < _rank(best):
                 best = cand
     assert best is not None
     return best
+
+
+def _region_options(planes, chain, slices, err, opts: EncodeOptions):
+    """The stored forms of one set of encoded planes: as they are, byte-shuffled (lossless), and
+    each with zstd where that saves opts.zstd_min_saving of the padded bytes."""
+    options = [(planes, chain)]
+    if opts.quant is None and opts.zstd_level is not None:
+        options.append((b"".join(shuffle(np.frombuffer(p, np.uint8), DTYPE_ITEMSIZE[t.dtype]).tobytes()
+                                 for p, t in zip(planes, slices)), chain + (STAGE_SHUFFLE,)))
+    for payload, ch in options:
+        payload = payload if isinstance(payload, bytes) else b"".join(payload)
+        stored, ch2 = payload, ch
+        if opts.zstd_level is not None:
+            z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
+            saving = 1 - align_up(len(z)) / align_up(len(payload))
+            if saving > 0 and saving >= opts.zstd_min_saving:
+                stored, ch2 = z, ch + (STAGE_ZSTD,)
+        if STAGE_SHUFFLE in ch2 and STAGE_ZSTD not in ch2:
+            continue  # shuffle without zstd saves nothing
+        yield EncodedRegion(stored, len(payload), ch2, slices, err)
 
 
 def _rank(c: EncodedRegion) -> tuple[int, float, int]:
@@ -377,7 +390,7 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
     `payload` may still be reading it when this returns, so a caller that reuses that memory
     waits for the stream first (Store._decode does, on its own stream)."""
     if isinstance(payload, np.ndarray):
-        payload = torch.from_numpy(payload) if payload.flags.writeable else _readonly_tensor(payload)
+        payload = payload_tensor(payload)
     q = region.quant
     need_base = region.has(STAGE_DELTA) or region.has(STAGE_XOR_DELTA)
     if need_base and base is None:
@@ -416,9 +429,11 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
     return tensors
 
 
-def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
-    """A tensor over a read-only array without copying it (torch warns about, but allows,
-    non-writable buffers; nothing here writes to a payload)."""
+def payload_tensor(arr: np.ndarray) -> torch.Tensor:
+    """A tensor over a (possibly read-only) payload array without copying it (torch warns about,
+    but allows, non-writable buffers; nothing here writes to a payload)."""
+    if arr.flags.writeable:
+        return torch.from_numpy(arr)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

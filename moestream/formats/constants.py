@@ -49,7 +49,7 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 #: Quantization schemes for expert tensors ("keep" = store the source dtype unchanged).
 QUANT_CHOICES = ("keep", "bf16", "fp16", "fp32", "int8", "int4")
-INT_QUANTS = ("int8", "int4")
+INT_QUANTS = ("int8", "int4")   # the keys of QUANT_TYPES (defined below)
 #: Files of a checkpoint a store carries as blobs (and, as plain copies, next to its files)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -67,6 +67,12 @@ DEFAULT_ZSTD_LEVEL = 3
 #: experts, sparse or low-entropy tensors); 0 keeps it wherever it saves a page (slow disks).
 DEFAULT_ZSTD_MIN_SAVING = 0.5
 
+#: A quantized delta (against the layer's base expert) is kept only where its error is at most this
+#: share of the plain extent's error: the tiers hold plain int extents as stored and the kernels
+#: multiply them in place, while a delta extent decodes to bf16 on load (formats/quantized.py).
+#: Upcycled experts' deltas are 10-100x more precise; independent experts' deltas only 1/E narrower.
+DELTA_MAX_ERROR_RATIO = 0.5
+
 #: Codec-chain stage names, in encode order. A chain is a list of these strings:
 #:   "int8:G" | "int4:G"  group-wise quantization with G elements per group (absent: raw dtype)
 #:   "delta"               arithmetic delta against the layer's base expert before quantization
@@ -80,6 +86,32 @@ STAGE_ZSTD = "zstd"
 
 #: Quantization scale/min planes are stored as float16.
 SCALE_DTYPE = np.float16
+
+
+@dataclass(frozen=True)
+class QuantType:
+    """One group-wise quantization type, the way ggml's type traits describe a block type: the
+    bits of a code and the fp16 planes that follow the codes (one value per group each). A new
+    type (fp8, mxfp4, a GGUF block type) is one entry here and one in compute/quant_kernels.py."""
+    name: str
+    bits: int                     # bits per code; codes of one group are packed low bits first
+    planes: tuple[str, ...]       # fp16 planes after the codes, one value per group each
+    formula: str                  # what a weight is, for docs and error messages
+
+    def code_bytes(self, group: int) -> int:
+        """Bytes of one group's codes."""
+        return group * self.bits // 8
+
+    def block_bytes(self, group: int) -> int:
+        """Bytes one group takes in all (codes and its fp16 plane values)."""
+        return self.code_bytes(group) + 2 * len(self.planes)
+
+
+#: The quantization types, by the name a chain stage uses ("int8:64").
+QUANT_TYPES = {
+    "int8": QuantType("int8", 8, ("scales",), "w = code * scale (code a signed byte, -127..127)"),
+    "int4": QuantType("int4", 4, ("scales", "mins"), "w = code * scale + min (code 0..15, two a byte, low nibble first)"),
+}
 
 
 @dataclass(frozen=True)
@@ -101,7 +133,7 @@ class QuantSpec:
         kind, sep, group = stage.partition(":")
         if not sep:
             return None
-        if kind not in INT_QUANTS or not group.isdigit() or not 2 <= int(group) <= 1 << 16 or int(group) % 2:
+        if kind not in QUANT_TYPES or not group.isdigit() or not 2 <= int(group) <= 1 << 16 or int(group) % 2:
             raise ValueError(f"unknown codec stage {stage!r}")
         return QuantSpec(kind, int(group))
 
@@ -109,12 +141,21 @@ class QuantSpec:
     def stage(self) -> str:
         return f"{self.kind}:{self.group}"
 
+    @property
+    def type(self) -> QuantType:
+        return QUANT_TYPES[self.kind]
+
     def groups(self, numel: int) -> int:
         return max(1, -(-numel // self.group))
 
     def code_bytes(self, numel: int) -> int:
-        padded = self.groups(numel) * self.group
-        return padded if self.kind == "int8" else padded // 2
+        return self.groups(numel) * self.type.code_bytes(self.group)
+
+    def row_aligned(self, shape: tuple[int, ...]) -> bool:
+        """Whether every group of a tensor of `shape` lies inside one row (the last dimension is
+        a multiple of the group): then its codes are a [rows, cols * bits / 8] matrix and its
+        scales a [rows, cols / group] one, the layout the quantized matmul kernels read."""
+        return len(shape) >= 2 and shape[-1] % self.group == 0
 
     def planes(self, numel: int) -> tuple[tuple[int, int], tuple[int, int], Optional[tuple[int, int]]]:
         """(start, end) byte ranges of the codes, scales and (int4) minimums in the payload."""

@@ -19,6 +19,7 @@ import torch
 
 from ..formats.codecs import TORCH_DTYPES
 from ..formats.index import Region
+from ..formats.quantized import quantized_views
 from .buffers import AlignedMap
 
 
@@ -71,12 +72,16 @@ class ExpertArena:
             assert self._pins[slot] > 0, "slot unpinned more often than pinned"
             self._pins[slot] -= 1
 
-    def hand_out(self, slot: int, region: Region) -> dict[str, torch.Tensor]:
+    def hand_out(self, slot: int, region: Region, quantized: bool = False) -> dict:
         """Fresh tensors over the decoded tensors of `region` held in `slot` (a new dict each
-        call: callers may modify the dict; the slot stays pinned while any tensor lives)."""
+        call: callers may modify the dict; the slot stays pinned while any tensor lives). With
+        `quantized` the slot holds the region's quantized payload, handed out as QuantizedTensor
+        views of it (formats/quantized.py)."""
         mv = self.slot_view(slot)
         self.pin(slot)
         weakref.finalize(mv, self.unpin, slot)
+        if quantized:
+            return quantized_views(region, torch.frombuffer(mv, dtype=torch.uint8, count=region.raw_length))
         out = {}
         pos = 0
         for t in region.tensors:

@@ -34,13 +34,15 @@ from concurrent.futures import as_completed as _as_completed
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional
 
+import numpy as np
 import psutil
 import torch
 
 from ..errors import BudgetError, MoestreamError, ReadCancelled, UsageError
-from ..formats.codecs import Dequantizer, dequantize_torch
+from ..formats.codecs import Dequantizer, dequantize_torch, payload_tensor, unpack_payload
 from ..formats.constants import ALIGNMENT, align_up
 from ..formats.index import Region
+from ..formats.quantized import QuantizedTensor, holds_quantized, quantized_views
 from ..formats.reader import StoreReader
 from ..units import format_size, parse_size
 from .arena import ExpertArena, slot_tensor
@@ -50,7 +52,9 @@ from .cache import TierCache
 from .stats import StoreStats
 
 Key = tuple[int, int]
-Experts = dict[str, torch.Tensor]
+#: an expert's tensors by name: torch tensors, or with keep_quantized its quantized matrices held
+#: in their stored form
+Experts = dict[str, "torch.Tensor | QuantizedTensor"]
 
 
 @dataclass(eq=False)
@@ -113,7 +117,7 @@ def _index(value, what: str) -> int:
 
 
 def _tensor_bytes(tensors: Experts) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    return sum(t.nbytes if isinstance(t, QuantizedTensor) else t.numel() * t.element_size() for t in tensors.values())
 
 
 class Store:
@@ -144,14 +148,20 @@ class Store:
     prefetch_budget: bytes of prefetch reads in flight, and of prefetched experts not yet used
     that L1 may hold (default: 4 extents).
     pinned_experts: (layer, expert) keys never evicted from L1 (a hot set from a routing profile).
-    dequantize: dequantizer for int extents (compute/ passes Numba kernels; default plain torch)."""
+    dequantize: dequantizer for int extents (compute/ passes Numba kernels; default plain torch).
+    keep_quantized: hold int8/int4 experts in every tier in their stored form (codes and fp16
+    scales, formats.quantized.QuantizedTensor values in each result) instead of decoding them to
+    bf16: the budgets then count those bytes (an int4 expert takes 0.28 of its bf16 size), and the
+    caller multiplies them with a quantized kernel (compute/quant_kernels.py). Extents the kernels
+    cannot read in place (delta-coded ones: formats/quantized.py) still decode to bf16."""
 
     def __init__(self, path: str | os.PathLike, *, device: str | torch.device = "cpu",
                  device_budget: int | str | None = None, host_budget: int | str | None = None,
                  policy: str = "next-use", io: str = "auto", verify: bool = True, queue_depth: int = 32,
                  chunk_size: int | str = 1 << 20, decode_threads: Optional[int] = None,
                  prefetch_budget: int | str | None = None, io_buffers: Optional[int] = None,
-                 pinned_experts: Iterable[Key] = (), dequantize: Dequantizer = dequantize_torch):
+                 pinned_experts: Iterable[Key] = (), dequantize: Dequantizer = dequantize_torch,
+                 keep_quantized: bool = False):
         self.device = parse_device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MoestreamError("device='cuda' but torch sees no CUDA device")
@@ -161,6 +171,7 @@ class Store:
         if chunk < ALIGNMENT or chunk % ALIGNMENT:
             raise ValueError(f"chunk_size={chunk_size}: must be a positive multiple of {ALIGNMENT}")
         self.chunk_size = chunk
+        self.keep_quantized = bool(keep_quantized)
         self.reader = StoreReader(path, verify=verify)
         self._closed = False
         # what _setup creates, in order; _release closes whatever exists (a failed setup too)
@@ -183,7 +194,8 @@ class Store:
         idx = self.reader.index
         self.index = idx
         self._dequantize = dequantize
-        self.max_decoded = max(r.decoded_length for r in idx.extents.values())
+        #: bytes the largest expert takes in a tier once loaded (decoded, or its quantized payload)
+        self.max_decoded = max(self.held_length(r) for r in idx.extents.values())
         self.max_padded = max(r.padded_length for r in idx.extents.values())
         cuda = self.device.type == "cuda"
         avail = psutil.virtual_memory().available
@@ -195,7 +207,7 @@ class Store:
         host_budget = parse_size(host_budget, "host_budget")
         # a CPU slot holds a decoded expert, or a plain extent's padded stored bytes read into it
         # with O_DIRECT (then every slot must start 4096-aligned); 64-byte aligned otherwise
-        plain = [r.padded_length for r in idx.extents.values() if _is_plain(r)]
+        plain = [r.padded_length for r in idx.extents.values() if self._reads_into_slot(r)]
         self.slot_size = align_up(max([self.max_decoded] + plain), ALIGNMENT if plain else 64)
         need = self.max_decoded if cuda else self.slot_size
         if device_budget < need:
@@ -250,6 +262,20 @@ class Store:
         self._dispatcher.start()
 
     # ---- public API --------------------------------------------------------------------------
+    def holds_quantized(self, region: Region) -> bool:
+        """Whether this Store holds `region` in its quantized stored form (keep_quantized)."""
+        return self.keep_quantized and holds_quantized(region)
+
+    def held_length(self, region: Region) -> int:
+        """Bytes `region`'s expert takes in a tier once loaded: its quantized payload when held in
+        stored form, else its decoded tensors."""
+        return region.raw_length if self.holds_quantized(region) else region.decoded_length
+
+    def _reads_into_slot(self, region: Region) -> bool:
+        """Whether the extent's stored bytes are what its slot holds (no codec stage, or a
+        quantized payload held as stored with no zstd over it): read straight into the slot."""
+        return _is_plain(region) or (self.holds_quantized(region) and len(region.chain) == 1)
+
     @property
     def config(self) -> dict:
         return self.reader.config
@@ -457,7 +483,8 @@ class Store:
     def _hand_out(self, key: Key, value) -> Experts:
         """A result for an L1 entry: slot views (CPU) or the cached tensors in a new dict (CUDA)."""
         if self.arena is not None:
-            return self.arena.hand_out(value, self.index.extents[key])
+            region = self.index.extents[key]
+            return self.arena.hand_out(value, region, quantized=self.holds_quantized(region))
         return dict(value)
 
     def _fetch_locked(self, key: Key, region: Region) -> "Future[Experts]":
@@ -562,7 +589,7 @@ class Store:
                     load.counted_demand = True
             if load.l2_slot is not None:
                 self._submit_decode(load, None)
-            elif load.slot is not None and _is_plain(load.region):
+            elif load.slot is not None and self._reads_into_slot(load.region):
                 self._issue(load, None)   # straight into the L1 slot
             elif reads_to_device(self.device, self.backend.name, load.region, self.reader.verify):
                 load.device_buf = torch.empty(load.region.padded_length, dtype=torch.uint8, device=self.device)
@@ -682,6 +709,12 @@ class Store:
             elif slab is not None or load.l2_slot is not None:
                 if self.device.type == "cuda":
                     tensors = self._decode_cuda(load, stored)
+                elif self.holds_quantized(r):   # undo zstd; the codes stay codes
+                    payload = unpack_payload(r, stored, path=str(self.reader.files[r.file]), extent=load.key)
+                    if load.slot is not None:
+                        np.frombuffer(self.arena.slot_view(load.slot), np.uint8, count=r.raw_length)[:] = payload
+                    else:   # no slot to keep it in: a copy the caller owns
+                        tensors = quantized_views(r, torch.from_numpy(payload.copy()))
                 else:
                     out = slot_tensor(self.arena, load.slot) if load.slot is not None else None
                     tensors = self.reader.decode(r, stored, load.key, dequantize=self._dequantize, out=out)
@@ -692,7 +725,7 @@ class Store:
             self._finish(load, error=e)
             return
         self._release_sources(load, slab)
-        self.stats_.add(bytes_decoded=r.decoded_length, checksum_seconds=t1 - t0,
+        self.stats_.add(bytes_decoded=self.held_length(r), checksum_seconds=t1 - t0,
                         decode_seconds=time.perf_counter() - t1)
         self._finish(load, tensors=tensors)
 
@@ -704,10 +737,15 @@ class Store:
         stream = getattr(self._thread_state, "stream", None)
         if stream is None:
             stream = self._thread_state.stream = torch.cuda.Stream(self.device)
+        r = load.region
         with torch.cuda.stream(stream):
             try:
-                tensors = self.reader.decode(load.region, stored, load.key, device=self.device,
-                                             dequantize=self._dequantize)
+                if self.holds_quantized(r):   # codes and scales to the device as they are
+                    payload = unpack_payload(r, stored, path=str(self.reader.files[r.file]), extent=load.key)
+                    tensors = quantized_views(r, payload_tensor(payload).to(self.device, non_blocking=True))
+                else:
+                    tensors = self.reader.decode(r, stored, load.key, device=self.device,
+                                                 dequantize=self._dequantize)
             finally:   # a failed decode too: its copies may be reading the pinned source
                 done = torch.cuda.Event()
                 done.record(stream)
@@ -720,7 +758,7 @@ class Store:
         # them (on eviction) could let that stream reuse them while a caller's kernels still read them
         for consumer in list(self._consumer_streams):
             for t in tensors.values():
-                t.record_stream(consumer)
+                (t.codes if isinstance(t, QuantizedTensor) else t).record_stream(consumer)   # one allocation
 
     def _release_sources(self, load: _Load, slab) -> None:
         load.device_buf = None   # its tensors, if any, keep the memory alive

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import MoestreamError, UsageError
+from ...formats.quantized import QuantizedTensor
 from ..predictor import probe_logits
+from ..quant_kernels import RoutedExpert, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
 
 
@@ -263,25 +265,48 @@ class StreamingMoE(nn.Module):
             self.recorder.record(self.layer, experts, weights)
         gate_name, up_name, down_name = self.cfg.expert_names
         out = torch.zeros_like(x)                                                # [N, H]
+        acc: list[torch.Tensor] = []     # float32 [N, H] of the quantized experts, made on first use
+
+        def linear(h: torch.Tensor, w) -> torch.Tensor:
+            return quant_linear(h, w) if isinstance(w, QuantizedTensor) else F.linear(h, w.to(x.dtype))
 
         def compute(e: int, w: dict, rows_l: list[int], slots_l: list[int]) -> None:
-            t0 = time.perf_counter()
             if len(rows_l) == x.shape[0] == 1:                                   # decode: no gather
                 h, rows, slot = x, None, slots_l[0]
             else:
                 rows = torch.tensor(rows_l, device=x.device)
                 h, slot = x[rows], torch.tensor(slots_l, device=x.device)       # [n, H]
-            y = F.linear(F.silu(F.linear(h, w[gate_name].to(x.dtype))) * F.linear(h, w[up_name].to(x.dtype)),
-                         w[down_name].to(x.dtype))                               # [n, H]
+            y = linear(F.silu(linear(h, w[gate_name])) * linear(h, w[up_name]), w[down_name])   # [n, H]
             if rows is None:
                 out.add_(y * weights[0, slot])
             else:
                 out.index_add_(0, rows, y * weights[rows, slot, None])
+
+        def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
+            # every quantized expert that has arrived in one kernel call: the per-expert Python
+            # and dispatch cost is larger than a quantized expert's matmuls at decode
+            t0 = time.perf_counter()
+            held = [b for b in batch if isinstance(b[1][gate_name], QuantizedTensor)]
+            routed = []
+            if held:
+                wl = weights.float().tolist()                                    # [N][A]
+                routed = [RoutedExpert(w[gate_name], w[up_name], w[down_name], rows_l,
+                                       [wl[r][s] for r, s in zip(rows_l, slots_l)]) for _, w, rows_l, slots_l in held]
+            if routed and moe_layer_fits(routed):
+                if not acc:
+                    acc.append(torch.zeros(x.shape, dtype=torch.float32))
+                moe_layer(x, routed, acc[0])
+            else:
+                held = []
+            for item in batch:
+                if not any(item is h for h in held):
+                    compute(*item)
             self.expert_seconds += time.perf_counter() - t0
 
         then, self.prefetch_next = self.prefetch_next, None
-        stream_experts(self.store, self.layer, route_on_host(experts), compute, then_prefetch=then)
-        return out
+        stream_experts(self.store, self.layer, route_on_host(experts), compute_batch=compute_batch,
+                       then_prefetch=then)
+        return out.add_(acc[0].to(out.dtype)) if acc else out
 
 
 def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
@@ -296,15 +321,20 @@ def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]
     return routed
 
 
-def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[int]]], compute,
-                   then_prefetch: Optional[tuple[int, list[int]]] = None) -> None:
+def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[int]]], compute=None,
+                   then_prefetch: Optional[tuple[int, list[int]]] = None, compute_batch=None) -> None:
     """Fetch `layer`'s routed experts from the Store and call compute(expert, tensors, rows,
     top-k positions) for each as it arrives (arrival order), with at most as many experts in
     hand as the device budget holds: a prefill that routes to every expert of the layer stays
-    within the budget. Tells the Store the routing first (its eviction policy uses it). The
-    tensors are the Store's (read-only); compute must not keep them. `then_prefetch` (layer,
-    experts) is prefetched right after this layer's own fetches are queued, so that its reads
-    come after them."""
+    within the budget. With `compute_batch` instead, it is called with a list of such tuples:
+    every expert that has arrived by then (cache hits all at once), so that a kernel can take them
+    in one call. Tells the Store the routing first (its eviction policy uses it). The tensors are
+    the Store's (read-only); compute must not keep them. `then_prefetch` (layer, experts) is
+    prefetched right after this layer's own fetches are queued, so that its reads come after them."""
+    if compute_batch is None:
+        def compute_batch(batch):
+            for item in batch:
+                compute(*item)
     waiting = sorted(routed)
     store.note_routing(layer, waiting)
     window = store.expert_slots
@@ -316,13 +346,16 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
             if then_prefetch is not None:
                 store.prefetch(*then_prefetch)
                 then_prefetch = None
-        fut = store.wait_first(inflight)                                         # arrival order
-        e = inflight.pop(fut)
-        w = fut.result()
-        del fut
+        first = store.wait_first(inflight)                                       # arrival order
+        ready = [first] + [f for f in inflight if f is not first and f.done()]
+        batch = []
+        for fut in ready:
+            e = inflight.pop(fut)
+            batch.append((e, fut.result(), *routed[e]))
+        del ready, first, fut
         COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
-        compute(e, w, *routed[e])
-        del w
+        compute_batch(batch)
+        del batch
     COMPUTE_THREADS.adjust(store.prefetching)
 
 

@@ -1,0 +1,173 @@
+"""Quantized experts multiplied where they lie (compute/quant_kernels.py): the kernels against
+the dequantize-then-matmul reference, the tiers holding the stored form, and every family's
+logits on the quantized-compute path against today's dequantize-to-bf16 path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moestream
+from moestream.compute import load_model
+from moestream.compute.dequant import dequantize
+from moestream.compute.quant_kernels import QUANT_KERNELS, RoutedExpert, moe_layer, moe_layer_fits, quant_linear
+from moestream.formats.constants import QUANT_TYPES, align_up
+from moestream.formats.quantized import QuantizedTensor, holds_quantized, quantize_matrix
+
+from ..conftest import FAMILIES
+
+#: relative error (Frobenius) of the int8-activation kernels against fp32 dequantize-then-matmul:
+#: the activations' own int8 rounding, ~0.5 % per dot product
+KERNEL_TOLERANCE = 0.02
+#: max |logit difference| between the quantized-compute path and the dequantize-to-bf16 path,
+#: relative to the largest |logit| (both compute the rest of the model in bf16)
+LOGIT_TOLERANCE = 0.05
+
+
+def quantized(w: torch.Tensor, kind: str, group: int = 64) -> QuantizedTensor:
+    return quantize_matrix(w, kind, group)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_every_quant_type_has_a_kernel():
+    assert set(QUANT_KERNELS) == set(QUANT_TYPES)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("group", [32, 64])
+def test_quant_linear_matches_dequantized_matmul(kind, group):
+    torch.manual_seed(0)
+    w = quantized(torch.randn(80, 256) * 0.02, kind, group)
+    x = torch.randn(3, 256)
+    want = x @ w.dequantize(dequantize, torch.float32).T
+    got = quant_linear(x, w)
+    assert got.shape == (3, 80) and got.dtype == torch.float32
+    assert rel(got, want) < KERNEL_TOLERANCE
+
+
+def test_fp16_scales_are_read_exactly_subnormals_zero_and_sign_included():
+    """The kernel's branch-free fp16 conversion: a group whose scale is subnormal, zero or whose
+    minimum is negative gives the reference's result."""
+    w = torch.zeros(4, 64)
+    w[0] = 1e-6 * torch.linspace(-1, 1, 64)      # subnormal fp16 scale (int8: absmax/127 < 6.1e-5)
+    w[1] = 0                                     # zero scale
+    w[2] = -3.0                                  # a negative minimum (int4), constant group
+    w[3] = torch.linspace(-2, 5, 64)
+    x = torch.ones(1, 64)
+    for kind in ("int8", "int4"):
+        q = quantized(w, kind)
+        want = x @ q.dequantize(dequantize, torch.float32).T
+        got = quant_linear(x, q)
+        assert torch.allclose(got, want, rtol=0.02, atol=1e-9), (kind, got, want)
+
+
+@pytest.mark.parametrize("kinds", [("int8",) * 3, ("int4",) * 3, ("int8", "int4", "int8")])
+def test_moe_layer_matches_the_reference_swiglu(kinds):
+    torch.manual_seed(1)
+    hidden, inter, tokens = 256, 128, 5
+    x = torch.randn(tokens, hidden)
+    want = torch.zeros(tokens, hidden)
+    routed = []
+    for e, kind in enumerate(kinds):
+        mats = [quantized(torch.randn(*s) * 0.05, kind) for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
+        rows = [r for r in range(tokens) if (r + e) % 2 == 0] + ([4] if e == 1 else [])
+        weights = [0.1 + 0.2 * i for i in range(len(rows))]
+        routed.append(RoutedExpert(*mats, rows, weights))
+        g, u, d = (m.dequantize(dequantize, torch.float32) for m in mats)
+        for r, wt in zip(rows, weights):
+            want[r] += wt * ((F.silu(x[r] @ g.T) * (x[r] @ u.T)) @ d.T)
+    assert moe_layer_fits(routed)
+    got = torch.zeros(tokens, hidden)
+    moe_layer(x, routed, got)
+    assert rel(got, want) < KERNEL_TOLERANCE
+
+
+def test_moe_layer_refuses_what_it_cannot_take():
+    a = quantized(torch.randn(64, 128), "int8", 64)
+    b = quantized(torch.randn(128, 64), "int8", 32)          # another group size
+    assert not moe_layer_fits([RoutedExpert(a, a, b, [0], [1.0])])
+    assert not moe_layer_fits([RoutedExpert(a, a, a, [0], [1.0])])   # down is not [H, I]
+    assert not moe_layer_fits([])
+
+
+@pytest.fixture(scope="module")
+def int_stores(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("int-stores")
+    # group 16: the tiny configs' expert widths (48) are no multiple of the default 64, and only
+    # groups that lie inside a row are held quantized
+    return {(f, q): moestream.convert(checkpoints[f], root / f"{f}-{q}", quant=q, group_size=16, progress=False)
+            for f in FAMILIES for q in ("int8", "int4")}
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_compute_logits_match_the_dequantized_path(int_stores, family, quant):
+    store = int_stores[(family, quant)]
+    torch.manual_seed(3)
+    ids = torch.randint(0, 256, (2, 12))
+    logits = {}
+    for mode in ("dequantized", "quantized"):
+        model = load_model(store, device_budget="64MiB", host_budget=0, expert_compute=mode)
+        try:
+            with torch.no_grad():
+                logits[mode] = model(ids)
+            if mode == "quantized":
+                assert all(model.store.holds_quantized(r) for r in model.store.index.extents.values())
+                st = model.store.stats()
+        finally:
+            model.store.close()
+    ref, got = logits["dequantized"], logits["quantized"]
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    print(f"{family} {quant}: max |logit diff| / max |logit| = {err:.4f}")
+    assert err < LOGIT_TOLERANCE
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+    assert st["bytes_decoded"] > 0
+
+
+@pytest.mark.parametrize("quant,ratio", [("int8", 1.4), ("int4", 2.0)])
+def test_tiers_hold_the_stored_form_and_count_its_bytes(int_stores, quant, ratio):
+    """At one budget the quantized L1 holds a slot per stored extent (4096-padded: it is read
+    straight into the slot), ratio-times the experts of the decoded one at these tiny shapes
+    (10 KiB experts: the padding weighs; bench decode counts the real shapes); the results are
+    QuantizedTensor views of the slot, and the budget is never exceeded."""
+    store = int_stores[("qwen3_moe", quant)]
+    counts = {}
+    budget = 2 << 20
+    for keep in (False, True):
+        with moestream.open(store, device_budget=budget, host_budget=0, keep_quantized=keep) as s:
+            counts[keep] = s.expert_slots
+            if keep:
+                assert s.expert_slots == budget // align_up(max(r.padded_length for r in s.index.extents.values()))
+            for layer in s.layers:
+                for f in s.fetch(layer, range(s.experts_per_layer)):
+                    w = f.result()
+                    assert all(isinstance(t, QuantizedTensor) == keep for t in w.values())
+                    del w
+            st = s.stats()
+            assert st["l1_peak"] <= s.l1.budget
+    assert counts[True] >= ratio * counts[False], counts
+
+
+def test_cuda_style_device_falls_back_to_dequantize_per_use():
+    """Off the CPU kernels' reach (here: a non-contiguous view), quant_linear dequantizes and
+    multiplies, with the reference's exact result."""
+    w = quantized(torch.randn(32, 128) * 0.1, "int4")
+    odd = QuantizedTensor(w.spec, w.shape, w.codes.t().contiguous().t(), w.scales, w.mins)
+    x = torch.randn(2, 128)
+    want = F.linear(x, w.dequantize(dequantize, torch.float32))
+    assert torch.allclose(quant_linear(x, odd), want)
+
+
+def test_load_model_refuses_an_unknown_expert_compute(int_stores):
+    with pytest.raises(moestream.UsageError, match="expert_compute='fast'"):
+        load_model(int_stores[("mixtral", "int8")], expert_compute="fast")
+
+
+def test_delta_int_extents_are_held_decoded():
+    from moestream.formats.index import Region, TensorSlice
+    t = (TensorSlice("w1", "bf16", (64, 64), 0, 64 * 64 + 128),)
+    plain = Region(0, 0, 10, 10, "0" * 16, ("int8:64",), t)
+    delta = Region(0, 0, 10, 10, "0" * 16, ("int8:64", "delta"), t)
+    ragged = Region(0, 0, 10, 10, "0" * 16, ("int8:64",), (TensorSlice("w1", "bf16", (64, 96), 0, 1),))
+    assert holds_quantized(plain) and not holds_quantized(delta) and not holds_quantized(ragged)
