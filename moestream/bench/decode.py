@@ -59,6 +59,18 @@ SHAPE = dict(hidden=2048, inter=768, experts=128, top_k=8, heads=32, kv_heads=4,
 PREFETCH_ACCURACY = traces.PREFETCH_ACCURACY
 SYSTEMS = ("naive", "lru", "best-no-prefetch", "best", "accelerate")
 BOUNDS = ("inmemory", "resident")
+#: The same checkpoint converted to int8 and int4 (no zstd, no delta): their experts held
+#: quantized and multiplied in place (compute/quant_kernels.py). Resident: every expert in L1;
+#: best-no-prefetch-int4: what generate ships, under the same budget and limit as the bf16 systems.
+QUANT_BOUNDS = ("resident-int8", "resident-int4")
+QUANT_SYSTEMS = ("best-no-prefetch-int4",)
+#: llama.cpp on the same checkpoint as GGUF (bench/llama_cpp.py): in RAM (no limit, its default
+#: repack) and, for Q4_0, under the shared limit (--repack 0: the repack copies the weights into
+#: anonymous memory and is OOM-killed under a tight limit)
+LLAMA_BOUNDS = ("llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0")
+LLAMA_SYSTEMS = ("llama.cpp-q4_0",)
+#: the store each of our systems runs on (default: the bf16 one)
+SYSTEM_QUANT = {"resident-int8": "int8", "resident-int4": "int4", "best-no-prefetch-int4": "int4"}
 #: On CUDA, `best` twice more, reaching device memory two ways: io_uring into pinned host memory
 #: and a copy to the device, against kvikio reading straight into device memory (GPUDirect
 #: Storage where the machine has it). Both skip the checksum, which needs the host stage; `best`
@@ -78,14 +90,15 @@ def qwen3_moe_config(layers: int, s: dict[str, int] = SHAPE) -> dict[str, Any]:
             "bos_token_id": 1, "eos_token_id": 2}
 
 
-def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE) -> tuple[Path, Path]:
-    """The synthetic checkpoint (hub layout, bf16) and its lossless store (no zstd, no delta: plain
-    extents, the zero-copy path), built once and reused."""
+def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE, quant: str = "keep") -> tuple[Path, Path]:
+    """The synthetic checkpoint (hub layout, bf16) and its store (no zstd, no delta: plain extents,
+    the zero-copy path; lossless, or `quant` int8/int4), built once and reused."""
+    from ..formats.constants import DEFAULT_GROUP_SIZE
     from ..formats.convert import convert
     from ..formats.families import FAMILIES
     from .synthetic import write_random_safetensors
     name = f"qwen3moe-{layers}L" + ("" if s == SHAPE else f"-h{s['hidden']}-e{s['experts']}")
-    ckpt, store = workdir / name, workdir / f"{name}.moe"
+    ckpt, store = workdir / name, workdir / (f"{name}.moe" if quant == "keep" else f"{name}-{quant}.moe")
     if not (ckpt / "config.json").exists():
         log(f"writing a synthetic Qwen3-MoE checkpoint ({layers} layers) into {ckpt}")
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -109,8 +122,11 @@ def build_store(workdir: Path, layers: int, log, s: dict[str, int] = SHAPE) -> t
         write_random_safetensors(ckpt / "model.safetensors.partial", t)
         os.replace(ckpt / "model.safetensors.partial", ckpt / "model.safetensors")
     if not store.exists():
-        log(f"converting it into {store} (lossless, no zstd, no delta)")
-        convert(ckpt, store, quant="keep", zstd_level=None, delta=False, progress=False)
+        log(f"converting it into {store} ({'lossless' if quant == 'keep' else quant}, no zstd, no delta)")
+        # the default group, or the largest that divides a tiny test shape's widths (only groups
+        # inside a row are held quantized)
+        group = next(g for g in (DEFAULT_GROUP_SIZE, 32, 16, 8, 2) if s["hidden"] % g == 0 and s["inter"] % g == 0)
+        convert(ckpt, store, quant=quant, zstd_level=None, delta=False, group_size=group, progress=False)
     return ckpt, store
 
 
@@ -205,6 +221,8 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     top_k = shape["top_k"]
     if system == "accelerate":
         return _run_accelerate(spec, trace, ids, clock)
+    if system.startswith("llama.cpp-"):
+        return _run_llama_cpp(spec)
     if system == "accelerate-offload":
         return _prepare_accelerate_offload(spec)
     from ..compute.loader import load_model
@@ -277,6 +295,7 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
         "prefetch_wasted_bytes": st["prefetch_wasted_bytes"] - s0["prefetch_wasted_bytes"],
         "device_reads": st.get("device_reads", 0) - s0.get("device_reads", 0),
         "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"), "device": device,
+        "expert_slots": model.store.expert_slots, "store_quant": model.store.index.quant,
     }
     if device.startswith("cuda"):
         # kernels run asynchronously: the host's time around an expert's matmuls is the time to
@@ -288,6 +307,25 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     if system != "inmemory":
         store.close()
     return out
+
+
+def _run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
+    """llama-bench on the checkpoint's GGUF (built beforehand by the parent), in this child's
+    cgroup when the parent gave it one; disk bytes from the kernel's counters."""
+    from . import llama_cpp
+    src, gguf_path = Path(spec["llama_cpp"]), Path(spec["gguf"])
+    limited = spec.get("memory_limit") is not None
+    disk0 = _disk_sectors_read(str(gguf_path))
+    r = llama_cpp.run_bench(src, gguf_path, spec["tokens"], threads=os.cpu_count() or 2, repack=not limited)
+    disk1 = _disk_sectors_read(str(gguf_path))
+    return {"system": spec["system"], "tokens": spec["tokens"], "tokens_per_s": r["tokens_per_s"],
+            "stddev_tokens_per_s": r["stddev_tokens_per_s"], "llama_bench": r["command"],
+            "disk_bytes_read": (disk1 - disk0) * 512 if disk0 is not None and disk1 is not None else None,
+            "bytes_read": None, "device": "cpu",
+            # llama-bench's own peak (children's ru_maxrss: at least this Python's RSS at the fork)
+            "vm_hwm_bytes": __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN).ru_maxrss * 1024,
+            "note": "llama-bench: random token ids, the model's own (random) routers; its warm-up run and "
+                    f"{2} repetitions of {spec['tokens']} tokens" + ("; --repack 0 under the limit" if limited else "")}
 
 
 def accelerate_offload_folder(checkpoint: Path) -> Path:
@@ -445,7 +483,7 @@ def system_spec(base: dict[str, Any], system: str, budget: int,
         spec.update(device_budget=base["shape"]["top_k"] * base["extent_bytes"], policy="lru")
     elif system == "lru":
         spec.update(policy="lru")
-    elif system == "best-no-prefetch":
+    elif system in ("best-no-prefetch", "best-no-prefetch-int4"):
         spec.update(policy="next-use")
     elif system == "best":
         spec.update(policy="next-use", prefetch_accuracy=prefetch_accuracy)
@@ -560,11 +598,12 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         import torch
         if not torch.cuda.is_available():
             raise UsageError(f"--device {device}: torch sees no CUDA device here")
-    streamed = SYSTEMS + (CUDA_SYSTEMS if cuda else ())
-    systems = systems or streamed + BOUNDS
+    streamed = SYSTEMS + (CUDA_SYSTEMS if cuda else ()) + QUANT_SYSTEMS + (() if cuda else LLAMA_SYSTEMS)
+    bounds = BOUNDS + QUANT_BOUNDS + (() if cuda else LLAMA_BOUNDS)
+    systems = systems or tuple(dict.fromkeys(streamed + bounds))
     for system in systems:
-        if system not in streamed + BOUNDS:
-            raise UsageError(f"--system {system}: not a system on {device} (those are {', '.join(streamed + BOUNDS)})")
+        if system not in streamed + bounds:
+            raise UsageError(f"--system {system}: not a system on {device} (those are {', '.join(dict.fromkeys(streamed + bounds))})")
     allowance = allowance if allowance is not None else (3 * GiB if cuda else GiB)
     work = Path(workdir or os.environ.get("TMPDIR", "/tmp")) / "moestream-bench-decode"
     work.mkdir(parents=True, exist_ok=True)
@@ -576,6 +615,34 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                                      shape=shape, log=log)
     base["device"] = device
     store, extent_bytes, trace = Path(base["store"]), base["extent_bytes"], np.asarray(base["trace"])
+    quant_stores: dict[str, dict[str, Any]] = {}   # int8/int4: store, its expert and extent bytes
+    for q in sorted({SYSTEM_QUANT[x] for x in systems if x in SYSTEM_QUANT}):
+        from ..formats.reader import StoreReader
+        qs = build_store(work, layers, log, shape, quant=q)[1]
+        with StoreReader(qs) as r:
+            ext = list(r.index.extents.values())
+        quant_stores[q] = dict(store=str(qs), extent_bytes=max(x.padded_length for x in ext),
+                               expert_bytes=sum(x.padded_length for x in ext))
+    llama = [x for x in systems if x.startswith("llama.cpp-")]
+    llama_why = ""
+    if llama:
+        from . import llama_cpp
+        src, llama_why = llama_cpp.ensure_built(work, log)
+        if src is None:
+            log(f"llama.cpp systems skipped: {llama_why}")
+            systems = tuple(x for x in systems if x not in llama)
+        else:
+            base["llama_cpp"] = str(src)
+            ggufs = {x: str(llama_cpp.model_file(src, Path(base["checkpoint"]), x.split("-", 1)[1], log)) for x in llama}
+
+    def own_spec(spec: dict[str, Any]) -> dict[str, Any]:
+        """The spec with the system's own store (int8/int4) or GGUF (llama.cpp)."""
+        q = SYSTEM_QUANT.get(spec["system"])
+        if q is not None:
+            spec = dict(spec, store=quant_stores[q]["store"], extent_bytes=quant_stores[q]["extent_bytes"])
+        if spec["system"].startswith("llama.cpp-"):
+            spec = dict(spec, gguf=ggufs[spec["system"]])
+        return spec
     cg_ok, cg_why = cgroup_available()
     root = os.geteuid() == 0
     log(f"store {store}: {expert_bytes / GiB:.2f} GiB of experts in {base['extents']} extents; device {device}; "
@@ -616,9 +683,10 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     # median run is reported.
     for rep in range(repeat):
         log(f"round {rep + 1}/{repeat}")
-        for system in BOUNDS:
+        for system in bounds:
             if system in systems:  # upper bounds: every expert in memory, no limit (they need it all)
-                record(run_child(dict(base, system=system, device_budget=int(expert_bytes * 1.05) + 64 * extent_bytes),
+                record(run_child(own_spec(dict(base, system=system,
+                                               device_budget=int(expert_bytes * 1.05) + 64 * extent_bytes)),
                                  None), None, None)
         for frac in budgets:
             budget = int(expert_bytes * frac)
@@ -628,7 +696,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                     # the others (minutes a run), far beyond what the disk's drift could change
                     continue
                 limit = budget + allowance if cg_ok else None
-                spec = system_spec(base, system, budget, prefetch_accuracy)
+                spec = own_spec(dict(system_spec(base, system, budget, prefetch_accuracy), memory_limit=limit))
                 res = run_child(spec, limit)
                 if system == "accelerate" and "error" in res and limit is not None:
                     # the closest configuration accelerate supports: the same offload without a limit
@@ -666,6 +734,17 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
 
     def ratio(a, b):
         return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+
+    def bound_of(r, resident):
+        """min(the same store's all-resident tok/s, r's I/O ceiling): on two cores compute, not
+        I/O, bounds decode, and streaming should cost little beyond whichever binds."""
+        if not r or not resident or not r.get("io_ceiling_tokens_per_s"):
+            return None
+        return min(resident["tokens_per_s"], r["io_ceiling_tokens_per_s"])
+    res8, res4 = find("resident-int8", None), find("resident-int4", None)
+    ll = {q: find(f"llama.cpp-{q}", None) for q in ("bf16", "q8_0", "q4_0")}
+    int4_lim, ll4_lim = find("best-no-prefetch-int4", at), find("llama.cpp-q4_0", at)
+    b_best, b_int4 = bound_of(best, res), bound_of(int4_lim, res4)
     out = {
         "command": "moestream bench decode" + (" --quick" if quick else "") + (f" --device {device}" if cuda else ""),
         "device": device, "device_name": _device_name(device),
@@ -696,6 +775,21 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         "inmemory_vs_io_ceiling": inmem["tokens_per_s"] / best["io_ceiling_tokens_per_s"]
         if inmem and best and best.get("io_ceiling_tokens_per_s") else None,
         "resident_vs_inmemory": ratio(res, inmem),
+        # quantized experts held as stored and multiplied in place, against the bf16 store and llama.cpp
+        "int8_resident_vs_bf16_resident": ratio(res8, res), "int4_resident_vs_bf16_resident": ratio(res4, res),
+        "bf16_vs_llama_cpp_bf16_resident": ratio(res, ll["bf16"]),
+        "int8_vs_llama_cpp_q8_0_resident": ratio(res8, ll["q8_0"]),
+        "int4_vs_llama_cpp_q4_0_resident": ratio(res4, ll["q4_0"]),
+        "int4_vs_llama_cpp_q4_0_limited": ratio(int4_lim, ll4_lim),
+        # experts the L1 holds at the same budget: the int4 store's against the bf16 store's
+        "int4_l1_experts_vs_bf16": int4_lim["expert_slots"] / nopf["expert_slots"] if int4_lim and nopf else None,
+        "l1_experts": {"bf16": nopf and nopf["expert_slots"], "int4": int4_lim and int4_lim["expert_slots"]},
+        "best_vs_bound": best["tokens_per_s"] / b_best if b_best else None,
+        "int4_vs_bound": int4_lim["tokens_per_s"] / b_int4 if b_int4 else None,
+        "llama_cpp": {"built": not llama_why, "why_not": llama_why or None, "version": "llama.cpp vendored by "
+                      "llama-cpp-python 0.3.36 (commit 0c1e570)", "routing": "llama-bench: random token ids and the "
+                      "model's own random routers (ours replay the trace); in RAM with its default repack, "
+                      "under the limit with --repack 0 and mmap"},
         # on CUDA: kvikio straight into device memory over io_uring + a copy, both unverified
         "kvikio_direct_vs_uring_h2d": ratio(find("best-kvikio", at), find("best-uring-unverified", at)) if cuda else None,
         "prefetch_on_vs_off": {"tokens_per_s": [best and best["tokens_per_s"], nopf and nopf["tokens_per_s"]],
@@ -746,7 +840,10 @@ def format_table(d: dict[str, Any]) -> str:
                      f"{f('checksum_seconds')} | {f('decode_codec_seconds')} | {r['vm_hwm_bytes'] / MiB:.0f} |")
     lines.append("")
     keys = ["best_vs_naive", "best_vs_lru", "best_vs_accelerate", "best_vs_io_ceiling", "inmemory_vs_io_ceiling",
-            "default_vs_naive", "default_vs_accelerate", "resident_vs_inmemory", "store_fetch_vs_raw"]
+            "default_vs_naive", "default_vs_accelerate", "resident_vs_inmemory", "store_fetch_vs_raw",
+            "int8_resident_vs_bf16_resident", "int4_resident_vs_bf16_resident", "bf16_vs_llama_cpp_bf16_resident",
+            "int8_vs_llama_cpp_q8_0_resident", "int4_vs_llama_cpp_q4_0_resident", "int4_vs_llama_cpp_q4_0_limited",
+            "int4_l1_experts_vs_bf16", "best_vs_bound", "int4_vs_bound"]
     for k in keys + (["kvikio_direct_vs_uring_h2d"] if d.get("device", "cpu") != "cpu" else []):
         lines.append(f"{k} = {d[k]:.2f}" if d.get(k) is not None else f"{k} = n/a")
     if d.get("ceiling_exceeded_by"):
@@ -760,12 +857,14 @@ def plot(d: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for system in SYSTEMS + CUDA_SYSTEMS + ("accelerate (no limit)",):
+    for system in SYSTEMS + CUDA_SYSTEMS + QUANT_SYSTEMS + LLAMA_SYSTEMS + ("accelerate (no limit)",):
         pts = sorted((r["budget_fraction"], r["tokens_per_s"]) for r in d["results"]
                      if r["system"] == system and "error" not in r and r["budget_fraction"] is not None)
         if pts:
             ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", label=system)
-    for r, color in zip((r for r in d["results"] if r["system"] in BOUNDS and "error" not in r), ("black", "grey")):
+    shown = ("inmemory", "resident", "resident-int4", "llama.cpp-q4_0")
+    for r in (r for r in d["results"] if r["system"] in shown and r["budget_fraction"] is None and "error" not in r):
+        color = {"inmemory": "black", "resident": "grey", "resident-int4": "tab:green", "llama.cpp-q4_0": "tab:red"}[r["system"]]
         ax.axhline(r["tokens_per_s"], linestyle="--", linewidth=1, color=color,
                    label=f"{r['system']} (all experts in memory)")
     ax.set_xlim(0, 60)
@@ -790,7 +889,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="decoder layers (default 2 with --quick, else 4)")
     p.add_argument("--budget", type=float, action="append", help="a fraction of expert bytes, repeatable "
                    "(default 0.10, 0.25, 0.50; 0.25 with --quick)")
-    p.add_argument("--system", action="append", choices=SYSTEMS + CUDA_SYSTEMS + BOUNDS,
+    p.add_argument("--system", action="append",
+                   choices=tuple(dict.fromkeys(SYSTEMS + CUDA_SYSTEMS + QUANT_SYSTEMS + LLAMA_SYSTEMS + BOUNDS
+                                               + QUANT_BOUNDS + LLAMA_BOUNDS)),
                    help="run only these (repeatable; " + ", ".join(CUDA_SYSTEMS) + " on CUDA only)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model computes and the "
                    "budgets live")

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from moestream.bench.decode import (BOUNDS, CUDA_SYSTEMS, SYSTEMS, bench_decode, coverage, format_table, plot,
-                                    synthetic_trace, system_spec)
+from moestream.bench.decode import (BOUNDS, CUDA_SYSTEMS, QUANT_BOUNDS, QUANT_SYSTEMS, SYSTEMS, bench_decode, coverage,
+                                    format_table, plot, synthetic_trace, system_spec)
 
 TINY = dict(hidden=64, inter=32, experts=16, top_k=4, heads=4, kv_heads=2, head_dim=16, vocab=128)
 
@@ -19,10 +19,15 @@ def test_trace_is_skewed_and_valid():
 
 
 def test_bench_decode_runs_every_system(tmp_path):
+    # every system but llama.cpp's, which would be built from source here (bench/llama_cpp.py)
     d = bench_decode(workdir=str(tmp_path), budgets=[0.5], tokens=4, layers=2, shape=TINY, prompt=4, repeat=1,
-                     log=lambda m: None)
+                     systems=SYSTEMS + QUANT_SYSTEMS + BOUNDS + QUANT_BOUNDS, log=lambda m: None)
     rows = {r["system"]: r for r in d["results"] if "error" not in r}
-    assert set(SYSTEMS + BOUNDS) <= set(rows), [r for r in d["results"] if "error" in r]
+    assert set(SYSTEMS + BOUNDS + QUANT_SYSTEMS + QUANT_BOUNDS) <= set(rows), [r for r in d["results"] if "error" in r]
+    for s in QUANT_SYSTEMS + QUANT_BOUNDS:   # the int stores of the same checkpoint, the same routing
+        assert rows[s]["store_quant"] in ("int8", "int4") and rows[s]["requests"] == 3 * 2 * 4
+    assert d["int4_l1_experts_vs_bf16"] > 1 and d["int4_resident_vs_bf16_resident"] > 0
+    assert d["int4_vs_llama_cpp_q4_0_limited"] is None   # llama.cpp did not run
     streamed = [rows[s] for s in ("naive", "lru", "best-no-prefetch", "best", "resident")]
     for r in streamed:   # forced routing: every system asked for the same experts
         assert r["tokens"] == 3 and r["requests"] == 3 * 2 * 4 and r["tokens_per_s"] > 0
