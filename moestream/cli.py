@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: moestream's own forward; transformers: transformers' model class with the "
                         "moestream experts implementation; auto (default): native where the family has one")
     g.add_argument("--trace", metavar="FILE", help="record the routing of every token into FILE (.npz; see moestream profile)")
+    g.add_argument("--overwrite", action="store_true", help="replace the --trace file if it exists")
+    g.add_argument("--expert-compute", default="quantized", choices=["quantized", "dequantized"],
+                   help="int8/int4 stores: quantized (default) holds experts as stored and multiplies them in place; "
+                        "dequantized decodes them to bf16 on load (more bytes per cached expert)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra: fastapi, uvicorn)")
     sv.add_argument("store")
@@ -113,10 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "needs ~80000 tokens to beat a linear probe); 0: linear, by ridge regression")
     fp.add_argument("--ridge", type=float, default=1.0, help="L2 penalty of the linear probes' regression (default 1.0)")
     fp.add_argument("-o", "--output", required=True, metavar="PROBES.npz")
+    fp.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
     pr.add_argument("traces", nargs="+", help="trace files (moestream generate --trace)")
     pr.add_argument("-o", "--output", required=True, metavar="PROFILE.json")
+    pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -196,6 +202,29 @@ def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def check_output(path: str, option: str, inputs: list[str], overwrite: bool) -> None:
+    """The rule for every file the CLI writes: its directory exists; never a file inside a store
+    (nor a store itself), never one of the command's own inputs; an existing file only with
+    --overwrite. The writers then write a temporary file and rename it into place. UsageError
+    naming the option and what the path is otherwise."""
+    from pathlib import Path
+    from .formats.writer import is_store
+    out = Path(path).resolve()
+    if not out.parent.is_dir():
+        raise UsageError(f"{option} {path}: its directory does not exist")
+    for d in (out, *out.parents):
+        if is_store(d):
+            raise UsageError(f"{option} {path}: lies inside the store {d}; write it somewhere else")
+    for given in inputs:
+        src = Path(given).resolve()
+        if out == src or src in out.parents:
+            raise UsageError(f"{option} {path}: is one of this command's inputs ({given}); write it somewhere else")
+    if out.is_dir():
+        raise UsageError(f"{option} {path}: is a directory")
+    if out.exists() and not overwrite:
+        raise UsageError(f"{option} {path}: exists; pass --overwrite to replace it")
+
+
 def _generate(a: argparse.Namespace) -> int:
     from .compute.generation import generate_text
     if a.max_new_tokens < 1:
@@ -204,12 +233,12 @@ def _generate(a: argparse.Namespace) -> int:
         raise UsageError("--temperature must be a non-negative number")
     if not 0.0 <= a.prefetch_threshold <= 1.0:
         raise UsageError("--prefetch-threshold must lie in 0..1")
-    if a.trace is not None and not os.path.isdir(os.path.dirname(os.path.abspath(a.trace))):
-        raise UsageError(f"--trace {a.trace}: its directory does not exist")
+    if a.trace is not None:
+        check_output(a.trace, "--trace", [a.store] + ([a.predictor] if a.predictor else []), a.overwrite)
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
                   prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor,
-                  extra_guesses=a.extra_guesses)
+                  extra_guesses=a.extra_guesses, expert_compute=a.expert_compute)
     return 0
 
 
@@ -227,8 +256,7 @@ def _fit_predictor(a: argparse.Namespace) -> int:
         a.hidden = DEFAULT_PROBE_WIDTH
     if a.hidden < 0:
         raise UsageError("--hidden must be 0 (linear probes) or a positive number of units")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
-        raise UsageError(f"--output {a.output}: its directory does not exist")
+    check_output(a.output, "--output", [a.store, *a.text, *a.held_out], a.overwrite)
 
     def read(files):
         out = []
@@ -265,6 +293,7 @@ def _fit_predictor(a: argparse.Namespace) -> int:
 def _profile(a: argparse.Namespace) -> int:
     from .formats.profile import build_profile, save_profile
     from .formats.trace import RoutingTrace
+    check_output(a.output, "--output", a.traces, a.overwrite)
     d = build_profile([RoutingTrace.load(t) for t in a.traces], a.traces)
     save_profile(d, a.output)
     cov = ", ".join(f"{k[4:]} {v:.0%}" for k, v in d["coverage"].items())
