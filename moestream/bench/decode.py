@@ -265,7 +265,7 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
             for m in moes:
                 m.expert_seconds = 0.0
     model.register_forward_pre_hook(pre_hook)
-    if system == "resident":  # warm: every expert into L1 first
+    if system.startswith("resident"):  # warm: every expert into L1 first (resident-int8/int4 too)
         for layer in model.store.layers:
             for f in model.store.fetch(layer, range(model.store.experts_per_layer)):
                 f.result()

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 from ..compute.dequant import dequantize
 from ..compute.models.common import route_on_host, stream_experts
+from ..compute.quant_kernels import quant_linear
+from ..formats.quantized import QuantizedTensor
 from ..errors import MoestreamError
 from ..formats.families import FAMILIES
 from ..storage.store import Store, parse_device
@@ -59,19 +61,31 @@ def _expert_output(module, h: torch.Tensor, w: dict, names: tuple[str, str, str]
     def bias(name: str) -> Optional[torch.Tensor]:
         return w[name + "_bias"].to(dtype) if module.has_bias and name + "_bias" in w else None
 
+    def weight(name: str) -> torch.Tensor:
+        t = w[name]
+        return t.dequantize(dequantize, dtype) if isinstance(t, QuantizedTensor) else t.to(dtype)
+
+    def linear(x: torch.Tensor, name: str) -> torch.Tensor:
+        # a quantized [out, in] matrix is multiplied where it lies (compute/quant_kernels.py)
+        if isinstance(w[name], QuantizedTensor):
+            y = quant_linear(x, w[name])
+            b = bias(name)
+            return y + b if b is not None else y
+        return F.linear(x, w[name].to(dtype), bias(name))
+
     if "gate_up_proj" in w:                      # a fused layout (GPT-OSS): the module's own row layout
-        gu = _matmul(h, w["gate_up_proj"].to(dtype), module.is_transposed, bias("gate_up_proj"))   # [n, 2I]
-        return _matmul(module._apply_gate(gu), w["down_proj"].to(dtype), module.is_transposed, bias("down_proj"))
+        gu = _matmul(h, weight("gate_up_proj"), module.is_transposed, bias("gate_up_proj"))   # [n, 2I]
+        return _matmul(module._apply_gate(gu), weight("down_proj"), module.is_transposed, bias("down_proj"))
     gate_name, up_name, down_name = names
-    up = F.linear(h, w[up_name].to(dtype), bias(up_name))                       # [n, I]
+    up = linear(h, up_name)                                                      # [n, I]
     if module.has_gate:
-        gate = F.linear(h, w[gate_name].to(dtype), bias(gate_name))             # [n, I]
+        gate = linear(h, gate_name)                                              # [n, I]
         # the layout _apply_gate expects: [gate | up], or interleaved [g0, u0, g1, u1, ...]
         gu = torch.cat([gate, up], -1) if module.is_concatenated else torch.stack([gate, up], -1).flatten(-2)
         act = module._apply_gate(gu)
     else:
         act = module.act_fn(up)
-    return F.linear(act, w[down_name].to(dtype), bias(down_name))               # [n, H]
+    return linear(act, down_name)                                                # [n, H]
 
 
 def _matmul(x: torch.Tensor, w: torch.Tensor, transposed: bool, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -94,18 +108,24 @@ def _renamed(name: str, renames: list[tuple[str, str]]) -> str:
 
 def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: int | str | None = None,
                host_budget: int | str | None = None, dtype: Optional[torch.dtype] = None,
-               **store_options: Any):
+               expert_compute: str = "quantized", **store_options: Any):
     """The transformers model of the store at `path`, its routed experts streaming from a Store
     (`model.moestream_store`: stats, budgets; close it when done). Dense weights are loaded once
     onto `device`; the experts' parameters are never allocated. dtype: default float32 on CPU,
-    bfloat16 on CUDA. Budgets as in `moestream.open`."""
+    bfloat16 on CUDA. Budgets as in `moestream.open`. expert_compute as in `moestream.load_model`:
+    "quantized" holds int8/int4 experts as stored and multiplies them in place, "dequantized"
+    decodes them on load."""
     import transformers
     from transformers import AutoModelForCausalLM
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     register()
+    from ..compute.loader import EXPERT_COMPUTE
     dev = parse_device(device)
+    if expert_compute not in EXPERT_COMPUTE:
+        raise MoestreamError(f"expert_compute={expert_compute!r}: choose one of {', '.join(EXPERT_COMPUTE)}")
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     store_options.setdefault("dequantize", dequantize)
+    store_options.setdefault("keep_quantized", expert_compute == "quantized")
     store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
     try:
         idx = store.index

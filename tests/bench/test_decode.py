@@ -26,6 +26,8 @@ def test_bench_decode_runs_every_system(tmp_path):
     assert set(SYSTEMS + BOUNDS + QUANT_SYSTEMS + QUANT_BOUNDS) <= set(rows), [r for r in d["results"] if "error" in r]
     for s in QUANT_SYSTEMS + QUANT_BOUNDS:   # the int stores of the same checkpoint, the same routing
         assert rows[s]["store_quant"] in ("int8", "int4") and rows[s]["requests"] == 3 * 2 * 4
+    for s in QUANT_BOUNDS:                   # warmed: every expert in L1 before the first token
+        assert rows[s]["hits_l1"] == rows[s]["requests"] and rows[s]["bytes_read"] == 0
     assert d["int4_l1_experts_vs_bf16"] > 1 and d["int4_resident_vs_bf16_resident"] > 0
     assert d["int4_vs_llama_cpp_q4_0_limited"] is None   # llama.cpp did not run
     streamed = [rows[s] for s in ("naive", "lru", "best-no-prefetch", "best", "resident")]
