@@ -197,7 +197,7 @@ def test_cli_fits_probes_and_generate_uses_them(store, tmp_path, capsys):
     assert main(["generate", str(store), "--prompt", "x", "--extra-guesses", "-1"]) == 2
     assert "extra_guesses=-1: must lie in 0.." in capsys.readouterr().err
     # user mistakes: one line, no traceback
-    assert main(["fit-predictor", str(store), "--text", str(tmp_path / "nope.txt"), "-o", str(out)]) == 2
+    assert main(["fit-predictor", str(store), "--text", str(tmp_path / "nope.txt"), "-o", str(tmp_path / "p2.npz")]) == 2
     assert "nope.txt" in capsys.readouterr().err
     assert main(["fit-predictor", str(store), "--text", str(tmp_path / "fit.txt"), "--hidden", "-1", "-o", str(out)]) == 2
     assert "--hidden" in capsys.readouterr().err
