@@ -110,6 +110,19 @@ def _quantize_rows(x, group, xq, xe, xo, xs, xsum):
             xsum[r, g] = s * np.float32(qsum)
 
 
+@njit(cache=True)
+def _quantized_activations(x, group):
+    """(codes, even codes, odd codes, scales, sums) of x float32 [N, K]: _quantize_rows into new arrays."""
+    n, k = x.shape
+    xq = np.empty((n, k), np.int8)
+    xe = np.empty((n, k // 2), np.int8)
+    xo = np.empty((n, k // 2), np.int8)
+    xs = np.empty((n, k // group), np.float32)
+    xsum = np.empty((n, k // group), np.float32)
+    _quantize_rows(x, group, xq, xe, xo, xs, xsum)
+    return xq, xe, xo, xs, xsum
+
+
 # ---- one row of W against one row of activations ---------------------------------------------
 # kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales, mins)
 
@@ -165,12 +178,7 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
     n, hidden = x.shape
     k_experts = kinds.shape[0]
     pairs = pair_token.shape[0]
-    xq = np.empty((n, hidden), np.int8)
-    xe = np.empty((n, hidden // 2), np.int8)
-    xo = np.empty((n, hidden // 2), np.int8)
-    xs = np.empty((n, hidden // group), np.float32)
-    xsum = np.empty((n, hidden // group), np.float32)
-    _quantize_rows(x, group, xq, xe, xo, xs, xsum)
+    xq, xe, xo, xs, xsum = _quantized_activations(x, group)
     h = np.empty((pairs, inter), np.float32)                      # [P, I] SwiGLU per (expert, token)
     blocks = (inter + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(k_experts * blocks):
@@ -185,12 +193,7 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
                 up = _row_dot(kind, addrs[k, 1, 0], addrs[k, 1, 1], addrs[k, 1, 2], i, hidden, group,
                               xq, xe, xo, xs, xsum, t, sums)
                 h[p, i] = gate / (np.float32(1) + np.exp(-gate)) * up
-    hq = np.empty((pairs, inter), np.int8)
-    he = np.empty((pairs, inter // 2), np.int8)
-    ho = np.empty((pairs, inter // 2), np.int8)
-    hs = np.empty((pairs, inter // group), np.float32)
-    hsum = np.empty((pairs, inter // group), np.float32)
-    _quantize_rows(h, group, hq, he, ho, hs, hsum)
+    hq, he, ho, hs, hsum = _quantized_activations(h, group)
     out_blocks = (hidden + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(out_blocks):      # each task owns its output columns: no two write one
         sums = np.empty(inter // group, np.int32)
@@ -206,12 +209,7 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
 def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out):
     """out [N, rows] = x [N, cols] · Wᵀ for one quantized W [rows, cols] (float32 in and out)."""
     n, cols = x.shape
-    xq = np.empty((n, cols), np.int8)
-    xe = np.empty((n, cols // 2), np.int8)
-    xo = np.empty((n, cols // 2), np.int8)
-    xs = np.empty((n, cols // group), np.float32)
-    xsum = np.empty((n, cols // group), np.float32)
-    _quantize_rows(x, group, xq, xe, xo, xs, xsum)
+    xq, xe, xo, xs, xsum = _quantized_activations(x, group)
     blocks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(blocks):
         sums = np.empty(cols // group, np.int32)
