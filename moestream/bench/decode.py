@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -323,7 +324,7 @@ def _run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
             "disk_bytes_read": (disk1 - disk0) * 512 if disk0 is not None and disk1 is not None else None,
             "bytes_read": None, "device": "cpu",
             # llama-bench's own peak (children's ru_maxrss: at least this Python's RSS at the fork)
-            "vm_hwm_bytes": __import__("resource").getrusage(__import__("resource").RUSAGE_CHILDREN).ru_maxrss * 1024,
+            "vm_hwm_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "note": "llama-bench: random token ids, the model's own (random) routers; its warm-up run and "
                     f"{2} repetitions of {spec['tokens']} tokens" + ("; --repack 0 under the limit" if limited else "")}
 

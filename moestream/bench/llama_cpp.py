@@ -79,6 +79,7 @@ def write_gguf(checkpoint: Path, out: Path, src: Path, log=print) -> Path:
     if out.exists():
         return out
     import numpy as np
+    import torch
     from safetensors import safe_open
     gguf = _gguf(src)
     cfg = json.loads((checkpoint / "config.json").read_text())
@@ -118,11 +119,10 @@ def write_gguf(checkpoint: Path, out: Path, src: Path, log=print) -> Path:
 
     def bits(name):
         t = where[name].get_tensor(name)
-        return t.view(__import__("torch").int16).numpy().view(np.uint16) if t.dtype.itemsize == 2 else t.numpy()
+        return t.view(torch.int16).numpy().view(np.uint16) if t.dtype.itemsize == 2 else t.numpy()
 
     def add(name, arr, f32=False):
         if f32:
-            import torch
             arr = (torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16).float().numpy()
                    if arr.dtype == np.uint16 else arr.astype(np.float32))
             w.add_tensor(name, arr)

@@ -292,15 +292,14 @@ class StreamingMoE(nn.Module):
                 wl = weights.float().tolist()                                    # [N][A]
                 routed = [RoutedExpert(w[gate_name], w[up_name], w[down_name], rows_l,
                                        [wl[r][s] for r, s in zip(rows_l, slots_l)]) for _, w, rows_l, slots_l in held]
+            rest = batch
             if routed and moe_layer_fits(routed):
                 if not acc:
                     acc.append(torch.zeros(x.shape, dtype=torch.float32))
                 moe_layer(x, routed, acc[0])
-            else:
-                held = []
-            for item in batch:
-                if not any(item is h for h in held):
-                    compute(*item)
+                rest = [b for b in batch if not isinstance(b[1][gate_name], QuantizedTensor)]
+            for item in rest:
+                compute(*item)
             self.expert_seconds += time.perf_counter() - t0
 
         then, self.prefetch_next = self.prefetch_next, None
