@@ -1,11 +1,23 @@
 """moestream: run Mixture-of-Experts models larger than memory by streaming experts from NVMe."""
 from .errors import BudgetError, ChecksumError, ConvertError, FormatError, MoestreamError, StoreIOError, UsageError
-from .formats import StoreReader, convert
+import functools as _functools
+
+from .formats import StoreReader
+from .formats import convert as _convert
 from .storage import Store, open
 
 __version__ = "0.1.0"
 __all__ = ["BudgetError", "ChecksumError", "ConvertError", "FormatError", "MoestreamError", "StoreIOError", "UsageError",
            "Store", "StoreReader", "convert", "from_pretrained", "load_model", "open", "__version__"]
+
+
+@_functools.wraps(_convert)
+def convert(src, out, **options):
+    # the converter checks the dense tensors against the engine that will load the store
+    # (formats cannot import the models): a store that converts is one that loads
+    from .engines import dense_problems
+    options.setdefault("dense_check", dense_problems)
+    return _convert(src, out, **options)
 
 
 def __getattr__(name: str):

@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(a: argparse.Namespace) -> int:
-    from .formats.convert import convert
+    from . import convert
     hot = None
     if a.profile is not None:
         from .formats.profile import hot_experts, load_profile
@@ -172,9 +172,10 @@ def _inspect(a: argparse.Namespace) -> int:
 
 
 def _verify(a: argparse.Namespace) -> int:
+    from .engines import dense_problems
     from .formats.reader import StoreReader
     with StoreReader(a.store) as r:
-        bad = r.verify_all()
+        bad = r.verify_all(dense_check=dense_problems)
         n = len(list(r.regions()))
     for line in bad:
         print(line)

@@ -51,10 +51,10 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
     if engine not in ENGINES:
         raise UsageError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
     if engine == "auto":
+        from ..engines import engine_for
         from ..formats.reader import StoreReader
-        from .loader import FORWARDS
         with StoreReader(store) as r:
-            engine = "native" if r.index.architecture in FORWARDS else "transformers"
+            engine = engine_for(r.index.architecture)
     if engine == "transformers" and (prefetch or trace is not None or predictor is not None or extra_guesses):
         raise UsageError("--prefetch, --predictor, --extra-guesses and --trace need the native engine")
     t_load = time.perf_counter()

@@ -72,12 +72,13 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         with torch.device("meta"):
             model = family.build(cfg, store, hf)
         model = model.to_empty(device=dev)
-        state = _dense_state(store.dense(), cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if not m.startswith("rotary.")]
-        if missing or unexpected:
+        dense = store.dense()
+        problems = _state_problems(model, {k: tuple(v.shape) for k, v in dense.items()}, cfg, family)
+        if problems:
             raise MoestreamError(f"{path}: dense tensors do not match the {idx.architecture} model: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+                                 + "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
+        state = _dense_state(dense, cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
+        model.load_state_dict(state, strict=False, assign=True)
         model.rotary = Rotary(cfg)
         model.to(device=dev, dtype=dtype)
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
@@ -95,14 +96,50 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         raise
 
 
+def dense_problems(architecture: str, config: dict, moe_layers, experts_per_layer: int,
+                   dense: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps `dense` (checkpoint tensor name -> shape) from loading into the native forward of
+    `architecture` under `config`, one line each (missing, unexpected, wrong shape); empty when it
+    loads. The converter and `verify` ask this (injected at the edge: formats never import compute)
+    so that a store that converts and verifies is one that loads. The model is built on the meta
+    device: nothing is allocated."""
+    family = FORWARDS[architecture]
+    hf = check_config(config, "config", FormatError)
+    cfg = ModelConfig.from_hf(hf, FAMILIES[architecture], moe_layers, experts_per_layer)
+    with torch.device("meta"):
+        model = family.build(cfg, None, hf)
+    return _state_problems(model, dense, cfg, family)
+
+
+def _state_problems(model: torch.nn.Module, dense: dict[str, tuple[int, ...]], cfg: ModelConfig, family) -> list[str]:
+    renames = getattr(family, "CHECKPOINT_RENAMES", {})
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+    have = {_state_key(name, renames): (name, shape) for name, shape in dense.items()}
+    if "lm_head.weight" not in have and cfg.tie_word_embeddings and "embed_tokens.weight" in have:
+        have["lm_head.weight"] = have["embed_tokens.weight"]
+    problems = []
+    for key, shape in want.items():
+        if key not in have:
+            name = "model." + key if not key.startswith("lm_head") else key
+            why = " (config.json has tie_word_embeddings false)" if key == "lm_head.weight" else ""
+            problems.append(f"tensor {name} is missing{why}")
+        elif have[key][1] != shape:
+            problems.append(f"tensor {have[key][0]} has shape {list(have[key][1])}, the model needs {list(shape)}")
+    problems += [f"tensor {name} is not part of the {cfg.family} model" for key, (name, _) in have.items()
+                 if key not in want]
+    return problems
+
+
+def _state_key(name: str, renames: dict[str, str]) -> str:
+    key = name[len("model."):] if name.startswith("model.") else name
+    for old, new in renames.items():
+        key = key.replace(old, new)
+    return key
+
+
 def _dense_state(dense: dict[str, torch.Tensor], cfg: ModelConfig, renames: dict[str, str],
                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, t in dense.items():
-        key = name[len("model."):] if name.startswith("model.") else name
-        for old, new in renames.items():
-            key = key.replace(old, new)
-        state[key] = t.to(dtype)
+    state = {_state_key(name, renames): t.to(dtype) for name, t in dense.items()}
     if "lm_head.weight" not in state and cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state

@@ -6,7 +6,7 @@ uint32 for fp32) because numpy has no bfloat16; torch tensors appear only at the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -15,7 +15,8 @@ import xxhash
 import zstandard
 
 from ..errors import ConvertError, FormatError
-from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_ERROR_RATIO, DTYPE_ITEMSIZE, STAGE_DELTA,
+from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_ERROR_RATIO, DTYPE_ITEMSIZE,
+                        FP16_SCALE_MAX_ERROR_RATIO, FP16_SMALLEST_NORMAL, STAGE_DELTA,
                         STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec, align_up)
 from .index import Region, TensorSlice, payload_length
 
@@ -196,9 +197,26 @@ class EncodedRegion:
 
 
 def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
+    """||ref - got|| / ||ref|| in float64 (float32 squares of 1e-40 weights underflow to a zero norm);
+    a tensor of zeros is exact or infinitely wrong, never "small in absolute terms"."""
+    ref = ref.astype(np.float64)
     den = float(np.linalg.norm(ref))
-    num = float(np.linalg.norm(ref - got))
-    return num / den if den > 0 else num
+    num = float(np.linalg.norm(ref - got.astype(np.float64)))
+    if den == 0:
+        return 0.0 if num == 0 else math.inf
+    return num / den
+
+
+def _exact_scale_error(x: np.ndarray, quant: str, group_size: int) -> float:
+    """The relative error that group-wise quantization of float32 `x` has when its scales are not
+    limited by fp16's range: the same codes computed on x rescaled by a power of two that brings its
+    largest magnitude near 1 (exact in float32, and the error is scale-invariant)."""
+    peak = float(np.abs(x).max())
+    if peak == 0:
+        return 0.0
+    k = -math.frexp(peak)[1]
+    y = np.ldexp(x.astype(np.float64), k).astype(np.float32)
+    return _rel_error(y, dequantize_np(quantize(y, quant, group_size), y.size, quant, group_size))
 
 
 def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], opts: EncodeOptions,
@@ -209,6 +227,11 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
     smaller (zstd: by opts.zstd_min_saving at least; delta: with the error no larger); among
     candidates of one padded size, the smaller error, then the fewer stages (less to decode), win."""
     candidates = [_encode_planes(tensors, opts, None, None)]
+    if opts.quant is not None and _fp16_scales_lose_precision(tensors, opts, candidates[0][3]):
+        # an expert of tiny weights: quantized, it would decode to (nearly) zeros or lose relative
+        # precision that a normal expert keeps, so it is stored in its source dtype instead
+        opts = replace(opts, quant=None)
+        candidates = [_encode_planes(tensors, opts, None, None)]
     if opts.delta and base is not None:
         candidates.append(_encode_planes(tensors, opts, base, base_dtype))
     best: Optional[EncodedRegion] = None
@@ -228,6 +251,25 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
                 best = cand
     assert best is not None
     return best
+
+
+def _fp16_scales_lose_precision(tensors, opts: EncodeOptions, err: float) -> bool:
+    """Whether the plain quantized encoding's error is more than FP16_SCALE_MAX_ERROR_RATIO times
+    what exact scales would give, for a tensor whose scales reach below fp16's normal range (only
+    such tensors are checked: for the rest fp16 scales cost nothing and the check costs a second
+    quantization)."""
+    if err == 0:
+        return False
+    levels = 127.0 if opts.quant == "int8" else 15.0
+    for name, dtype, shape, bits in tensors:
+        x = bits_to_float32(bits, dtype).reshape(-1)
+        span = float(np.abs(x).max()) if opts.quant == "int8" else float(x.max() - x.min()) if x.size else 0.0
+        if span / levels >= FP16_SMALLEST_NORMAL:
+            continue
+        got = dequantize_np(quantize(x, opts.quant, opts.group_size), x.size, opts.quant, opts.group_size)
+        if _rel_error(x, got) > FP16_SCALE_MAX_ERROR_RATIO * _exact_scale_error(x, opts.quant, opts.group_size):
+            return True
+    return False
 
 
 def _region_options(planes, chain, slices, err, opts: EncodeOptions):

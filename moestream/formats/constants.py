@@ -73,6 +73,14 @@ DEFAULT_ZSTD_MIN_SAVING = 0.5
 #: Upcycled experts' deltas are 10-100x more precise; independent experts' deltas only 1/E narrower.
 DELTA_MAX_ERROR_RATIO = 0.5
 
+#: fp16 scales keep 11 bits of precision only down to 2**-14; below that they are subnormal and lose
+#: bits, and below 2**-24 they flush to zero (an int8 expert whose weights are all under ~7e-6, or an
+#: int4 one whose range is under ~9e-7, would decode to zeros). An extent is stored unquantized, in
+#: its source dtype, where its error with fp16 scales exceeds this multiple of the error the same
+#: codes give with exact scales (`moestream inspect` counts such extents as "raw").
+FP16_SCALE_MAX_ERROR_RATIO = 1.25
+FP16_SMALLEST_NORMAL = 2.0 ** -14
+
 #: Codec-chain stage names, in encode order. A chain is a list of these strings:
 #:   "int8:G" | "int4:G"  group-wise quantization with G elements per group (absent: raw dtype)
 #:   "delta"               arithmetic delta against the layer's base expert before quantization

@@ -11,7 +11,7 @@ import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import zstandard
@@ -24,13 +24,17 @@ from .families import check_config, family_for
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
 
+#: (architecture, config, moe_layers, experts_per_layer, {dense tensor name: shape}) -> problems, one
+#: line each (empty: the forward that runs the store loads them). Given by the engine at the edge.
+DenseCheck = Callable[[str, dict, tuple, int, dict], list]
+
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "keep",
             group_size: int = DEFAULT_GROUP_SIZE, zstd_level: Optional[int] = DEFAULT_ZSTD_LEVEL,
             zstd_min_saving: float = DEFAULT_ZSTD_MIN_SAVING, delta: bool = True,
             max_file_size: Optional[int] = None, overwrite: bool = False,
             progress: bool = True, hot_experts: Optional[Iterable[tuple[int, int]]] = None,
-            hot_quant: str = "int8", cold_quant: str = "int4") -> Path:
+            hot_quant: str = "int8", cold_quant: str = "int4", dense_check: Optional[DenseCheck] = None) -> Path:
     """Convert checkpoint directory `src` into store directory `out` and return its path.
 
     quant: "keep" (source dtype), "bf16"/"fp16"/"fp32" (lossless cast of every float tensor), or
@@ -43,6 +47,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
     every other expert with `cold_quant` (e.g. a routing profile's most used 20 %: see
     formats/profile.py); `quant` must then be "keep". The index's quant reads "mixed" and each
     extent's codec chain names its own.
+    dense_check: asked, before anything is written, what keeps the checkpoint's dense tensors from
+    loading into the forward that will run the store (`moestream.convert` passes the engine's;
+    formats cannot know the models); any problem refuses the checkpoint, naming the tensor.
     An interrupted conversion run again with the same arguments resumes where it stopped."""
     if quant not in QUANT_CHOICES:
         raise ConvertError(f"--quant {quant!r}: choose one of {', '.join(QUANT_CHOICES)}")
@@ -68,7 +75,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
         return _convert_locked(src, out, quant=quant, group_size=group_size, zstd_level=zstd_level,
                                zstd_min_saving=zstd_min_saving, delta=delta,
                                max_file_size=max_file_size, overwrite=overwrite, progress=progress,
-                               mixed=(hot_experts, hot_quant, cold_quant) if quant == MIXED_QUANT else None)
+                               mixed=(hot_experts, hot_quant, cold_quant) if quant == MIXED_QUANT else None,
+                               dense_check=dense_check)
 
 
 def _check_output_is_not_source(src: Path, out: Path) -> None:
@@ -81,7 +89,7 @@ def _check_output_is_not_source(src: Path, out: Path) -> None:
 
 
 def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_saving, delta, max_file_size, overwrite,
-                    progress, mixed=None) -> Path:
+                    progress, mixed=None, dense_check: Optional[DenseCheck] = None) -> Path:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -104,6 +112,13 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         ckpt.info(name)  # raises ConvertError naming the missing tensor
     _check_shapes(ckpt, fam, moe_layers, n_experts, expert_names)
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
+    if dense_check is not None:
+        problems = dense_check(fam.name, ckpt.config, tuple(moe_layers), n_experts,
+                               {n: ckpt.info(n).shape for n in dense_names})
+        if problems:
+            more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+            raise ConvertError(f"{ckpt.root}: the {fam.name} model could not load this checkpoint's dense tensors: "
+                               + "; ".join(problems[:3]) + more)
 
     if mixed is not None:
         unknown = sorted(k for k in mixed[0] if k[0] not in moe_layers or not 0 <= k[1] < n_experts)

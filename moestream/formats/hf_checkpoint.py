@@ -48,11 +48,19 @@ class HFCheckpoint:
         except (OSError, ValueError) as e:
             raise ConvertError(f"{cfg}: cannot read it as JSON ({e})") from None
         index = self.root / "model.safetensors.index.json"
+        # name -> shard file name, where an index decides which shard's copy is the tensor
+        self._weight_map: dict[str, str] | None = None
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
+                if not isinstance(weight_map, dict) or not all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                    raise TypeError("weight_map is not an object of tensor name -> shard file name")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise ConvertError(f"{index}: malformed ({e})") from None
+            for shard in set(weight_map.values()):
+                self._check_shard_path(index, shard)
+            self._weight_map = weight_map
             shards = sorted(set(weight_map.values()))
         elif (self.root / "model.safetensors").is_file():
             shards = ["model.safetensors"]
@@ -61,8 +69,31 @@ class HFCheckpoint:
             if not shards:
                 raise ConvertError(f"{self.root}: no model.safetensors or model.safetensors.index.json")
         self.tensors: dict[str, TensorInfo] = {}
+        # a name found in a shard the index does not assign it to: kept aside, an error only
+        # if the index does not resolve it (below)
+        self._elsewhere: dict[str, Path] = {}
         for shard in shards:
             self._scan(self.root / shard)
+        if self._weight_map is not None:
+            for name, shard in self._weight_map.items():
+                if name not in self.tensors:
+                    raise ConvertError(f"{index}: names {name} in {shard}, which does not hold it")
+
+    def _check_shard_path(self, index: Path, shard: str) -> None:
+        """A shard named by the index must be a file inside the checkpoint directory: an index is
+        input, and `../x/b.safetensors` or an absolute path would read weights from elsewhere."""
+        rel = Path(shard)
+        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+            raise ConvertError(f"{index}: shard {shard!r} lies outside the checkpoint directory {self.root}")
+        path = self.root / rel
+        try:
+            inside = path.resolve().is_relative_to(self.root.resolve())
+        except OSError as e:
+            raise ConvertError(f"{index}: shard {shard!r}: {e.strerror}") from None
+        if not inside:
+            raise ConvertError(f"{index}: shard {shard!r} resolves outside the checkpoint directory {self.root}")
+        if not path.is_file():
+            raise ConvertError(f"{index}: shard {shard!r} is missing ({path})")
 
     def _scan(self, path: Path) -> None:
         try:
@@ -100,7 +131,22 @@ class HFCheckpoint:
             shape = tuple(shape)
             if end < begin or end - begin != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or base + end > size:
                 raise ConvertError(f"{path}: tensor {name} has inconsistent offsets")
-            self.tensors[name] = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+            info = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
+            wm = self._weight_map
+            if wm is not None and name in wm:
+                if self.root / wm[name] == path:
+                    self.tensors[name] = info
+                else:
+                    self._elsewhere[name] = path      # the index names another shard's copy
+                continue
+            prev = self.tensors.get(name) or self._elsewhere.get(name)
+            if prev is not None:
+                where = prev.path if isinstance(prev, TensorInfo) else prev
+                raise ConvertError(
+                    f"tensor {name} is in both {where} and {path}, and "
+                    + ("the index does not name it" if wm is not None else "there is no model.safetensors.index.json")
+                    + " to say which copy is the model's")
+            self.tensors[name] = info
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
+from .constants import INT_QUANTS, MIXED_QUANT
 from .index import Region
 from .reader import StoreReader
 
@@ -47,6 +48,10 @@ def describe(reader: StoreReader) -> dict[str, Any]:
         "carried_files": sorted(idx.blobs),
         "layers": layers,
         # per layer, one character per expert: its bits (8/4 quantized, 16/32 raw floats)
+        # experts of a quantized store kept in their source dtype (weights too small for fp16 scales:
+        # codecs.FP16_SCALE_MAX_ERROR_RATIO)
+        "unquantized_experts": sorted([layer, e] for (layer, e), r in idx.extents.items() if r.quant is None)
+        if idx.quant in (*INT_QUANTS, MIXED_QUANT) else [],
         "expert_bits": {str(layer): "".join(_bits_mark(idx.extents[(layer, e)]) for e in range(idx.experts_per_layer))
                         for layer in idx.moe_layers} if idx.quant == "mixed" else None,
     }
@@ -79,6 +84,11 @@ def format_description(d: dict[str, Any]) -> str:
         chains = ", ".join(f"{c} ({n})" for c, n in l["chains"].items())
         lines.append(f"{l['layer']:>5}  {format_size(l['stored_bytes']):>12}  {format_size(l['source_bytes']):>12}  "
                      f"{l['ratio']:>5.2f}x  {chains}")
+    if d.get("unquantized_experts"):
+        shown = ", ".join(f"{l}:{e}" for l, e in d["unquantized_experts"][:16])
+        more = len(d["unquantized_experts"]) - 16
+        lines += ["", f"unquantized  {len(d['unquantized_experts'])} experts kept in their source dtype, their weights "
+                  f"too small for fp16 scales (layer:expert): {shown}" + (f" and {more} more" if more > 0 else "")]
     if d.get("expert_bits"):
         lines += ["", "expert bits (one digit per expert, expert 0 first):"]
         lines += [f"{layer:>5}  {bits}" for layer, bits in d["expert_bits"].items()]

@@ -262,11 +262,18 @@ class StoreReader:
                            f"{list(r.tensors[0].shape)}, the config implies {list(dense[name])}")
         return bad
 
-    def verify_all(self) -> list[str]:
+    def verify_all(self, dense_check=None) -> list[str]:
         """Check every region's checksum and decode its payload (zstd, shuffle) as a load would,
         parse carried JSON files, and check tensor shapes against the config; returns one line
-        per problem (empty when all good)."""
+        per problem (empty when all good). dense_check (convert.DenseCheck, given by the engine at
+        the edge: `moestream verify` passes it) also checks that the dense tensors are the set the
+        forward loads."""
         bad = self.shape_problems()
+        if dense_check is not None and not bad:
+            idx = self.index
+            dense = {name: r.tensors[0].shape for name, r in idx.dense.items() if r.tensors}
+            bad += [f"{self.files[0]}: dense tensors: {p}" for p in
+                    dense_check(idx.architecture, self.config, tuple(idx.moe_layers), idx.experts_per_layer, dense)]
         for label, r, ext in self.regions():
             what = f"layer {ext[0]} expert {ext[1]}" if ext else label
             where = f"{self.files[r.file]}: offset {r.offset}: {what}"

@@ -115,10 +115,6 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     bfloat16 on CUDA. Budgets as in `moestream.open`. expert_compute as in `moestream.load_model`:
     "quantized" holds int8/int4 experts as stored and multiplies them in place, "dequantized"
     decodes them on load."""
-    import transformers
-    from transformers import AutoModelForCausalLM
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    register()
     from ..compute.loader import EXPERT_COMPUTE
     dev = parse_device(device)
     if expert_compute not in EXPERT_COMPUTE:
@@ -132,44 +128,91 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         family = FAMILIES.get(idx.architecture)
         if family is None:
             raise MoestreamError(f"{path}: no family record for {idx.architecture!r}")
-        config = transformers.AutoConfig.for_model(**{k: v for k, v in store.config.items()
-                                                     if k not in ("architectures", "transformers_version")})
-        config._experts_implementation = IMPLEMENTATION
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=IMPLEMENTATION)
-        experts = {}
-        for name, module in model.named_modules():
-            if hasattr(module, "has_gate") and hasattr(module, "_apply_gate"):
-                m = _LAYER.search(name + ".")
-                if m is None or int(m.group(1)) not in idx.moe_layers:
-                    raise MoestreamError(f"{path}: transformers' {name} has no MoE layer in the store "
-                                         f"(store layers {list(idx.moe_layers)})")
-                experts[int(m.group(1))] = module
+        model, config, experts = _meta_model(store.config, dtype)
         if sorted(experts) != sorted(idx.moe_layers):
             raise MoestreamError(f"{path}: the store has MoE layers {list(idx.moe_layers)}, transformers' "
                                  f"{type(model).__name__} has experts in {sorted(experts)}")
-        for layer, module in experts.items():   # the Store holds them: drop the (meta) parameters
-            for pname, _ in list(module.named_parameters(recurse=False)):
-                delattr(module, pname)
+        for layer, module in experts.items():
             module._moestream = (store, layer, family.gate_up_down)
+        dense = store.dense()
+        problems = _state_problems(model, config, {k: tuple(v.shape) for k, v in dense.items()})
+        if problems:
+            raise MoestreamError(f"{path}: dense tensors do not match transformers' {type(model).__name__}: "
+                                 + "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
         model = model.to_empty(device=dev)
-        renames = [(src, dst) for r in (get_checkpoint_conversion_mapping(config.model_type) or [])
-                   if type(r).__name__ == "WeightRenaming"
-                   for src, dst in zip(r.source_patterns, r.target_patterns)]
-        state = {_renamed(k, renames): v.to(dtype) for k, v in store.dense().items()}
+        renames = _renames(config)
+        state = {_renamed(k, renames): v.to(dtype) for k, v in dense.items()}
         if "lm_head.weight" not in state and getattr(config, "tie_word_embeddings", False):
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if "rotary_emb" not in m]
-        if missing or unexpected:
-            raise MoestreamError(f"{path}: dense tensors do not match transformers' {type(model).__name__}: "
-                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.load_state_dict(state, strict=False, assign=True)
         _rebuild_rotary(model, dev)
         model.moestream_store = store
         return model.eval()
     except BaseException:
         store.close()
         raise
+
+
+def _meta_model(store_config: dict, dtype: torch.dtype):
+    """transformers' model of `store_config` on the meta device with its routed experts' parameters
+    dropped (the Store holds them): (model, config, {layer: experts module})."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+    register()
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in store_config.items()
+                                                 if k not in ("architectures", "transformers_version")})
+    config._experts_implementation = IMPLEMENTATION
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation=IMPLEMENTATION)
+    experts = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "has_gate") and hasattr(module, "_apply_gate"):
+            m = _LAYER.search(name + ".")
+            if m is None:
+                raise MoestreamError(f"transformers' {name} holds experts outside any numbered layer")
+            experts[int(m.group(1))] = module
+    for module in experts.values():
+        for pname, _ in list(module.named_parameters(recurse=False)):
+            delattr(module, pname)
+    return model, config, experts
+
+
+def _renames(config) -> list[tuple[str, str]]:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    return [(src, dst) for r in (get_checkpoint_conversion_mapping(config.model_type) or [])
+            if type(r).__name__ == "WeightRenaming"
+            for src, dst in zip(r.source_patterns, r.target_patterns)]
+
+
+def _state_problems(model, config, dense: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps `dense` (checkpoint name -> shape) from loading into the meta `model`, one line each."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    renames = _renames(config)
+    have = {_renamed(name, renames): (name, shape) for name, shape in dense.items()}
+    if "lm_head.weight" not in have and getattr(config, "tie_word_embeddings", False) \
+            and "model.embed_tokens.weight" in have:
+        have["lm_head.weight"] = have["model.embed_tokens.weight"]
+    problems = []
+    for key, shape in want.items():
+        if key not in have:
+            why = " (config.json has tie_word_embeddings false)" if key == "lm_head.weight" else ""
+            problems.append(f"tensor {key} is missing{why}")
+        elif have[key][1] != shape:
+            problems.append(f"tensor {have[key][0]} has shape {list(have[key][1])}, the model needs {list(shape)}")
+    problems += [f"tensor {name} is not part of transformers' {type(model).__name__}"
+                 for key, (name, _) in have.items() if key not in want]
+    return problems
+
+
+def dense_problems(architecture: str, config: dict, moe_layers, experts_per_layer: int,
+                   dense: dict[str, tuple[int, ...]]) -> list[str]:
+    """As compute.loader.dense_problems, for a family run by transformers' own classes."""
+    model, hf_config, experts = _meta_model(config, torch.float32)
+    problems = _state_problems(model, hf_config, dense)
+    if sorted(experts) != sorted(moe_layers):
+        problems.append(f"the store has MoE layers {list(moe_layers)}, transformers' {type(model).__name__} "
+                        f"has experts in {sorted(experts)}")
+    return problems
 
 
 def load_tokenizer(path: str | os.PathLike):

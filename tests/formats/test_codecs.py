@@ -178,3 +178,42 @@ def test_quant_spec_refuses_malformed_stages(stage):
     from moestream.formats.constants import QuantSpec
     with pytest.raises(ValueError, match="unknown codec stage"):
         QuantSpec.parse(stage)
+
+
+# ---- small and zero experts keep their relative precision (issue 23 item 3) ----------------------
+
+def _rel(ref: np.ndarray, got: torch.Tensor) -> float:
+    ref = ref.astype(np.float64)
+    diff = np.linalg.norm(ref - got.double().numpy())
+    den = np.linalg.norm(ref)
+    return diff / den if den else (0.0 if diff == 0 else np.inf)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2 ** 31), exponent=st.integers(-140, 0), quant=st.sampled_from(["int8", "int4"]),
+       delta=st.booleans())
+def test_an_expert_scaled_by_a_power_of_two_keeps_its_relative_error(seed, exponent, quant, delta):
+    """Quantization is scale-invariant but fp16 scales are not: an expert of tiny weights must
+    decode no worse (relative to itself) than the same expert at a normal scale, with or
+    without a base expert to delta against."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.02, (32, 64)).astype(np.float32)
+    opts = EncodeOptions(quant=quant, group_size=64, zstd_level=3, delta=delta)
+    base = {"w": float32_to_bits(rng.normal(0, 0.02, (32, 64)).astype(np.float32), "fp32")} if delta else None
+    _, normal = _roundtrip([("w", "fp32", (32, 64), float32_to_bits(w, "fp32"))], opts, base, "fp32" if delta else None)
+    small = np.ldexp(w, exponent).astype(np.float32)
+    enc, got = _roundtrip([("w", "fp32", (32, 64), float32_to_bits(small, "fp32"))], opts, base,
+                          "fp32" if delta else None)
+    assert _rel(small, got["w"]) <= 1.25 * _rel(w, normal["w"]) + 1e-6, enc.chain
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("scale", [0.0, 1e-40])
+def test_zero_and_denormal_experts_decode_to_themselves_with_a_base(quant, scale):
+    rng = np.random.default_rng(3)
+    w = (rng.normal(0, 0.02, (16, 64)) * scale).astype(np.float32)
+    base = {"w": float32_to_bits(rng.normal(0, 0.02, (16, 64)).astype(np.float32), "fp32")}
+    enc, got = _roundtrip([("w", "fp32", (16, 64), float32_to_bits(w, "fp32"))],
+                          EncodeOptions(quant=quant, group_size=64, zstd_level=3, delta=True), base, "fp32")
+    assert "delta" not in enc.chain
+    assert torch.equal(got["w"].float(), torch.from_numpy(w)), (enc.chain, float(got["w"].float().abs().max()))

@@ -1,5 +1,6 @@
 """Converter behaviour: refusals, atomicity, resume, carried config and tokenizer."""
 import json
+import re
 import subprocess
 import sys
 
@@ -399,3 +400,165 @@ def test_cli_convert_defaults_are_the_api_defaults():
     api = pyinspect.signature(convert).parameters
     for name in ("group_size", "zstd_level", "zstd_min_saving"):
         assert getattr(a, name) == api[name].default, name
+
+
+# ---- shards: the index decides which copy of a tensor is the model's (issue 23 item 2) -----------
+
+def _split_into_shards(src, dst, *, duplicate: str, index_names: str | None, write_index: bool = True):
+    """A copy of `src` split into two shards a/b, both holding `duplicate` (b's copy negated so
+    that the two differ); the index names shard `index_names` for it (None: not in the index)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(src, dst)
+    sd = load_file(dst / "model.safetensors")
+    (dst / "model.safetensors").unlink()
+    names = sorted(sd)
+    a = {n: sd[n] for n in names[: len(names) // 2]}
+    b = {n: sd[n] for n in names[len(names) // 2:]}
+    a[duplicate] = sd[duplicate]
+    b[duplicate] = -sd[duplicate] - 1
+    save_file(a, dst / "a.safetensors")
+    save_file(b, dst / "b.safetensors")
+    if write_index:
+        wm = {n: "a.safetensors" for n in a} | {n: "b.safetensors" for n in b}
+        if index_names is None:
+            del wm[duplicate]
+        else:
+            wm[duplicate] = f"{index_names}.safetensors"
+        (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    return sd[duplicate], -sd[duplicate] - 1
+
+
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_a_tensor_in_two_shards_is_the_copy_the_index_names(checkpoints, tmp_path, which):
+    name = "model.norm.weight"
+    copy_a, copy_b = _split_into_shards(checkpoints["mixtral"], tmp_path / "c", duplicate=name, index_names=which)
+    out = moestream.convert(tmp_path / "c", tmp_path / "s", progress=False)
+    with StoreReader(out) as r:
+        got = r.dense()[name].float()
+    want = copy_a if which == "a" else copy_b
+    assert torch.equal(got, want.float()) and not torch.equal(got, (copy_b if which == "a" else copy_a).float())
+
+
+@pytest.mark.parametrize("write_index", [True, False])
+def test_a_tensor_in_two_shards_the_index_does_not_resolve_is_refused(checkpoints, tmp_path, write_index):
+    name = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    _split_into_shards(checkpoints["mixtral"], tmp_path / "c", duplicate=name, index_names=None,
+                       write_index=write_index)
+    with pytest.raises(ConvertError, match=rf"tensor {re.escape(name)} is in both .*a\.safetensors and .*b\.safetensors"):
+        moestream.convert(tmp_path / "c", tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("shard,message", [
+    ("../x/b.safetensors", "lies outside the checkpoint directory"),
+    ("/etc/b.safetensors", "lies outside the checkpoint directory"),
+    ("link.safetensors", "resolves outside the checkpoint directory"),
+    ("gone.safetensors", "is missing"),
+])
+def test_index_shards_outside_the_checkpoint_are_refused(checkpoints, tmp_path, shard, message):
+    name = "model.norm.weight"
+    _split_into_shards(checkpoints["mixtral"], tmp_path / "c", duplicate=name, index_names="a")
+    (tmp_path / "x").mkdir()
+    (tmp_path / "c" / "b.safetensors").rename(tmp_path / "x" / "b.safetensors")
+    (tmp_path / "c" / "link.safetensors").symlink_to(tmp_path / "x" / "b.safetensors")
+    idx = tmp_path / "c" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"] = {n: (shard if s == "b.safetensors" else s) for n, s in d["weight_map"].items()}
+    idx.write_text(json.dumps(d))
+    with pytest.raises(ConvertError, match=rf"{re.escape(str(idx))}: shard '{re.escape(shard)}' {message}"):
+        moestream.convert(tmp_path / "c", tmp_path / "s", progress=False)
+
+
+def test_index_naming_a_shard_without_the_tensor_is_refused(checkpoints, tmp_path):
+    name = "model.norm.weight"
+    _split_into_shards(checkpoints["mixtral"], tmp_path / "c", duplicate=name, index_names="a")
+    idx = tmp_path / "c" / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    d["weight_map"]["model.embed_tokens.weight"] = "a.safetensors" if d["weight_map"]["model.embed_tokens.weight"] == "b.safetensors" else "b.safetensors"
+    idx.write_text(json.dumps(d))
+    with pytest.raises(ConvertError, match=r"names model\.embed_tokens\.weight in [ab]\.safetensors, which does not hold it"):
+        moestream.convert(tmp_path / "c", tmp_path / "s", progress=False)
+
+
+def test_tiny_experts_are_stored_unquantized_and_the_store_runs(checkpoints, tmp_path):
+    """An expert scaled to 1e-6 (max ~1e-7) or to zero: int8 keeps the first in its source dtype
+    (fp16 scales would flush it to zeros), stores the second exactly, says so in inspect, and
+    the store's logits agree with transformers as an ordinary int8 store's do."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from moestream.compute import load_model
+    from moestream.formats.inspect import describe, format_description
+    pre = "model.layers.1.block_sparse_moe.experts."
+
+    def shrink(sd):
+        for w in ("w1", "w2", "w3"):
+            sd[f"{pre}5.{w}.weight"] *= 1e-6
+            sd[f"{pre}6.{w}.weight"] *= 0.0
+    src = _edited_copy(checkpoints["mixtral"], tmp_path / "c", tensors=shrink)
+    sd = load_file(src / "model.safetensors")
+    out = moestream.convert(src, tmp_path / "s", quant="int8", progress=False)
+    with StoreReader(out) as r:
+        d = describe(r)
+        tiny, zero = r.expert(1, 5), r.expert(1, 6)
+    assert d["unquantized_experts"] == [[1, 5]]
+    assert "unquantized  1 experts kept in their source dtype" in format_description(d)
+    for w in ("w1", "w2", "w3"):
+        assert torch.equal(tiny[w].float(), sd[f"{pre}5.{w}.weight"])
+        assert torch.equal(zero[w].float(), torch.zeros_like(sd[f"{pre}6.{w}.weight"]))
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    model = load_model(out, device_budget="64MiB")
+    try:
+        torch.manual_seed(2)
+        ids = torch.randint(0, ref.config.vocab_size, (2, 16))
+        with torch.no_grad():
+            want, got = ref(ids).logits, model(ids)
+    finally:
+        model.store.close()
+    assert (want.argmax(-1) == got.argmax(-1)).float().mean() >= 0.9
+
+
+# ---- a store that converts and verifies is one that loads (issue 23 item 4) ---------------------
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("case,message", [
+    ("no_lm_head", r"tensor lm_head\.weight is missing \(config\.json has tie_word_embeddings false\)"),
+    ("unknown_dense", r"tensor model\.layers\.0\.mystery\.weight is not part of the \w+ model"),
+    ("no_norm", r"tensor model\.norm\.weight is missing"),
+])
+def test_dense_tensors_the_model_cannot_load_are_refused_and_verify_names_them(checkpoints, tmp_path, family,
+                                                                               case, message):
+    edit = {"no_lm_head": lambda sd: sd.pop("lm_head.weight"),
+            "unknown_dense": lambda sd: sd.update({"model.layers.0.mystery.weight": torch.zeros(3)}),
+            "no_norm": lambda sd: sd.pop("model.norm.weight")}[case]
+    src = _edited_copy(checkpoints[family], tmp_path / "c", tensors=edit)
+    with pytest.raises(ConvertError, match=message):
+        moestream.convert(src, tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+    # a store written without the check (as before this change) verifies as not loadable
+    from moestream.formats.convert import convert as formats_convert
+    formats_convert(src, tmp_path / "old", progress=False)
+    p = run_cli("verify", tmp_path / "old")
+    assert p.returncode == 1 and re.search(message, p.stdout) and "dense tensors" in p.stdout, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_a_tied_checkpoint_without_lm_head_converts_and_loads(checkpoints, tmp_path):
+    from moestream.compute import load_model
+
+    def tie(c):
+        c["tie_word_embeddings"] = True
+    src = _edited_copy(checkpoints["mixtral"], tmp_path / "c", config=tie, tensors=lambda sd: sd.pop("lm_head.weight"))
+    out = moestream.convert(src, tmp_path / "s", progress=False)
+    assert run_cli("verify", out).returncode == 0
+    model = load_model(out)
+    try:
+        assert model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr() or torch.equal(
+            model.lm_head.weight, model.embed_tokens.weight)
+    finally:
+        model.store.close()
+
+
+def test_verify_of_a_good_store_checks_the_dense_set(checkpoints, tmp_path):
+    p = run_cli("verify", moestream.convert(checkpoints["qwen3_moe"], tmp_path / "s", progress=False))
+    assert p.returncode == 0 and p.stdout.startswith("ok:")

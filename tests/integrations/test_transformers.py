@@ -108,3 +108,20 @@ def test_an_experts_module_without_a_store_is_a_clear_error():
         pass
     with pytest.raises(MoestreamError, match="moestream.from_pretrained"):
         moestream_experts_forward(Bare(), torch.zeros(1, 4), torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS_ONLY)
+def test_dense_tensors_transformers_cannot_load_are_refused_at_convert(checkpoints_all, tmp_path, family):
+    """The converter asks transformers' own model (built on the meta device) which dense tensors
+    it loads, for the families moestream has no forward of (issue 23 item 4)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    src = tmp_path / "c"
+    shutil.copytree(checkpoints_all[family], src)
+    sd = load_file(src / "model.safetensors")
+    sd["model.layers.0.mystery.weight"] = torch.zeros(2)
+    sd.pop("model.norm.weight")
+    save_file(sd, src / "model.safetensors")
+    with pytest.raises(moestream.ConvertError, match=r"tensor model\.norm\.weight is missing.*"
+                       r"tensor model\.layers\.0\.mystery\.weight is not part of transformers' \w+"):
+        moestream.convert(src, tmp_path / "s", progress=False)
