@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--expert-compute", default="quantized", choices=["quantized", "dequantized"],
                    help="int8/int4 stores: quantized (default) holds experts as stored and multiplies them in place; "
                         "dequantized decodes them to bf16 on load (more bytes per cached expert)")
+    g.add_argument("--dense-quant", default="auto", choices=["auto", "int8", "int4", "none"],
+                   help="the dense linear layers (attention, shared experts, lm_head; not the routers), quantized "
+                        "once at load: auto (default) = the experts' type for an int8/int4 store on a CPU, none "
+                        "otherwise; none keeps them in the compute dtype (native engine only)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra: fastapi, uvicorn)")
     sv.add_argument("store")
@@ -239,7 +243,8 @@ def _generate(a: argparse.Namespace) -> int:
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
                   prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor,
-                  extra_guesses=a.extra_guesses, expert_compute=a.expert_compute)
+                  extra_guesses=a.extra_guesses, expert_compute=a.expert_compute,
+                  dense_quant=None if a.dense_quant == "none" else a.dense_quant)
     return 0
 
 
@@ -343,15 +348,27 @@ def _serve(a: argparse.Namespace) -> int:
 COMMANDS = {"convert": _convert, "fit-predictor": _fit_predictor, "profile": _profile, "serve": _serve, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
 
 
+def debug_tracebacks() -> bool:
+    """MOESTREAM_DEBUG set to anything but empty, 0, false, no or off: show tracebacks."""
+    return os.environ.get("MOESTREAM_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("moestream: interrupted (a conversion resumes when run again with the same arguments)", file=sys.stderr)
+        hint = " (a conversion resumes when run again with the same arguments)" if args.command == "convert" else ""
+        print(f"moestream: interrupted{hint}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout closed by the reader (`| head`): a normal end, not an error. Python would report
+        # the pipe again when it flushes stdout at exit, so stdout goes to /dev/null first
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except (MoestreamError, OSError, ValueError) as e:
-        if os.environ.get("MOESTREAM_DEBUG"):
+        if debug_tracebacks():
             raise
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
         print(f"moestream: error: {msg}", file=sys.stderr)

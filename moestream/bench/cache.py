@@ -348,6 +348,9 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError("give trace files, --synthetic LxExK, or both")
     if a.extra_guesses < 0:
         raise UsageError(f"--extra-guesses {a.extra_guesses}: must not be negative")
+    if a.plot:   # before the replay, not after it: a missing plotter must not cost the results
+        from ..extras import require
+        require("matplotlib", "--plot")
     log = (lambda m: print(m, file=sys.stderr)) if a.json else (lambda m: None)
     traces = []
     for t in a.traces:

@@ -297,6 +297,7 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
         "device_reads": st.get("device_reads", 0) - s0.get("device_reads", 0),
         "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"), "device": device,
         "expert_slots": model.store.expert_slots, "store_quant": model.store.index.quant,
+        "dense_quant": getattr(model, "dense_quant", None),   # load_model's default: the experts' type
     }
     if device.startswith("cuda"):
         # kernels run asynchronously: the host's time around an expert's matmuls is the time to
@@ -909,6 +910,9 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError("--tokens must be at least 2")
     if a.repeat < 1:
         raise UsageError("--repeat must be at least 1")
+    if a.plot:   # before the run, not after it: a missing plotter must not cost the results
+        from ..extras import require
+        require("matplotlib", "--plot")
     if a.layers is not None and a.layers < 2:
         raise UsageError("--layers must be at least 2")
     if a.device != "cpu" and not a.device.startswith("cuda"):

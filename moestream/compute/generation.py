@@ -59,7 +59,11 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         raise UsageError("--prefetch, --predictor, --extra-guesses and --trace need the native engine")
     t_load = time.perf_counter()
     if engine == "transformers":
+        from ..extras import require
+        require("transformers", "the transformers engine (this store's family has no native forward)")
         from ..integrations.transformers import from_store
+        if store_options.pop("dense_quant", "auto") not in ("auto", None):
+            raise UsageError("--dense-quant int8/int4 needs the native engine")
         model = from_store(store, device=device, device_budget=device_budget, host_budget=host_budget, **store_options)
         model.store = model.moestream_store
         model.dequant = store_dequant(model.store)
@@ -82,10 +86,13 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         load_seconds = time.perf_counter() - t_load
         produced: list[int] = []
         shown = ""
+        marks: dict = {}
 
         def on_token(nxt: torch.Tensor) -> None:
             nonlocal shown
             produced.append(int(nxt[0]))
+            marks.setdefault("first", time.perf_counter())
+            marks["last"] = time.perf_counter()
             text = tok.decode(produced)
             if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                 out.write(text[len(shown):])
@@ -95,23 +102,36 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         out.write(prompt)
         out.flush()
         timings: dict = {}
-        if engine == "transformers":
-            _generate_transformers(model, ids, max_new_tokens, temperature, seed, eos, on_token, timings)
-        else:
-            gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed) if temperature > 0 else None
-            model.generate(torch.tensor([ids]), max_new_tokens, temperature, eos_token_id=eos, on_token=on_token,
-                           generator=gen, timings=timings)
-        out.write("\n")
+        interrupted = False
+        t_start = time.perf_counter()
+        try:
+            if engine == "transformers":
+                _generate_transformers(model, ids, max_new_tokens, temperature, seed, eos, on_token, timings)
+            else:
+                gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed) if temperature > 0 else None
+                model.generate(torch.tensor([ids]), max_new_tokens, temperature, eos_token_id=eos, on_token=on_token,
+                               generator=gen, timings=timings)
+        except KeyboardInterrupt:    # Ctrl-C: keep what was made (text, trace, report), then stop
+            interrupted = True
+        if not timings or interrupted:
+            first, last = marks.get("first", time.perf_counter()), marks.get("last", time.perf_counter())
+            timings = dict(prefill_tokens=len(ids), prefill_seconds=first - t_start, decode_tokens=len(produced),
+                           decode_seconds=last - first)
+        # the end of the run: what the incremental decode held back (an incomplete character) is
+        # what tokenizer.decode gives for these tokens, and what the server returns
+        rest = tok.decode(produced)[len(shown):] if produced else ""
+        out.write(rest + "\n")
+        out.flush()
         if recorder is not None:
             recorder.trace({"store": str(model.store.path), "prompt_tokens": len(ids), "temperature": temperature,
-                            "seed": seed}).save(trace)
+                            "seed": seed, "interrupted": interrupted}).save(trace)
         st = model.store.stats()
         report = {
             "prompt_tokens": len(ids), "new_tokens": timings["decode_tokens"], "load_seconds": load_seconds,
             "prefill_tokens_per_s": timings["prefill_tokens"] / timings["prefill_seconds"],
             "decode_tokens_per_s": (timings["decode_tokens"] - 1) / timings["decode_seconds"]
             if timings["decode_tokens"] > 1 and timings["decode_seconds"] > 0 else None,
-            "stats": st, "dequant": model.dequant,
+            "stats": st, "dequant": model.dequant, "interrupted": interrupted,
         }
         decode = f"{report['decode_tokens_per_s']:.2f} tok/s" if report["decode_tokens_per_s"] else "n/a"
         err.write(
@@ -124,7 +144,10 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             f"device tier {format_size(st['l1_peak'])} of {format_size(st['l1_budget'])}, host tier "
             f"{format_size(st['l2_peak'])} of {format_size(st['l2_budget'])}; io {st['backend']}; "
             f"dequant {model.dequant}; engine {engine}\n"
-            + (f"routing trace written to {trace}\n" if trace is not None else ""))
+            + (f"routing trace written to {trace}\n" if trace is not None else "")
+            + ("interrupted: the report covers the tokens made before Ctrl-C\n" if interrupted else ""))
+        if interrupted:
+            raise KeyboardInterrupt
         return report
     finally:
         model.store.close()

@@ -6,12 +6,9 @@ import os
 
 import numpy as np
 
+from .atomic import write_atomic
+
 
 def save_npz_atomic(path: str | os.PathLike, arrays: dict[str, np.ndarray], *, compressed: bool = False) -> None:
-    """Write `arrays` to `path` through a temporary file beside it, fsynced, then renamed over it."""
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        (np.savez_compressed if compressed else np.savez)(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `arrays` to `path` through a temporary file beside it (formats/atomic.py)."""
+    write_atomic(path, lambda f: (np.savez_compressed if compressed else np.savez)(f, **arrays))

@@ -142,10 +142,9 @@ def build_profile(traces: Sequence[RoutingTrace], names: Sequence[str] = ()) -> 
 
 
 def save_profile(profile: dict[str, Any], path: str | os.PathLike) -> None:
-    tmp = f"{os.fspath(path)}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(profile, f, indent=1)
-    os.replace(tmp, path)
+    """Write the profile whole or not at all (formats/atomic.py)."""
+    from .atomic import write_atomic
+    write_atomic(path, lambda f: f.write(json.dumps(profile, indent=1).encode()))
 
 
 def load_profile(path: str | os.PathLike) -> dict[str, Any]:

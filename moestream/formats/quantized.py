@@ -10,7 +10,7 @@ would have to read beside every expert's codes (delta is kept by the converter o
 makes an extent smaller, i.e. for upcycled experts; random and trained experts never take it)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from typing import Optional
 
 import torch
@@ -19,26 +19,85 @@ from .constants import STAGE_DELTA, QuantSpec
 from .index import Region, TensorSlice
 
 
-@dataclass(frozen=True)
 class QuantizedTensor:
     """One tensor of `shape` [out, in] in the layout of `spec` (constants.QuantSpec):
     `codes` uint8 [out, in * bits / 8], `scales` (and for int4 `mins`) float16 [out, in / group].
     The views belong to whoever handed the tensor out (a cache slot: read-only, valid while this
-    object lives)."""
-    spec: QuantSpec
-    shape: tuple[int, int]
-    codes: torch.Tensor
-    scales: torch.Tensor
-    mins: Optional[torch.Tensor]
+    object lives).
+
+    Made from its three views, or (`in_payload`, what the tiers hand out for every expert of every
+    token) from one uint8 payload and the planes' byte offsets in it: the views are then made
+    only when asked for, and a kernel that reads by address (`addresses`) never makes them."""
+    __slots__ = ("spec", "shape", "_payload", "_offsets", "_codes", "_scales", "_mins")
+
+    def __init__(self, spec: QuantSpec, shape: tuple[int, int], codes: torch.Tensor, scales: torch.Tensor,
+                 mins: Optional[torch.Tensor]):
+        self.spec, self.shape = spec, tuple(shape)
+        self._payload = self._offsets = None
+        self._codes, self._scales, self._mins = codes, scales, mins
+
+    @classmethod
+    def in_payload(cls, spec: QuantSpec, shape: tuple[int, int], payload: torch.Tensor,
+                   offsets: tuple[int, int, Optional[int]]) -> "QuantizedTensor":
+        """The tensor whose codes, scales and mins start at byte `offsets` of `payload` (uint8, 1-D,
+        kept alive by the result)."""
+        self = cls.__new__(cls)
+        self.spec, self.shape = spec, tuple(shape)
+        self._payload, self._offsets = payload, offsets
+        self._codes = self._scales = self._mins = None
+        return self
+
+    def _plane(self, i: int, dtype: torch.dtype, cols: int) -> Optional[torch.Tensor]:
+        start = self._offsets[i]
+        if start is None:
+            return None
+        rows = self.shape[0]
+        n = rows * cols * (2 if dtype == torch.float16 else 1)
+        return self._payload[start:start + n].view(dtype).view(rows, cols)
+
+    @property
+    def codes(self) -> torch.Tensor:
+        if self._codes is None:
+            self._codes = self._plane(0, torch.uint8, self.shape[1] * self.spec.type.bits // 8)
+        return self._codes
+
+    @property
+    def scales(self) -> torch.Tensor:
+        if self._scales is None:
+            self._scales = self._plane(1, torch.float16, self.shape[1] // self.spec.group)
+        return self._scales
+
+    @property
+    def mins(self) -> Optional[torch.Tensor]:
+        if self._mins is None and self._payload is not None:
+            self._mins = self._plane(2, torch.float16, self.shape[1] // self.spec.group)
+        return self._mins
 
     @property
     def device(self) -> torch.device:
-        return self.codes.device
+        return (self._payload if self._payload is not None else self._codes).device
+
+    @property
+    def contiguous(self) -> bool:
+        """Whether codes and planes are dense row-major (always, for the stored layout)."""
+        return self._payload is not None or all(t is None or t.is_contiguous()
+                                                for t in (self._codes, self._scales, self._mins))
+
+    def addresses(self) -> tuple[int, int, int]:
+        """Addresses of the codes, scales and mins (0 without mins): for kernels that read by address."""
+        if self._payload is not None:
+            base = self._payload.data_ptr()
+            c, sc, mn = self._offsets
+            return base + c, base + sc, base + mn if mn is not None else 0
+        return (self._codes.data_ptr(), self._scales.data_ptr(),
+                self._mins.data_ptr() if self._mins is not None else 0)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the codes and planes (what a matmul reads)."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.mins) if t is not None)
+        rows, cols = self.shape
+        per_row = cols // self.spec.group
+        return rows * (cols * self.spec.type.bits // 8 + 2 * per_row * (1 + (self.mins is not None)))
 
     def dequantize(self, dequantize, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weights [out, in] in `dtype` (a new tensor), by `dequantize` (a codecs.Dequantizer)."""
@@ -59,22 +118,24 @@ def holds_quantized(region: Region) -> bool:
 
 
 def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, QuantizedTensor]:
-    """The tensors of a region that `holds_quantized`, as views of its decoded payload (uint8, 1-D,
-    at least raw_length bytes; on any device). Nothing is copied; the caller keeps `payload` alive
-    through the views."""
+    """The tensors of a region that `holds_quantized`, over its decoded payload (uint8, 1-D, at
+    least raw_length bytes; on any device). Nothing is copied; the results keep `payload` alive."""
+    return {name: QuantizedTensor.in_payload(spec, shape, payload, offsets)
+            for name, spec, shape, offsets in _layout(region)}
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(region: Region) -> tuple:
+    # (name, spec, shape, plane offsets) of each tensor: a region's layout is computed once, not
+    # at every hand-out of every expert (a resident layer hands out top-k experts per token)
     q = region.quant
     assert q is not None
-    out = {}
+    out = []
     for t in region.tensors:
-        rows, cols = t.shape
-        buf = payload[t.offset:t.offset + t.length]
         codes, scales, mins = q.planes(t.numel)
-        per_row = cols // q.group
-        out[t.name] = QuantizedTensor(
-            q, (rows, cols), buf[slice(*codes)].view(rows, -1),
-            buf[slice(*scales)].view(torch.float16).view(rows, per_row),
-            buf[slice(*mins)].view(torch.float16).view(rows, per_row) if mins else None)
-    return out
+        out.append((t.name, q, tuple(t.shape),
+                    (t.offset + codes[0], t.offset + scales[0], t.offset + mins[0] if mins else None)))
+    return tuple(out)
 
 
 def quantize_matrix(w: torch.Tensor, kind: str, group: int = 64) -> QuantizedTensor:

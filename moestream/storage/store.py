@@ -217,7 +217,17 @@ class Store:
         if 0 < host_budget < self.max_padded:
             raise BudgetError(f"host_budget {format_size(host_budget)} is smaller than one stored expert "
                               f"({format_size(self.max_padded)}); give at least that, or 0 to disable the host tier")
-        pinned = set(pinned_experts)
+        pinned = set()
+        for key in pinned_experts:
+            try:
+                layer, expert = key
+            except (TypeError, ValueError):
+                raise UsageError(f"pinned_experts: {key!r} is not a (layer, expert) pair") from None
+            key = (_index(layer, "pinned layer"), _index(expert, "pinned expert"))
+            if key not in idx.extents:
+                raise UsageError(f"pinned_experts: the store has no layer {layer} expert {expert} (MoE layers "
+                                 f"{list(idx.moe_layers)} x {idx.experts_per_layer} experts)")
+            pinned.add(key)
         sweep = list(idx.moe_layers)
         if cuda:
             l1_budget = device_budget
@@ -415,6 +425,7 @@ class Store:
 
     def dense(self) -> dict[str, torch.Tensor]:
         """Every dense tensor on `device` (read once; the caller keeps them)."""
+        self._check_open()
         return {k: v.to(self.device) for k, v in self.reader.dense().items()}
 
     @property
@@ -429,6 +440,7 @@ class Store:
 
     def blob(self, name: str) -> bytes:
         """A carried file's bytes; MoestreamError naming what is carried when it is not."""
+        self._check_open()
         if name not in self.reader.index.blobs:
             raise MoestreamError(f"{self.path}: the store carries no {name} "
                                  f"(carried: {', '.join(self.blobs) or 'nothing'})")
@@ -478,7 +490,7 @@ class Store:
     # ---- internals: lookup -------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
-            raise MoestreamError("store is closed")
+            raise MoestreamError(f"{self.reader.path}: the store is closed")
 
     def _hand_out(self, key: Key, value) -> Experts:
         """A result for an L1 entry: slot views (CPU) or the cached tensors in a new dict (CUDA)."""

@@ -76,7 +76,12 @@ def test_bytes_read_counts_the_extents_read(lossless, monkeypatch):
             st = model.store.stats()
         finally:
             model.store.close()
-        assert st["bytes_read"] == sum(issued) and st["reads"] == len(issued)
+        if not prefetch:
+            assert st["bytes_read"] == sum(issued) and st["reads"] == len(issued)
+        else:   # a speculative read withdrawn after it was issued (a wrong guess) reads nothing
+            cancelled = st["prefetch_cancelled"]
+            assert sum(issued) - cancelled * max(issued) <= st["bytes_read"] <= sum(issued)
+            assert len(issued) - cancelled <= st["reads"] <= len(issued)
         if not prefetch:
             assert st["reads"] == st["misses"] and st["prefetch_issued"] == 0
         else:  # speculative reads are reads too, and no expert is read twice with a 1 GiB budget; a

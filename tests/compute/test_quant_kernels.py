@@ -35,7 +35,7 @@ def test_every_quant_type_has_a_kernel():
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("group", [32, 64, 128])    # the scalar loop; one and two vector chunks a group
 def test_quant_linear_matches_dequantized_matmul(kind, group):
     torch.manual_seed(0)
     w = quantized(torch.randn(80, 256) * 0.02, kind, group)
@@ -44,6 +44,41 @@ def test_quant_linear_matches_dequantized_matmul(kind, group):
     got = quant_linear(x, w)
     assert got.shape == (3, 80) and got.dtype == torch.float32
     assert rel(got, want) < KERNEL_TOLERANCE
+
+
+def _host_has(isa: str) -> bool:
+    from llvmlite import binding
+    f = binding.get_host_cpu_features()
+    return isa == "generic" or bool(f.get(isa) and f.get("avx512f"))
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx512bw", "avx512vnni"])
+def test_every_int4_dot_the_host_can_run_matches_numpy(isa):
+    """Each instruction set's 64-weight int4 dot (the process's kernels use one, U4_ISA, so the
+    others are checked here on their own), and the int8 dot, against numpy on extreme codes."""
+    import numpy as np
+    from numba import njit
+    from moestream.compute.quant_kernels import U4_DOTS, _dot_s8
+    if not _host_has(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    dot = U4_DOTS[isa]
+
+    @njit
+    def run(c, e, o):
+        return dot(c.ctypes.data, e.ctypes.data, o.ctypes.data)
+
+    @njit
+    def run8(w, x):
+        return _dot_s8(w.ctypes.data, x.ctypes.data)
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 256, 32).astype(np.uint8), np.full(32, 255, np.uint8), np.zeros(32, np.uint8)]
+    for c in cases:
+        for e, o in [(rng.integers(-127, 128, 32).astype(np.int8), rng.integers(-127, 128, 32).astype(np.int8)),
+                     (np.full(32, -127, np.int8), np.full(32, 127, np.int8))]:
+            want = int((c & 15).astype(np.int64) @ e.astype(np.int64) + (c >> 4).astype(np.int64) @ o.astype(np.int64))
+            assert run(c, e, o) == want
+    w, x = rng.integers(-127, 128, 64).astype(np.int8), np.full(64, -127, np.int8)
+    assert run8(w, x) == int(w.astype(np.int64) @ x.astype(np.int64))
 
 
 def test_fp16_scales_are_read_exactly_subnormals_zero_and_sign_included():
@@ -108,7 +143,8 @@ def test_quantized_compute_logits_match_the_dequantized_path(int_stores, family,
     ids = torch.randint(0, 256, (2, 12))
     logits = {}
     for mode in ("dequantized", "quantized"):
-        model = load_model(store, device_budget="64MiB", host_budget=0, expert_compute=mode)
+        # the dense layers stay in bf16 here: this compares the experts' kernels alone
+        model = load_model(store, device_budget="64MiB", host_budget=0, expert_compute=mode, dense_quant=None)
         try:
             with torch.no_grad():
                 logits[mode] = model(ids)
@@ -171,3 +207,44 @@ def test_delta_int_extents_are_held_decoded():
     delta = Region(0, 0, 10, 10, "0" * 16, ("int8:64", "delta"), t)
     ragged = Region(0, 0, 10, 10, "0" * 16, ("int8:64",), (TensorSlice("w1", "bf16", (64, 96), 0, 1),))
     assert holds_quantized(plain) and not holds_quantized(delta) and not holds_quantized(ragged)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_dense_layers_of_an_int_store_are_held_quantized_except_the_routers(checkpoints, tmp_path, quant):
+    """load_model's dense_quant="auto": attention projections and lm_head become QuantLinear of the
+    experts' type, the routers stay float (routing must not move), and the logits stay near those
+    of the bf16 dense layers."""
+    from moestream.compute.quant_kernels import QuantLinear
+    store = moestream.convert(checkpoints["qwen3_moe"], tmp_path / quant, quant=quant, progress=False)
+    torch.manual_seed(4)
+    ids = torch.randint(0, 256, (2, 12))
+    logits = {}
+    for dense in (None, "auto"):
+        model = load_model(store, device_budget="64MiB", dense_quant=dense)
+        try:
+            linears = {n: type(m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, QuantLinear))}
+            with torch.no_grad():
+                logits[dense] = model(ids)
+        finally:
+            model.store.close()
+        quantized_names = {n for n, t in linears.items() if t is QuantLinear}
+        if dense is None:
+            assert not quantized_names
+        else:
+            assert "lm_head" in quantized_names and "layers.0.self_attn.q_proj" in quantized_names
+            assert all(n.endswith(".gate") for n in set(linears) - quantized_names), set(linears) - quantized_names
+            assert model.lm_head.weight.spec.kind == quant
+    err = ((logits["auto"] - logits[None]).abs().max() / logits[None].abs().max()).item()
+    assert 0 < err < (0.05 if quant == "int8" else 0.3), err
+
+
+def test_dense_quant_is_checked_and_off_for_lossless_stores(int_stores, checkpoints, tmp_path):
+    from moestream.compute.quant_kernels import QuantLinear
+    with pytest.raises(moestream.UsageError, match="dense_quant='int3'"):
+        load_model(int_stores[("mixtral", "int8")], dense_quant="int3")
+    lossless = moestream.convert(checkpoints["mixtral"], tmp_path / "s", progress=False)
+    model = load_model(lossless)
+    try:
+        assert not any(isinstance(m, QuantLinear) for m in model.modules())
+    finally:
+        model.store.close()
