@@ -108,7 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     sv.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default 1024)")
-    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/*")
+    sv.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1/* and /metrics")
+    sv.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                    help="a Host header name to answer (repeatable; '*' for any). Default: the --host address and "
+                         "the loopback names, so that a web page cannot reach the server by DNS rebinding")
+    sv.add_argument("--max-body", type=_size, default=8 << 20, help="largest request body (default 8MiB; more gets 413)")
+    sv.add_argument("--max-connections", type=int, default=256,
+                    help="open connections at most (default 256; more get 503)")
 
     fp = sub.add_parser("fit-predictor", help="fit next-layer probes (guesses for --prefetch; the first layer's from the "
                         "embedding) on text")
@@ -325,21 +331,38 @@ def _serve(a: argparse.Namespace) -> int:
         raise UsageError("--max-batch, --max-queue and --max-tokens must be at least 1")
     if not 0 < a.port < 65536:
         raise UsageError(f"--port {a.port}: must lie in 1..65535")
-    try:
-        import uvicorn
-        from .serving.app import chat_template_of, create_app
-    except ImportError as e:
-        raise UsageError(f"moestream serve needs the serve extra (pip install 'moestream[serve]'): {e}") from None
+    if a.api_key is not None and not a.api_key.strip():
+        raise UsageError("--api-key is empty: every request would be refused (give a key, or leave it out)")
+    if a.max_connections < 1:
+        raise UsageError("--max-connections must be at least 1")
+    from .extras import require
+    require("fastapi", "moestream serve")
+    require("uvicorn", "moestream serve")
+    import socket
+    import uvicorn
+    from .serving.app import LOOPBACK_HOSTS, chat_template_of, create_app
+    from .serving.protocol import GuardedProtocol
+    try:   # the address must bind before the model loads (minutes) and before "serving on" is said
+        family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((a.host, a.port))
+    except (OSError, OverflowError) as e:
+        raise UsageError(f"--host {a.host} --port {a.port}: cannot bind ({getattr(e, 'strerror', None) or e})") from None
     from pathlib import Path
     from .compute.generation import load_tokenizer
     from .compute.loader import load_model
+    hosts = tuple(a.allowed_host) if a.allowed_host else (a.host, *LOOPBACK_HOSTS)
     model = load_model(a.store, device=a.device, device_budget=a.device_budget, host_budget=a.host_budget)
     try:
         app = create_app(model, load_tokenizer(model), model_name=Path(a.store).name, max_batch=a.max_batch,
                          max_queue=a.max_queue, max_tokens_cap=a.max_tokens, api_key=a.api_key,
-                         chat_template=chat_template_of(a.store))
-        print(f"moestream serve: {a.store} on http://{a.host}:{a.port}/v1 (max batch {a.max_batch})", file=sys.stderr)
-        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+                         chat_template=chat_template_of(a.store), max_body_bytes=a.max_body, allowed_hosts=hosts)
+        print(f"moestream serve: {a.store} on http://{a.host}:{a.port}/v1 (max batch {a.max_batch}"
+              + ("" if a.api_key else "; no --api-key: anyone who can reach the address can use it, /metrics included")
+              + ")", file=sys.stderr)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning", http=GuardedProtocol,
+                    limit_concurrency=a.max_connections, timeout_keep_alive=5)
     finally:
         model.store.close()
     return 0

@@ -83,6 +83,11 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         ids = encode_prompt(tok, prompt, bos)
         if not ids:
             raise MoestreamError("the prompt encodes to no tokens")
+        vocab = model.cfg.vocab_size if hasattr(model, "cfg") else model.config.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise UsageError(f"the prompt has token {bad} ({tok.id_to_token(bad)!r}), outside the model's "
+                             f"vocabulary of {vocab}: the store's tokenizer knows more tokens than its model")
         load_seconds = time.perf_counter() - t_load
         produced: list[int] = []
         shown = ""

@@ -3,11 +3,20 @@
 
 Every request body is checked by a pydantic model that forbids unknown fields (422 with the
 reason); a prompt that does not fit the context is 400; a full queue 429; a wrong or missing API
-key 401. A client that disconnects mid-stream leaves the batch at the next token."""
+key 401 (compared in constant time; /metrics needs it too). A client that disconnects, streamed or
+not, leaves the batch at the next token.
+
+Bounds, so that one request cannot take the server down: a body over `max_body_bytes` is 413
+before it is read whole; a prompt longer than the context could hold at MAX_CHARS_PER_TOKEN
+characters a token is 400 before it is tokenized, and tokenizing (and the chat template) run off
+the event loop. A Host header outside `allowed_hosts` (the bound name and loopback names by
+default) is 421: a browser page cannot reach a loopback server through DNS rebinding."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import os
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -16,10 +25,19 @@ from typing import Any, Literal, Optional, Union
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..compute.generation import encode_prompt
+from ..errors import MoestreamError
 from .scheduler import BatchScheduler, GenerationRequest, QueueFull
+
+#: No tokenizer makes tokens longer than this many characters on average over a prompt: a prompt
+#: with more characters than context x this cannot fit, and is refused before it is tokenized
+MAX_CHARS_PER_TOKEN = 64
+#: Default bound of a request body (bytes)
+MAX_BODY_BYTES = 8 << 20
+#: Host header names a loopback server answers to by default
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class _Body(BaseModel):
@@ -29,10 +47,21 @@ class _Body(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(default=None, ge=0, lt=1 << 63)
     stream: bool = False
     n: int = Field(default=1, ge=1, le=1)
     user: Optional[str] = None
+
+
+    @field_validator("stop")
+    @classmethod
+    def _stops_not_empty(cls, v):
+        stops = [v] if isinstance(v, str) else v or []
+        if any(s == "" for s in stops):
+            raise ValueError("an empty stop string would end every completion at once")
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop strings")
+        return v
 
 
 class CompletionBody(_Body):
@@ -56,10 +85,18 @@ class ApiError(Exception):
 
 
 def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_queue: int = 64,
-               max_tokens_cap: int = 1024, api_key: Optional[str] = None, chat_template=None) -> FastAPI:
+               max_tokens_cap: int = 1024, api_key: Optional[str] = None, chat_template=None,
+               max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Optional[tuple[str, ...]] = None) -> FastAPI:
     """The app serving `model` (a moestream CausalLM, owned by the scheduler from now on).
-    chat_template: messages -> prompt text (default: a plain "role: content" transcript)."""
+    chat_template: messages -> prompt text (default: a plain "role: content" transcript).
+    allowed_hosts: Host header names answered (without port); None: loopback names only, ("*",): any."""
+    if api_key is not None and not api_key:
+        raise MoestreamError("api_key is empty: every request would be refused (give a key, or none)")
     scheduler = BatchScheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    hosts = {h.lower() for h in (allowed_hosts or LOOPBACK_HOSTS)}
+    expected_auth = f"Bearer {api_key}".encode() if api_key is not None else None
+    files = [(p, os.stat(p).st_size) for p in model.store.reader.files]
+
     @asynccontextmanager
     async def lifespan(_app):
         yield
@@ -69,6 +106,7 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
     app.state.scheduler = scheduler
     started = time.time()
     context = model.cfg.max_position_embeddings
+    vocab = model.cfg.vocab_size
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
@@ -86,15 +124,52 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
     async def _internal(_, e: Exception):    # a message, never a traceback
         return error(500, f"internal error: {type(e).__name__}: {e}", "server_error")
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                return error(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error")
-        return await call_next(request)
+    def refusal(path: str, method: str, headers: dict[str, str]) -> Optional[tuple[int, str, str]]:
+        """(status, message, type) of a request refused on its headers alone, else None."""
+        host = headers.get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if "*" not in hosts and name.lower() not in hosts:
+            return 421, (f"Host {host!r} is not served here (allowed: {', '.join(sorted(hosts))}; "
+                         "moestream serve --allowed-host NAME)"), "invalid_request_error"
+        if expected_auth is not None and (path.startswith("/v1/") or path == "/metrics"):
+            given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected_auth):
+                return 401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"
+        if method == "POST":
+            length = headers.get("content-length")
+            if length is None:   # chunked: the bound could only be checked after reading it whole
+                return 411, "a request body needs a Content-Length header", "invalid_request_error"
+            if not length.isdigit() or int(length) > max_body_bytes:
+                return 413, f"the request body is {length} bytes; this server takes at most {max_body_bytes}", \
+                    "invalid_request_error"
+        return None
+
+    class Guard:
+        """Plain ASGI, not @app.middleware: Starlette's BaseHTTPMiddleware hides the client's
+        disconnect from the endpoint (request.is_disconnected() stays False), which a
+        non-streamed request needs to leave the batch."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http":
+                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+                refused = refusal(scope["path"], scope["method"], headers)
+                if refused is not None:
+                    await error(*refused)(scope, receive, send)
+                    return
+            await self.inner(scope, receive, send)
+
+    app.add_middleware(Guard)
 
     @app.get("/health")
     async def health():
+        changed = [str(p) for p, size in files if not os.path.exists(p) or os.stat(p).st_size != size]
+        if changed:    # a store replaced or truncated under the server: every request would fail
+            return JSONResponse({"status": "error", "message": f"store files changed under the server: "
+                                 f"{', '.join(changed)}", "active": len(scheduler.active),
+                                 "queued": scheduler.queued}, status_code=503)
         return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.queued}
 
     @app.get("/metrics")
@@ -110,9 +185,36 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
                                             "owned_by": "moestream"}]}
 
-    async def run(body: _Body, prompt: str, request: Request, chat: bool):
+    def check_model(body: _Body) -> None:
+        if body.model is not None and body.model != model_name:
+            raise ApiError(404, f"the model {body.model!r} does not exist here (this server has {model_name!r})",
+                           "model_not_found")
+
+    def check_text(text: str, what: str) -> None:
+        if len(text) > context * MAX_CHARS_PER_TOKEN:
+            raise ApiError(400, f"the {what} is {len(text)} characters: more than the model's context of "
+                                f"{context} tokens can hold")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(400, f"the {what} is not valid Unicode text (character {e.start}: a lone surrogate)") from None
+
+    def encode(prompt: str) -> list[int]:
         ids = encode_prompt(tokenizer, prompt, model.cfg.bos_token_id)
-        max_tokens = min(body.max_tokens or max_tokens_cap, max_tokens_cap)
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"the prompt has token {bad}, outside the model's vocabulary of {vocab} "
+                                "(the tokenizer and the model disagree)")
+        return ids
+
+    async def run(body: _Body, prompt: str, request: Request, chat: bool):
+        ids = await asyncio.to_thread(encode, prompt)     # off the event loop: /health keeps answering
+        if body.max_tokens is None:   # as OpenAI-style servers do: what fits, up to the cap
+            max_tokens = min(max_tokens_cap, context - len(ids))
+            if max_tokens < 1:
+                raise ApiError(400, f"the prompt is {len(ids)} tokens: it fills the model's context of {context}")
+        else:
+            max_tokens = min(body.max_tokens, max_tokens_cap)
         if len(ids) + max_tokens > context:
             raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
                                 f"model's context of {context}")
@@ -139,9 +241,19 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
 
         if not body.stream:
             parts = []
+            checked = time.monotonic()
             try:
                 while True:
-                    kind, value = await out.get()
+                    try:
+                        kind, value = await asyncio.wait_for(out.get(), timeout=0.25)
+                    except asyncio.TimeoutError:
+                        kind = None
+                    if time.monotonic() - checked >= 0.25:   # tokens may arrive faster than that
+                        checked = time.monotonic()
+                        if await request.is_disconnected():   # nobody will read the answer
+                            raise ApiError(499, "client closed the request")
+                    if kind is None:
+                        continue
                     if kind == "delta":
                         parts.append(value)
                     elif kind == "error":
@@ -181,13 +293,24 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
+        check_model(body)
+        check_text(body.prompt, "prompt")
         return await run(body, body.prompt, request, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
+        check_model(body)
         messages = [m.model_dump() for m in body.messages]
-        prompt = chat_template(messages) if chat_template else \
-            "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        for i, m in enumerate(messages):
+            check_text(m["content"], f"content of message {i}")
+        if chat_template:
+            try:
+                prompt = await asyncio.to_thread(chat_template, messages)
+            except Exception as e:   # the store's template refused these messages: the client's to fix
+                raise ApiError(400, f"the chat template cannot format these messages: {type(e).__name__}: {e}") from None
+        else:
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        check_text(prompt, "formatted prompt")
         return await run(body, prompt, request, chat=True)
 
     return app

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..compute.sampling import sample
+
 Emit = Callable[[str, object], None]     # ("delta", text) | ("done", (finish_reason, usage)) | ("error", message)
 
 
@@ -128,15 +130,19 @@ class BatchScheduler:
         r.produced.append(tok)
         self.tokens_generated += 1
         text = self.tok.decode(r.produced)
-        for s in r.stop:
-            at = text.find(s, max(0, len(r.shown) - len(s)))
-            if at >= 0:
-                if at > len(r.shown):
-                    r.emit("delta", text[len(r.shown):at])
-                return self._finish(r, "stop", flush=False)
-        if not text.endswith("\ufffd") and len(text) > len(r.shown):   # a multi-byte character may be incomplete
-            r.emit("delta", text[len(r.shown):])
-            r.shown = text
+        hits = [at for at in (text.find(s, max(0, len(r.shown) - len(s) + 1)) for s in r.stop) if at >= 0]
+        if hits:   # the text ends before the earliest stop string; nothing of it was shown (held back below)
+            at = min(hits)
+            if at > len(r.shown):
+                r.emit("delta", text[len(r.shown):at])
+            return self._finish(r, "stop", flush=False)
+        # what may be the start of a stop string that the next tokens complete is held back, or a
+        # stop spanning a token boundary would leave its first characters in the text
+        ready = len(text) - max((k for s in r.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
+                                 if text.endswith(s[:k])), default=0)
+        if not text[:ready].endswith("\ufffd") and ready > len(r.shown):   # a multi-byte character may be incomplete
+            r.emit("delta", text[len(r.shown):ready])
+            r.shown = text[:ready]
         if len(r.produced) >= r.max_tokens:
             return self._finish(r, "length")
         return False
@@ -153,11 +159,4 @@ class BatchScheduler:
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: Optional[torch.Generator]) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p          # the smallest set reaching top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
+    return int(sample(logits, temperature, top_p, gen))

@@ -15,6 +15,7 @@ from torch import nn
 
 from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
+from ..sampling import sample
 from ..predictor import probe_logits
 from ..quant_kernels import RoutedExpert, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
@@ -507,11 +508,7 @@ class CausalLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=dev)
         pos = t
         for step in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                nxt = logits.argmax(dim=-1)                                      # [B]
+            nxt = sample(logits, temperature, generator=generator)                 # [B]
             out.append(nxt[:, None])
             if on_token is not None:
                 on_token(nxt)
