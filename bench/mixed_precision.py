@@ -1,7 +1,8 @@
 """Mixed precision on the trained routing model: expert bytes, held-out loss, logit KL and top-1
 agreement against the bf16 store, for uniform int4, uniform int8 and mixed (the profile's most
-used `--hot-fraction` of (layer, expert) pairs at int8, the rest at int4); each int store with its
-dense layers in bf16 and, as load_model does by default, quantized to the experts' type at load.
+used `--hot-fraction` of (layer, expert) pairs at int8, the rest at int4); each int store
+dequantized to bf16 on load (the path before 2026-12-01) and multiplied by the quantized kernels
+with its dense layers in bf16, int8 (load_model's default) and int4.
 
 The profile comes from the model's own routing on `--profile-texts` held-out files
 (bench/heldout_traces.py writes build/profile-heldout.json from the first 4); the scores come
@@ -27,11 +28,10 @@ from moestream.compute.generation import load_tokenizer
 from moestream.formats.profile import hot_experts, load_profile
 
 
-def logits_of(store: Path, batches: list[torch.Tensor], dense_quant=None) -> list[torch.Tensor]:
-    """float32 logits [T, V] of each token batch [1, T] (one prefill each). dense_quant as in
-    load_model: None keeps the dense layers in bf16 (the experts alone are quantized), "auto"
-    quantizes them to the experts' type (load_model's default for int stores)."""
-    model = load_model(store, device_budget="1GiB", host_budget=0, dense_quant=dense_quant)
+def logits_of(store: Path, batches: list[torch.Tensor], **options) -> list[torch.Tensor]:
+    """float32 logits [T, V] of each token batch [1, T] (one prefill each); options go to
+    load_model (expert_compute, dense_quant)."""
+    model = load_model(store, device_budget="1GiB", host_budget=0, **options)
     try:
         with torch.no_grad():
             return [model(ids)[0].float() for ids in batches]
@@ -70,10 +70,15 @@ def main() -> None:
               f"({sum(b.shape[1] for b in batches)} tokens); hot set from {a.profile}")
         print("| experts | stored MB | held-out loss (nats/token) | KL vs bf16 (nats/token) | top-1 agreement |")
         print("|---|---:|---:|---:|---:|")
-        rows = [("keep (fp32, lossless)", store, None), *((n, p, None) for n, p in stores.items()),
-                *((f"{n}, dense layers too", p, "auto") for n, p in stores.items() if n != "bf16")]
-        for name, path, dense_quant in rows:
-            got = ref if name == "bf16" else logits_of(path, batches, dense_quant)
+        ints = [(n, p) for n, p in stores.items() if n != "bf16"]
+        rows = [("keep (fp32, lossless)", store, {}), ("bf16", stores["bf16"], {}),
+                *((f"{n}, dequantized to bf16 on load (before 2026-12-01)", p, dict(expert_compute="dequantized"))
+                  for n, p in ints),
+                *((f"{n}, quantized kernels, dense bf16", p, dict(dense_quant=None)) for n, p in ints),
+                *((f"{n}, quantized kernels, dense int8 (default)", p, dict(dense_quant="auto")) for n, p in ints),
+                *((f"{n}, quantized kernels, dense int4", p, dict(dense_quant="int4")) for n, p in ints)]
+        for name, path, options in rows:
+            got = ref if name == "bf16" else logits_of(path, batches, **options)
             loss = kl = agree = n = 0.0
             for ids, lr, lg in zip(batches, ref, got):
                 loss += F.cross_entropy(lg[:-1], ids[0, 1:], reduction="sum").item()

@@ -95,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "dequantized decodes them to bf16 on load (more bytes per cached expert)")
     g.add_argument("--dense-quant", default="auto", choices=["auto", "int8", "int4", "none"],
                    help="the dense linear layers (attention, shared experts, lm_head; not the routers), quantized "
-                        "once at load: auto (default) = the experts' type for an int8/int4 store on a CPU, none "
-                        "otherwise; none keeps them in the compute dtype (native engine only)")
+                        "once at load: auto (default) = int8 for an int8/int4 store on a CPU, none otherwise; "
+                        "none keeps them in the compute dtype (native engine only)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra: fastapi, uvicorn)")
     sv.add_argument("store")

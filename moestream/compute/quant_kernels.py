@@ -1,11 +1,14 @@
 """Matmuls on quantized experts where they lie: y = x · Wᵀ for group-wise int8 and int4 weights
 held in their stored form (formats.quantized.QuantizedTensor), without a bf16 copy of W.
 
-The CPU kernels work the way llama.cpp's `ggml_vec_dot_q4_0_q8_0` family does: each row of
+The int4 CPU kernel works the way llama.cpp's `ggml_vec_dot_q4_0_q8_0` family does: each row of
 activations is quantized to int8 once per group (one fp32 scale per group of the weights' group
 size), a group's dot product is an integer multiply-add over codes, and the group's two scales
 multiply its integer sum once. For int4 (w = q·s + m) the minimum's share is m · Σx over the group,
-Σx taken over the quantized activations.
+Σx taken over the quantized activations. int8 codes are multiplied by the float32 activations
+themselves (widened 64 at a time): as fast on the development machine, and no rounding of the
+activations on top of the weights' own (on the trained routing model int8 activations raised the
+KL against bf16 from 0.0017 to 0.0021 nats/token).
 
 One call computes a whole MoE layer for a batch of tokens: every routed expert's gate and up
 rows, SwiGLU, the activations of the down projection quantized again, then the down rows,
@@ -77,13 +80,13 @@ def _f16(h):
     return -mag if np.uint32(h) & np.uint32(0x8000) else mag
 
 
-# ---- 64-element integer dot products in LLVM vector IR -----------------------------------------
-# Numba's scalar loops over int8 codes vectorize poorly (int32 multiplies of widened bytes: 4-7
-# GB/s of weights against ~13 GB/s of memory read on the development machine). Written as one
-# vector load, extend, multiply and horizontal add, LLVM selects vpmaddwd anywhere; for int4 on a
-# CPU with AVX512-VNNI (or AVX512BW) the nibbles and the activations go to vpdpbusd (vpmaddubsw),
-# unsigned codes times signed activations, 64 at a time (bench/quant_kernels.py: int4 at 15 GB/s,
-# against 4.9 for the scalar loop and 11.8 for torch's _weight_int4pack_mm_for_cpu).
+# ---- 64-element dot products in LLVM vector IR ---------------------------------------------------
+# Numba's scalar loops over codes read through raw pointers vectorize poorly (4-7 GB/s of weights,
+# 1.6 for int8 times floats, against ~13-17 GB/s of memory read on the development machine).
+# Written as one vector load, widen, multiply and horizontal add, LLVM vectorizes them anywhere;
+# for int4 on a CPU with AVX512-VNNI (or AVX512BW) the nibbles and the int8 activations go to
+# vpdpbusd (vpmaddubsw), unsigned codes times signed activations, 64 at a time
+# (bench/quant_kernels.py).
 DOT_CHUNK = 64
 
 
@@ -104,14 +107,19 @@ def _reduce_add(builder, v, n: int):
 
 
 @intrinsic
-def _dot_s8(typingctx, w_addr, x_addr):
-    """Σ w[j]·x[j] over 64 int8 weights and 64 int8 activations at two addresses (int32)."""
-    sig = types.int32(types.intp, types.intp)
+def _dot_s8_f32(typingctx, w_addr, x_addr):
+    """Σ w[j]·x[j] over 64 int8 weights and 64 float32 activations at two addresses (float32;
+    the sum in any order)."""
+    sig = types.float32(types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
-        wide = ir.VectorType(ir.IntType(32), DOT_CHUNK)
-        w, x = (builder.sext(_load(builder, a, DOT_CHUNK), wide) for a in args)
-        return _reduce_add(builder, builder.mul(w, x), DOT_CHUNK)
+        f32 = ir.FloatType()
+        vf = ir.VectorType(f32, DOT_CHUNK)
+        w = builder.sitofp(_load(builder, args[0], DOT_CHUNK), vf)
+        x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
+        p = builder.fmul(w, x, flags=("fast",))
+        red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
+        return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
     return sig, codegen
 
 
@@ -178,9 +186,9 @@ _dot_u4 = U4_DOTS[U4_ISA]
 
 
 @njit(cache=True)
-def _quantize_rows(x, group, xq, xe, xo, xs, xsum):
-    """x float32 [N, K] -> int8 codes [N, K] (and split into even/odd elements [N, K/2] for the
-    int4 dot), one scale absmax/127 per group [N, K/group], and each group's sum of the quantized
+def _quantize_rows(x, group, xe, xo, xs, xsum):
+    """x float32 [N, K] -> int8 codes split into even and odd elements [N, K/2] (for the int4
+    dot), one scale absmax/127 per group [N, K/group], and each group's sum of the quantized
     values (scale · Σ codes, as llama.cpp's q8_1 keeps it): the int4 minimum's share m · Σx must
     be taken over the same activations as the codes' share, or the two, which nearly cancel,
     leave the activations' rounding error several times over (4.3 % against 1.2 % measured)."""
@@ -199,7 +207,6 @@ def _quantize_rows(x, group, xq, xe, xo, xs, xsum):
             for j in range(g * group, (g + 1) * group):
                 q = np.int8(np.rint(x[r, j] * inv))
                 qsum += np.int32(q)
-                xq[r, j] = q
                 if j % 2 == 0:
                     xe[r, j // 2] = q
                 else:
@@ -209,51 +216,49 @@ def _quantize_rows(x, group, xq, xe, xo, xs, xsum):
 
 @njit(cache=True)
 def _quantized_activations(x, group):
-    """(codes, even codes, odd codes, scales, sums) of x float32 [N, K]: _quantize_rows into new arrays."""
+    """(even codes, odd codes, scales, sums) of x float32 [N, K]: _quantize_rows into new arrays."""
     n, k = x.shape
-    xq = np.empty((n, k), np.int8)
     xe = np.empty((n, k // 2), np.int8)
     xo = np.empty((n, k // 2), np.int8)
     xs = np.empty((n, k // group), np.float32)
     xsum = np.empty((n, k // group), np.float32)
-    _quantize_rows(x, group, xq, xe, xo, xs, xsum)
-    return xq, xe, xo, xs, xsum
+    _quantize_rows(x, group, xe, xo, xs, xsum)
+    return xe, xo, xs, xsum
 
 
 # ---- one row of W against one row of activations ---------------------------------------------
 # kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales, mins)
 
 @njit(inline="always")
-def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xq, xe, xo, xs, xsum, t, sums):
-    # The integer sums of all groups first, into `sums` (scratch, >= cols / group), then the
-    # scales: the float work stays out of the integer loop. Groups of a multiple of DOT_CHUNK
-    # take the vector dots; others the scalar loop.
+def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums):
+    # int8: float activations xf. int4: the integer sums of all groups first, into `sums`
+    # (scratch, >= cols / group), then the scales, so the float work stays out of the integer
+    # loop. Groups of a multiple of DOT_CHUNK take the vector dots; others the scalar loop.
     ng = cols // group
     sc = carray(_u16_ptr(scales_addr + 2 * row * ng), ng)
     chunks = group // DOT_CHUNK if group % DOT_CHUNK == 0 else 0
     if kind == 0:
+        # int8 weights times the float32 activations themselves: exact to the weights' own
+        # quantization (int8 activations added a third to the KL on the trained model,
+        # bench/mixed_precision.py), and as fast, LLVM widening the codes to floats 16 at a time
+        acc = np.float32(0)
         if chunks:
             w_addr = codes_addr + row * cols
-            x_addr = xq.ctypes.data + t * cols
+            x_addr = xf.ctypes.data + 4 * t * cols
             for g in range(ng):
-                s = np.int32(0)
+                s = np.float32(0)
                 for c in range(chunks):
                     off = g * group + c * DOT_CHUNK
-                    s += _dot_s8(w_addr + off, x_addr + off)
-                sums[g] = s
+                    s += _dot_s8_f32(w_addr + off, x_addr + 4 * off)
+                acc += s * _f16(sc[g])
         else:
             w = carray(_i8_ptr(codes_addr + row * cols), cols)
-            xrow = xq[t]
+            xrow = xf[t]
             for g in range(ng):
-                wg = w[g * group:(g + 1) * group]
-                xg = xrow[g * group:(g + 1) * group]
-                s = np.int32(0)
-                for j in range(group):
-                    s += np.int32(wg[j]) * np.int32(xg[j])
-                sums[g] = s
-        acc = np.float32(0)
-        for g in range(ng):
-            acc += np.float32(sums[g]) * _f16(sc[g]) * xs[t, g]
+                s = np.float32(0)
+                for j in range(g * group, (g + 1) * group):
+                    s += np.float32(w[j]) * xrow[j]
+                acc += s * _f16(sc[g])
         return acc
     half = group // 2
     mn = carray(_u16_ptr(mins_addr + 2 * row * ng), ng)
@@ -297,7 +302,7 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
     n, hidden = x.shape
     k_experts = kinds.shape[0]
     pairs = pair_token.shape[0]
-    xq, xe, xo, xs, xsum = _quantized_activations(x, group)
+    xe, xo, xs, xsum = _quantized_activations(x, group)
     h = np.empty((pairs, inter), np.float32)                      # [P, I] SwiGLU per (expert, token)
     blocks = (inter + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(k_experts * blocks):
@@ -307,20 +312,20 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
         for i in range(blk * _ROWS_PER_TASK, min(inter, (blk + 1) * _ROWS_PER_TASK)):
             for p in range(pair_ptr[k], pair_ptr[k + 1]):
                 t = pair_token[p]
-                gate = _row_dot(kind, addrs[k, 0, 0], addrs[k, 0, 1], addrs[k, 0, 2], i, hidden, group,
-                                xq, xe, xo, xs, xsum, t, sums)
-                up = _row_dot(kind, addrs[k, 1, 0], addrs[k, 1, 1], addrs[k, 1, 2], i, hidden, group,
-                              xq, xe, xo, xs, xsum, t, sums)
+                gate = _row_dot(kind, addrs[k, 0, 0], addrs[k, 0, 1], addrs[k, 0, 2], i, hidden, group, x,
+                                xe, xo, xs, xsum, t, sums)
+                up = _row_dot(kind, addrs[k, 1, 0], addrs[k, 1, 1], addrs[k, 1, 2], i, hidden, group, x,
+                              xe, xo, xs, xsum, t, sums)
                 h[p, i] = gate / (np.float32(1) + np.exp(-gate)) * up
-    hq, he, ho, hs, hsum = _quantized_activations(h, group)
+    he, ho, hs, hsum = _quantized_activations(h, group)
     out_blocks = (hidden + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(out_blocks):      # each task owns its output columns: no two write one
         sums = np.empty(inter // group, np.int32)
         for r in range(blk * _ROWS_PER_TASK, min(hidden, (blk + 1) * _ROWS_PER_TASK)):
             for k in range(k_experts):
                 for p in range(pair_ptr[k], pair_ptr[k + 1]):
-                    y = _row_dot(kinds[k], addrs[k, 2, 0], addrs[k, 2, 1], addrs[k, 2, 2], r, inter, group,
-                                 hq, he, ho, hs, hsum, p, sums)
+                    y = _row_dot(kinds[k], addrs[k, 2, 0], addrs[k, 2, 1], addrs[k, 2, 2], r, inter, group, h,
+                                 he, ho, hs, hsum, p, sums)
                     out[pair_token[p], r] += pair_weight[p] * y
 
 
@@ -328,14 +333,14 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
 def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out):
     """out [N, rows] = x [N, cols] · Wᵀ for one quantized W [rows, cols] (float32 in and out)."""
     n, cols = x.shape
-    xq, xe, xo, xs, xsum = _quantized_activations(x, group)
+    xe, xo, xs, xsum = _quantized_activations(x, group)
     blocks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(blocks):
         sums = np.empty(cols // group, np.int32)
         for r in range(blk * _ROWS_PER_TASK, min(rows, (blk + 1) * _ROWS_PER_TASK)):
             for t in range(n):
-                out[t, r] = _row_dot(kind, codes_addr, scales_addr, mins_addr, r, cols, group,
-                                     xq, xe, xo, xs, xsum, t, sums)
+                out[t, r] = _row_dot(kind, codes_addr, scales_addr, mins_addr, r, cols, group, x,
+                                     xe, xo, xs, xsum, t, sums)
 
 
 # ---- the table --------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from moestream.formats.quantized import QuantizedTensor, holds_quantized, quanti
 
 from ..conftest import FAMILIES
 
-#: relative error (Frobenius) of the int8-activation kernels against fp32 dequantize-then-matmul:
-#: the activations' own int8 rounding, ~0.5 % per dot product
+#: relative error (Frobenius) of the kernels against fp32 dequantize-then-matmul: for int4 the
+#: activations' own int8 rounding, ~0.5 % per dot product (int8 weights take float activations)
 KERNEL_TOLERANCE = 0.02
 #: max |logit difference| between the quantized-compute path and the dequantize-to-bf16 path,
 #: relative to the largest |logit| (both compute the rest of the model in bf16)
@@ -43,7 +43,8 @@ def test_quant_linear_matches_dequantized_matmul(kind, group):
     want = x @ w.dequantize(dequantize, torch.float32).T
     got = quant_linear(x, w)
     assert got.shape == (3, 80) and got.dtype == torch.float32
-    assert rel(got, want) < KERNEL_TOLERANCE
+    # int8 codes meet the float activations: only float rounding; int4's activations are int8
+    assert rel(got, want) < (1e-5 if kind == "int8" else KERNEL_TOLERANCE)
 
 
 def _host_has(isa: str) -> bool:
@@ -58,7 +59,7 @@ def test_every_int4_dot_the_host_can_run_matches_numpy(isa):
     others are checked here on their own), and the int8 dot, against numpy on extreme codes."""
     import numpy as np
     from numba import njit
-    from moestream.compute.quant_kernels import U4_DOTS, _dot_s8
+    from moestream.compute.quant_kernels import U4_DOTS, _dot_s8_f32
     if not _host_has(isa):
         pytest.skip(f"this CPU has no {isa}")
     dot = U4_DOTS[isa]
@@ -69,7 +70,7 @@ def test_every_int4_dot_the_host_can_run_matches_numpy(isa):
 
     @njit
     def run8(w, x):
-        return _dot_s8(w.ctypes.data, x.ctypes.data)
+        return _dot_s8_f32(w.ctypes.data, x.ctypes.data)
     rng = np.random.default_rng(0)
     cases = [rng.integers(0, 256, 32).astype(np.uint8), np.full(32, 255, np.uint8), np.zeros(32, np.uint8)]
     for c in cases:
@@ -77,8 +78,8 @@ def test_every_int4_dot_the_host_can_run_matches_numpy(isa):
                      (np.full(32, -127, np.int8), np.full(32, 127, np.int8))]:
             want = int((c & 15).astype(np.int64) @ e.astype(np.int64) + (c >> 4).astype(np.int64) @ o.astype(np.int64))
             assert run(c, e, o) == want
-    w, x = rng.integers(-127, 128, 64).astype(np.int8), np.full(64, -127, np.int8)
-    assert run8(w, x) == int(w.astype(np.int64) @ x.astype(np.int64))
+    w, x = rng.integers(-127, 128, 64).astype(np.int8), rng.standard_normal(64).astype(np.float32)
+    assert abs(run8(w, x) - float(w.astype(np.float64) @ x.astype(np.float64))) < 1e-3
 
 
 def test_fp16_scales_are_read_exactly_subnormals_zero_and_sign_included():
@@ -233,9 +234,9 @@ def test_dense_layers_of_an_int_store_are_held_quantized_except_the_routers(chec
         else:
             assert "lm_head" in quantized_names and "layers.0.self_attn.q_proj" in quantized_names
             assert all(n.endswith(".gate") for n in set(linears) - quantized_names), set(linears) - quantized_names
-            assert model.lm_head.weight.spec.kind == quant
+            assert model.lm_head.weight.spec.kind == "int8"    # the default for int8 and int4 stores
     err = ((logits["auto"] - logits[None]).abs().max() / logits[None].abs().max()).item()
-    assert 0 < err < (0.05 if quant == "int8" else 0.3), err
+    assert 0 < err < 0.05, err
 
 
 def test_dense_quant_is_checked_and_off_for_lossless_stores(int_stores, checkpoints, tmp_path):
