@@ -378,7 +378,7 @@ def quant_linear(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
     if not cpu_kernel_fits(w):
         return F.linear(x, w.dequantize(QUANT_KERNELS[w.spec.kind].dequantize, x.dtype))
     rows, cols = w.shape
-    xf = x.reshape(-1, cols).float().contiguous()
+    xf = x.detach().reshape(-1, cols).float().contiguous()   # inference only: no autograd through the kernels
     out = np.empty((xf.shape[0], rows), np.float32)
     with _PARALLEL_LOCK:
         _linear(xf.numpy(), QUANT_KERNELS[w.spec.kind].code, *_addresses(w), rows, w.spec.group, out)
@@ -419,7 +419,7 @@ def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tenso
     pair_token = np.fromiter((r for e in experts for r in e.rows), np.int64, pair_ptr[-1])
     pair_weight = np.fromiter((w for e in experts for w in e.weights), np.float32, pair_ptr[-1])
     inter = experts[0].gate.shape[0]
-    xf = x.float().contiguous()
+    xf = x.detach().float().contiguous()
     with _PARALLEL_LOCK:
         _moe_layer(xf.numpy(), kinds, addrs, pair_ptr, pair_token, pair_weight, inter, experts[0].gate.spec.group,
                    out.numpy())

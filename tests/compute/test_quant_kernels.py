@@ -249,3 +249,15 @@ def test_dense_quant_is_checked_and_off_for_lossless_stores(int_stores, checkpoi
         assert not any(isinstance(m, QuantLinear) for m in model.modules())
     finally:
         model.store.close()
+
+
+def test_the_kernels_take_inputs_that_require_grad():
+    """A model called outside torch.no_grad(): its activations require grad (the norms' weights are
+    parameters); the kernels compute on the values (inference only)."""
+    x = torch.randn(2, 128, requires_grad=True) * 1.0
+    w = quantized(torch.randn(64, 128) * 0.02, "int8")
+    assert quant_linear(x, w).shape == (2, 64)
+    out = torch.zeros(2, 128)
+    mats = [quantized(torch.randn(*s) * 0.05, "int4") for s in ((64, 128), (64, 128), (128, 64))]
+    moe_layer(x, [RoutedExpert(*mats, [0, 1], [0.5, 0.5])], out)
+    assert out.abs().sum() > 0
