@@ -268,9 +268,53 @@ def _bench(store, source, chunk, queue_depth, repeat, backends, progress) -> dic
     best = max((f["gbps"] for f in sweep if "gbps" in f), default=None)
     uring = pick("uring", "random")
     out["fio_best_random_cold_gbps"] = best
-    out["uring_random_cold_vs_fio_best"] = uring / best if uring and best else None
-    out["store_fetch_vs_raw"] = store_row["gbps"] / uring if uring else None
+    # the raw figure is the engine's best configuration over the same grid as fio's, not one
+    # fixed depth and request size: fio's best point against ours at a single point understated
+    # the raw path (0.54 of fio's best at depth 32 x 1 MiB, while Store.fetch read 1.9x that)
+    ours = uring_sweep(store, orders["random"], ext_bs, progress) if "uring" in names else []
+    uring_best = max((x["gbps"] for x in ours), default=None)
+    out["uring_sweep"] = ours
+    out["uring_best_random_cold_gbps"] = uring_best
+    out["uring_at_depth_random_cold_vs_fio_best"] = uring / best if uring and best else None
+    out["uring_random_cold_vs_fio_best"] = uring_best / best if uring_best and best else None
+    out["store_fetch_vs_raw"] = store_row["gbps"] / (uring_best or uring) if (uring_best or uring) else None
     return out
+
+
+def uring_sweep(store: str, order: list[int], extent_bs: int, progress=print) -> list[dict[str, Any]]:
+    """Raw io_uring random reads of every extent (O_DIRECT, page cache dropped) over the grid of
+    fio_sweep: requests of 256 KiB, 1 MiB and one extent x depths 32, 128, 256; one dict per point."""
+    reader = StoreReader(store)
+    regions = [reader.index.extents[k] for k in sorted(reader.index.extents)]
+    regions = [regions[i] for i in order]
+    paths = [str(p) for p in reader.files]
+    reader.close()
+    total = sum(r.padded_length for r in regions)
+    smallest = min(r.padded_length for r in regions)
+    opened = [open_direct(p) for p in paths]
+    fds = [fd for fd, _ in opened]
+    points = []
+    try:
+        for chunk in FIO_SWEEP_BS + (extent_bs,):
+            for depth in FIO_SWEEP_DEPTHS:
+                # slabs for `depth` requests in flight, at most one per extent
+                slabs = min(len(regions), max(2, math.ceil(depth * min(chunk, extent_bs) / smallest) + 1))
+                pool = BufferPool(max(r.padded_length for r in regions), slabs)
+                backend = UringBackend(depth, [(pool.addr, pool.nbytes)])
+                try:
+                    drop_page_cache()
+                    secs = read_extents(backend, fds, paths, regions, chunk=chunk, queue_depth=depth, pool=pool)
+                finally:
+                    backend.close()
+                    pool.close()
+                points.append({"chunk": chunk, "queue_depth": depth, "gbps": total / secs / 1e9})
+    finally:
+        for fd in fds:
+            os.close(fd)
+    top = max(points, key=lambda x: x["gbps"])
+    progress(f"uring sweep: best {top['gbps']:.2f} GB/s at {format_size(top['chunk'])} x depth {top['queue_depth']} "
+             f"(worst {min(x['gbps'] for x in points):.2f})")
+    return points
 
 
 FIO_SWEEP_BS = (256 << 10, 1 << 20)
@@ -390,7 +434,11 @@ def format_table(d: dict[str, Any]) -> str:
         lines.append("\nfio sweep (random, cold): " + "; ".join(
             f"{format_size(f['bs'])} x {f['iodepth']}: " + (f"{f['gbps']:.2f}" if "gbps" in f else "failed")
             for f in d["fio_sweep"]))
-    for k in ("uring_random_cold_vs_fio", "uring_random_cold_vs_fio_best", "store_fetch_vs_raw"):
+    if d.get("uring_sweep"):
+        lines.append("uring sweep (random, cold): " + "; ".join(
+            f"{format_size(x['chunk'])} x {x['queue_depth']}: {x['gbps']:.2f}" for x in d["uring_sweep"]))
+    for k in ("uring_random_cold_vs_fio", "uring_at_depth_random_cold_vs_fio_best", "uring_random_cold_vs_fio_best",
+              "store_fetch_vs_raw"):
         if d.get(k) is not None:
             lines.append(f"{k} = {d[k]:.3f}")
     return "\n".join(lines)

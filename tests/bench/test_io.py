@@ -41,3 +41,19 @@ def test_cli_bench_io_refuses_zero_repeats(capsys):
     from moestream.cli import main
     assert main(["bench", "io", "--synthetic", "1MiB", "--repeat", "0"]) == 2
     assert "--repeat must be at least 1" in capsys.readouterr().err
+
+
+def test_the_raw_figure_is_uring_at_its_best_over_fios_grid(tmp_path):
+    """uring_random_cold_vs_fio_best compares best against best: our raw path over the same grid
+    of request sizes and depths as fio's sweep (issue 22 item 5)."""
+    import pytest
+    from moestream.storage.uring import supported as uring_supported
+    if not uring_supported()[0]:
+        pytest.skip("no io_uring here")
+    d = bench_io(synthetic=40 << 20, workdir=str(tmp_path), repeat=1, backends=["uring"], progress=lambda m: None)
+    grid = {(x["chunk"], x["queue_depth"]) for x in d["uring_sweep"]}
+    assert len(grid) == 9 and all(x["gbps"] > 0 for x in d["uring_sweep"])
+    assert d["uring_best_random_cold_gbps"] == max(x["gbps"] for x in d["uring_sweep"])
+    if shutil.which("fio"):
+        assert d["uring_random_cold_vs_fio_best"] == d["uring_best_random_cold_gbps"] / d["fio_best_random_cold_gbps"]
+    assert "uring sweep" in format_table(d)
