@@ -550,30 +550,19 @@ def fetch_all(store, keys, in_flight: int = 16) -> float:
 
 
 def raw_read_bandwidth(store: Path, log) -> tuple[float, float]:
-    """(raw uring cold GB/s over every extent in random order, Store.fetch cold GB/s over the
-    same extents: read + checksum + decode), measured back to back."""
+    """(raw uring cold GB/s over every extent in random order, at its best point of bench io's
+    grid of request sizes and depths; Store.fetch cold GB/s over the same extents: read +
+    checksum + decode), measured back to back."""
     from ..formats.reader import StoreReader
     from ..storage import Store
-    from ..storage.backends import UringBackend, open_direct
-    from ..storage.buffers import BufferPool
-    from .io import drop_page_cache, read_extents
+    from .io import drop_page_cache, uring_sweep
     with StoreReader(store) as r:
         keys = sorted(r.index.extents)
-        random.Random(0).shuffle(keys)
+        order = list(range(len(keys)))
+        random.Random(0).shuffle(order)
+        keys = [keys[i] for i in order]
         regions = [r.index.extents[k] for k in keys]
-        paths = [str(p) for p in r.files]
-    total = sum(x.padded_length for x in regions)
-    fds = [open_direct(p)[0] for p in paths]
-    pool = BufferPool(max(x.padded_length for x in regions), 32)
-    backend = UringBackend(128, [(pool.addr, pool.nbytes)])
-    try:
-        drop_page_cache()
-        raw = total / read_extents(backend, fds, paths, regions, chunk=1 << 20, queue_depth=128, pool=pool) / 1e9
-    finally:
-        backend.close()
-        pool.close()
-        for fd in fds:
-            os.close(fd)
+    raw = max(x["gbps"] for x in uring_sweep(str(store), order, max(x.padded_length for x in regions), log))
     drop_page_cache()
     with Store(store, device_budget=32 * regions[0].decoded_length, host_budget=0, queue_depth=128) as s:
         seconds = fetch_all(s, keys)
