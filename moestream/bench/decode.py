@@ -137,6 +137,69 @@ def synthetic_trace(tokens: int, layers: int, *, experts: int, top_k: int, seed:
     return traces.synthetic_trace(tokens, layers, experts, top_k, seed=seed, **traces.CALIBRATED).experts
 
 
+#: a system whose rounds spread wider than this (fastest / slowest) ran on a machine whose speed
+#: changed under it: ratios that use it are withheld, not published
+SPREAD_LIMIT = 1.5
+#: a system under a memory limit may not beat its store's all-in-memory upper bound by more than this
+BOUND_SLACK = 1.10
+
+
+def cpu_times() -> Optional[list[int]]:
+    """The machine's cumulative CPU times from /proc/stat (user nice system idle iowait irq softirq
+    steal ...), None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def machine_load(t0: Optional[list[int]], load0: tuple[float, float, float]) -> dict[str, Any]:
+    """Load averages at the start and end of the run and the share of CPU time stolen by the
+    hypervisor (steal) and spent busy in between: how shared the machine was while we measured."""
+    t1 = cpu_times()
+    out: dict[str, Any] = {"loadavg_start": list(load0), "loadavg_end": list(os.getloadavg())}
+    if t0 and t1 and len(t0) > 7 and len(t1) > 7:
+        d = [b - a for a, b in zip(t0, t1)]
+        total = sum(d[:8]) or 1
+        out["steal_share"] = d[7] / total
+        out["busy_share"] = 1 - (d[3] + d[4]) / total
+    return out
+
+
+def noise_warnings(results: list[dict[str, Any]]) -> tuple[list[str], set[tuple[str, Optional[float]]]]:
+    """(warnings, flagged (system, budget) pairs): systems whose rounds spread beyond SPREAD_LIMIT,
+    and systems under a limit faster than their store's all-in-memory bound (and that bound)."""
+    warnings, flagged = [], set()
+    for r in results:
+        xs = [x for x in r.get("samples_tokens_per_s") or [] if x > 0]
+        if len(xs) > 1 and max(xs) / min(xs) > SPREAD_LIMIT:
+            flagged.add((r["system"], r.get("budget_fraction")))
+            warnings.append(f"{r['system']} (budget {r.get('budget_fraction') or 'all'}): rounds spread "
+                            f"{min(xs):.1f}-{max(xs):.1f} tok/s, {max(xs) / min(xs):.2f}x, beyond {SPREAD_LIMIT}x")
+    bounds = {q: [r for r in results if r["system"] in names and "error" not in r]
+              for q, names in (("bf16", ("inmemory", "resident")), ("int4", ("resident-int4",)))}
+    for r in results:
+        if r.get("budget_fraction") is None or "error" in r or r["system"].startswith(("llama.cpp", "accelerate")):
+            continue
+        upper = bounds["int4" if r["system"].endswith("-int4") else "bf16"]
+        if upper and r["tokens_per_s"] > BOUND_SLACK * max(u["tokens_per_s"] for u in upper):
+            top = max(upper, key=lambda u: u["tokens_per_s"])
+            flagged |= {(r["system"], r["budget_fraction"]), (top["system"], None)}
+            warnings.append(f"{r['system']} at {r['budget_fraction']:.0%} ran {r['tokens_per_s']:.1f} tok/s, above "
+                            f"its all-in-memory bound {top['system']} ({top['tokens_per_s']:.1f}): the machine's "
+                            "speed changed between them")
+    return warnings, flagged
+
+
+def _unless_noisy(value, systems, flagged, withheld: dict, name: str):
+    noisy = [r["system"] for r in systems if r and (r["system"], r.get("budget_fraction")) in flagged]
+    if value is not None and noisy:
+        withheld[name] = f"{', '.join(noisy)} too noisy (see warnings)"
+        return None
+    return value
+
+
 def coverage(trace: np.ndarray) -> dict[str, float]:
     """Share of all expert activations taken by the most used 1/5/20 % of (layer, expert) pairs."""
     t, l, _ = trace.shape
@@ -672,6 +735,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     # the disk's throughput drifts by 3x over minutes): every system runs `repeat` times, taking
     # turns in an order that rotates each round (no system always follows the same one), and the
     # median run is reported.
+    cpu0, load0 = cpu_times(), os.getloadavg()
     for rep in range(repeat):
         log(f"round {rep + 1}/{repeat}")
         for system in bounds:
@@ -723,8 +787,18 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     nopf = find("best-no-prefetch", at)
     res, inmem = find("resident", None), find("inmemory", None)
 
-    def ratio(a, b):
-        return a["tokens_per_s"] / b["tokens_per_s"] if a and b else None
+    load = machine_load(cpu0, load0)
+    warnings, flagged = noise_warnings(results)
+    withheld: dict[str, str] = {}
+
+    def ratio(a, b, name: Optional[str] = None):
+        if not (a and b):
+            return None
+        noisy = [x["system"] for x in (a, b) if (x["system"], x.get("budget_fraction")) in flagged]
+        if noisy:
+            withheld[name or f"{a['system']}_vs_{b['system']}"] = f"{', '.join(noisy)} too noisy (see warnings)"
+            return None
+        return a["tokens_per_s"] / b["tokens_per_s"]
 
     def bound_of(r, resident):
         """min(the same store's all-resident tok/s, r's I/O ceiling): on two cores compute, not
@@ -757,26 +831,32 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         # against B are then too kind, and the report says so instead of passing them on
         "ceiling_exceeded_by": sorted({r["system"] for r in results if (r.get("vs_io_ceiling") or 0) > 1.0}),
         "results": results, "budget_for_ratios": at,
-        "best_vs_naive": ratio(best, naive), "best_vs_lru": ratio(best, lru), "best_vs_accelerate": ratio(best, acc),
+        # how shared the machine was, and what its noise did to the figures: a ratio that uses a
+        # system whose rounds spread beyond SPREAD_LIMIT, or a limited system faster than its
+        # all-in-memory bound, is withheld (None here, named in ratios_withheld)
+        "machine_load": load, "warnings": warnings, "ratios_withheld": withheld,
+        "best_vs_naive": ratio(best, naive, "best_vs_naive"), "best_vs_lru": ratio(best, lru, "best_vs_lru"), "best_vs_accelerate": ratio(best, acc, "best_vs_accelerate"),
         # what load_model/generate ship: next-use, prefetch off
-        "default_vs_naive": ratio(nopf, naive), "default_vs_accelerate": ratio(nopf, acc),
+        "default_vs_naive": ratio(nopf, naive, "default_vs_naive"), "default_vs_accelerate": ratio(nopf, acc, "default_vs_accelerate"),
         "best_vs_io_ceiling": best.get("vs_io_ceiling") if best else None,
         # the most best_vs_io_ceiling can be on this machine: the same model with every expert in
         # memory (no reads at all) against best's I/O ceiling; below 1 decode is bound by compute
         "inmemory_vs_io_ceiling": inmem["tokens_per_s"] / best["io_ceiling_tokens_per_s"]
         if inmem and best and best.get("io_ceiling_tokens_per_s") else None,
-        "resident_vs_inmemory": ratio(res, inmem),
+        "resident_vs_inmemory": ratio(res, inmem, "resident_vs_inmemory"),
         # quantized experts held as stored and multiplied in place, against the bf16 store and llama.cpp
-        "int8_resident_vs_bf16_resident": ratio(res8, res), "int4_resident_vs_bf16_resident": ratio(res4, res),
-        "bf16_vs_llama_cpp_bf16_resident": ratio(res, ll["bf16"]),
-        "int8_vs_llama_cpp_q8_0_resident": ratio(res8, ll["q8_0"]),
-        "int4_vs_llama_cpp_q4_0_resident": ratio(res4, ll["q4_0"]),
-        "int4_vs_llama_cpp_q4_0_limited": ratio(int4_lim, ll4_lim),
+        "int8_resident_vs_bf16_resident": ratio(res8, res, "int8_resident_vs_bf16_resident"), "int4_resident_vs_bf16_resident": ratio(res4, res, "int4_resident_vs_bf16_resident"),
+        "bf16_vs_llama_cpp_bf16_resident": ratio(res, ll["bf16"], "bf16_vs_llama_cpp_bf16_resident"),
+        "int8_vs_llama_cpp_q8_0_resident": ratio(res8, ll["q8_0"], "int8_vs_llama_cpp_q8_0_resident"),
+        "int4_vs_llama_cpp_q4_0_resident": ratio(res4, ll["q4_0"], "int4_vs_llama_cpp_q4_0_resident"),
+        "int4_vs_llama_cpp_q4_0_limited": ratio(int4_lim, ll4_lim, "int4_vs_llama_cpp_q4_0_limited"),
         # experts the L1 holds at the same budget: the int4 store's against the bf16 store's
         "int4_l1_experts_vs_bf16": int4_lim["expert_slots"] / nopf["expert_slots"] if int4_lim and nopf else None,
         "l1_experts": {"bf16": nopf and nopf["expert_slots"], "int4": int4_lim and int4_lim["expert_slots"]},
-        "best_vs_bound": best["tokens_per_s"] / b_best if b_best else None,
-        "int4_vs_bound": int4_lim["tokens_per_s"] / b_int4 if b_int4 else None,
+        "best_vs_bound": _unless_noisy(best["tokens_per_s"] / b_best if b_best else None, (best, res), flagged,
+                                       withheld, "best_vs_bound"),
+        "int4_vs_bound": _unless_noisy(int4_lim["tokens_per_s"] / b_int4 if b_int4 else None, (int4_lim, res4),
+                                       flagged, withheld, "int4_vs_bound"),
         "llama_cpp": {"built": not llama_why, "why_not": llama_why or None, "version": "llama.cpp vendored by "
                       "llama-cpp-python 0.3.36 (commit 0c1e570)", "routing": "llama-bench: random token ids and the "
                       "model's own random routers (ours replay the trace); in RAM with its default repack, "
@@ -791,6 +871,10 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
                                "issued_used_late_cancelled": best and [best["prefetch_issued"], best["prefetch_used"],
                                                                        best.get("prefetch_late"), best["prefetch_cancelled"]]},
     }
+    for w in warnings:
+        log(f"WARNING: {w}")
+    if withheld:
+        log(f"WARNING: ratios withheld as too noisy: {', '.join(withheld)} (run again on a quieter machine, or with more --repeat)")
     return out
 
 
@@ -836,7 +920,16 @@ def format_table(d: dict[str, Any]) -> str:
             "int8_vs_llama_cpp_q8_0_resident", "int4_vs_llama_cpp_q4_0_resident", "int4_vs_llama_cpp_q4_0_limited",
             "int4_l1_experts_vs_bf16", "best_vs_bound", "int4_vs_bound"]
     for k in keys + (["kvikio_direct_vs_uring_h2d"] if d.get("device", "cpu") != "cpu" else []):
-        lines.append(f"{k} = {d[k]:.2f}" if d.get(k) is not None else f"{k} = n/a")
+        lines.append(f"{k} = {d[k]:.2f}" if d.get(k) is not None else
+                     f"{k} = withheld (too noisy)" if k in (d.get("ratios_withheld") or {}) else f"{k} = n/a")
+    ml = d.get("machine_load") or {}
+    if ml:
+        lines.append(f"machine load: loadavg {ml['loadavg_start'][0]:.2f} -> {ml['loadavg_end'][0]:.2f}"
+                     + (f", CPU steal {ml['steal_share']:.1%}, busy {ml['busy_share']:.0%}" if "steal_share" in ml else ""))
+    for w in d.get("warnings") or []:
+        lines.append(f"WARNING: {w}")
+    for k, why in (d.get("ratios_withheld") or {}).items():
+        lines.append(f"WARNING: {k} withheld: {why}")
     if d.get("ceiling_exceeded_by"):
         lines.append(f"WARNING: {', '.join(d['ceiling_exceeded_by'])} ran above the I/O ceiling: the disk was faster "
                      "during the systems than in both bandwidth samples, so every vs-ceiling ratio here is too kind")

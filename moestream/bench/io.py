@@ -434,6 +434,9 @@ def format_table(d: dict[str, Any]) -> str:
         lines.append("\nfio sweep (random, cold): " + "; ".join(
             f"{format_size(f['bs'])} x {f['iodepth']}: " + (f"{f['gbps']:.2f}" if "gbps" in f else "failed")
             for f in d["fio_sweep"]))
+    for label, f in (d.get("fio") or {}).items():   # what fio ran, to rerun it by hand
+        if f.get("command"):
+            lines.append(f"fio ({label}): {f['command']}")
     if d.get("uring_sweep"):
         lines.append("uring sweep (random, cold): " + "; ".join(
             f"{format_size(x['chunk'])} x {x['queue_depth']}: {x['gbps']:.2f}" for x in d["uring_sweep"]))

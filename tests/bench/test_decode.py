@@ -44,7 +44,9 @@ def test_bench_decode_runs_every_system(tmp_path):
     assert (tmp_path / "moestream-bench-decode" / "qwen3moe-2L-h64-e16.accelerate-offload" / "index.json").exists()
     for key in ("best_vs_naive", "best_vs_accelerate", "best_vs_io_ceiling", "inmemory_vs_io_ceiling", "resident_vs_inmemory",
                 "store_fetch_vs_raw"):
-        assert d[key] is not None and d[key] > 0, key
+        # on a model this small a limited system can run as fast as the in-memory bound, and a
+        # noisy machine then makes it faster: the ratio is withheld, and says so
+        assert (d[key] is not None and d[key] > 0) or key in d["ratios_withheld"], key
     # B is sampled before and after the systems; the faster sample is every ceiling's B
     samples = d["bandwidth_samples_gbps"]["raw_uring_cold"]
     assert len(samples) == 2 and d["raw_uring_cold_gbps"] == max(samples)
@@ -55,7 +57,8 @@ def test_bench_decode_runs_every_system(tmp_path):
     table = format_table(d)
     for system in SYSTEMS + BOUNDS:
         assert f"| {system} |" in table
-    assert ("WARNING" in table) == bool(d["ceiling_exceeded_by"])
+    assert ("WARNING" in table) == bool(d["ceiling_exceeded_by"] or d["warnings"] or d["ratios_withheld"])
+    assert "machine load: loadavg" in table and 0 <= d["machine_load"].get("steal_share", 0) <= 1
     assert "WARNING: naive ran above the I/O ceiling" in format_table(dict(d, ceiling_exceeded_by=["naive"]))
     plot(d, str(tmp_path / "decode.png"))
     assert (tmp_path / "decode.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,3 +116,22 @@ def test_cli_rejects_bad_budgets(capsys):
     from moestream.cli import main
     assert main(["bench", "decode", "--budget", "1.5"]) == 2
     assert "--budget 1.5" in capsys.readouterr().err
+
+
+def test_noise_is_said_loudly_and_its_ratios_withheld():
+    """Issue 26 item 1: a system whose rounds spread beyond SPREAD_LIMIT, or one under a limit that
+    beats its store's all-in-memory bound, is named in the warnings and flagged (so the ratios that
+    use it are withheld)."""
+    from moestream.bench.decode import SPREAD_LIMIT, noise_warnings
+
+    def r(system, frac, *xs):
+        return {"system": system, "budget_fraction": frac, "tokens_per_s": sorted(xs)[len(xs) // 2],
+                "samples_tokens_per_s": list(xs)}
+    results = [r("inmemory", None, 5.0, 53.5), r("resident", None, 40.0, 41.0), r("best", 0.25, 24.8, 24.0),
+               r("naive", 0.25, 4.0, 4.2), r("resident-int4", None, 60.0, 62.0), r("best-no-prefetch-int4", 0.25, 58, 59)]
+    warnings, flagged = noise_warnings(results)
+    assert ("inmemory", None) in flagged and any("inmemory" in w and f"{SPREAD_LIMIT}x" in w for w in warnings)
+    assert ("naive", 0.25) not in flagged and ("best-no-prefetch-int4", 0.25) not in flagged
+    results[2] = r("best", 0.25, 60.0, 61.0)          # above max(inmemory, resident) = 41 x 1.10
+    warnings, flagged = noise_warnings(results)
+    assert ("best", 0.25) in flagged and any("above its all-in-memory bound" in w for w in warnings)

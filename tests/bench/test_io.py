@@ -21,6 +21,8 @@ def test_bench_io_reports_every_figure(tmp_path):
         assert d["fio"] == {} and d["uring_random_cold_vs_fio"] is None
     table = format_table(d)
     assert "posix" in table and "safetensors" in table
+    if shutil.which("fio"):   # the table says what fio ran, to rerun it by hand
+        assert f"fio (random): {d['fio']['random']['command']}" in table
     assert list(tmp_path.iterdir()) == []  # the synthetic store is removed
 
 
