@@ -27,6 +27,20 @@ def _size(value: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _budget(value: str) -> str | int:
+    """A tier budget: a size, "auto" or "N%" (resolved against free memory by the Store)."""
+    v = value.strip().lower()
+    if v == "auto" or v.endswith("%"):
+        return v
+    return _size(value)
+
+
+BUDGET_HELP = ("a size (2GiB), a share of what is free (50%%) or auto (default: a quarter of free device "
+               "memory on CUDA, of available RAM on a CPU)")
+HOST_BUDGET_HELP = ("stored experts kept in RAM: a size, a share of what is free (10%%), auto, or 0 (none). Default: "
+                    "a quarter of available RAM on CUDA; 0 on a CPU, where the device tier is RAM already")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moestream", description="Stream Mixture-of-Experts weights from NVMe.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -71,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    g.add_argument("--device-budget", type=_size, default=None, help="bytes of experts on the device, e.g. 2GiB")
-    g.add_argument("--host-budget", type=_size, default=None, help="bytes of stored experts in RAM (0: none)")
+    g.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
+    g.add_argument("--host-budget", type=_budget, default=None, help=HOST_BUDGET_HELP)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"])
@@ -103,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--device", default="cpu")
-    sv.add_argument("--device-budget", type=_size, default=None)
-    sv.add_argument("--host-budget", type=_size, default=None)
+    sv.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
+    sv.add_argument("--host-budget", type=_budget, default=None, help=HOST_BUDGET_HELP)
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 429")
     sv.add_argument("--max-tokens", type=int, default=1024, help="cap on a request's max_tokens (default 1024)")

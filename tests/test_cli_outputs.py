@@ -166,3 +166,11 @@ def test_missing_extras_name_the_install_line(store, monkeypatch, tmp_path):
         generate_text(str(store), "hi", engine="transformers")
     from moestream.cli import main
     assert main(["bench", "cache", "--synthetic", "2x8x2", "--plot", str(tmp_path / "p.png")]) == 2
+
+
+def test_generate_says_the_budgets_it_chose_and_refuses_more_than_is_free(store):
+    p = run_cli("generate", store, "--prompt", "hi", "--max-new-tokens", "2", "--device-budget", "10%")
+    assert p.returncode == 0, p.stderr
+    assert "budgets: device tier" in p.stderr and "10% of the" in p.stderr and "of RAM available" in p.stderr
+    p = run_cli("generate", store, "--prompt", "hi", "--max-new-tokens", "2", "--device-budget", "100TiB")
+    assert p.returncode == 1 and "device_budget 100.00 TiB is more than the" in p.stderr and "Traceback" not in p.stderr

@@ -79,6 +79,13 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
         if trace is not None:
             recorder = RoutingRecorder(model.store.index.moe_layers, model.cfg.num_experts, model.cfg.top_k)
             model.record_routing(recorder)
+        st0 = model.store.stats()
+        notes = getattr(model.store, "budget_notes", {})
+        err.write(f"budgets: device tier {format_size(st0['l1_budget'])} ({notes.get('device', 'as given')}), host tier "
+                  f"{format_size(st0['l2_budget'])} ({notes.get('host', 'as given')})"
+                  + ("; on a CPU the host tier holds only extents whose stored form differs from their device-tier "
+                     "form (zstd, or int decoded on load): plain extents are read straight into the device tier"
+                     if model.store.device.type == "cpu" and st0["l2_budget"] > 0 else "") + "\n")
         tok = load_tokenizer(model)
         ids = encode_prompt(tok, prompt, bos)
         if not ids:

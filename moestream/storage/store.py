@@ -39,6 +39,7 @@ import psutil
 import torch
 
 from ..errors import BudgetError, MoestreamError, ReadCancelled, UsageError
+from .budget import DEFAULT_SHARE, resolve_budget
 from ..formats.codecs import Dequantizer, dequantize_torch, payload_tensor, unpack_payload
 from ..formats.constants import ALIGNMENT, align_up
 from ..formats.index import Region
@@ -131,11 +132,13 @@ class Store:
     complete when the future resolves, and marked (record_stream) as used by every stream fetch()
     was called from; a caller that passes them to yet another stream marks them itself.
 
-    device_budget: bytes of decoded experts kept on `device` (L1). Default: a quarter of free
-    device memory (CUDA) or of available RAM (CPU). On a CPU device it is preallocated as
-    slots of one expert each (the largest decoded extent, 4096-aligned).
+    device_budget: bytes of decoded experts kept on `device` (L1): a size, "N%" of what is free, or
+    None/"auto" (default): a quarter of free device memory (CUDA) or of available RAM (CPU); more
+    than is free is a BudgetError naming both (storage/budget.py). On a CPU device it is
+    preallocated as slots of one expert each (the largest decoded extent, 4096-aligned).
     host_budget: bytes of stored extents kept in host RAM (L2); 0 disables L2. Default: a
-    quarter of available RAM (CUDA) or 0 (CPU, where L1 is host RAM already).
+    quarter of available RAM (CUDA) or 0 (CPU, where L1 is host RAM already; there L2 holds only
+    extents whose stored form differs from their L1 form: zstd, or int decoded on load).
     policy: "next-use" (default; evicts the expert needed furthest ahead, from the layer sweep,
     per-expert frequencies and the prefetcher's guesses: storage/cache.py), "least-stale", "lru"
     or "lfu" (with aging). `moestream bench cache` compares them on routing traces.
@@ -199,12 +202,16 @@ class Store:
         self.max_padded = max(r.padded_length for r in idx.extents.values())
         cuda = self.device.type == "cuda"
         avail = psutil.virtual_memory().available
-        if device_budget is None:
-            device_budget = (torch.cuda.mem_get_info(self.device)[0] if cuda else avail) // 4
-        if host_budget is None:
-            host_budget = avail // 4 if cuda else 0
-        device_budget = parse_size(device_budget, "device_budget")
-        host_budget = parse_size(host_budget, "host_budget")
+        dev_free = torch.cuda.mem_get_info(self.device)[0] if cuda else avail
+        l1 = resolve_budget(device_budget, "device_budget", free=dev_free,
+                            where="of GPU memory free" if cuda else "of RAM available")
+        # on a CPU L1 is host RAM already: the host tier is off unless asked for, and shares the RAM
+        l2 = resolve_budget(host_budget, "host_budget", free=avail if cuda else max(0, avail - l1.bytes),
+                            where="of RAM available" + ("" if cuda else " beside the device tier"),
+                            default_share=DEFAULT_SHARE if cuda else None)
+        #: how each budget was chosen, in words (generate prints them)
+        self.budget_notes = {"device": l1.how, "host": l2.how}
+        device_budget, host_budget = l1.bytes, l2.bytes
         # a CPU slot holds a decoded expert, or a plain extent's padded stored bytes read into it
         # with O_DIRECT (then every slot must start 4096-aligned); 64-byte aligned otherwise
         plain = [r.padded_length for r in idx.extents.values() if self._reads_into_slot(r)]

@@ -522,3 +522,23 @@ def test_plain_extents_decode_from_device_memory_as_views(plain_store, stores):
         with pytest.raises(ValueError, match="only plain extents"):
             r.decode(region, torch.empty(region.length, dtype=torch.uint8, device="meta"), (r.layers[0], 1),
                      device="meta")
+
+
+# ---- budgets as users give them (issue 26 item 2) ------------------------------------------------
+
+def test_budgets_take_shares_and_auto_and_refuse_more_than_is_free():
+    from moestream.errors import BudgetError, UsageError
+    from moestream.storage.budget import resolve_budget
+    free = 8 << 30
+    assert resolve_budget(None, "device_budget", free=free, where="of RAM available").bytes == 2 << 30
+    b = resolve_budget("auto", "device_budget", free=free, where="of RAM available")
+    assert b.bytes == 2 << 30 and "25% of the 8.00 GiB of RAM available (the default)" == b.how
+    assert resolve_budget("50%", "device_budget", free=free, where="x").bytes == 4 << 30
+    assert resolve_budget(None, "host_budget", free=free, where="x", default_share=None).bytes == 0
+    assert resolve_budget("1GiB", "host_budget", free=free, where="x").bytes == 1 << 30
+    with pytest.raises(BudgetError, match=r"device_budget 12.00 GiB is more than the 8.00 GiB of RAM available"):
+        resolve_budget("12GiB", "device_budget", free=free, where="of RAM available")
+    with pytest.raises(UsageError, match=r"'150%' must lie in 0%..100%"):
+        resolve_budget("150%", "device_budget", free=free, where="x")
+    with pytest.raises(UsageError, match="cannot parse 'half%'"):
+        resolve_budget("half%", "device_budget", free=free, where="x")
