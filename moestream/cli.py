@@ -43,6 +43,8 @@ HOST_BUDGET_HELP = ("stored experts kept in RAM: a size, a share of what is free
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="moestream", description="Stream Mixture-of-Experts weights from NVMe.")
+    from . import __version__
+    p.add_argument("--version", action="version", version=f"moestream {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("convert", help="convert a Hugging Face safetensors checkpoint into a store")
@@ -82,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text with a model streamed from a store")
     g.add_argument("store")
-    g.add_argument("--prompt", required=True)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text; - reads it from standard input")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
@@ -250,8 +254,27 @@ def check_output(path: str, option: str, inputs: list[str], overwrite: bool) -> 
         raise UsageError(f"{option} {path}: exists; pass --overwrite to replace it")
 
 
+def _read_prompt(a: argparse.Namespace) -> str:
+    """--prompt TEXT, --prompt - (standard input) or --prompt-file FILE."""
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompt-file {a.prompt_file}: not UTF-8 text (byte {e.start})") from None
+    elif a.prompt == "-":
+        text = sys.stdin.read()
+    else:
+        return a.prompt
+    text = text.rstrip("\n")
+    if not text:
+        raise UsageError("the prompt is empty")
+    return text
+
+
 def _generate(a: argparse.Namespace) -> int:
     from .compute.generation import generate_text
+    a.prompt = _read_prompt(a)
     if a.max_new_tokens < 1:
         raise UsageError("--max-new-tokens must be at least 1")
     if not a.temperature >= 0:  # NaN too

@@ -174,3 +174,21 @@ def test_generate_says_the_budgets_it_chose_and_refuses_more_than_is_free(store)
     assert "budgets: device tier" in p.stderr and "10% of the" in p.stderr and "of RAM available" in p.stderr
     p = run_cli("generate", store, "--prompt", "hi", "--max-new-tokens", "2", "--device-budget", "100TiB")
     assert p.returncode == 1 and "device_budget 100.00 TiB is more than the" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_prompt_from_stdin_or_a_file_and_the_version(store, tmp_path):
+    """Issue 26 item 4 (part): --prompt - reads standard input, --prompt-file a file; both give
+    what --prompt TEXT gives."""
+    args = ("generate", str(store), "--max-new-tokens", "4")
+    direct = run_cli(*args, "--prompt", "the cat")
+    piped = subprocess.run([sys.executable, "-m", "moestream.cli", *args, "--prompt", "-"], input="the cat\n",
+                           capture_output=True, text=True)
+    (tmp_path / "p.txt").write_text("the cat\n")
+    from_file = run_cli(*args, "--prompt-file", tmp_path / "p.txt")
+    assert direct.returncode == piped.returncode == from_file.returncode == 0, piped.stderr + from_file.stderr
+    assert direct.stdout == piped.stdout == from_file.stdout and direct.stdout.startswith("the cat")
+    empty = subprocess.run([sys.executable, "-m", "moestream.cli", *args, "--prompt", "-"], input="",
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
+    v = run_cli("--version")
+    assert v.returncode == 0 and v.stdout.strip() == f"moestream {moestream.__version__}"
