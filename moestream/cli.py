@@ -116,6 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "once at load: auto (default) = int8 for an int8/int4 store on a CPU, none otherwise; "
                         "none keeps them in the compute dtype (native engine only)")
 
+    ch = sub.add_parser("chat", help="talk to a store's model on the terminal (its chat template, streamed replies)")
+    ch.add_argument("store")
+    ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--system", help="a system message to start the conversation with")
+    ch.add_argument("--device", default="cpu")
+    ch.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
+    ch.add_argument("--host-budget", type=_budget, default=None, help=HOST_BUDGET_HELP)
+
     sv = sub.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra: fastapi, uvicorn)")
     sv.add_argument("store")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -377,7 +387,8 @@ def _serve(a: argparse.Namespace) -> int:
     require("uvicorn", "moestream serve")
     import socket
     import uvicorn
-    from .serving.app import LOOPBACK_HOSTS, chat_template_of, create_app
+    from .serving.app import LOOPBACK_HOSTS, create_app
+    from .serving.chat_format import chat_template_of
     from .serving.protocol import GuardedProtocol
     try:   # the address must bind before the model loads (minutes) and before "serving on" is said
         family = socket.AF_INET6 if ":" in a.host else socket.AF_INET
@@ -405,7 +416,18 @@ def _serve(a: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": _convert, "fit-predictor": _fit_predictor, "profile": _profile, "serve": _serve, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
+def _chat(a: argparse.Namespace) -> int:
+    from .chat import chat
+    if a.max_new_tokens < 1:
+        raise UsageError("--max-new-tokens must be at least 1")
+    if not a.temperature >= 0:
+        raise UsageError("--temperature must be a non-negative number")
+    chat(a.store, max_new_tokens=a.max_new_tokens, temperature=a.temperature, seed=a.seed, system=a.system,
+         device=a.device, device_budget=a.device_budget, host_budget=a.host_budget)
+    return 0
+
+
+COMMANDS = {"chat": _chat, "convert": _convert, "fit-predictor": _fit_predictor, "profile": _profile, "serve": _serve, "inspect": _inspect, "verify": _verify, "bench": _bench, "generate": _generate}
 
 
 def debug_tracebacks() -> bool:

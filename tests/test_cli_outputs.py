@@ -192,3 +192,32 @@ def test_prompt_from_stdin_or_a_file_and_the_version(store, tmp_path):
     assert empty.returncode == 2 and "the prompt is empty" in empty.stderr
     v = run_cli("--version")
     assert v.returncode == 0 and v.stdout.strip() == f"moestream {moestream.__version__}"
+
+
+def test_chat_keeps_the_history_streams_and_takes_commands(store, monkeypatch):
+    """Issue 26 item 4: `moestream chat`: each turn is formatted with the whole history (the
+    second prompt holds the first exchange), replies stream to stdout, /stats and /reset work,
+    /exit ends."""
+    import io
+    import moestream.serving.chat_format as cf
+    from moestream.chat import chat
+    seen = []
+    real = cf.format_chat
+
+    def spy(messages, template):
+        seen.append([dict(m) for m in messages])
+        return real(messages, template)
+    monkeypatch.setattr(cf, "format_chat", spy)
+    out, err = io.StringIO(), io.StringIO()
+    n = chat(str(store), max_new_tokens=5, temperature=0, inp=io.StringIO("hello\n/stats\nagain\n/reset\nthird\n/exit\nignored\n"),
+             out=out, err=err)
+    assert n == 3
+    assert [m["content"] for m in seen[0]] == ["hello"]
+    assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"] and seen[1][2]["content"] == "again"
+    assert [m["content"] for m in seen[2]] == ["third"]                      # after /reset
+    assert "L1 hits" in err.getvalue() and "forgotten" in err.getvalue()
+    replies = out.getvalue().split("\n")[:3]
+    assert replies[0] == seen[1][1]["content"]                               # the streamed reply is the kept one
+    p = subprocess.run([sys.executable, "-m", "moestream.cli", "chat", str(store), "--max-new-tokens", "3",
+                        "--temperature", "0"], input="hi\n", capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.count("\n") == 1, p.stderr

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..compute.generation import encode_prompt
 from ..errors import MoestreamError
+X
 from .scheduler import BatchScheduler, GenerationRequest, QueueFull
 
 #: No tokenizer makes tokens longer than this many characters on average over a prompt: a prompt
@@ -309,21 +310,8 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
             except Exception as e:   # the store's template refused these messages: the client's to fix
                 raise ApiError(400, f"the chat template cannot format these messages: {type(e).__name__}: {e}") from None
         else:
-            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            prompt = plain_transcript(messages)
         check_text(prompt, "formatted prompt")
         return await run(body, prompt, request, chat=True)
 
     return app
-
-
-def chat_template_of(store_path: str) -> Any:
-    """The store's chat template as messages -> text (transformers' apply_chat_template), or
-    None when the store carries none or transformers is not installed."""
-    try:
-        from ..integrations.transformers import load_tokenizer
-        tok = load_tokenizer(store_path)
-    except Exception:
-        return None
-    if not getattr(tok, "chat_template", None):
-        return None
-    return lambda messages: tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
