@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..compute.generation import encode_prompt
 from ..errors import MoestreamError
-X
+from .chat_format import plain_transcript
 from .scheduler import BatchScheduler, GenerationRequest, QueueFull
 
 #: No tokenizer makes tokens longer than this many characters on average over a prompt: a prompt
