@@ -293,6 +293,11 @@ def _generate(a: argparse.Namespace) -> int:
         raise UsageError("--prefetch-threshold must lie in 0..1")
     if a.trace is not None:
         check_output(a.trace, "--trace", [a.store] + ([a.predictor] if a.predictor else []), a.overwrite)
+    if a.predictor and not a.prefetch and a.trace is None:
+        # the probes only make guesses, for --prefetch (and for the guesses a --trace records):
+        # given alone they would do nothing, so they bring prefetch with them, and say so
+        a.prefetch = True
+        print("moestream: --predictor implies --prefetch (its guesses are what prefetch reads)", file=sys.stderr)
     generate_text(a.store, a.prompt, max_new_tokens=a.max_new_tokens, device=a.device, device_budget=a.device_budget,
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
                   prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor,

@@ -194,6 +194,10 @@ def test_cli_fits_probes_and_generate_uses_them(store, tmp_path, capsys):
     capsys.readouterr()
     trace = RoutingTrace.load(tmp_path / "t.npz")
     assert trace.guess_width == trace.top_k + 1 and (trace.predicted >= 0).all()
+    # --predictor alone brings --prefetch with it (it would do nothing otherwise), and says so
+    assert main(["generate", str(store), "--prompt", "Experts", "--max-new-tokens", "3", "--predictor", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "--predictor implies --prefetch" in err
     assert main(["generate", str(store), "--prompt", "x", "--extra-guesses", "-1"]) == 2
     assert "extra_guesses=-1: must lie in 0.." in capsys.readouterr().err
     # user mistakes: one line, no traceback
