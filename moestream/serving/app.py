@@ -17,14 +17,15 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..compute.generation import encode_prompt
@@ -85,12 +86,36 @@ class ApiError(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+def prometheus_text(m: dict) -> str:
+    """The numeric figures of /metrics.json in Prometheus' text exposition format."""
+    lines = []
+
+    def put(name: str, value, kind: str = "gauge") -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return
+        lines.append(f"# TYPE moestream_{name} {kind}")
+        lines.append(f"moestream_{name} {value}")
+    put("tokens_generated_total", m["tokens_generated"], "counter")
+    put("decode_steps_total", m["decode_steps"], "counter")
+    put("decode_tokens_per_second", m["decode_tokens_per_s"])
+    put("active_requests", m["active"])
+    put("queued_requests", m["queued"])
+    put("uptime_seconds", m["uptime_s"])
+    for k, v in sorted(m["store"].items()):
+        put(f"store_{k}", v, "untyped")
+    return "\n".join(lines) + "\n"
+
+
 def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_queue: int = 64,
                max_tokens_cap: int = 1024, api_key: Optional[str] = None, chat_template=None,
-               max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Optional[tuple[str, ...]] = None) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, allowed_hosts: Optional[tuple[str, ...]] = None,
+               access_log: Optional[Callable[[str], None]] = None) -> FastAPI:
     """The app serving `model` (a moestream CausalLM, owned by the scheduler from now on).
     chat_template: messages -> prompt text (default: a plain "role: content" transcript).
-    allowed_hosts: Host header names answered (without port); None: loopback names only, ("*",): any."""
+    allowed_hosts: Host header names answered (without port); None: loopback names only, ("*",): any.
+    access_log: called with one line per request but /health (method, path, status, tokens, time);
+    default: standard error."""
+    log_line = access_log or (lambda line: print(f"moestream serve: {line}", file=sys.stderr, flush=True))
     if api_key is not None and not api_key:
         raise MoestreamError("api_key is empty: every request would be refused (give a key, or none)")
     scheduler = BatchScheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
@@ -132,7 +157,7 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
         if "*" not in hosts and name.lower() not in hosts:
             return 421, (f"Host {host!r} is not served here (allowed: {', '.join(sorted(hosts))}; "
                          "moestream serve --allowed-host NAME)"), "invalid_request_error"
-        if expected_auth is not None and (path.startswith("/v1/") or path == "/metrics"):
+        if expected_auth is not None and (path.startswith("/v1/") or path in ("/metrics", "/metrics.json")):
             given = headers.get("authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(given, expected_auth):
                 return 401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error"
@@ -154,13 +179,27 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
             self.inner = inner
 
         async def __call__(self, scope, receive, send):
-            if scope["type"] == "http":
-                headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-                refused = refusal(scope["path"], scope["method"], headers)
-                if refused is not None:
-                    await error(*refused)(scope, receive, send)
-                    return
-            await self.inner(scope, receive, send)
+            if scope["type"] != "http":
+                await self.inner(scope, receive, send)
+                return
+            start, status = time.perf_counter(), {}
+
+            async def send_logged(message):
+                if message["type"] == "http.response.start":
+                    status["code"] = message["status"]
+                elif message["type"] == "http.response.body" and not message.get("more_body") \
+                        and scope["path"] != "/health":
+                    usage = (scope.get("state") or {}).get("usage")
+                    log_line(f"{scope['method']} {scope['path']} {status.get('code')}"
+                             + (f" prompt {usage['prompt_tokens']} + completion {usage['completion_tokens']} tokens"
+                                if usage else "") + f" {(time.perf_counter() - start) * 1e3:.0f} ms")
+                await send(message)
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            refused = refusal(scope["path"], scope["method"], headers)
+            if refused is not None:
+                await error(*refused)(scope, receive, send_logged)
+                return
+            await self.inner(scope, receive, send_logged)
 
     app.add_middleware(Guard)
 
@@ -173,13 +212,23 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
                                  "queued": scheduler.queued}, status_code=503)
         return {"status": "ok", "active": len(scheduler.active), "queued": scheduler.queued}
 
-    @app.get("/metrics")
-    async def metrics():
+    def metrics_json() -> dict:
         st = model.store.stats()
         return {"store": st, "tokens_generated": scheduler.tokens_generated, "decode_steps": scheduler.steps,
                 "decode_tokens_per_s": scheduler.tokens_generated / scheduler.decode_seconds
                 if scheduler.decode_seconds else None,
                 "active": len(scheduler.active), "queued": scheduler.queued, "uptime_s": time.time() - started}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        """Prometheus text format (what a scraper asks for); JSON for Accept: application/json."""
+        if "application/json" in request.headers.get("accept", ""):
+            return metrics_json()
+        return PlainTextResponse(prometheus_text(metrics_json()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/metrics.json")
+    async def metrics_as_json():
+        return metrics_json()
 
     @app.get("/v1/models")
     async def models():
@@ -210,15 +259,12 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
 
     async def run(body: _Body, prompt: str, request: Request, chat: bool):
         ids = await asyncio.to_thread(encode, prompt)     # off the event loop: /health keeps answering
-        if body.max_tokens is None:   # as OpenAI-style servers do: what fits, up to the cap
-            max_tokens = min(max_tokens_cap, context - len(ids))
-            if max_tokens < 1:
-                raise ApiError(400, f"the prompt is {len(ids)} tokens: it fills the model's context of {context}")
-        else:
-            max_tokens = min(body.max_tokens, max_tokens_cap)
-        if len(ids) + max_tokens > context:
-            raise ApiError(400, f"the prompt is {len(ids)} tokens; with max_tokens={max_tokens} it exceeds the "
-                                f"model's context of {context}")
+        # as OpenAI-style servers do: what was asked (or the cap), clamped to what fits the context
+        room = context - len(ids)
+        if room < 1:
+            raise ApiError(400, f"the prompt is {len(ids)} tokens: it fills the model's context of {context} "
+                                f"(max_tokens={body.max_tokens} was asked)")
+        max_tokens = min(body.max_tokens or max_tokens_cap, max_tokens_cap, room)
         loop = asyncio.get_running_loop()
         out: asyncio.Queue = asyncio.Queue()
         req = GenerationRequest(ids, max_tokens, lambda kind, value: loop.call_soon_threadsafe(out.put_nowait,
@@ -261,6 +307,7 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
                         raise ApiError(500, value, "server_error")
                     else:
                         finish, usage = value
+                        request.state.usage = usage          # for the access log line
                         return {"id": rid, "object": obj, "created": created, "model": model_name,
                                 "choices": [choice("".join(parts), finish, final=True)], "usage": usage}
             finally:
@@ -281,6 +328,7 @@ def create_app(model, tokenizer, *, model_name: str, max_batch: int = 8, max_que
                         data = {"error": {"message": value, "type": "server_error"}}
                     else:
                         finish, usage = value
+                        request.state.usage = usage
                         data = {"id": rid, "object": chunk, "created": created, "model": model_name,
                                 "choices": [choice(None if chat else "", finish)], "usage": usage}
                     yield f"data: {json.dumps(data)}\n\n"

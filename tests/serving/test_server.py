@@ -156,7 +156,7 @@ def test_two_hundred_requests_with_disconnects_leave_the_server_healthy(server):
     health = httpx.get(base + "/health").json()
     assert health == {"status": "ok", "active": 0, "queued": 0}     # no leaked slots
     assert proc.memory_info().rss < baseline * 1.10
-    m = httpx.get(base + "/metrics", headers=h).json()     # the key is required there too
+    m = httpx.get(base + "/metrics.json", headers=h).json()     # the key is required there too
     assert m["tokens_generated"] > 0 and m["store"]["misses"] > 0
 
 

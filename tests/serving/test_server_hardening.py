@@ -280,3 +280,36 @@ def test_abuse_leaves_the_server_healthy(served):
         time.sleep(0.05)
     assert httpx.get(base + "/health").json() == {"status": "ok", "active": 0, "queued": 0}
     assert proc.memory_info().rss < baseline * 1.10
+
+
+def test_metrics_in_prometheus_text_a_log_line_per_request_and_clamped_max_tokens(store):
+    """Issue 26 item 5: /metrics in Prometheus' text format (JSON at /metrics.json and for
+    Accept: application/json), one access-log line per request, max_tokens beyond what fits clamped."""
+    model = moestream.load_model(store, device_budget=3 * 36864, host_budget=0)
+    lines = []
+    app = create_app(model, load_tokenizer(model), model_name="tiny", max_tokens_cap=10_000, access_log=lines.append)
+    srv, t, port = start(app)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        r = httpx.post(base + "/v1/completions", json={"prompt": "ab " * 70, "max_tokens": 5000, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200, r.text
+        n = r.json()["usage"]["prompt_tokens"]
+        assert n + r.json()["usage"]["completion_tokens"] <= model.cfg.max_position_embeddings
+        text = httpx.get(base + "/metrics").text
+        assert "# TYPE moestream_tokens_generated_total counter" in text
+        assert any(line.startswith("moestream_store_hits_l1 ") for line in text.splitlines())
+        assert httpx.get(base + "/metrics", headers={"Accept": "application/json"}).json()["tokens_generated"] > 0
+        assert httpx.get(base + "/metrics.json").json()["tokens_generated"] > 0
+        assert httpx.post(base + "/v1/completions", json={"prompt": "x", "bogus": 1}).status_code == 422
+        httpx.get(base + "/health")
+        deadline = time.time() + 5
+        while len(lines) < 5 and time.time() < deadline:
+            time.sleep(0.05)
+        assert lines[0].startswith("POST /v1/completions 200 prompt ") and " tokens " in lines[0] and lines[0].endswith(" ms")
+        assert lines[1].startswith("GET /metrics 200") and lines[4].startswith("POST /v1/completions 422")
+        assert not any("/health" in line for line in lines)
+    finally:
+        srv.should_exit = True
+        t.join(timeout=10)
+        model.store.close()
