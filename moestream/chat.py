@@ -20,7 +20,7 @@ def chat(store: str, *, max_new_tokens: int = 256, temperature: float = 0.7, see
          device_budget=None, host_budget=None, system: Optional[str] = None, inp: TextIO = sys.stdin,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr, **load_options) -> int:
     """Run the conversation until /exit or the end of `inp`; returns the number of replies."""
-    from .compute.generation import encode_prompt, load_tokenizer
+    from .compute.generation import StreamedText, encode_prompt, load_tokenizer
     from .compute.loader import load_model
     from .engines import engine_for
     from .formats.reader import StoreReader
@@ -70,28 +70,24 @@ def chat(store: str, *, max_new_tokens: int = 256, temperature: float = 0.7, see
                 err.write(f"(the message has a token outside the model's vocabulary of {vocab})\n")
                 history.pop()
                 continue
-            produced: list[int] = []
-            shown = ""
+            streamed = StreamedText(tok)
 
             def on_token(nxt: torch.Tensor) -> None:
-                nonlocal shown
                 if eos is not None and int(nxt[0]) == eos:
                     return
-                produced.append(int(nxt[0]))
-                now = tok.decode(produced)
-                if not now.endswith("\ufffd"):
-                    out.write(now[len(shown):])
+                new = streamed.push(int(nxt[0]))
+                if new:
+                    out.write(new)
                     out.flush()
-                    shown = now
             t0 = time.perf_counter()
             model.generate(torch.tensor([ids]), max_new_tokens, temperature, eos_token_id=eos, on_token=on_token,
                            generator=gen)
-            reply = tok.decode(produced)
-            out.write(reply[len(shown):] + "\n")
+            out.write(streamed.rest() + "\n")
             out.flush()
+            reply = streamed.shown
             history.append({"role": "assistant", "content": reply})
             replies += 1
-            err.write(f"({len(produced)} tokens in {time.perf_counter() - t0:.1f} s)\n")
+            err.write(f"({len(streamed.ids)} tokens in {time.perf_counter() - t0:.1f} s)\n")
         return replies
     finally:
         model.store.close()

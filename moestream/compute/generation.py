@@ -24,6 +24,31 @@ def encode_prompt(tok, text: str, bos: Optional[int]) -> list[int]:
     return [bos] + ids if bos is not None and (not ids or ids[0] != bos) else ids
 
 
+class StreamedText:
+    """The text of a growing list of tokens, handed out as it becomes complete: a token that ends
+    inside a multi-byte character decodes to a replacement character until the rest arrives, so
+    that text waits; `rest()` at the end gives what is still held back (what tokenizer.decode of
+    all the tokens ends with). Used by `generate` and `chat`."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text that is now complete and was not handed out yet."""
+        self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+    def rest(self) -> str:
+        """What is still held back, handed out now (the end of the run)."""
+        text = self.tok.decode(self.ids) if self.ids else ""
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+
 def load_tokenizer(model):
     """The tokenizer carried in the store (tokenizer.json), as a `tokenizers.Tokenizer`.
     `model`: a moestream model (its .store) or a Store."""
@@ -96,20 +121,17 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
             raise UsageError(f"the prompt has token {bad} ({tok.id_to_token(bad)!r}), outside the model's "
                              f"vocabulary of {vocab}: the store's tokenizer knows more tokens than its model")
         load_seconds = time.perf_counter() - t_load
-        produced: list[int] = []
-        shown = ""
+        streamed = StreamedText(tok)
+        produced = streamed.ids
         marks: dict = {}
 
         def on_token(nxt: torch.Tensor) -> None:
-            nonlocal shown
-            produced.append(int(nxt[0]))
             marks.setdefault("first", time.perf_counter())
             marks["last"] = time.perf_counter()
-            text = tok.decode(produced)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                out.write(text[len(shown):])
+            new = streamed.push(int(nxt[0]))
+            if new:
+                out.write(new)
                 out.flush()
-                shown = text
 
         out.write(prompt)
         out.flush()
@@ -131,8 +153,7 @@ def generate_text(store: str, prompt: str, *, max_new_tokens: int = 64, device: 
                            decode_seconds=last - first)
         # the end of the run: what the incremental decode held back (an incomplete character) is
         # what tokenizer.decode gives for these tokens, and what the server returns
-        rest = tok.decode(produced)[len(shown):] if produced else ""
-        out.write(rest + "\n")
+        out.write(streamed.rest() + "\n")
         out.flush()
         if recorder is not None:
             recorder.trace({"store": str(model.store.path), "prompt_tokens": len(ids), "temperature": temperature,

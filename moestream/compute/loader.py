@@ -159,18 +159,28 @@ def _state_problems(model: torch.nn.Module, dense: dict[str, tuple[int, ...]], c
     renames = getattr(family, "CHECKPOINT_RENAMES", {})
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith("rotary.")}
     have = {_state_key(name, renames): (name, shape) for name, shape in dense.items()}
-    if "lm_head.weight" not in have and cfg.tie_word_embeddings and "embed_tokens.weight" in have:
-        have["lm_head.weight"] = have["embed_tokens.weight"]
+    return state_problems(want, have, f"the {cfg.family} model",
+                          tie_embedding="embed_tokens.weight" if cfg.tie_word_embeddings else None,
+                          checkpoint_name=lambda key: key if key.startswith("lm_head") else "model." + key)
+
+
+def state_problems(want: dict[str, tuple[int, ...]], have: dict[str, tuple[str, tuple[int, ...]]], model: str, *,
+                   tie_embedding: Optional[str] = None, checkpoint_name=lambda key: key) -> list[str]:
+    """What keeps a checkpoint's dense tensors from loading into a model, one line each (the
+    native forward's and transformers' checks share it). want: the model's state key -> shape;
+    have: state key -> (checkpoint name, shape); model: how to name it ("the mixtral model");
+    tie_embedding: the embedding's state key when lm_head is tied to it (then it need not be
+    there); checkpoint_name: the checkpoint name of a missing state key."""
+    if tie_embedding is not None and "lm_head.weight" not in have and tie_embedding in have:
+        have = {**have, "lm_head.weight": have[tie_embedding]}
     problems = []
     for key, shape in want.items():
         if key not in have:
-            name = "model." + key if not key.startswith("lm_head") else key
             why = " (config.json has tie_word_embeddings false)" if key == "lm_head.weight" else ""
-            problems.append(f"tensor {name} is missing{why}")
+            problems.append(f"tensor {checkpoint_name(key)} is missing{why}")
         elif have[key][1] != shape:
             problems.append(f"tensor {have[key][0]} has shape {list(have[key][1])}, the model needs {list(shape)}")
-    problems += [f"tensor {name} is not part of the {cfg.family} model" for key, (name, _) in have.items()
-                 if key not in want]
+    problems += [f"tensor {name} is not part of {model}" for key, (name, _) in have.items() if key not in want]
     return problems
 
 

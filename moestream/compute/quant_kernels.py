@@ -54,7 +54,6 @@ def _pointer_intrinsic(element):
     return to_pointer
 
 
-_u8_ptr = _pointer_intrinsic(types.uint8)
 _i8_ptr = _pointer_intrinsic(types.int8)
 _u16_ptr = _pointer_intrinsic(types.uint16)
 
@@ -454,7 +453,7 @@ class QuantLinear(torch.nn.Module):
 
 
 def quantize_linears(model: torch.nn.Module, kind: str, group: int, skip: Callable[[str], bool]) -> int:
-    """Replace every nn.Linear of `model` (CPU) whose name `skip` rejects not and whose input width
+    """Replace every nn.Linear of `model` (CPU) whose name `skip` does not take and whose input width
     is a multiple of `group` by a QuantLinear of its weight quantized to `kind` (the converter's
     quantizer); returns the bytes of weights that no longer have a float copy."""
     from ..formats.quantized import quantize_matrix

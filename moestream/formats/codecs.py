@@ -227,7 +227,7 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
     smaller (zstd: by opts.zstd_min_saving at least; delta: with the error no larger); among
     candidates of one padded size, the smaller error, then the fewer stages (less to decode), win."""
     candidates = [_encode_planes(tensors, opts, None, None)]
-    if opts.quant is not None and _fp16_scales_lose_precision(tensors, opts, candidates[0][3]):
+    if candidates[0][4]:
         # an expert of tiny weights: quantized, it would decode to (nearly) zeros or lose relative
         # precision that a normal expert keeps, so it is stored in its source dtype instead
         opts = replace(opts, quant=None)
@@ -236,7 +236,7 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
         candidates.append(_encode_planes(tensors, opts, base, base_dtype))
     best: Optional[EncodedRegion] = None
     plain_error = candidates[0][3]
-    for planes, chain, slices, err in candidates:
+    for planes, chain, slices, err, _ in candidates:
         is_delta = bool(chain) and chain[-1] in (STAGE_DELTA, STAGE_XOR_DELTA)
         if is_delta and err > plain_error:
             continue
@@ -253,23 +253,15 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
     return best
 
 
-def _fp16_scales_lose_precision(tensors, opts: EncodeOptions, err: float) -> bool:
-    """Whether the plain quantized encoding's error is more than FP16_SCALE_MAX_ERROR_RATIO times
-    what exact scales would give, for a tensor whose scales reach below fp16's normal range (only
-    such tensors are checked: for the rest fp16 scales cost nothing and the check costs a second
-    quantization)."""
-    if err == 0:
+def _fp16_scales_lose_precision(x: np.ndarray, err: float, quant: str, group: int) -> bool:
+    """Whether the quantized float32 tensor `x`, decoded with relative error `err`, lost more than
+    FP16_SCALE_MAX_ERROR_RATIO times what exact scales would give. Only a tensor whose scales reach
+    below fp16's normal range is checked: for the rest fp16 scales cost nothing, and the check
+    costs a second quantization."""
+    if err == 0 or not x.size:
         return False
-    levels = 127.0 if opts.quant == "int8" else 15.0
-    for name, dtype, shape, bits in tensors:
-        x = bits_to_float32(bits, dtype).reshape(-1)
-        span = float(np.abs(x).max()) if opts.quant == "int8" else float(x.max() - x.min()) if x.size else 0.0
-        if span / levels >= FP16_SMALLEST_NORMAL:
-            continue
-        got = dequantize_np(quantize(x, opts.quant, opts.group_size), x.size, opts.quant, opts.group_size)
-        if _rel_error(x, got) > FP16_SCALE_MAX_ERROR_RATIO * _exact_scale_error(x, opts.quant, opts.group_size):
-            return True
-    return False
+    span = float(np.abs(x).max()) / 127.0 if quant == "int8" else float(x.max() - x.min()) / 15.0
+    return span < FP16_SMALLEST_NORMAL and err > FP16_SCALE_MAX_ERROR_RATIO * _exact_scale_error(x, quant, group)
 
 
 def _region_options(planes, chain, slices, err, opts: EncodeOptions):
@@ -299,7 +291,9 @@ def _rank(c: EncodedRegion) -> tuple[int, float, int]:
 
 
 def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
-    planes, slices, err, pos = [], [], 0.0, 0
+    """(planes, chain, slices, max relative error, whether fp16 scales lost a plain quantized
+    tensor's precision) of one candidate encoding."""
+    planes, slices, err, pos, scale_loss = [], [], 0.0, 0, False
     chain: tuple[str, ...] = ()
     spec = QuantSpec(opts.quant, opts.group_size) if opts.quant is not None else None
     if spec is not None:
@@ -326,13 +320,16 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
             recon = dequantize_np(plane, numel, opts.quant, opts.group_size)
             if base is not None:
                 recon = recon + bits_to_float32(base[name], base_dtype).reshape(-1)
-            err = max(err, _rel_error(x, recon))
+            tensor_err = _rel_error(x, recon)
+            err = max(err, tensor_err)
+            scale_loss = scale_loss or (base is None and _fp16_scales_lose_precision(x, tensor_err, opts.quant,
+                                                                                      opts.group_size))
             out_dtype = "bf16"
         assert len(plane) == payload_length(numel, out_dtype, spec)
         planes.append(plane)
         slices.append(TensorSlice(name, out_dtype, tuple(shape), pos, len(plane)))
         pos += len(plane)
-    return planes, chain, tuple(slices), err
+    return planes, chain, tuple(slices), err, scale_loss
 
 
 # ---- decoding of a region --------------------------------------------------------------------

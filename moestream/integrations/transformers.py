@@ -186,22 +186,13 @@ def _renames(config) -> list[tuple[str, str]]:
 
 def _state_problems(model, config, dense: dict[str, tuple[int, ...]]) -> list[str]:
     """What keeps `dense` (checkpoint name -> shape) from loading into the meta `model`, one line each."""
+    from ..compute.loader import state_problems
     want = {k: tuple(v.shape) for k, v in model.state_dict().items() if "rotary_emb" not in k}
     renames = _renames(config)
     have = {_renamed(name, renames): (name, shape) for name, shape in dense.items()}
-    if "lm_head.weight" not in have and getattr(config, "tie_word_embeddings", False) \
-            and "model.embed_tokens.weight" in have:
-        have["lm_head.weight"] = have["model.embed_tokens.weight"]
-    problems = []
-    for key, shape in want.items():
-        if key not in have:
-            why = " (config.json has tie_word_embeddings false)" if key == "lm_head.weight" else ""
-            problems.append(f"tensor {key} is missing{why}")
-        elif have[key][1] != shape:
-            problems.append(f"tensor {have[key][0]} has shape {list(have[key][1])}, the model needs {list(shape)}")
-    problems += [f"tensor {name} is not part of transformers' {type(model).__name__}"
-                 for key, (name, _) in have.items() if key not in want]
-    return problems
+    return state_problems(want, have, f"transformers' {type(model).__name__}",
+                          tie_embedding="model.embed_tokens.weight" if getattr(config, "tie_word_embeddings", False)
+                          else None)
 
 
 def dense_problems(architecture: str, config: dict, moe_layers, experts_per_layer: int,
