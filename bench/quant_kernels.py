@@ -2,7 +2,7 @@
 token reads, beside the machine's memory read bandwidth (bench/gemv_bandwidth.py's measure).
 
 Qwen3-30B-A3B's expert shapes (hidden 2048, intermediate 768), 8 routed experts per token, one
-token (decode), drawn in turn from 32 experts per type so that every layer reads its weights from
+token (decode), drawn in turn from 96 experts per type so that every layer reads its weights from
 memory, not the caches. Rows:
 
 - bf16 torch: F.linear x3 + SwiGLU per expert (the lossless store's path)
@@ -11,7 +11,8 @@ memory, not the caches. Rows:
 - torch _weight_int8pack_mm: per-output-channel int8 (not our group-wise format: a reference
   for what torch's own CPU int8 kernel reaches); torch _weight_int4pack_mm_for_cpu: group-wise
   int4 with bf16 scales and zeros (our int4 maps onto it: scale s, zero m + 8 s)
-- numba moe_layer: compute/quant_kernels.py, the whole layer in one call (what moestream runs)
+- numba moe_layer: compute/quant_kernels.py, the whole layer in one call (what moestream runs),
+  with its software prefetch (quant_kernels.PREFETCH_BYTES ahead) and without (0)
 
     .venv/bin/python bench/quant_kernels.py [--threads 2] [--rounds 3]"""
 from __future__ import annotations
@@ -23,10 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from moestream.compute.dequant import dequantize
+from moestream.compute import quant_kernels
 from moestream.compute.quant_kernels import RoutedExpert, moe_layer
 from moestream.formats.quantized import quantize_matrix
 
-HIDDEN, INTER, ACTIVE, POOL, GROUP = 2048, 768, 8, 32, 64
+HIDDEN, INTER, ACTIVE, POOL, GROUP = 2048, 768, 8, 96, 64
 
 
 def seconds(fn, n: int) -> float:
@@ -91,11 +93,15 @@ def main() -> None:
         for k in experts(i):
             swiglu(lambda h, w: torch.ops.aten._weight_int4pack_mm_for_cpu(h, w[0], GROUP, w[1]), i4[k])
 
-    def run_numba(kind):
+    def run_numba(kind, prefetch=quant_kernels.PREFETCH_BYTES):
         out = torch.zeros(1, HIDDEN)
 
         def run(i):
-            moe_layer(x, [RoutedExpert(*q[kind][k], [0], [1.0 / ACTIVE]) for k in experts(i)], out)
+            saved, quant_kernels.PREFETCH_BYTES = quant_kernels.PREFETCH_BYTES, prefetch
+            try:
+                moe_layer(x, [RoutedExpert(*q[kind][k], [0], [1.0 / ACTIVE]) for k in experts(i)], out)
+            finally:
+                quant_kernels.PREFETCH_BYTES = saved
         return run
 
     bytes_bf16 = ACTIVE * sum(w.nbytes for w in bf16[0])
@@ -105,8 +111,12 @@ def main() -> None:
             ("int4 dequantize at every call (a miss's cost) + bf16 torch", run_dequant("int4"), bytes_q["int4"]),
             ("int8 torch _weight_int8pack_mm (per channel)", run_int8pack, ACTIVE * sum(w[0].nbytes for w in i8[0])),
             ("int4 torch _weight_int4pack_mm_for_cpu", run_int4pack, bytes_q["int4"]),
-            ("int8 numba moe_layer (moestream)", run_numba("int8"), bytes_q["int8"]),
-            ("int4 numba moe_layer (moestream)", run_numba("int4"), bytes_q["int4"])]
+            ("int8 numba moe_layer, no software prefetch", run_numba("int8", 0), bytes_q["int8"]),
+            ("int4 numba moe_layer, no software prefetch", run_numba("int4", 0), bytes_q["int4"]),
+            (f"int8 numba moe_layer, prefetch {quant_kernels.PREFETCH_BYTES} B (moestream)", run_numba("int8"),
+             bytes_q["int8"]),
+            (f"int4 numba moe_layer, prefetch {quant_kernels.PREFETCH_BYTES} B (moestream)", run_numba("int4"),
+             bytes_q["int4"])]
     results: dict[str, list[float]] = {name: [] for name, _, _ in rows}
     reads = []
     for _ in range(a.rounds):   # interleaved rounds: the machine is shared

@@ -157,6 +157,29 @@ def _u4_intrinsic(isa: str):
     return dot
 
 
+#: how far ahead of the codes being multiplied the kernels ask for the weights (bytes, in the same
+#: matrix). The hardware prefetcher alone kept a core's loads short of memory's bandwidth: on the
+#: development machine a resident int4 store decoded 1.19x and an int8 one 1.32x faster with
+#: 2-4 KiB of software prefetch (medians of 10 rounds alternating 0, 2, 4, 6 and 8 KiB in one
+#: process; bench/quant_kernels.py has the kernel with and without). The kernels take it as an
+#: argument so that a benchmark can sweep it.
+PREFETCH_BYTES = 4096
+
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """A read prefetch of the cache line at `addr` into all cache levels (llvm.prefetch)."""
+    sig = types.void(types.intp)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        f = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, i32, i32, i32])
+        builder.call(f, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 #: the int4 dot of each instruction set; U4_ISA is the one this process's kernels use: the host's
 #: best, "generic" where Numba compiles for a named CPU (NUMBA_CPU_NAME, e.g. a portable cache)
 U4_DOTS = {isa: _u4_intrinsic(isa) for isa in ("avx512vnni", "avx512bw", "generic")}
@@ -214,14 +237,19 @@ def _quantize_rows(x, group, xe, xo, xs, xsum):
 
 
 @njit(cache=True)
-def _quantized_activations(x, group):
-    """(even codes, odd codes, scales, sums) of x float32 [N, K]: _quantize_rows into new arrays."""
+def _quantized_activations(x, group, needed=True):
+    """(even codes, odd codes, scales, sums) of x float32 [N, K]: _quantize_rows into new arrays;
+    empty arrays where not `needed` (int8 weights multiply the float activations: quantizing a
+    decode row cost more than a small matrix's whole product)."""
     n, k = x.shape
+    if not needed:
+        n = 0
     xe = np.empty((n, k // 2), np.int8)
     xo = np.empty((n, k // 2), np.int8)
     xs = np.empty((n, k // group), np.float32)
     xsum = np.empty((n, k // group), np.float32)
-    _quantize_rows(x, group, xe, xo, xs, xsum)
+    if needed:
+        _quantize_rows(x, group, xe, xo, xs, xsum)
     return xe, xo, xs, xsum
 
 
@@ -229,7 +257,7 @@ def _quantized_activations(x, group):
 # kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales, mins)
 
 @njit(inline="always")
-def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums):
+def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
     # int8: float activations xf. int4: the integer sums of all groups first, into `sums`
     # (scratch, >= cols / group), then the scales, so the float work stays out of the integer
     # loop. Groups of a multiple of DOT_CHUNK take the vector dots; others the scalar loop.
@@ -248,6 +276,8 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
                 s = np.float32(0)
                 for c in range(chunks):
                     off = g * group + c * DOT_CHUNK
+                    if pf:
+                        _prefetch(w_addr + off + pf)
                     s += _dot_s8_f32(w_addr + off, x_addr + 4 * off)
                 acc += s * _f16(sc[g])
         else:
@@ -269,6 +299,8 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
             s = np.int32(0)
             for c in range(chunks):
                 off = g * half + c * (DOT_CHUNK // 2)
+                if pf and c % 2 == 0:
+                    _prefetch(c_addr + off + pf)
                 s += _dot_u4(c_addr + off, e_addr + off, o_addr + off)
             sums[g] = s
     else:
@@ -293,7 +325,7 @@ _ROWS_PER_TASK = 16
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group, out):
+def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group, out, pf):
     """out [N, H] += the routed experts' SwiGLU outputs for tokens x [N, H] (float32).
     Expert k (of K) has kind kinds[k] and its gate, up, down planes at addrs[k, tensor, plane]
     (tensor 0 gate [I, H], 1 up [I, H], 2 down [H, I]; plane 0 codes, 1 scales, 2 mins); its
@@ -301,7 +333,8 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
     n, hidden = x.shape
     k_experts = kinds.shape[0]
     pairs = pair_token.shape[0]
-    xe, xo, xs, xsum = _quantized_activations(x, group)
+    int4 = (kinds == 1).any()
+    xe, xo, xs, xsum = _quantized_activations(x, group, int4)
     h = np.empty((pairs, inter), np.float32)                      # [P, I] SwiGLU per (expert, token)
     blocks = (inter + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(k_experts * blocks):
@@ -312,11 +345,11 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
             for p in range(pair_ptr[k], pair_ptr[k + 1]):
                 t = pair_token[p]
                 gate = _row_dot(kind, addrs[k, 0, 0], addrs[k, 0, 1], addrs[k, 0, 2], i, hidden, group, x,
-                                xe, xo, xs, xsum, t, sums)
+                                xe, xo, xs, xsum, t, sums, pf)
                 up = _row_dot(kind, addrs[k, 1, 0], addrs[k, 1, 1], addrs[k, 1, 2], i, hidden, group, x,
-                              xe, xo, xs, xsum, t, sums)
+                              xe, xo, xs, xsum, t, sums, pf)
                 h[p, i] = gate / (np.float32(1) + np.exp(-gate)) * up
-    he, ho, hs, hsum = _quantized_activations(h, group)
+    he, ho, hs, hsum = _quantized_activations(h, group, int4)
     out_blocks = (hidden + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(out_blocks):      # each task owns its output columns: no two write one
         sums = np.empty(inter // group, np.int32)
@@ -324,22 +357,22 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
             for k in range(k_experts):
                 for p in range(pair_ptr[k], pair_ptr[k + 1]):
                     y = _row_dot(kinds[k], addrs[k, 2, 0], addrs[k, 2, 1], addrs[k, 2, 2], r, inter, group, h,
-                                 he, ho, hs, hsum, p, sums)
+                                 he, ho, hs, hsum, p, sums, pf)
                     out[pair_token[p], r] += pair_weight[p] * y
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out):
+def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
     """out [N, rows] = x [N, cols] · Wᵀ for one quantized W [rows, cols] (float32 in and out)."""
     n, cols = x.shape
-    xe, xo, xs, xsum = _quantized_activations(x, group)
+    xe, xo, xs, xsum = _quantized_activations(x, group, kind == 1)
     blocks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(blocks):
         sums = np.empty(cols // group, np.int32)
         for r in range(blk * _ROWS_PER_TASK, min(rows, (blk + 1) * _ROWS_PER_TASK)):
             for t in range(n):
                 out[t, r] = _row_dot(kind, codes_addr, scales_addr, mins_addr, r, cols, group, x,
-                                     xe, xo, xs, xsum, t, sums)
+                                     xe, xo, xs, xsum, t, sums, pf)
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -380,7 +413,7 @@ def quant_linear(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
     xf = x.detach().reshape(-1, cols).float().contiguous()   # inference only: no autograd through the kernels
     out = np.empty((xf.shape[0], rows), np.float32)
     with _PARALLEL_LOCK:
-        _linear(xf.numpy(), QUANT_KERNELS[w.spec.kind].code, *_addresses(w), rows, w.spec.group, out)
+        _linear(xf.numpy(), QUANT_KERNELS[w.spec.kind].code, *_addresses(w), rows, w.spec.group, out, PREFETCH_BYTES)
     return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], rows)
 
 
@@ -421,7 +454,7 @@ def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tenso
     xf = x.detach().float().contiguous()
     with _PARALLEL_LOCK:
         _moe_layer(xf.numpy(), kinds, addrs, pair_ptr, pair_token, pair_weight, inter, experts[0].gate.spec.group,
-                   out.numpy())
+                   out.numpy(), PREFETCH_BYTES)
 
 
 # ---- dense layers held quantized ----------------------------------------------------------------
