@@ -20,13 +20,15 @@ alive for the call.
 
 `QUANT_KERNELS` is the table, keyed by the quant type's name (formats.constants.QUANT_TYPES):
 its layer-kernel code, its dequantizer and the types the CPU kernel reads. A new type is one
-entry there and one branch in `_row_dot`. Off the CPU (CUDA) each expert is dequantized on the
+entry there and one branch in `_row_dot`. A lossless store's bf16 experts take the same layer
+kernel (weights × float32 activations, accumulated in float32). Off the CPU (CUDA) each expert is dequantized on the
 device (compute/dequant.py's Numba-CUDA kernel) and multiplied by torch: held quantized, the L1
 still keeps 3.6x (int4) more experts in the same bytes."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -115,6 +117,24 @@ def _dot_s8_f32(typingctx, w_addr, x_addr):
         f32 = ir.FloatType()
         vf = ir.VectorType(f32, DOT_CHUNK)
         w = builder.sitofp(_load(builder, args[0], DOT_CHUNK), vf)
+        x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
+        p = builder.fmul(w, x, flags=("fast",))
+        red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
+        return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
+    return sig, codegen
+
+
+@intrinsic
+def _dot_bf16_f32(typingctx, w_addr, x_addr):
+    """Σ w[j]·x[j] over 64 bf16 weights and 64 float32 activations at two addresses: a bf16 is
+    the top half of a float32, so widening is a shift (float32; the sum in any order)."""
+    sig = types.float32(types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        f32, i32 = ir.FloatType(), ir.IntType(32)
+        vf, v16, v32 = (ir.VectorType(t, DOT_CHUNK) for t in (f32, ir.IntType(16), i32))
+        bits = builder.load(builder.inttoptr(args[0], v16.as_pointer()), align=2)
+        w = builder.bitcast(builder.shl(builder.zext(bits, v32), ir.Constant(v32, [16] * DOT_CHUNK)), vf)
         x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
         p = builder.fmul(w, x, flags=("fast",))
         red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
@@ -254,13 +274,31 @@ def _quantized_activations(x, group, needed=True):
 
 
 # ---- one row of W against one row of activations ---------------------------------------------
-# kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales, mins)
+# kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales,
+# mins); kind 2: bf16 (the weights themselves at the codes' address; no planes, no groups)
 
 @njit(inline="always")
 def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
     # int8: float activations xf. int4: the integer sums of all groups first, into `sums`
     # (scratch, >= cols / group), then the scales, so the float work stays out of the integer
     # loop. Groups of a multiple of DOT_CHUNK take the vector dots; others the scalar loop.
+    if kind == 2:
+        acc = np.float32(0)
+        if cols % DOT_CHUNK == 0:
+            w_addr = codes_addr + 2 * row * cols
+            x_addr = xf.ctypes.data + 4 * t * cols
+            for c in range(cols // DOT_CHUNK):
+                off = c * DOT_CHUNK
+                if pf:       # a chunk is two cache lines of bf16
+                    _prefetch(w_addr + 2 * off + pf)
+                    _prefetch(w_addr + 2 * off + pf + 64)
+                acc += _dot_bf16_f32(w_addr + 2 * off, x_addr + 4 * off)
+        else:
+            wb = carray(_u16_ptr(codes_addr + 2 * row * cols), cols)
+            xrow = xf[t]
+            for j in range(cols):
+                acc += _bits_to_f32(np.uint32(wb[j]) << np.uint32(16)) * xrow[j]
+        return acc
     ng = cols // group
     sc = carray(_u16_ptr(scales_addr + 2 * row * ng), ng)
     chunks = group // DOT_CHUNK if group % DOT_CHUNK == 0 else 0
@@ -380,27 +418,42 @@ def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
 
 @dataclass(frozen=True)
 class QuantKernel:
-    """What compute does with one quant type (formats.constants.QUANT_TYPES has its bytes):
-    `code`, the type's branch in the CPU layer kernel (_row_dot); `dequantize`, its
-    (codes, scales, mins) -> weights kernel (compute/dequant.py, CPU and CUDA)."""
+    """What compute does with one weight type (formats.constants.QUANT_TYPES has the quantized
+    types' bytes): `code`, the type's branch in the CPU layer kernel (_row_dot); `dequantize`,
+    its (codes, scales, mins) -> weights kernel (compute/dequant.py, CPU and CUDA), None for a
+    type that is its own weights (bf16)."""
     name: str
     code: int
-    dequantize: Callable[..., torch.Tensor]
+    dequantize: Optional[Callable[..., torch.Tensor]]
 
 
 QUANT_KERNELS = {
     "int8": QuantKernel("int8", 0, dequantize),
     "int4": QuantKernel("int4", 1, dequantize),
+    # a lossless bf16 store's experts: the layer kernel saves the six torch calls per expert and
+    # reads with the same prefetch (torch's bf16 GEMV reads as fast, the calls around it do not)
+    "bf16": QuantKernel("bf16", 2, None),
 }
 
+#: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix
+KernelWeight = Union[QuantizedTensor, torch.Tensor]
 
-def _addresses(w: QuantizedTensor) -> tuple[int, int, int]:
-    return w.addresses()
+
+def _kind(w: KernelWeight) -> Optional[str]:
+    if isinstance(w, QuantizedTensor):
+        return w.spec.kind
+    return "bf16" if w.dtype == torch.bfloat16 else None
 
 
-def cpu_kernel_fits(w: QuantizedTensor, group: Optional[int] = None) -> bool:
+def _addresses(w: KernelWeight) -> tuple[int, int, int]:
+    return w.addresses() if isinstance(w, QuantizedTensor) else (w.data_ptr(), 0, 0)
+
+
+def cpu_kernel_fits(w: KernelWeight, group: Optional[int] = None) -> bool:
     """Whether the CPU kernels read `w` in place: on the CPU, a type of the table, contiguous
-    rows (the stored layout always is), and (when given) the batch's group size."""
+    rows (the stored layout always is), and for a quantized `w` (when given) the batch's group size."""
+    if not isinstance(w, QuantizedTensor):
+        return w.device.type == "cpu" and _kind(w) in QUANT_KERNELS and w.dim() == 2 and w.is_contiguous()
     return (w.device.type == "cpu" and w.spec.kind in QUANT_KERNELS and w.contiguous
             and (group is None or w.spec.group == group))
 
@@ -421,29 +474,42 @@ def quant_linear(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
 class RoutedExpert:
     """One expert of a batch: its gate, up and down matrices, the token rows routed to it and
     each row's routing weight."""
-    gate: QuantizedTensor
-    up: QuantizedTensor
-    down: QuantizedTensor
+    gate: KernelWeight
+    up: KernelWeight
+    down: KernelWeight
     rows: Sequence[int]
     weights: Sequence[float]
 
 
+def _layer_group(experts: Sequence[RoutedExpert]) -> Optional[int]:
+    """The group size the quantized experts of a batch share, None if they differ; with none
+    quantized, one that divides both widths (the kernel's scratch is sized by it; bf16 has no groups)."""
+    groups = {m.spec.group for e in experts for m in (e.gate, e.up, e.down) if isinstance(m, QuantizedTensor)}
+    if not groups:
+        return math.gcd(*experts[0].gate.shape)
+    return groups.pop() if len(groups) == 1 else None
+
+
 def moe_layer_fits(experts: Sequence[RoutedExpert]) -> bool:
     """Whether `_moe_layer` computes these experts in one call: all on the CPU, of types in the
-    table, sharing one group size, the SwiGLU shapes gate/up [I, H] and down [H, I]."""
+    table, one type per expert, the quantized ones sharing one group size, the SwiGLU shapes
+    gate/up [I, H] and down [H, I]."""
     if not experts:
         return False
-    group = experts[0].gate.spec.group
+    group = _layer_group(experts)
+    if group is None:
+        return False
     inter, hidden = experts[0].gate.shape
     return all(cpu_kernel_fits(m, group) for e in experts for m in (e.gate, e.up, e.down)) and all(
-        e.gate.shape == e.up.shape == (inter, hidden) and e.down.shape == (hidden, inter) for e in experts) \
-        and inter % group == 0 and hidden % group == 0
+        _kind(e.gate) == _kind(e.up) == _kind(e.down) for e in experts) and all(
+        tuple(e.gate.shape) == tuple(e.up.shape) == (inter, hidden) and tuple(e.down.shape) == (hidden, inter)
+        for e in experts) and inter % group == 0 and hidden % group == 0
 
 
 def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tensor) -> None:
     """out [N, H] (float32, contiguous, CPU) += Σ over `experts` of weight · down(silu(gate(x)) · up(x))
     for each expert's rows of x [N, H], in one kernel call (moe_layer_fits must hold)."""
-    kinds = np.array([QUANT_KERNELS[e.gate.spec.kind].code for e in experts], np.int64)
+    kinds = np.array([QUANT_KERNELS[_kind(e.gate)].code for e in experts], np.int64)
     addrs = np.array([[_addresses(e.gate), _addresses(e.up), _addresses(e.down)] for e in experts], np.int64)
     counts = [len(e.rows) for e in experts]
     pair_ptr = np.zeros(len(experts) + 1, np.int64)
@@ -453,7 +519,7 @@ def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tenso
     inter = experts[0].gate.shape[0]
     xf = x.detach().float().contiguous()
     with _PARALLEL_LOCK:
-        _moe_layer(xf.numpy(), kinds, addrs, pair_ptr, pair_token, pair_weight, inter, experts[0].gate.spec.group,
+        _moe_layer(xf.numpy(), kinds, addrs, pair_ptr, pair_token, pair_weight, inter, _layer_group(experts),
                    out.numpy(), PREFETCH_BYTES)
 
 

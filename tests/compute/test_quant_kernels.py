@@ -31,7 +31,10 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_every_quant_type_has_a_kernel():
-    assert set(QUANT_KERNELS) == set(QUANT_TYPES)
+    # ... and the one plain weight type the layer kernel also reads (a lossless bf16 store)
+    assert set(QUANT_KERNELS) == set(QUANT_TYPES) | {"bf16"}
+    assert QUANT_KERNELS["bf16"].dequantize is None
+    assert len({k.code for k in QUANT_KERNELS.values()}) == len(QUANT_KERNELS)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -98,25 +101,37 @@ def test_fp16_scales_are_read_exactly_subnormals_zero_and_sign_included():
         assert torch.allclose(got, want, rtol=0.02, atol=1e-9), (kind, got, want)
 
 
-@pytest.mark.parametrize("kinds", [("int8",) * 3, ("int4",) * 3, ("int8", "int4", "int8")])
-def test_moe_layer_matches_the_reference_swiglu(kinds):
+def _weights(w: torch.Tensor, kind: str):
+    return w.bfloat16() if kind == "bf16" else quantized(w, kind)
+
+
+def _as_float(m) -> torch.Tensor:
+    return m.float() if isinstance(m, torch.Tensor) else m.dequantize(dequantize, torch.float32)
+
+
+@pytest.mark.parametrize("kinds,hidden,inter", [
+    *((k, 256, 128) for k in [("int8",) * 3, ("int4",) * 3, ("int8", "int4", "int8"), ("bf16",) * 3,
+                              ("bf16", "int4", "int8")]),
+    (("bf16",) * 3, 192, 96)])      # no multiple of the 64-weight vector chunk: bf16's scalar loop
+def test_moe_layer_matches_the_reference_swiglu(kinds, hidden, inter):
     torch.manual_seed(1)
-    hidden, inter, tokens = 256, 128, 5
+    tokens = 5
     x = torch.randn(tokens, hidden)
     want = torch.zeros(tokens, hidden)
     routed = []
     for e, kind in enumerate(kinds):
-        mats = [quantized(torch.randn(*s) * 0.05, kind) for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
+        mats = [_weights(torch.randn(*s) * 0.05, kind) for s in ((inter, hidden), (inter, hidden), (hidden, inter))]
         rows = [r for r in range(tokens) if (r + e) % 2 == 0] + ([4] if e == 1 else [])
         weights = [0.1 + 0.2 * i for i in range(len(rows))]
         routed.append(RoutedExpert(*mats, rows, weights))
-        g, u, d = (m.dequantize(dequantize, torch.float32) for m in mats)
+        g, u, d = (_as_float(m) for m in mats)
         for r, wt in zip(rows, weights):
             want[r] += wt * ((F.silu(x[r] @ g.T) * (x[r] @ u.T)) @ d.T)
     assert moe_layer_fits(routed)
     got = torch.zeros(tokens, hidden)
     moe_layer(x, routed, got)
-    assert rel(got, want) < KERNEL_TOLERANCE
+    # bf16 weights times float32 activations: float rounding only
+    assert rel(got, want) < (1e-5 if set(kinds) == {"bf16"} else KERNEL_TOLERANCE)
 
 
 def test_moe_layer_refuses_what_it_cannot_take():
@@ -125,6 +140,13 @@ def test_moe_layer_refuses_what_it_cannot_take():
     assert not moe_layer_fits([RoutedExpert(a, a, b, [0], [1.0])])
     assert not moe_layer_fits([RoutedExpert(a, a, a, [0], [1.0])])   # down is not [H, I]
     assert not moe_layer_fits([])
+    w, d = torch.randn(64, 128), torch.randn(128, 64)
+    assert moe_layer_fits([RoutedExpert(w.bfloat16(), w.bfloat16(), d.bfloat16(), [0], [1.0])])
+    assert not moe_layer_fits([RoutedExpert(w, w, d, [0], [1.0])])                        # float32
+    assert not moe_layer_fits([RoutedExpert(w.half(), w.half(), d.half(), [0], [1.0])])   # fp16
+    assert not moe_layer_fits([RoutedExpert(w.bfloat16(), w.bfloat16(), d.bfloat16().t().contiguous().t(), [0],
+                                            [1.0])])                                      # not contiguous
+    assert not moe_layer_fits([RoutedExpert(w.bfloat16(), a, d.bfloat16(), [0], [1.0])])   # one type an expert
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +283,29 @@ def test_the_kernels_take_inputs_that_require_grad():
     mats = [quantized(torch.randn(*s) * 0.05, "int4") for s in ((64, 128), (64, 128), (128, 64))]
     moe_layer(x, [RoutedExpert(*mats, [0, 1], [0.5, 0.5])], out)
     assert out.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, tmp_path, family, monkeypatch):
+    """A lossless bf16 store's experts go through the same one-call layer kernel (bf16 weights,
+    float32 activations); logits against transformers computing the same bf16 weights in fp32."""
+    from transformers import AutoModelForCausalLM
+    from moestream.compute.models import common
+    store = moestream.convert(checkpoints[family], tmp_path / "bf16", quant="bf16", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.bfloat16).float().eval()
+    calls = []
+    real = common.moe_layer
+    monkeypatch.setattr(common, "moe_layer", lambda x, routed, out: (calls.append(len(routed)), real(x, routed, out)))
+    model = load_model(store, device_budget="64MiB", host_budget=0)
+    try:
+        torch.manual_seed(4)
+        ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            want, got = ref(ids).logits, model(ids)
+    finally:
+        model.store.close()
+    assert calls and sum(calls) >= len(calls)           # every layer's experts through the kernel
+    err = (got - want).abs().max().item() / want.abs().max().item()
+    print(f"{family} bf16: max |logit diff| / max |logit| = {err:.4f}")
+    assert err < LOGIT_TOLERANCE
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9

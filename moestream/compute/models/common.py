@@ -17,7 +17,7 @@ from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import RoutedExpert, moe_layer, moe_layer_fits, quant_linear
+from ..quant_kernels import RoutedExpert, cpu_kernel_fits, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
 
 
@@ -291,21 +291,22 @@ class StreamingMoE(nn.Module):
                 out.index_add_(0, rows, y * weights[rows, slot, None])
 
         def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
-            # every quantized expert that has arrived in one kernel call: the per-expert Python
-            # and dispatch cost is larger than a quantized expert's matmuls at decode
+            # every expert the CPU layer kernel reads (int8, int4, bf16) that has arrived, in one
+            # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
             t0 = time.perf_counter()
-            held = [b for b in batch if isinstance(b[1][gate_name], QuantizedTensor)]
+            names = (gate_name, up_name, down_name)
+            held = [b for b in batch if all(cpu_kernel_fits(b[1][n]) for n in names)]
             routed = []
             if held:
                 wl = weights.float().tolist()                                    # [N][A]
-                routed = [RoutedExpert(w[gate_name], w[up_name], w[down_name], rows_l,
-                                       [wl[r][s] for r, s in zip(rows_l, slots_l)]) for _, w, rows_l, slots_l in held]
+                routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
+                          for _, w, rows_l, slots_l in held]
             rest = batch
             if routed and moe_layer_fits(routed):
                 if not acc:
                     acc.append(torch.zeros(x.shape, dtype=torch.float32))
                 moe_layer(x, routed, acc[0])
-                rest = [b for b in batch if not isinstance(b[1][gate_name], QuantizedTensor)]
+                rest = [b for b in batch if not any(b is h for h in held)]
             for item in rest:
                 compute(*item)
             self.expert_seconds += time.perf_counter() - t0
