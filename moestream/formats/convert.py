@@ -98,6 +98,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                                "(remove it yourself if it is yours to delete)")
     ckpt = HFCheckpoint(src)
     check_config(ckpt.config, str(ckpt.root / "config.json"))
+    config = ckpt.config
+    if ckpt.fp8_block is not None:
+        # the store holds the dequantized weights: transformers must not treat them as FP8
+        config = {k: v for k, v in config.items() if k != "quantization_config"}
     fam = family_for(ckpt.config, str(ckpt.root / "config.json"))
     n_experts = fam.num_experts(ckpt.config)
     n_layers = ckpt.config["num_hidden_layers"]
@@ -113,7 +117,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     _check_shapes(ckpt, fam, moe_layers, n_experts, expert_names)
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
     if dense_check is not None:
-        problems = dense_check(fam.name, ckpt.config, tuple(moe_layers), n_experts,
+        problems = dense_check(fam.name, config, tuple(moe_layers), n_experts,
                                {n: ckpt.info(n).shape for n in dense_names})
         if problems:
             more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
@@ -126,6 +130,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
             raise ConvertError(f"the routing profile names experts this checkpoint lacks, e.g. layer {unknown[0][0]} "
                                f"expert {unknown[0][1]} (it has MoE layers {moe_layers} x {n_experts} experts)")
     raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS) else quant
+
+    def expert_dtype(info: TensorInfo) -> str:
+        # an FP8 weight reads as its exact float32 values: those are quantized, and `keep` stores bf16
+        return raw_dtype or (info.keep_dtype if quant == "keep" else info.dtype)
     z = dict(zstd_level=zstd_level, zstd_min_saving=zstd_min_saving)
     opts = EncodeOptions(quant=quant if quant in INT_QUANTS else None, group_size=group_size, delta=delta, **z)
     if mixed is not None:
@@ -152,9 +160,14 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
             bar.write(f"cannot resume the interrupted conversion in {writer.staging} ({writer.restart_reason}); "
                       "starting over")
         if not writer.done("dense"):
+            if ckpt.fp8_block is not None:
+                b = ckpt.fp8_block
+                bar.write(f"FP8 checkpoint ({b[0]}x{b[1]} blocks): weights dequantized; dense and "
+                          + ("--quant keep experts stored as bf16" if quant == "keep" else f"experts as {quant}")
+                          + " (FP8 kept as FP8 is not implemented yet)")
             for name in dense_names:
                 info = ckpt.info(name)
-                dt = raw_dtype or info.dtype
+                dt = raw_dtype or info.keep_dtype
                 bits = cast_bits(ckpt.read(name), info.dtype, dt)
                 writer.add_dense(name, encode_region([(name, dt, info.shape, bits)], lossless), info.length)
                 bar.update(info.length)
@@ -171,7 +184,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 bar.update(layer_bytes)
                 continue
             infos = [_expert_info(ckpt, fam, layer, 0, t) for t in fam.expert_tensors]
-            store_dtypes = [raw_dtype or i.dtype for i in infos]
+            store_dtypes = [expert_dtype(i) for i in infos]
             base = base_dtype = None
             if delta:
                 base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos)
@@ -193,7 +206,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                     if info.shape != infos[fam.expert_tensors.index(t)].shape:
                         raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
                                            f"layer has {infos[fam.expert_tensors.index(t)].shape}")
-                    dt = raw_dtype or info.dtype
+                    dt = expert_dtype(info)
                     tensors.append((t, dt, info.shape, cast_bits(ckpt.read_info(info), info.dtype, dt)))
                 src_len = sum(_expert_info(ckpt, fam, layer, e, t).length for t in fam.expert_tensors)
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
@@ -207,8 +220,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                     [(t, base_dtype, i.shape, base[t]) for t, i in zip(fam.expert_tensors, infos)], lossless))
             writer.checkpoint(f"layer{layer}")
         copies = {p.name: p.read_bytes() for p in [ckpt.root / "config.json", *ckpt.tokenizer_files()]}
+        if config is not ckpt.config:
+            copies["config.json"] = json.dumps(config, indent=2).encode()
         path = writer.finish(
-            copies, architecture=fam.name, config=ckpt.config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
+            copies, architecture=fam.name, config=config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
             expert_tensors=fam.expert_tensors, quant=quant,
             group_size=group_size if quant in (*INT_QUANTS, MIXED_QUANT) else 0,
             source_bytes=total)

@@ -8,13 +8,16 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..errors import ConvertError
+from .codecs import bits_to_float32
 from .constants import DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, SAFETENSORS_DTYPES, TOKENIZER_FILES
+from .fp8 import FP8_DTYPES, FP8_FORMATS, SCALE_SUFFIX, block_size, dequantize as fp8_dequantize, scale_shape
 
 #: Files copied into the store so that `generate` needs nothing else.
 
@@ -24,13 +27,28 @@ def _is_count(x) -> bool:
 
 
 @dataclass(frozen=True)
+class Fp8Weight:
+    """Where an FP8 weight's block multipliers are (formats/fp8.py)."""
+    fmt: str                     # fp8e4m3 | fp8e5m2
+    scales: "TensorInfo"
+    block: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     path: Path
-    dtype: str                   # bf16 | fp16 | fp32
+    dtype: str                   # bf16 | fp16 | fp32: what read_info returns (fp32 for an FP8 weight)
     shape: tuple[int, ...]
     offset: int                  # absolute byte offset in `path`
-    length: int
+    length: int                  # bytes in the file (an FP8 weight's codes)
+    fp8: Optional[Fp8Weight] = None
+
+    @property
+    def keep_dtype(self) -> str:
+        """The dtype `--quant keep` stores the tensor in: its own, bf16 for an FP8 weight (its
+        dequantized values; formats/fp8.py)."""
+        return "bf16" if self.fp8 is not None else self.dtype
 
 
 class HFCheckpoint:
@@ -78,6 +96,40 @@ class HFCheckpoint:
             for name, shard in self._weight_map.items():
                 if name not in self.tensors:
                     raise ConvertError(f"{index}: names {name} in {shard}, which does not hold it")
+        #: (rows, cols) of an FP8 checkpoint's weight blocks, None for a float checkpoint
+        self.fp8_block = self._pair_fp8_scales()
+
+    def _pair_fp8_scales(self) -> Optional[tuple[int, int]]:
+        """Join every FP8 weight to its `_scale_inv` tensor (which then is no tensor of its own);
+        ConvertError naming the tensor for a weight without its multipliers, multipliers of the
+        wrong shape or without an FP8 weight, or FP8 weights in a checkpoint whose config does not
+        declare fp8 block quantization."""
+        where = str(self.root / "config.json")
+        fp8 = [t for t in self.tensors.values() if t.dtype in FP8_FORMATS.values()]
+        block = block_size(self.config, where)
+        if fp8 and block is None:
+            raise ConvertError(f"{fp8[0].path}: {fp8[0].name} is float8, but {where} declares no "
+                               "quantization_config with its weight_block_size")
+        want = FP8_FORMATS[self.config["quantization_config"].get("fmt", "e4m3")] if block else None
+        for t in fp8:
+            if t.dtype != want:
+                raise ConvertError(f"{t.path}: {t.name} is {t.dtype}; {where} declares {want} weights")
+            if len(t.shape) != 2:
+                raise ConvertError(f"{t.path}: {t.name} is float8 with shape {list(t.shape)}; block-scaled FP8 "
+                                   "weights are matrices")
+            scale = self.tensors.get(t.name + SCALE_SUFFIX)
+            if scale is None:
+                raise ConvertError(f"{t.path}: {t.name} is float8 but the checkpoint has no {t.name}{SCALE_SUFFIX}")
+            if scale.dtype not in ("fp32", "bf16", "fp16") or scale.shape != scale_shape(t.shape, block):
+                raise ConvertError(f"{scale.path}: {scale.name} has shape {list(scale.shape)} ({scale.dtype}); "
+                                   f"{t.name} {list(t.shape)} in {block[0]}x{block[1]} blocks needs "
+                                   f"{list(scale_shape(t.shape, block))} of floats")
+            self.tensors[t.name] = replace(t, dtype="fp32", fp8=Fp8Weight(t.dtype, scale, block))
+            del self.tensors[scale.name]
+        for name, t in list(self.tensors.items()):
+            if name.endswith(SCALE_SUFFIX):
+                raise ConvertError(f"{t.path}: {name} has no float8 weight {name.removesuffix(SCALE_SUFFIX)} to scale")
+        return block if fp8 else None
 
     def _check_shard_path(self, index: Path, shard: str) -> None:
         """A shard named by the index must be a file inside the checkpoint directory: an index is
@@ -119,9 +171,11 @@ class HFCheckpoint:
             if not isinstance(meta, dict):
                 raise ConvertError(f"{path}: tensor {name}: header entry is not an object")
             st = meta.get("dtype")
-            if st not in SAFETENSORS_DTYPES:
-                raise ConvertError(f"{path}: tensor {name} has dtype {st}; supported: {', '.join(SAFETENSORS_DTYPES)}")
-            dtype = SAFETENSORS_DTYPES[st]
+            if st not in SAFETENSORS_DTYPES and st not in FP8_DTYPES:
+                raise ConvertError(f"{path}: tensor {name} has dtype {st}; supported: "
+                                   f"{', '.join([*SAFETENSORS_DTYPES, *FP8_DTYPES])} (FP8 with block scales)")
+            dtype = SAFETENSORS_DTYPES.get(st) or FP8_DTYPES[st]
+            itemsize = DTYPE_ITEMSIZE.get(dtype, 1)
             offsets, shape = meta.get("data_offsets"), meta.get("shape")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
                 raise ConvertError(f"{path}: tensor {name}: data_offsets missing or not two non-negative integers")
@@ -129,7 +183,7 @@ class HFCheckpoint:
                 raise ConvertError(f"{path}: tensor {name}: shape {shape!r} is not a list of non-negative integers")
             begin, end = offsets
             shape = tuple(shape)
-            if end < begin or end - begin != math.prod(shape) * DTYPE_ITEMSIZE[dtype] or base + end > size:
+            if end < begin or end - begin != math.prod(shape) * itemsize or base + end > size:
                 raise ConvertError(f"{path}: tensor {name} has inconsistent offsets")
             info = TensorInfo(name, path, dtype, shape, base + begin, end - begin)
             wm = self._weight_map
@@ -161,6 +215,8 @@ class HFCheckpoint:
         """Row `index` of tensor `name` along its first dimension (one expert of a fused [E, ...]
         tensor), as a TensorInfo of its own that `read_info` reads."""
         t = self.info(name)
+        if t.fp8 is not None:
+            raise ConvertError(f"{t.path}: {name} is a fused float8 tensor; FP8 is read for per-expert tensors only")
         if not t.shape or not 0 <= index < t.shape[0]:
             raise ConvertError(f"{t.path}: {name} has shape {list(t.shape)}, no row {index}")
         row_bytes = t.length // t.shape[0]
@@ -171,14 +227,25 @@ class HFCheckpoint:
         return self.read_info(self.info(name))
 
     def read_info(self, t: TensorInfo) -> np.ndarray:
-        """The bit patterns of the bytes `t` names (a tensor, or a row of one)."""
+        """The bit patterns of the bytes `t` names (a tensor, or a row of one); for an FP8 weight
+        the float32 bits of its dequantized values."""
+        if t.fp8 is not None:
+            codes = self._read_bytes(t).view(np.uint8).reshape(t.shape)
+            s = t.fp8.scales
+            scales = np.asarray(self.read_info(s))
+            vals = fp8_dequantize(codes, bits_to_float32(scales, s.dtype).reshape(s.shape), t.fp8.fmt, t.fp8.block,
+                                  t.name, t.path)
+            return vals.reshape(-1).view(np.uint32)
+        return self._read_bytes(t).view(DTYPE_BITS_NUMPY[t.dtype])
+
+    def _read_bytes(self, t: TensorInfo) -> np.ndarray:
         name = t.name
         buf = bytearray(t.length)
         with open(t.path, "rb", buffering=0) as f:
             got = f.readinto(memoryview(buf)) if f.seek(t.offset) == t.offset else 0
         if got != t.length:
             raise ConvertError(f"{t.path}: short read of {name} at offset {t.offset}")
-        return np.frombuffer(buf, dtype=DTYPE_BITS_NUMPY[t.dtype])
+        return np.frombuffer(buf, dtype=np.uint8)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]

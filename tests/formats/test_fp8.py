@@ -1,0 +1,163 @@
+"""FP8 block-scaled checkpoints in (formats/fp8.py): float8 codes decoded as torch decodes them,
+a checkpoint FP8-quantized the way DeepSeek's are converted and run against transformers loading
+the same weights dequantized, and every malformed FP8 checkpoint refused naming the tensor."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import moestream
+from moestream.compute import load_model
+from moestream.errors import ConvertError
+from moestream.formats import StoreReader
+from moestream.formats.fp8 import fp8_values
+
+BLOCK = [32, 32]     # the tiny models' widths (64, 48) are one and a half blocks: ragged blocks too
+FP8_MAX = 448.0
+
+
+@pytest.mark.parametrize("fmt,dtype", [("fp8e4m3", torch.float8_e4m3fn), ("fp8e5m2", torch.float8_e5m2)])
+def test_every_float8_code_decodes_as_torch_decodes_it(fmt, dtype):
+    want = torch.arange(256, dtype=torch.uint8).view(dtype).float().numpy()
+    got = fp8_values(fmt)
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    assert np.array_equal(got[ok], want[ok])
+
+
+def _fp8_quantize(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """codes float8_e4m3fn and block multipliers float32, as DeepSeek's checkpoints hold them."""
+    rows, cols = w.shape
+    br, bc = -(-rows // block[0]), -(-cols // block[1])
+    scale = torch.zeros(br, bc)
+    for i in range(br):
+        for j in range(bc):
+            blk = w[i * block[0]:(i + 1) * block[0], j * block[1]:(j + 1) * block[1]]
+            scale[i, j] = blk.abs().max().clamp(min=1e-12) / FP8_MAX
+    full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return (w / full).to(torch.float8_e4m3fn), scale
+
+
+def _is_fp8_linear(name: str, t: torch.Tensor) -> bool:
+    # attention and expert projections, as the published FP8 checkpoints have them; embeddings,
+    # lm_head, norms and routers stay in a float dtype
+    return t.dim() == 2 and name.endswith("_proj.weight")
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(checkpoints, tmp_path_factory):
+    """(FP8 checkpoint, the same weights dequantized to fp32 as a plain checkpoint)."""
+    src = checkpoints["qwen3_moe"]
+    root = tmp_path_factory.mktemp("fp8")
+    fp8, ref = root / "fp8", root / "ref"
+    shutil.copytree(src, fp8)
+    shutil.copytree(src, ref)
+    state = load_file(src / "model.safetensors")
+    q, deq = {}, {}
+    for name, t in state.items():
+        if _is_fp8_linear(name, t):
+            codes, scale = _fp8_quantize(t.float(), BLOCK)
+            q[name], q[name + "_scale_inv"] = codes, scale
+            full = scale.repeat_interleave(BLOCK[0], 0)[:t.shape[0]].repeat_interleave(BLOCK[1], 1)[:, :t.shape[1]]
+            deq[name] = codes.float() * full
+        else:
+            q[name] = deq[name] = t
+    save_file(q, fp8 / "model.safetensors", metadata={"format": "pt"})
+    save_file(deq, ref / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": BLOCK}
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+    return fp8, ref
+
+
+def test_an_fp8_checkpoint_runs_as_transformers_runs_its_dequantized_weights(fp8_pair, tmp_path):
+    fp8, ref_dir = fp8_pair
+    store = moestream.convert(fp8, tmp_path / "exact", quant="fp32", progress=False)
+    with StoreReader(store) as r:
+        assert "quantization_config" not in r.config           # the store's weights are not FP8
+        w = r.expert(0, 1)
+    want_w = load_file(ref_dir / "model.safetensors")["model.layers.0.mlp.experts.1.gate_proj.weight"]
+    assert torch.equal(w["gate_proj"], want_w)                  # the products, exactly
+    assert "quantization_config" not in json.loads((store / "config.json").read_text())
+    ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
+    model = load_model(store, device_budget="64MiB", host_budget=0)
+    try:
+        torch.manual_seed(5)
+        ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            want, got = ref(ids).logits, model(ids)
+    finally:
+        model.store.close()
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_fp8_kept_is_bf16_and_int8_quantizes_the_dequantized_values(fp8_pair, tmp_path):
+    fp8, ref_dir = fp8_pair
+    want_w = load_file(ref_dir / "model.safetensors")["model.layers.1.mlp.experts.0.down_proj.weight"]
+    keep = moestream.convert(fp8, tmp_path / "keep", progress=False)
+    with StoreReader(keep) as r:
+        assert r.index.extents[(1, 0)].tensors[0].dtype == "bf16"
+        assert r.dense()["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+        assert torch.equal(r.expert(1, 0)["down_proj"], want_w.bfloat16())
+    int8 = moestream.convert(fp8, tmp_path / "int8", quant="int8", group_size=16, progress=False)
+    with StoreReader(int8) as r:
+        got = r.expert(1, 0)["down_proj"].float()
+    assert ((got - want_w).norm() / want_w.norm()).item() < 0.01
+
+
+def _broken(fp8_pair, tmp_path, edit_state=None, edit_config=None):
+    fp8, _ = fp8_pair
+    bad = tmp_path / "bad"
+    shutil.copytree(fp8, bad)
+    if edit_state is not None:
+        state = load_file(bad / "model.safetensors")
+        edit_state(state)
+        save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    if edit_config is not None:
+        cfg = json.loads((bad / "config.json").read_text())
+        edit_config(cfg)
+        (bad / "config.json").write_text(json.dumps(cfg))
+    return bad
+
+
+NAME = "model.layers.0.mlp.experts.2.up_proj.weight"
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no scale", f"no {NAME}_scale_inv"),
+    ("scale shape", f"{NAME}_scale_inv has shape [1, 1]"),
+    ("orphan scale", "model.norm.weight_scale_inv has no float8 weight"),
+    ("no quantization_config", "declares no quantization_config"),
+    ("other method", "quant_method 'mxfp4' is not supported"),
+    ("per-tensor", "weight_block_size None is not two positive integers"),
+    ("nan code", f"{NAME} holds a NaN float8 code"),
+])
+def test_malformed_fp8_checkpoints_are_refused_naming_the_tensor(fp8_pair, tmp_path, case, needle):
+    def state(s):
+        if case == "no scale":
+            del s[NAME + "_scale_inv"]
+        elif case == "scale shape":
+            s[NAME + "_scale_inv"] = torch.ones(1, 1)
+        elif case == "orphan scale":
+            s["model.norm.weight_scale_inv"] = torch.ones(1)
+        elif case == "nan code":
+            codes = s[NAME].view(torch.uint8).clone()
+            codes[0, 3] = 0x7F
+            s[NAME] = codes.view(torch.float8_e4m3fn)
+
+    def config(c):
+        if case == "no quantization_config":
+            del c["quantization_config"]
+        elif case == "other method":
+            c["quantization_config"]["quant_method"] = "mxfp4"
+        elif case == "per-tensor":
+            del c["quantization_config"]["weight_block_size"]
+    bad = _broken(fp8_pair, tmp_path, state, config)
+    with pytest.raises(ConvertError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        moestream.convert(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
