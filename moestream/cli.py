@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"])
     g.add_argument("--prefetch", action="store_true",
-                   help="prefetch the next layer's likely experts (speculative; see README)")
+                   help="prefetch the next layer's likely experts (speculative; see docs/BENCHMARKS.md)")
     g.add_argument("--prefetch-threshold", type=float, default=0.0,
                    help="prefetch only guesses whose router probability reaches this (0-1; default 0: all)")
     g.add_argument("--extra-guesses", type=int, default=0, metavar="N",
