@@ -1,11 +1,13 @@
-"""`moestream convert|inspect|verify|generate|fit-predictor|profile|serve|bench`. User mistakes end in one line on stderr
-and a non-zero exit, never a traceback (set MOESTREAM_DEBUG=1 to see one)."""
+"""`moestream convert|inspect|verify|generate|chat|fit-predictor|profile|serve|bench`. User mistakes end in one line
+on stderr and a non-zero exit, never a traceback (set MOESTREAM_DEBUG=1, or pass -v, to see one); -q keeps only
+that line."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from .errors import MoestreamError, UsageError
@@ -73,7 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of (layer, expert) pairs that are hot, most used first (default 0.2)")
     c.add_argument("--max-file-size", type=_size, default=None, help="cap per store file, e.g. 4GiB")
     c.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (only once the new store is complete)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
 
     i = sub.add_parser("inspect", help="describe a store")
     i.add_argument("store")
@@ -180,7 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.decode import add_arguments as decode_arguments
     decode_arguments(bsub.add_parser("decode", help="decode tokens/s against naive loading, accelerate and the I/O "
                                      "ceiling, each under one memory limit"))
+    for parser in (*sub.choices.values(), *bsub.choices.values()):
+        if parser is not b:
+            _verbosity_arguments(parser, quiet=parser is not ch)   # chat's prompt and replies are its output
     return p
+
+
+def _verbosity_arguments(parser: argparse.ArgumentParser, quiet: bool = True) -> None:
+    v = parser.add_mutually_exclusive_group()
+    if quiet:
+        v.add_argument("-q", "--quiet", action="store_true",
+                       help="errors only: no progress bars, reports, notes or warnings on stderr")
+    v.add_argument("-v", "--verbose", action="store_true",
+                   help="every warning, and errors with their traceback (as MOESTREAM_DEBUG=1)")
 
 
 def _convert(a: argparse.Namespace) -> int:
@@ -302,7 +315,7 @@ def _generate(a: argparse.Namespace) -> int:
                   host_budget=a.host_budget, temperature=a.temperature, seed=a.seed, io=a.io, prefetch=a.prefetch,
                   prefetch_threshold=a.prefetch_threshold, trace=a.trace, engine=a.engine, predictor=a.predictor,
                   extra_guesses=a.extra_guesses, expert_compute=a.expert_compute,
-                  dense_quant=None if a.dense_quant == "none" else a.dense_quant)
+                  dense_quant=None if a.dense_quant == "none" else a.dense_quant, err=sys.stderr)
     return 0
 
 
@@ -337,13 +350,19 @@ def _fit_predictor(a: argparse.Namespace) -> int:
         batches = token_batches(tok, texts, tokens=a.tokens)
         if not batches:
             raise UsageError(f"--text {' '.join(a.text)}: no tokens to fit on")
-        with tqdm(total=sum(b.numel() for b in batches), unit="tok", desc="fit-predictor") as bar:
+        # three stages, each with its bar: the model over the text, one probe per layer (most of
+        # the time with hidden units), the model over the held-out text
+        with tqdm(total=sum(b.numel() for b in batches), unit="tok", desc="fit-predictor: run the model") as bar:
             fitted_on = collect(model, batches, progress=bar.update)
-        probes = probes_from(model, *fitted_on, a.ridge, width=a.hidden)
+        with tqdm(total=len(fitted_on[0]), unit="layer", desc="fit-predictor: fit the probes") as bar:
+            probes = probes_from(model, *fitted_on, a.ridge, width=a.hidden, progress=bar.update)
         probes.save(a.output)
         print(f"wrote {a.output}: probes for layers {sorted(probes.weights)}, fitted on {probes.meta['tokens']} tokens")
         held_batches = token_batches(tok, held, tokens=a.tokens)
-        held_out = collect(model, held_batches) if held_batches else None
+        held_out = None
+        if held_batches:
+            with tqdm(total=sum(b.numel() for b in held_batches), unit="tok", desc="fit-predictor: held-out text") as bar:
+                held_out = collect(model, held_batches, progress=bar.update)
         for name, data in (("fitting text", fitted_on), ("held-out text", held_out)):
             if data:
                 rows = score(model, probes, *data)
@@ -442,11 +461,28 @@ def debug_tracebacks() -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    errors = sys.stderr      # where the one-line error goes, whatever -q silences
+    if getattr(args, "verbose", False):
+        os.environ["MOESTREAM_DEBUG"] = "1"
+        warnings.simplefilter("always")
+    quiet = getattr(args, "quiet", False)
+    if quiet:
+        warnings.simplefilter("ignore")
+        sys.stderr = open(os.devnull, "w")
+    try:
+        return _run(args, errors)
+    finally:
+        if quiet:
+            sys.stderr.close()
+            sys.stderr = errors
+
+
+def _run(args: argparse.Namespace, errors) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         hint = " (a conversion resumes when run again with the same arguments)" if args.command == "convert" else ""
-        print(f"moestream: interrupted{hint}", file=sys.stderr)
+        print(f"moestream: interrupted{hint}", file=errors)
         return 130
     except BrokenPipeError:
         # stdout closed by the reader (`| head`): a normal end, not an error. Python would report
@@ -458,7 +494,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if debug_tracebacks():
             raise
         msg = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
-        print(f"moestream: error: {msg}", file=sys.stderr)
+        print(f"moestream: error: {msg}", file=errors)
         return 2 if isinstance(e, UsageError) else 1
 
 

@@ -241,15 +241,23 @@ def fit_probes(model, batches: Iterable[torch.Tensor], penalty: float = 1.0, pro
 
 
 def probes_from(model, inputs: dict[int, torch.Tensor], logits: dict[int, torch.Tensor],
-                penalty: float = 1.0, *, width: int = DEFAULT_PROBE_WIDTH) -> NextLayerProbes:
+                penalty: float = 1.0, *, width: int = DEFAULT_PROBE_WIDTH, progress=None) -> NextLayerProbes:
     """Probes fitted on what `collect` returned (so the same activations can also be scored):
     with a hidden layer of `width` units (fit_mlp), or linear by ridge regression with L2
-    `penalty` when width is 0."""
+    `penalty` when width is 0. progress(1) is called after each layer's probe."""
     n = len(next(iter(inputs.values())))
+
+    def each(fit):
+        out = {}
+        for k in inputs:
+            out[k] = fit(k)
+            if progress is not None:
+                progress(1)
+        return out
     if width <= 0:
-        weights = {k: ridge(inputs[k], logits[k], penalty) for k in inputs}
+        weights = each(lambda k: ridge(inputs[k], logits[k], penalty))
         return NextLayerProbes(model.cfg.hidden_size, model.cfg.num_experts, weights, {"tokens": n, "ridge": penalty})
-    fitted = {k: fit_mlp(inputs[k], logits[k], width) for k in inputs}
+    fitted = each(lambda k: fit_mlp(inputs[k], logits[k], width))
     return NextLayerProbes(model.cfg.hidden_size, model.cfg.num_experts, {k: o for k, (_, o) in fitted.items()},
                            {"tokens": n, "hidden": width, "epochs": PROBE_EPOCHS},
                            {k: h for k, (h, _) in fitted.items()})

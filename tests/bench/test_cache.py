@@ -220,6 +220,15 @@ def test_bench_cache_with_guesses_reports_the_prefetching_policies_against_their
     assert "best prefetching, short of belady+prefetch by" in table and "best online, short of Belady by" in table
     import re
     assert not re.search(r"\+\d", table)     # shortfalls are not printed as signed gains (issue 26 item 6)
+    # the default table is narrow (lru, next-use, its prefetching form, the optima); --wide has all
+    wide = format_table(d, wide=True)
+    header = [line for line in table.splitlines() if line.startswith("| capacity")][0]
+    assert "lfu" not in header and "least-stale" not in header and "next-use+prefetch" in header
+    assert all(p in wide for p in ONLINE + PREFETCHING)
+    def width(t):
+        return max(len(line) for line in t.splitlines() if line.startswith("|"))
+    print(f"table widths: {width(table)} default, {width(wide)} --wide")
+    assert width(table) < width(wide)
 
 
 def test_frequency_oracle_pins_the_most_used_experts():

@@ -124,6 +124,20 @@ def test_cli_generate_streams_and_reports(lossless):
     assert "tok/s" in p.stderr and "L1 hits" in p.stderr and "read" in p.stderr and "stall" in p.stderr
 
 
+def test_cli_quiet_keeps_only_the_text_and_errors_and_verbose_shows_tracebacks(lossless):
+    store = lossless["mixtral"]
+    p = run_cli("generate", store, "--prompt", "The quick brown fox", "--max-new-tokens", "4", "-q")
+    assert p.returncode == 0 and p.stdout.startswith("The quick brown fox") and p.stderr == "", p.stderr
+    p = run_cli("generate", store, "--prompt", "hi", "--device-budget", "1KiB", "--quiet")
+    assert p.returncode == 1 and p.stderr.startswith("moestream: error:") and len(p.stderr.splitlines()) == 1
+    p = run_cli("generate", store, "--prompt", "hi", "--device-budget", "1KiB", "-v")
+    assert p.returncode == 1 and "Traceback" in p.stderr and "smaller than one expert" in p.stderr
+    p = run_cli("generate", store, "--prompt", "hi", "-q", "-v")
+    assert p.returncode == 2 and "not allowed with argument" in p.stderr
+    p = run_cli("inspect", store, "-q")
+    assert p.returncode == 0 and p.stdout and p.stderr == ""
+
+
 @pytest.mark.parametrize("args,needle,code", [
     (("--device-budget", "1KiB"), "smaller than one expert", 1),
     (("--max-new-tokens", "0"), "at least 1", 2),

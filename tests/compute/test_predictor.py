@@ -184,7 +184,10 @@ def test_cli_fits_probes_and_generate_uses_them(store, tmp_path, capsys):
     out = tmp_path / "probes.npz"
     assert main(["fit-predictor", str(store), "--text", str(tmp_path / "fit.txt"), "--held-out",
                  str(tmp_path / "held.txt"), "--tokens", "300", "-o", str(out)]) == 0
-    text = capsys.readouterr().out
+    cap = capsys.readouterr()
+    text = cap.out
+    # every stage has its progress bar (issue 26 item 7)
+    assert all(f"fit-predictor: {stage}" in cap.err for stage in ("run the model", "fit the probes", "held-out text"))
     assert f"wrote {out}" in text and "fitted on 300 tokens" in text
     assert "on the fitting text (router guess -> probe): layer 0:" in text and ", layer 1:" in text
     assert "on the held-out text" in text
