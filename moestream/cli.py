@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("traces", nargs="+", help="trace files (moestream generate --trace)")
     pr.add_argument("-o", "--output", required=True, metavar="PROFILE.json")
     pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    pr.add_argument("--plot", metavar="FILE.png", help="a per-layer heat map of the experts' shares of activations")
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -176,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--repeat", type=int, default=3, help="passes per figure; the median is reported")
     bio.add_argument("--backend", action="append", choices=["uring", "posix", "kvikio"], help="limit to these")
     bio.add_argument("--json", action="store_true", help="print one JSON object")
+    bio.add_argument("--plot", metavar="FILE.png", help="GB/s against queue depth per request size, ours and fio's")
     from .bench.cache import add_arguments as cache_arguments
     cache_arguments(bsub.add_parser("cache", help="hit rate of each eviction policy on routing traces, against Belady"))
     from .bench.decode import add_arguments as decode_arguments
@@ -246,11 +248,16 @@ def _bench(a: argparse.Namespace) -> int:
         return run(a)
     if a.repeat < 1:
         raise UsageError("--repeat must be at least 1")
-    from .bench.io import bench_io, format_table
+    from .bench.io import bench_io, format_table, plot
+    if a.plot:
+        check_output(a.plot, "--plot", [a.store] if a.store else [], True)   # a plot is replaced, as bench decode's is
     log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
     d = bench_io(a.store, synthetic=a.synthetic, source=a.source, workdir=a.workdir, chunk=a.chunk,
                  queue_depth=a.queue_depth, repeat=a.repeat, backends=a.backend, progress=log)
     print(json.dumps(d, indent=2) if a.json else "\n" + format_table(d))
+    if a.plot:
+        plot(d, a.plot)
+        print(f"wrote {a.plot}", file=sys.stderr)
     return 0
 
 
@@ -377,8 +384,15 @@ def _profile(a: argparse.Namespace) -> int:
     from .formats.profile import build_profile, save_profile
     from .formats.trace import RoutingTrace
     check_output(a.output, "--output", a.traces, a.overwrite)
-    d = build_profile([RoutingTrace.load(t) for t in a.traces], a.traces)
+    if a.plot:
+        check_output(a.plot, "--plot", [*a.traces, a.output], True)
+    traces = [RoutingTrace.load(t) for t in a.traces]
+    d = build_profile(traces, a.traces)
     save_profile(d, a.output)
+    if a.plot:
+        from .bench.trace_plot import plot_heat_map
+        plot_heat_map(traces, a.plot, title=", ".join(os.path.basename(t) for t in a.traces[:3]))
+        print(f"wrote {a.plot}")
     cov = ", ".join(f"{k[4:]} {v:.0%}" for k, v in d["coverage"].items())
     at1 = sum(r["at_1"] for r in d["reuse"].values()) / len(d["reuse"])
     print(f"{d['tokens']} token rows, {len(d['layers'])} layers x {d['num_experts']} experts, top-{d['top_k']}\n"

@@ -445,3 +445,34 @@ def format_table(d: dict[str, Any]) -> str:
         if d.get(k) is not None:
             lines.append(f"{k} = {d[k]:.3f}")
     return "\n".join(lines)
+
+
+def plot(d: dict[str, Any], path: str) -> list[str]:
+    """Write a PNG of GB/s against queue depth, one line per request size, for our io_uring path
+    and for fio over the same grid (the sweeps of bench_io); returns the lines' labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sweeps = (("moestream uring", d.get("uring_sweep") or [], "chunk", "queue_depth", "-"),
+              ("fio", [f for f in d.get("fio_sweep") or [] if "gbps" in f], "bs", "iodepth", "--"))
+    colors: dict[int, str] = {}
+    drawn = []
+    for label, points, size_key, depth_key, style in sweeps:
+        for size in sorted({p[size_key] for p in points}):
+            pts = sorted((p[depth_key], p["gbps"]) for p in points if p[size_key] == size)
+            color = colors.setdefault(size, f"C{len(colors)}")
+            ax.plot([x for x, _ in pts], [y for _, y in pts], style, marker="o", color=color,
+                    label=f"{label}, {format_size(size)} requests")
+            drawn.append(f"{label}, {format_size(size)} requests")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("queue depth (requests in flight)")
+    ax.set_ylabel("cold random read (GB/s)")
+    cold = "dropped before each pass" if d.get("page_cache_dropped") else "not dropped (warm)"
+    ax.set_title(f"bench io: {d.get('store', '')}\npage cache {cold}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn

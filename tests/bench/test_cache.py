@@ -252,9 +252,14 @@ def test_cli_profile_and_bench_cache(tmp_path):
     trace = synthetic_trace(50, 4, 16, 2, seed=4)
     trace.save(tmp_path / "t.npz")
     run = lambda *a: subprocess.run([sys.executable, "-m", "moestream.cli", *a], capture_output=True, text=True)
-    r = run("profile", str(tmp_path / "t.npz"), "-o", str(tmp_path / "p.json"))
+    r = run("profile", str(tmp_path / "t.npz"), "-o", str(tmp_path / "p.json"), "--plot", str(tmp_path / "h.png"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "p.json").read_text())["tokens"] == 50
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG" and f"wrote {tmp_path / 'h.png'}" in r.stdout
+    from moestream.bench.trace_plot import plot_heat_map
+    share = plot_heat_map([trace], str(tmp_path / "h2.png"))
+    assert share.shape == (4, 16) and np.allclose(share.sum(axis=1), 1.0)
+    assert np.allclose(share, trace.counts() / trace.counts().sum(axis=1, keepdims=True))
     r = run("bench", "cache", str(tmp_path / "t.npz"), "--capacity", "10%,50%", "--json", "--plot",
             str(tmp_path / "c.png"), "--synthetic", "3x8x2", "--tokens", "30")
     assert r.returncode == 0, r.stderr

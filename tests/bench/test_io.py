@@ -59,3 +59,13 @@ def test_the_raw_figure_is_uring_at_its_best_over_fios_grid(tmp_path):
     if shutil.which("fio"):
         assert d["uring_random_cold_vs_fio_best"] == d["uring_best_random_cold_gbps"] / d["fio_best_random_cold_gbps"]
     assert "uring sweep" in format_table(d)
+
+
+def test_bench_io_plots_each_request_size_for_ours_and_fio(tmp_path):
+    from moestream.bench.io import plot
+    sweep = [{"chunk": c, "queue_depth": q, "gbps": 1.0 + q / 100} for c in (1 << 18, 1 << 20) for q in (32, 128)]
+    fio = [{"bs": c, "iodepth": q, "gbps": 2.0} for c in (1 << 18, 1 << 20) for q in (32, 128)] + [{"bs": 1, "iodepth": 1}]
+    labels = plot({"uring_sweep": sweep, "fio_sweep": fio, "page_cache_dropped": True}, str(tmp_path / "io.png"))
+    assert labels == ["moestream uring, 256.00 KiB requests", "moestream uring, 1.00 MiB requests",
+                      "fio, 256.00 KiB requests", "fio, 1.00 MiB requests"]     # a failed fio point is not drawn
+    assert (tmp_path / "io.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
