@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = c.add_mutually_exclusive_group()
     d.add_argument("--delta", dest="delta", action="store_true", default=True,
                    help="try a delta against the layer's mean expert, kept only where it pays (default)")
-    d.add_argument("--no-delta", dest="delta", action="store_false")
+    d.add_argument("--no-delta", dest="delta", action="store_false", help="never code an expert as a delta")
     c.add_argument("--profile", metavar="PROFILE.json",
                    help="mixed precision from a routing profile (moestream profile): hot experts get --hot-bits")
     c.add_argument("--hot-bits", type=int, default=8, choices=[8, 4], help="bits of the hot experts (default 8)")
@@ -88,13 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the prompt text; - reads it from standard input")
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE (UTF-8)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     g.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
     g.add_argument("--host-budget", type=_budget, default=None, help=HOST_BUDGET_HELP)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"])
+    g.add_argument("--seed", type=int, default=0, help="sampling seed, with --temperature above 0 (default 0)")
+    g.add_argument("--io", default="auto", choices=["auto", "uring", "posix", "kvikio"],
+                   help="read backend (default auto: kvikio on CUDA where it works, else io_uring, else posix)")
     g.add_argument("--prefetch", action="store_true",
                    help="prefetch the next layer's likely experts (speculative; see docs/BENCHMARKS.md)")
     g.add_argument("--prefetch-threshold", type=float, default=0.0,
@@ -121,17 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("store")
     ch.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
     ch.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ch.add_argument("--system", help="a system message to start the conversation with")
-    ch.add_argument("--device", default="cpu")
+    ch.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ch.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
     ch.add_argument("--host-budget", type=_budget, default=None, help=HOST_BUDGET_HELP)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible server (needs the serve extra: fastapi, uvicorn)")
     sv.add_argument("store")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     sv.add_argument("--device-budget", type=_budget, default=None, help="experts held on the device: " + BUDGET_HELP)
     sv.add_argument("--host-budget", type=_budget, default=None, help=HOST_BUDGET_HELP)
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
@@ -155,12 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hidden units of each probe (default: DEFAULT_PROBE_WIDTH in compute/predictor.py; it "
                          "needs ~80000 tokens to beat a linear probe); 0: linear, by ridge regression")
     fp.add_argument("--ridge", type=float, default=1.0, help="L2 penalty of the linear probes' regression (default 1.0)")
-    fp.add_argument("-o", "--output", required=True, metavar="PROBES.npz")
+    fp.add_argument("-o", "--output", required=True, metavar="PROBES.npz", help="the probes file to write")
     fp.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
     pr = sub.add_parser("profile", help="per-expert counts, coverage and reuse distances of routing traces")
     pr.add_argument("traces", nargs="+", help="trace files (moestream generate --trace)")
-    pr.add_argument("-o", "--output", required=True, metavar="PROFILE.json")
+    pr.add_argument("-o", "--output", required=True, metavar="PROFILE.json", help="the profile to write")
     pr.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     pr.add_argument("--plot", metavar="FILE.png", help="a per-layer heat map of the experts' shares of activations")
 
@@ -173,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--source", help="the store's source checkpoint, for the safetensors comparison")
     bio.add_argument("--workdir", help="where --synthetic writes (default: the system temp dir)")
     bio.add_argument("--chunk", type=_size, default=1 << 20, help="bytes per read request (default 1MiB)")
-    bio.add_argument("--queue-depth", type=int, default=32)
+    bio.add_argument("--queue-depth", type=int, default=32, help="requests in flight per backend (default 32)")
     bio.add_argument("--repeat", type=int, default=3, help="passes per figure; the median is reported")
     bio.add_argument("--backend", action="append", choices=["uring", "posix", "kvikio"], help="limit to these")
     bio.add_argument("--json", action="store_true", help="print one JSON object")

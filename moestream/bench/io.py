@@ -466,6 +466,8 @@ def plot(d: dict[str, Any], path: str) -> list[str]:
                     label=f"{label}, {format_size(size)} requests")
             drawn.append(f"{label}, {format_size(size)} requests")
     ax.set_xscale("log", base=2)
+    depths = sorted({p[k] for _, pts, _, k, _ in sweeps for p in pts})
+    ax.set_xticks(depths, [str(x) for x in depths])
     ax.set_xlabel("queue depth (requests in flight)")
     ax.set_ylabel("cold random read (GB/s)")
     cold = "dropped before each pass" if d.get("page_cache_dropped") else "not dropped (warm)"

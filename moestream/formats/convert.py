@@ -99,8 +99,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     ckpt = HFCheckpoint(src)
     check_config(ckpt.config, str(ckpt.root / "config.json"))
     config = ckpt.config
-    if ckpt.fp8_block is not None:
-        # the store holds the dequantized weights: transformers must not treat them as FP8
+    if ckpt.fp8_block is not None or ckpt.mxfp4:
+        # the store holds the dequantized weights: transformers must not treat them as FP8/MXFP4
         config = {k: v for k, v in config.items() if k != "quantization_config"}
     fam = family_for(ckpt.config, str(ckpt.root / "config.json"))
     n_experts = fam.num_experts(ckpt.config)
@@ -165,6 +165,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 bar.write(f"FP8 checkpoint ({b[0]}x{b[1]} blocks): weights dequantized; dense and "
                           + ("--quant keep experts stored as bf16" if quant == "keep" else f"experts as {quant}")
                           + " (FP8 kept as FP8 is not implemented yet)")
+            if ckpt.mxfp4:
+                bar.write("MXFP4 checkpoint: experts decoded exactly to bf16"
+                          + (f", then stored as {quant}" if quant not in ("keep", "bf16") else "")
+                          + " (MXFP4 kept as MXFP4 is not implemented yet)")
             for name in dense_names:
                 info = ckpt.info(name)
                 dt = raw_dtype or info.keep_dtype
@@ -284,7 +288,7 @@ def _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos):
     the source dtype for quantized ones."""
     base_dtype = store_dtypes[0] if opts.quant is None else infos[0].dtype
     if opts.quant is None and len(set(store_dtypes)) > 1:
-        raise ConvertError(f"layer {layer}: expert tensors have mixed dtypes {store_dtypes}")
+        return None, None     # an XOR delta needs one width: such a layer (MXFP4 weights, fp32 biases) takes none
     base = {}
     for t, info in zip(fam.expert_tensors, infos):
         acc = np.zeros(info.shape, np.float64).reshape(-1)

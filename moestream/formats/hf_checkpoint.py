@@ -15,8 +15,9 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ConvertError
-from .codecs import bits_to_float32
+from .codecs import bits_to_float32, float32_to_bits
 from .constants import DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, SAFETENSORS_DTYPES, TOKENIZER_FILES
+from . import mxfp4
 from .fp8 import FP8_DTYPES, FP8_FORMATS, SCALE_SUFFIX, block_size, dequantize as fp8_dequantize, scale_shape
 
 #: Files copied into the store so that `generate` needs nothing else.
@@ -35,6 +36,13 @@ class Fp8Weight:
 
 
 @dataclass(frozen=True)
+class Mxfp4Tensor:
+    """Where an MXFP4 tensor's blocks and exponents are (formats/mxfp4.py)."""
+    blocks: "TensorInfo"
+    scales: "TensorInfo"
+
+
+@dataclass(frozen=True)
 class TensorInfo:
     name: str
     path: Path
@@ -43,6 +51,7 @@ class TensorInfo:
     offset: int                  # absolute byte offset in `path`
     length: int                  # bytes in the file (an FP8 weight's codes)
     fp8: Optional[Fp8Weight] = None
+    mxfp4: Optional[Mxfp4Tensor] = None
 
     @property
     def keep_dtype(self) -> str:
@@ -97,7 +106,33 @@ class HFCheckpoint:
                 if name not in self.tensors:
                     raise ConvertError(f"{index}: names {name} in {shard}, which does not hold it")
         #: (rows, cols) of an FP8 checkpoint's weight blocks, None for a float checkpoint
-        self.fp8_block = self._pair_fp8_scales()
+        self.fp8_block = None if mxfp4.is_mxfp4(self.config) else self._pair_fp8_scales()
+        #: whether the checkpoint's experts are MXFP4 (GPT-OSS as published)
+        self.mxfp4 = mxfp4.is_mxfp4(self.config) and self._pair_mxfp4()
+
+    def _pair_mxfp4(self) -> bool:
+        """Present every `X_blocks` / `X_scales` pair as the tensor X the model holds (bf16
+        values, formats/mxfp4.py); ConvertError naming the tensor for half a pair."""
+        for name, t in list(self.tensors.items()):
+            if not name.endswith(mxfp4.BLOCKS_SUFFIX):
+                continue
+            base = name.removesuffix(mxfp4.BLOCKS_SUFFIX)
+            sc = self.tensors.get(base + mxfp4.SCALES_SUFFIX)
+            if sc is None:
+                raise ConvertError(f"{t.path}: {name} has no {base}{mxfp4.SCALES_SUFFIX}")
+            if t.dtype != "u8" or sc.dtype != "u8" or len(t.shape) != 4 or t.shape[:-1] != sc.shape \
+                    or t.shape[-1] != mxfp4.BLOCK // 2:
+                raise ConvertError(f"{t.path}: {name} {list(t.shape)} ({t.dtype}) and {sc.name} {list(sc.shape)} "
+                                   f"({sc.dtype}) are not MXFP4 blocks [E, R, G, 16] and exponents [E, R, G] of bytes")
+            e, r, g, _ = t.shape
+            self.tensors[base] = TensorInfo(base, t.path, "bf16", (e, g * mxfp4.BLOCK, r), t.offset,
+                                            t.length + sc.length, mxfp4=Mxfp4Tensor(t, sc))
+            del self.tensors[name], self.tensors[sc.name]
+        for name, t in self.tensors.items():
+            if t.dtype == "u8":
+                raise ConvertError(f"{t.path}: {name} is a uint8 tensor without its MXFP4 "
+                                   f"{'blocks' if name.endswith(mxfp4.SCALES_SUFFIX) else 'exponents'}")
+        return True
 
     def _pair_fp8_scales(self) -> Optional[tuple[int, int]]:
         """Join every FP8 weight to its `_scale_inv` tensor (which then is no tensor of its own);
@@ -171,10 +206,12 @@ class HFCheckpoint:
             if not isinstance(meta, dict):
                 raise ConvertError(f"{path}: tensor {name}: header entry is not an object")
             st = meta.get("dtype")
-            if st not in SAFETENSORS_DTYPES and st not in FP8_DTYPES:
+            if st == "U8" and mxfp4.is_mxfp4(self.config):
+                st = "u8"        # MXFP4 blocks and exponents, paired in _pair_mxfp4
+            elif st not in SAFETENSORS_DTYPES and st not in FP8_DTYPES:
                 raise ConvertError(f"{path}: tensor {name} has dtype {st}; supported: "
                                    f"{', '.join([*SAFETENSORS_DTYPES, *FP8_DTYPES])} (FP8 with block scales)")
-            dtype = SAFETENSORS_DTYPES.get(st) or FP8_DTYPES[st]
+            dtype = "u8" if st == "u8" else SAFETENSORS_DTYPES.get(st) or FP8_DTYPES[st]
             itemsize = DTYPE_ITEMSIZE.get(dtype, 1)
             offsets, shape = meta.get("data_offsets"), meta.get("shape")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
@@ -214,9 +251,18 @@ class HFCheckpoint:
     def row(self, name: str, index: int) -> TensorInfo:
         """Row `index` of tensor `name` along its first dimension (one expert of a fused [E, ...]
         tensor), as a TensorInfo of its own that `read_info` reads."""
-        t = self.info(name)
+        return self._row(self.info(name), index)
+
+    def _row(self, t: TensorInfo, index: int) -> TensorInfo:
+        name = t.name
         if t.fp8 is not None:
             raise ConvertError(f"{t.path}: {name} is a fused float8 tensor; FP8 is read for per-expert tensors only")
+        if t.mxfp4 is not None:
+            if not 0 <= index < t.shape[0]:
+                raise ConvertError(f"{t.path}: {name} has shape {list(t.shape)}, no row {index}")
+            parts = [self._row(p, index) for p in (t.mxfp4.blocks, t.mxfp4.scales)]
+            return TensorInfo(f"{name}[{index}]", t.path, t.dtype, t.shape[1:], parts[0].offset,
+                              parts[0].length + parts[1].length, mxfp4=Mxfp4Tensor(*parts))
         if not t.shape or not 0 <= index < t.shape[0]:
             raise ConvertError(f"{t.path}: {name} has shape {list(t.shape)}, no row {index}")
         row_bytes = t.length // t.shape[0]
@@ -229,6 +275,11 @@ class HFCheckpoint:
     def read_info(self, t: TensorInfo) -> np.ndarray:
         """The bit patterns of the bytes `t` names (a tensor, or a row of one); for an FP8 weight
         the float32 bits of its dequantized values."""
+        if t.mxfp4 is not None:
+            b, sc = t.mxfp4.blocks, t.mxfp4.scales
+            vals = mxfp4.dequantize(self._read_bytes(b).reshape(b.shape), self._read_bytes(sc).reshape(sc.shape),
+                                    t.name, t.path)
+            return float32_to_bits(vals.reshape(-1), "bf16")     # exact: every MXFP4 value is a bf16
         if t.fp8 is not None:
             codes = self._read_bytes(t).view(np.uint8).reshape(t.shape)
             s = t.fp8.scales
