@@ -129,6 +129,9 @@ class HFCheckpoint:
                                             t.length + sc.length, mxfp4=Mxfp4Tensor(t, sc))
             del self.tensors[name], self.tensors[sc.name]
         for name, t in self.tensors.items():
+            if t.dtype in FP8_FORMATS.values():
+                raise ConvertError(f"{t.path}: {name} is float8, but {self.root / 'config.json'} declares "
+                                   "quant_method mxfp4")
             if t.dtype == "u8":
                 raise ConvertError(f"{t.path}: {name} is a uint8 tensor without its MXFP4 "
                                    f"{'blocks' if name.endswith(mxfp4.SCALES_SUFFIX) else 'exponents'}")

@@ -1,6 +1,7 @@
 """FP8 block-scaled checkpoints in (formats/fp8.py): float8 codes decoded as torch decodes them,
 a checkpoint FP8-quantized the way DeepSeek's are converted and run against transformers loading
-the same weights dequantized, and every malformed FP8 checkpoint refused naming the tensor."""
+the same FP8 checkpoint (its own dequantization) and the same weights dequantized, and every
+malformed FP8 checkpoint refused naming the tensor."""
 import json
 import shutil
 
@@ -17,6 +18,7 @@ from moestream.formats import StoreReader
 from moestream.formats.fp8 import fp8_values
 
 BLOCK = [32, 32]     # the tiny models' widths (64, 48) are one and a half blocks: ragged blocks too
+ALIGNED = [16, 16]   # blocks that divide every width (as 128 divides the published models' widths)
 FP8_MAX = 448.0
 
 
@@ -48,11 +50,8 @@ def _is_fp8_linear(name: str, t: torch.Tensor) -> bool:
     return t.dim() == 2 and name.endswith("_proj.weight")
 
 
-@pytest.fixture(scope="module")
-def fp8_pair(checkpoints, tmp_path_factory):
+def _make_fp8_pair(src, root, block):
     """(FP8 checkpoint, the same weights dequantized to fp32 as a plain checkpoint)."""
-    src = checkpoints["qwen3_moe"]
-    root = tmp_path_factory.mktemp("fp8")
     fp8, ref = root / "fp8", root / "ref"
     shutil.copytree(src, fp8)
     shutil.copytree(src, ref)
@@ -60,9 +59,9 @@ def fp8_pair(checkpoints, tmp_path_factory):
     q, deq = {}, {}
     for name, t in state.items():
         if _is_fp8_linear(name, t):
-            codes, scale = _fp8_quantize(t.float(), BLOCK)
+            codes, scale = _fp8_quantize(t.float(), block)
             q[name], q[name + "_scale_inv"] = codes, scale
-            full = scale.repeat_interleave(BLOCK[0], 0)[:t.shape[0]].repeat_interleave(BLOCK[1], 1)[:, :t.shape[1]]
+            full = scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(block[1], 1)[:, :t.shape[1]]
             deq[name] = codes.float() * full
         else:
             q[name] = deq[name] = t
@@ -70,9 +69,14 @@ def fp8_pair(checkpoints, tmp_path_factory):
     save_file(deq, ref / "model.safetensors", metadata={"format": "pt"})
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": BLOCK}
+                                  "weight_block_size": block}
     (fp8 / "config.json").write_text(json.dumps(cfg))
     return fp8, ref
+
+
+@pytest.fixture(scope="module")
+def fp8_pair(checkpoints, tmp_path_factory):
+    return _make_fp8_pair(checkpoints["qwen3_moe"], tmp_path_factory.mktemp("fp8"), BLOCK)
 
 
 def test_an_fp8_checkpoint_runs_as_transformers_runs_its_dequantized_weights(fp8_pair, tmp_path):
@@ -94,6 +98,30 @@ def test_an_fp8_checkpoint_runs_as_transformers_runs_its_dequantized_weights(fp8
     finally:
         model.store.close()
     assert (got - want).abs().max().item() < 1e-4
+
+
+def test_an_fp8_checkpoint_runs_as_transformers_runs_it(checkpoints, tmp_path):
+    """Against transformers loading the FP8 checkpoint itself (on a CPU its FineGrainedFP8
+    dequantizes the weights). With blocks that divide the widths: where a block is ragged,
+    transformers fuses gate and up before applying the blocks and scales rows with the wrong
+    block (seen in 5.24), so that case is checked against the dequantized weights above."""
+    fp8, _ = _make_fp8_pair(checkpoints["qwen3_moe"], tmp_path, ALIGNED)
+    store = moestream.convert(fp8, tmp_path / "exact", quant="fp32", progress=False)
+    ref = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32).eval()
+    model = load_model(store, device_budget="64MiB", host_budget=0)
+    try:
+        torch.manual_seed(7)
+        ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            want, got = ref(ids).logits, model(ids)
+        prompt = ids[:1, :6]
+        want_tokens = ref.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                   pad_token_id=ref.config.pad_token_id)
+        got_tokens = model.generate(prompt, 12)
+    finally:
+        model.store.close()
+    assert (got - want).abs().max().item() < 1e-4
+    assert torch.equal(got_tokens, want_tokens)
 
 
 def test_fp8_kept_is_bf16_and_int8_quantizes_the_dequantized_values(fp8_pair, tmp_path):
@@ -133,7 +161,8 @@ NAME = "model.layers.0.mlp.experts.2.up_proj.weight"
     ("scale shape", f"{NAME}_scale_inv has shape [1, 1]"),
     ("orphan scale", "model.norm.weight_scale_inv has no float8 weight"),
     ("no quantization_config", "declares no quantization_config"),
-    ("other method", "quant_method 'mxfp4' is not supported"),
+    ("other method", "quant_method 'gptq' is not supported"),
+    ("mxfp4 declared", "config.json declares quant_method mxfp4"),
     ("per-tensor", "weight_block_size None is not two positive integers"),
     ("nan code", f"{NAME} holds a NaN float8 code"),
 ])
@@ -154,10 +183,13 @@ def test_malformed_fp8_checkpoints_are_refused_naming_the_tensor(fp8_pair, tmp_p
         if case == "no quantization_config":
             del c["quantization_config"]
         elif case == "other method":
+            c["quantization_config"]["quant_method"] = "gptq"
+        elif case == "mxfp4 declared":
             c["quantization_config"]["quant_method"] = "mxfp4"
         elif case == "per-tensor":
             del c["quantization_config"]["weight_block_size"]
     bad = _broken(fp8_pair, tmp_path, state, config)
-    with pytest.raises(ConvertError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ConvertError) as err:
         moestream.convert(bad, tmp_path / "out", progress=False)
+    assert needle in str(err.value)
     assert not (tmp_path / "out").exists()
