@@ -18,7 +18,7 @@ from moestream.formats import StoreReader
 from moestream.formats.fp8 import fp8_values
 
 BLOCK = [32, 32]     # the tiny models' widths (64, 48) are one and a half blocks: ragged blocks too
-ALIGNED = [16, 16]   # blocks that divide every width (as 128 divides the published models' widths)
+ALIGNED = [8, 8]     # blocks that divide every width (as 128 divides the published models' widths)
 FP8_MAX = 448.0
 
 
@@ -100,15 +100,26 @@ def test_an_fp8_checkpoint_runs_as_transformers_runs_its_dequantized_weights(fp8
     assert (got - want).abs().max().item() < 1e-4
 
 
-def test_an_fp8_checkpoint_runs_as_transformers_runs_it(checkpoints, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])   # the native forward; transformers' engine
+def test_an_fp8_checkpoint_runs_as_transformers_runs_it(checkpoints, tmp_path, family):
     """Against transformers loading the FP8 checkpoint itself (on a CPU its FineGrainedFP8
-    dequantizes the weights). With blocks that divide the widths: where a block is ragged,
-    transformers fuses gate and up before applying the blocks and scales rows with the wrong
-    block (seen in 5.24), so that case is checked against the dequantized weights above."""
-    fp8, _ = _make_fp8_pair(checkpoints["qwen3_moe"], tmp_path, ALIGNED)
+    dequantizes the weights). With blocks that divide every width: where a block is ragged,
+    transformers 5.24 scales some rows or columns with the wrong block's multiplier (seen in
+    Qwen3's fused gate/up and DeepSeek's q_a/q_b projections), so that case is checked against
+    the dequantized weights above."""
+    from moestream.demo import build_checkpoint
+    src = checkpoints[family] if family in checkpoints else build_checkpoint(family, tmp_path / "src", seed=8)
+    fp8, _ = _make_fp8_pair(src, tmp_path, ALIGNED)
     store = moestream.convert(fp8, tmp_path / "exact", quant="fp32", progress=False)
     ref = AutoModelForCausalLM.from_pretrained(fp8, dtype=torch.float32).eval()
-    model = load_model(store, device_budget="64MiB", host_budget=0)
+    if family == "qwen3_moe":
+        model = load_model(store, device_budget="64MiB", host_budget=0)
+    else:
+        tf = moestream.from_pretrained(store, device_budget="64MiB", host_budget=0)
+        model = lambda ids: tf(ids).logits                                      # noqa: E731
+        model.store = tf.moestream_store
+        model.generate = lambda prompt, n: tf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                      pad_token_id=ref.config.pad_token_id)
     try:
         torch.manual_seed(7)
         ids = torch.randint(0, ref.config.vocab_size, (2, 12))
