@@ -182,7 +182,8 @@ def _u4_intrinsic(isa: str):
 #: development machine a resident int4 store decoded 1.19x and an int8 one 1.32x faster with
 #: 2-4 KiB of software prefetch (medians of 10 rounds alternating 0, 2, 4, 6 and 8 KiB in one
 #: process; bench/quant_kernels.py has the kernel with and without). The kernels take it as an
-#: argument so that a benchmark can sweep it.
+#: argument so that a benchmark can sweep it. Near a matrix's end the hint points past it: a
+#: prefetch never faults (x86 PREFETCHh, AArch64 PRFM), it only fetches a line nobody reads.
 PREFETCH_BYTES = 4096
 
 
