@@ -94,9 +94,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.to(device=dev, dtype=dtype)
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
         if dev.type == "cpu" and dtype != torch.float32:
-            for m in model.modules():   # StreamingMoE.router_logits: float32 GEMV, same rounding
-                if isinstance(m, StreamingMoE):
-                    m.gate.float()
+            for mlp in model.moe_layers().values():   # StreamingMoE.router_logits: float32 GEMV, same rounding
+                mlp.gate.float()
         dense_quant = _dense_quant(dense_quant, idx, dev, expert_compute)
         if dense_quant is not None:
             routers = {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, StreamingMoE)}

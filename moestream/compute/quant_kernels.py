@@ -107,39 +107,39 @@ def _reduce_add(builder, v, n: int):
                                  [ir.VectorType(ir.IntType(32), n)]), [v])
 
 
-@intrinsic
-def _dot_s8_f32(typingctx, w_addr, x_addr):
-    """Σ w[j]·x[j] over 64 int8 weights and 64 float32 activations at two addresses (float32;
-    the sum in any order)."""
-    sig = types.float32(types.intp, types.intp)
+def _float_dot_intrinsic(widen):
+    """An intrinsic (w_addr, x_addr) -> Σ w[j]·x[j] over 64 weights and 64 float32 activations at
+    two addresses (float32; the sum in any order), the weights loaded and widened to float32 by
+    widen(builder, w_addr, <64 x float>)."""
+    @intrinsic
+    def dot(typingctx, w_addr, x_addr):
+        sig = types.float32(types.intp, types.intp)
 
-    def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        vf = ir.VectorType(f32, DOT_CHUNK)
-        w = builder.sitofp(_load(builder, args[0], DOT_CHUNK), vf)
-        x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
-        p = builder.fmul(w, x, flags=("fast",))
-        red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
-        return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            vf = ir.VectorType(f32, DOT_CHUNK)
+            x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
+            p = builder.fmul(widen(builder, args[0], vf), x, flags=("fast",))
+            red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
+            return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
+        return sig, codegen
+    return dot
 
 
-@intrinsic
-def _dot_bf16_f32(typingctx, w_addr, x_addr):
-    """Σ w[j]·x[j] over 64 bf16 weights and 64 float32 activations at two addresses: a bf16 is
-    the top half of a float32, so widening is a shift (float32; the sum in any order)."""
-    sig = types.float32(types.intp, types.intp)
+def _widen_s8(builder, addr, vf):
+    return builder.sitofp(_load(builder, addr, DOT_CHUNK), vf)
 
-    def codegen(context, builder, signature, args):
-        f32, i32 = ir.FloatType(), ir.IntType(32)
-        vf, v16, v32 = (ir.VectorType(t, DOT_CHUNK) for t in (f32, ir.IntType(16), i32))
-        bits = builder.load(builder.inttoptr(args[0], v16.as_pointer()), align=2)
-        w = builder.bitcast(builder.shl(builder.zext(bits, v32), ir.Constant(v32, [16] * DOT_CHUNK)), vf)
-        x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
-        p = builder.fmul(w, x, flags=("fast",))
-        red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
-        return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
-    return sig, codegen
+
+def _widen_bf16(builder, addr, vf):
+    # a bf16 is the top half of a float32: widening is a shift
+    v16, v32 = ir.VectorType(ir.IntType(16), DOT_CHUNK), ir.VectorType(ir.IntType(32), DOT_CHUNK)
+    bits = builder.load(builder.inttoptr(addr, v16.as_pointer()), align=2)
+    return builder.bitcast(builder.shl(builder.zext(bits, v32), ir.Constant(v32, [16] * DOT_CHUNK)), vf)
+
+
+#: int8 weights, and bf16 weights, times float32 activations: 64 at a time
+_dot_s8_f32 = _float_dot_intrinsic(_widen_s8)
+_dot_bf16_f32 = _float_dot_intrinsic(_widen_bf16)
 
 
 def _u4_intrinsic(isa: str):

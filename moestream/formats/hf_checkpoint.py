@@ -74,6 +74,9 @@ class HFCheckpoint:
             self.config = json.loads(cfg.read_text())
         except (OSError, ValueError) as e:
             raise ConvertError(f"{cfg}: cannot read it as JSON ({e})") from None
+        #: whether the checkpoint's experts are MXFP4 (GPT-OSS as published): its uint8 tensors are
+        #: their blocks and exponents
+        self.mxfp4 = mxfp4.is_mxfp4(self.config)
         index = self.root / "model.safetensors.index.json"
         # name -> shard file name, where an index decides which shard's copy is the tensor
         self._weight_map: dict[str, str] | None = None
@@ -106,11 +109,13 @@ class HFCheckpoint:
                 if name not in self.tensors:
                     raise ConvertError(f"{index}: names {name} in {shard}, which does not hold it")
         #: (rows, cols) of an FP8 checkpoint's weight blocks, None for a float checkpoint
-        self.fp8_block = None if mxfp4.is_mxfp4(self.config) else self._pair_fp8_scales()
-        #: whether the checkpoint's experts are MXFP4 (GPT-OSS as published)
-        self.mxfp4 = mxfp4.is_mxfp4(self.config) and self._pair_mxfp4()
+        self.fp8_block = None
+        if self.mxfp4:
+            self._pair_mxfp4()
+        else:
+            self.fp8_block = self._pair_fp8_scales()
 
-    def _pair_mxfp4(self) -> bool:
+    def _pair_mxfp4(self) -> None:
         """Present every `X_blocks` / `X_scales` pair as the tensor X the model holds (bf16
         values, formats/mxfp4.py); ConvertError naming the tensor for half a pair."""
         for name, t in list(self.tensors.items()):
@@ -135,7 +140,6 @@ class HFCheckpoint:
             if t.dtype == "u8":
                 raise ConvertError(f"{t.path}: {name} is a uint8 tensor without its MXFP4 "
                                    f"{'blocks' if name.endswith(mxfp4.SCALES_SUFFIX) else 'exponents'}")
-        return True
 
     def _pair_fp8_scales(self) -> Optional[tuple[int, int]]:
         """Join every FP8 weight to its `_scale_inv` tensor (which then is no tensor of its own);
@@ -209,12 +213,15 @@ class HFCheckpoint:
             if not isinstance(meta, dict):
                 raise ConvertError(f"{path}: tensor {name}: header entry is not an object")
             st = meta.get("dtype")
-            if st == "U8" and mxfp4.is_mxfp4(self.config):
-                st = "u8"        # MXFP4 blocks and exponents, paired in _pair_mxfp4
-            elif st not in SAFETENSORS_DTYPES and st not in FP8_DTYPES:
+            if st in SAFETENSORS_DTYPES:
+                dtype = SAFETENSORS_DTYPES[st]
+            elif st in FP8_DTYPES:
+                dtype = FP8_DTYPES[st]
+            elif st == "U8" and self.mxfp4:
+                dtype = "u8"        # MXFP4 blocks and exponents, paired in _pair_mxfp4
+            else:
                 raise ConvertError(f"{path}: tensor {name} has dtype {st}; supported: "
                                    f"{', '.join([*SAFETENSORS_DTYPES, *FP8_DTYPES])} (FP8 with block scales)")
-            dtype = "u8" if st == "u8" else SAFETENSORS_DTYPES.get(st) or FP8_DTYPES[st]
             itemsize = DTYPE_ITEMSIZE.get(dtype, 1)
             offsets, shape = meta.get("data_offsets"), meta.get("shape")
             if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(x) for x in offsets)):
@@ -280,15 +287,12 @@ class HFCheckpoint:
         the float32 bits of its dequantized values."""
         if t.mxfp4 is not None:
             b, sc = t.mxfp4.blocks, t.mxfp4.scales
-            vals = mxfp4.dequantize(self._read_bytes(b).reshape(b.shape), self._read_bytes(sc).reshape(sc.shape),
-                                    t.name, t.path)
+            vals = mxfp4.dequantize(self._read_bytes(b).reshape(b.shape), self._read_bytes(sc).reshape(sc.shape))
             return float32_to_bits(vals.reshape(-1), "bf16")     # exact: every MXFP4 value is a bf16
         if t.fp8 is not None:
-            codes = self._read_bytes(t).view(np.uint8).reshape(t.shape)
             s = t.fp8.scales
-            scales = np.asarray(self.read_info(s))
-            vals = fp8_dequantize(codes, bits_to_float32(scales, s.dtype).reshape(s.shape), t.fp8.fmt, t.fp8.block,
-                                  t.name, t.path)
+            vals = fp8_dequantize(self._read_bytes(t).reshape(t.shape), bits_to_float32(self.read_info(s), s.dtype)
+                                  .reshape(s.shape), t.fp8.fmt, t.fp8.block, t.name, t.path)
             return vals.reshape(-1).view(np.uint32)
         return self._read_bytes(t).view(DTYPE_BITS_NUMPY[t.dtype])
 

@@ -11,12 +11,9 @@ holds 4x the bytes of the checkpoint's, and `--quant int4` gets back to 0.56 byt
 the blocks themselves as a store codec is not done yet."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from ..errors import ConvertError
 
 BLOCKS_SUFFIX, SCALES_SUFFIX = "_blocks", "_scales"
 #: e2m1: the value of each 4-bit code (sign in bit 3)
@@ -30,12 +27,10 @@ def is_mxfp4(config: dict[str, Any]) -> bool:
     return isinstance(q, dict) and q.get("quant_method") == "mxfp4"
 
 
-def dequantize(blocks: np.ndarray, scales: np.ndarray, name: str, path: Path) -> np.ndarray:
+def dequantize(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """float32 [..., G*32, R] from blocks uint8 [..., R, G, 16] and scales uint8 [..., R, G]
-    (the last two dimensions transposed, as the model holds the tensor)."""
-    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
-        raise ConvertError(f"{path}: {name}{BLOCKS_SUFFIX} {list(blocks.shape)} and {name}{SCALES_SUFFIX} "
-                           f"{list(scales.shape)} do not describe blocks of {BLOCK}")
+    (the last two dimensions transposed, as the model holds the tensor; HFCheckpoint checked
+    the shapes when it paired them)."""
     out = np.empty((*blocks.shape[:-1], BLOCK), np.float32)
     out[..., 0::2] = FP4_VALUES[blocks & 15]
     out[..., 1::2] = FP4_VALUES[blocks >> 4]

@@ -295,7 +295,8 @@ class StreamingMoE(nn.Module):
             # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
             t0 = time.perf_counter()
             names = (gate_name, up_name, down_name)
-            held = [b for b in batch if all(cpu_kernel_fits(b[1][n]) for n in names)]
+            fits = [all(cpu_kernel_fits(b[1][n]) for n in names) for b in batch]
+            held = [b for b, f in zip(batch, fits) if f]
             routed = []
             if held:
                 wl = weights.float().tolist()                                    # [N][A]
@@ -306,7 +307,7 @@ class StreamingMoE(nn.Module):
                 if not acc:
                     acc.append(torch.zeros(x.shape, dtype=torch.float32))
                 moe_layer(x, routed, acc[0])
-                rest = [b for b in batch if not any(b is h for h in held)]
+                rest = [b for b, f in zip(batch, fits) if not f]
             for item in rest:
                 compute(*item)
             self.expert_seconds += time.perf_counter() - t0
