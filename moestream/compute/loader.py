@@ -14,7 +14,7 @@ from ..storage.store import Store, parse_device
 from .dequant import dequantize, store_dequant
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import CausalLM, ModelConfig, Rotary, StreamingMoE
-from .quant_kernels import quantize_linears
+from .quant_kernels import bf16_decode_linears, quantize_linears
 from .predictor import NextLayerProbes
 
 #: How int8/int4 experts are computed (load_model's expert_compute), the default first.
@@ -97,11 +97,15 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             for mlp in model.moe_layers().values():   # StreamingMoE.router_logits: float32 GEMV, same rounding
                 mlp.gate.float()
         dense_quant = _dense_quant(dense_quant, idx, dev, expert_compute)
+        routers = {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, StreamingMoE)}
+
+        def kept(name: str) -> bool:      # routers and gates stay float32 / torch's
+            return name in routers or name.endswith("shared_expert_gate")
         if dense_quant is not None:
-            routers = {f"{n}.gate" for n, m in model.named_modules() if isinstance(m, StreamingMoE)}
             model.dense_quant = dense_quant
-            quantize_linears(model, dense_quant, idx.group_size or 64,
-                             skip=lambda name: name in routers or name.endswith("shared_expert_gate"))
+            quantize_linears(model, dense_quant, idx.group_size or 64, skip=kept)
+        elif dev.type == "cpu" and dtype == torch.bfloat16:
+            bf16_decode_linears(model, skip=kept)
         model.prefetch_next_layer = prefetch
         model.prefetch_threshold = float(prefetch_threshold)
         model.guess_width = cfg.top_k + int(extra_guesses)

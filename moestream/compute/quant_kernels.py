@@ -33,149 +33,12 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llvmlite import ir
-from numba import carray, njit, prange, types
-from numba.extending import intrinsic
+from numba import carray, njit, prange
 
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
-
-# ---- raw addresses and fp16 bits in Numba ---------------------------------------------------
-
-
-def _pointer_intrinsic(element):
-    @intrinsic
-    def to_pointer(typingctx, addr):
-        if not isinstance(addr, types.Integer):
-            return None
-        sig = types.CPointer(element)(addr)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(element)))
-        return sig, codegen
-    return to_pointer
-
-
-_i8_ptr = _pointer_intrinsic(types.int8)
-_u16_ptr = _pointer_intrinsic(types.uint16)
-
-
-@intrinsic
-def _bits_to_f32(typingctx, bits):
-    if not isinstance(bits, types.Integer):
-        return None
-    sig = types.float32(bits)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32
-                               else builder.zext(args[0], ir.IntType(32)) if bits.bitwidth < 32 else args[0],
-                               ir.FloatType())
-    return sig, codegen
-
-
-@njit(inline="always")
-def _f16(h):
-    """fp16 bit pattern -> float32, branch-free for finite values (subnormals included): the
-    exponent and mantissa shifted into float32's place and rebiased by a multiply by 2**112."""
-    mag = _bits_to_f32((np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)) * np.float32(5.192296858534828e33)
-    return -mag if np.uint32(h) & np.uint32(0x8000) else mag
-
-
-# ---- 64-element dot products in LLVM vector IR ---------------------------------------------------
-# Numba's scalar loops over codes read through raw pointers vectorize poorly (4-7 GB/s of weights,
-# 1.6 for int8 times floats, against ~13-17 GB/s of memory read on the development machine).
-# Written as one vector load, widen, multiply and horizontal add, LLVM vectorizes them anywhere;
-# for int4 on a CPU with AVX512-VNNI (or AVX512BW) the nibbles and the int8 activations go to
-# vpdpbusd (vpmaddubsw), unsigned codes times signed activations, 64 at a time
-# (bench/quant_kernels.py).
-DOT_CHUNK = 64
-
-
-def _declare(builder, name: str, ret, params):
-    mod = builder.module
-    fn = mod.globals.get(name)
-    return fn if fn is not None else ir.Function(mod, ir.FunctionType(ret, params), name)
-
-
-def _load(builder, addr, n: int):
-    vt = ir.VectorType(ir.IntType(8), n)
-    return builder.load(builder.inttoptr(addr, vt.as_pointer()), align=1)
-
-
-def _reduce_add(builder, v, n: int):
-    return builder.call(_declare(builder, f"llvm.vector.reduce.add.v{n}i32", ir.IntType(32),
-                                 [ir.VectorType(ir.IntType(32), n)]), [v])
-
-
-def _float_dot_intrinsic(widen):
-    """An intrinsic (w_addr, x_addr) -> Σ w[j]·x[j] over 64 weights and 64 float32 activations at
-    two addresses (float32; the sum in any order), the weights loaded and widened to float32 by
-    widen(builder, w_addr, <64 x float>)."""
-    @intrinsic
-    def dot(typingctx, w_addr, x_addr):
-        sig = types.float32(types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            f32 = ir.FloatType()
-            vf = ir.VectorType(f32, DOT_CHUNK)
-            x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
-            p = builder.fmul(widen(builder, args[0], vf), x, flags=("fast",))
-            red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
-            return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
-        return sig, codegen
-    return dot
-
-
-def _widen_s8(builder, addr, vf):
-    return builder.sitofp(_load(builder, addr, DOT_CHUNK), vf)
-
-
-def _widen_bf16(builder, addr, vf):
-    # a bf16 is the top half of a float32: widening is a shift
-    v16, v32 = ir.VectorType(ir.IntType(16), DOT_CHUNK), ir.VectorType(ir.IntType(32), DOT_CHUNK)
-    bits = builder.load(builder.inttoptr(addr, v16.as_pointer()), align=2)
-    return builder.bitcast(builder.shl(builder.zext(bits, v32), ir.Constant(v32, [16] * DOT_CHUNK)), vf)
-
-
-#: int8 weights, and bf16 weights, times float32 activations: 64 at a time
-_dot_s8_f32 = _float_dot_intrinsic(_widen_s8)
-_dot_bf16_f32 = _float_dot_intrinsic(_widen_bf16)
-
-
-def _u4_intrinsic(isa: str):
-    """Σ lo(c[j])·e[j] + hi(c[j])·o[j] over 32 bytes of int4 codes c (element 2j in the low nibble)
-    and the 32 even (e) and odd (o) int8 activations: 64 weights, int32."""
-    @intrinsic
-    def dot(typingctx, c_addr, e_addr, o_addr):
-        sig = types.int32(types.intp, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            half = DOT_CHUNK // 2
-            v8 = ir.VectorType(ir.IntType(8), half)
-            c, e, o = (_load(builder, a, half) for a in args)
-            lo = builder.and_(c, ir.Constant(v8, [15] * half))
-            hi = builder.lshr(c, ir.Constant(v8, [4] * half))
-            if isa == "generic":
-                wide = ir.VectorType(ir.IntType(32), half)
-                p = builder.add(builder.mul(builder.zext(lo, wide), builder.sext(e, wide)),
-                                builder.mul(builder.zext(hi, wide), builder.sext(o, wide)))
-                return _reduce_add(builder, p, half)
-            cat = ir.Constant(ir.VectorType(ir.IntType(32), DOT_CHUNK), list(range(DOT_CHUNK)))
-            a, b = builder.shuffle_vector(lo, hi, cat), builder.shuffle_vector(e, o, cat)
-            i32x16, i16x32 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(16), 32)
-            if isa == "avx512vnni":
-                f = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", i32x16, [i32x16] * 3)
-                acc = builder.call(f, [ir.Constant(i32x16, [0] * 16), builder.bitcast(a, i32x16),
-                                       builder.bitcast(b, i32x16)])
-            else:   # avx512bw: u8·s8 pairs to int16 (15·127·2 cannot saturate), then pairs to int32
-                v64 = ir.VectorType(ir.IntType(8), DOT_CHUNK)
-                p16 = builder.call(_declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64]), [a, b])
-                acc = builder.call(_declare(builder, "llvm.x86.avx512.pmaddw.d.512", i32x16, [i16x32, i16x32]),
-                                   [p16, ir.Constant(i16x32, [1] * 32)])
-            return _reduce_add(builder, acc, 16)
-        return sig, codegen
-    return dot
-
+from .row_dots import (DOT_CHUNK, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16, _i8_ptr, _prefetch, _u16_ptr,
+                       row_dot_bf16, row_dot_s8, row_dot_u4)
 
 #: how far ahead of the codes being multiplied the kernels ask for the weights (bytes, in the same
 #: matrix). The hardware prefetcher alone kept a core's loads short of memory's bandwidth: on the
@@ -184,45 +47,8 @@ def _u4_intrinsic(isa: str):
 #: process; bench/quant_kernels.py has the kernel with and without). The kernels take it as an
 #: argument so that a benchmark can sweep it. Near a matrix's end the hint points past it: a
 #: prefetch never faults (x86 PREFETCHh, AArch64 PRFM), it only fetches a line nobody reads.
+#: 0: no look-ahead (the line being read).
 PREFETCH_BYTES = 4096
-
-
-@intrinsic
-def _prefetch(typingctx, addr):
-    """A read prefetch of the cache line at `addr` into all cache levels (llvm.prefetch)."""
-    sig = types.void(types.intp)
-
-    def codegen(context, builder, signature, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        f = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, i32, i32, i32])
-        builder.call(f, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-    return sig, codegen
-
-
-#: the int4 dot of each instruction set; U4_ISA is the one this process's kernels use: the host's
-#: best, "generic" where Numba compiles for a named CPU (NUMBA_CPU_NAME, e.g. a portable cache)
-U4_DOTS = {isa: _u4_intrinsic(isa) for isa in ("avx512vnni", "avx512bw", "generic")}
-
-
-def _host_u4_isa() -> str:
-    import numba
-    from llvmlite import binding
-    if numba.config.CPU_NAME:
-        return "generic"
-    try:
-        features = binding.get_host_cpu_features()
-    except RuntimeError:
-        return "generic"
-    for isa in ("avx512vnni", "avx512bw"):
-        if features.get(isa) and features.get("avx512f"):
-            return isa
-    return "generic"
-
-
-U4_ISA = _host_u4_isa()
-_dot_u4 = U4_DOTS[U4_ISA]
 
 
 # ---- activations ------------------------------------------------------------------------------
@@ -282,25 +108,24 @@ def _quantized_activations(x, group, needed=True):
 def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
     # int8: float activations xf. int4: the integer sums of all groups first, into `sums`
     # (scratch, >= cols / group), then the scales, so the float work stays out of the integer
-    # loop. Groups of a multiple of DOT_CHUNK take the vector dots; others the scalar loop.
+    # loop. Groups of 64, the default, take the whole-row dots; other multiples of DOT_CHUNK the
+    # 64-weight vector dots; the rest the scalar loop.
     if kind == 2:
-        acc = np.float32(0)
         if cols % DOT_CHUNK == 0:
-            w_addr = codes_addr + 2 * row * cols
-            x_addr = xf.ctypes.data + 4 * t * cols
-            for c in range(cols // DOT_CHUNK):
-                off = c * DOT_CHUNK
-                if pf:       # a chunk is two cache lines of bf16
-                    _prefetch(w_addr + 2 * off + pf)
-                    _prefetch(w_addr + 2 * off + pf + 64)
-                acc += _dot_bf16_f32(w_addr + 2 * off, x_addr + 4 * off)
-        else:
-            wb = carray(_u16_ptr(codes_addr + 2 * row * cols), cols)
-            xrow = xf[t]
-            for j in range(cols):
-                acc += _bits_to_f32(np.uint32(wb[j]) << np.uint32(16)) * xrow[j]
+            return row_dot_bf16(codes_addr + 2 * row * cols, xf.ctypes.data + 4 * t * cols, cols // DOT_CHUNK, pf)
+        acc = np.float32(0)
+        wb = carray(_u16_ptr(codes_addr + 2 * row * cols), cols)
+        xrow = xf[t]
+        for j in range(cols):
+            acc += _bits_to_f32(np.uint32(wb[j]) << np.uint32(16)) * xrow[j]
         return acc
     ng = cols // group
+    if group == DOT_CHUNK:      # the default group: the whole-row dots (row_dots.py)
+        if kind == 0:
+            return row_dot_s8(codes_addr + row * cols, scales_addr + 2 * row * ng, xf.ctypes.data + 4 * t * cols, ng, pf)
+        return row_dot_u4(codes_addr + row * (cols // 2), scales_addr + 2 * row * ng, mins_addr + 2 * row * ng,
+                          xe.ctypes.data + t * (cols // 2), xo.ctypes.data + t * (cols // 2),
+                          xs.ctypes.data + 4 * t * ng, xsum.ctypes.data + 4 * t * ng, ng, pf)
     sc = carray(_u16_ptr(scales_addr + 2 * row * ng), ng)
     chunks = group // DOT_CHUNK if group % DOT_CHUNK == 0 else 0
     if kind == 0:
@@ -459,15 +284,18 @@ def cpu_kernel_fits(w: KernelWeight, group: Optional[int] = None) -> bool:
             and (group is None or w.spec.group == group))
 
 
-def quant_linear(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
-    """x [n, in] · Wᵀ -> [n, out] in x's dtype, for a quantized W [out, in] (any device)."""
+def quant_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
+    """x [n, in] · Wᵀ -> [n, out] in x's dtype, for W [out, in] quantized (any device) or a bf16
+    matrix (the CPU kernel where it reads W in place, else torch)."""
     if not cpu_kernel_fits(w):
-        return F.linear(x, w.dequantize(QUANT_KERNELS[w.spec.kind].dequantize, x.dtype))
+        return F.linear(x, w.dequantize(QUANT_KERNELS[w.spec.kind].dequantize, x.dtype)
+                        if isinstance(w, QuantizedTensor) else w.to(x.dtype))
     rows, cols = w.shape
+    group = w.spec.group if isinstance(w, QuantizedTensor) else DOT_CHUNK   # bf16: sizes only the scratch
     xf = x.detach().reshape(-1, cols).float().contiguous()   # inference only: no autograd through the kernels
     out = np.empty((xf.shape[0], rows), np.float32)
     with _PARALLEL_LOCK:
-        _linear(xf.numpy(), QUANT_KERNELS[w.spec.kind].code, *_addresses(w), rows, w.spec.group, out, PREFETCH_BYTES)
+        _linear(xf.numpy(), QUANT_KERNELS[_kind(w)].code, *_addresses(w), rows, group, out, PREFETCH_BYTES)
     return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], rows)
 
 
@@ -568,3 +396,38 @@ def quantize_linears(model: torch.nn.Module, kind: str, group: int, skip: Callab
             setattr(module, child_name, QuantLinear(q, None if child.bias is None else child.bias.detach()))
             saved += w.numel() * w.element_size() - q.nbytes
     return saved
+
+
+#: the most token rows a bf16 dense layer multiplies with the CPU kernel instead of torch's GEMM.
+#: The kernel is a dot product per row and token: at decode it reads a [4096, 2048] bf16 matrix
+#: 2x faster than torch's bf16 GEMV (536 vs 1063 us), at 2 rows 1.25x, at 4 rows it is slower
+#: (1311 vs 942 us; development machine, 2 threads, medians of 40 alternating calls).
+BF16_KERNEL_MAX_ROWS = 2
+
+
+class Bf16DecodeLinear(torch.nn.Linear):
+    """An nn.Linear over a bf16 CPU weight whose decode steps (at most BF16_KERNEL_MAX_ROWS token
+    rows) take the layer kernels' bf16 dot, and everything else torch's GEMM: the dense layers of a
+    lossless bf16 store, which at decode read as many bytes as its routed experts. Same parameters
+    and state-dict names as the nn.Linear it replaces."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > BF16_KERNEL_MAX_ROWS * self.in_features or x.device.type != "cpu":
+            return super().forward(x)
+        y = quant_linear(x, self.weight)
+        return y + self.bias if self.bias is not None else y
+
+
+def bf16_decode_linears(model: torch.nn.Module, skip: Callable[[str], bool]) -> int:
+    """Turn every nn.Linear of `model` with a contiguous bf16 CPU weight whose input width is a
+    multiple of the kernel's 64-weight chunk (narrower ones would take its scalar loop) into a
+    Bf16DecodeLinear, unless `skip` takes its name; returns how many."""
+    n = 0
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if (type(module) is torch.nn.Linear and not skip(name) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+                and w.is_contiguous() and module.in_features % DOT_CHUNK == 0):
+            module.__class__ = Bf16DecodeLinear
+            n += 1
+    return n
+

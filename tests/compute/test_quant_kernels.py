@@ -50,41 +50,6 @@ def test_quant_linear_matches_dequantized_matmul(kind, group):
     assert rel(got, want) < (1e-5 if kind == "int8" else KERNEL_TOLERANCE)
 
 
-def _host_has(isa: str) -> bool:
-    from llvmlite import binding
-    f = binding.get_host_cpu_features()
-    return isa == "generic" or bool(f.get(isa) and f.get("avx512f"))
-
-
-@pytest.mark.parametrize("isa", ["generic", "avx512bw", "avx512vnni"])
-def test_every_int4_dot_the_host_can_run_matches_numpy(isa):
-    """Each instruction set's 64-weight int4 dot (the process's kernels use one, U4_ISA, so the
-    others are checked here on their own), and the int8 dot, against numpy on extreme codes."""
-    import numpy as np
-    from numba import njit
-    from moestream.compute.quant_kernels import U4_DOTS, _dot_s8_f32
-    if not _host_has(isa):
-        pytest.skip(f"this CPU has no {isa}")
-    dot = U4_DOTS[isa]
-
-    @njit
-    def run(c, e, o):
-        return dot(c.ctypes.data, e.ctypes.data, o.ctypes.data)
-
-    @njit
-    def run8(w, x):
-        return _dot_s8_f32(w.ctypes.data, x.ctypes.data)
-    rng = np.random.default_rng(0)
-    cases = [rng.integers(0, 256, 32).astype(np.uint8), np.full(32, 255, np.uint8), np.zeros(32, np.uint8)]
-    for c in cases:
-        for e, o in [(rng.integers(-127, 128, 32).astype(np.int8), rng.integers(-127, 128, 32).astype(np.int8)),
-                     (np.full(32, -127, np.int8), np.full(32, 127, np.int8))]:
-            want = int((c & 15).astype(np.int64) @ e.astype(np.int64) + (c >> 4).astype(np.int64) @ o.astype(np.int64))
-            assert run(c, e, o) == want
-    w, x = rng.integers(-127, 128, 64).astype(np.int8), rng.standard_normal(64).astype(np.float32)
-    assert abs(run8(w, x) - float(w.astype(np.float64) @ x.astype(np.float64))) < 1e-3
-
-
 def test_fp16_scales_are_read_exactly_subnormals_zero_and_sign_included():
     """The kernel's branch-free fp16 conversion: a group whose scale is subnormal, zero or whose
     minimum is negative gives the reference's result."""
@@ -112,7 +77,9 @@ def _as_float(m) -> torch.Tensor:
 @pytest.mark.parametrize("kinds,hidden,inter", [
     *((k, 256, 128) for k in [("int8",) * 3, ("int4",) * 3, ("int8", "int4", "int8"), ("bf16",) * 3,
                               ("bf16", "int4", "int8")]),
-    (("bf16",) * 3, 192, 96)])      # no multiple of the 64-weight vector chunk: bf16's scalar loop
+    (("bf16",) * 3, 192, 96),       # no multiple of the 64-weight vector chunk: bf16's scalar loop
+    # 21 groups of 64 (a whole block of 16 and a partial one), 3 in the down projection
+    *((k, 1344, 192) for k in [("int8",) * 3, ("int4",) * 3, ("bf16",) * 3])])
 def test_moe_layer_matches_the_reference_swiglu(kinds, hidden, inter):
     torch.manual_seed(1)
     tokens = 5
@@ -296,16 +263,29 @@ def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, t
     calls = []
     real = common.moe_layer
     monkeypatch.setattr(common, "moe_layer", lambda x, routed, out: (calls.append(len(routed)), real(x, routed, out)))
+    from moestream.compute import quant_kernels
+    dense_calls = []
+    real_linear = quant_kernels.quant_linear
+    monkeypatch.setattr(quant_kernels, "quant_linear", lambda x, w: (dense_calls.append(tuple(x.shape)),
+                                                                     real_linear(x, w))[1])
     model = load_model(store, device_budget="64MiB", host_budget=0)
     try:
+        kernel_linears = {n for n, m in model.named_modules() if isinstance(m, quant_kernels.Bf16DecodeLinear)}
         torch.manual_seed(4)
         ids = torch.randint(0, ref.config.vocab_size, (2, 12))
         with torch.no_grad():
             want, got = ref(ids).logits, model(ids)
+            assert not dense_calls                      # 24 token rows: torch's GEMM
+            # one and two token rows (decode): the dense layers through the bf16 kernel too
+            steps = [(ref(ids[:1, :t]).logits, model(ids[:1, :t])) for t in (1, 2)]
     finally:
         model.store.close()
     assert calls and sum(calls) >= len(calls)           # every layer's experts through the kernel
-    err = (got - want).abs().max().item() / want.abs().max().item()
-    print(f"{family} bf16: max |logit diff| / max |logit| = {err:.4f}")
-    assert err < LOGIT_TOLERANCE
+    routers = {n for n, m in model.named_modules() if n.endswith(".gate") and isinstance(m, torch.nn.Linear)}
+    assert kernel_linears and "lm_head" in kernel_linears and not kernel_linears & routers
+    assert len(dense_calls) >= 2 * len(kernel_linears)
+    for want_t, got_t in [(want, got), *steps]:
+        err = (got_t - want_t).abs().max().item() / want_t.abs().max().item()
+        print(f"{family} bf16, {want_t.shape[1]} tokens: max |logit diff| / max |logit| = {err:.4f}")
+        assert err < LOGIT_TOLERANCE
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9

@@ -1,0 +1,432 @@
+"""The vector dot products of the CPU kernels (compute/quant_kernels.py), written in LLVM IR
+through Numba intrinsics: raw addresses, fp16 bits, a prefetch hint, 64-weight dots and the
+whole-row dots the kernels call for the default group of 64.
+
+Numba's scalar loops over codes read through raw pointers vectorize poorly (4-7 GB/s of weights,
+1.6 for int8 times floats, against ~13-17 GB/s of memory read on the development machine).
+Written as vector loads, widens, multiply-adds and reductions, LLVM emits AVX-512 (or whatever the
+host has) for them. Every intrinsic takes addresses: the caller owns the memory and keeps it alive
+for the call; nothing here allocates or checks bounds."""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+# ---- raw addresses and fp16 bits in Numba ---------------------------------------------------
+
+
+def _pointer_intrinsic(element):
+    @intrinsic
+    def to_pointer(typingctx, addr):
+        if not isinstance(addr, types.Integer):
+            return None
+        sig = types.CPointer(element)(addr)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(types.CPointer(element)))
+        return sig, codegen
+    return to_pointer
+
+
+_i8_ptr = _pointer_intrinsic(types.int8)
+_u16_ptr = _pointer_intrinsic(types.uint16)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):
+    if not isinstance(bits, types.Integer):
+        return None
+    sig = types.float32(bits)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32
+                               else builder.zext(args[0], ir.IntType(32)) if bits.bitwidth < 32 else args[0],
+                               ir.FloatType())
+    return sig, codegen
+
+
+@njit(inline="always")
+def _f16(h):
+    """fp16 bit pattern -> float32, branch-free for finite values (subnormals included): the
+    exponent and mantissa shifted into float32's place and rebiased by a multiply by 2**112."""
+    mag = _bits_to_f32((np.uint32(h) & np.uint32(0x7FFF)) << np.uint32(13)) * np.float32(5.192296858534828e33)
+    return -mag if np.uint32(h) & np.uint32(0x8000) else mag
+
+
+# ---- 64-element dot products in LLVM vector IR ---------------------------------------------------
+# Numba's scalar loops over codes read through raw pointers vectorize poorly (4-7 GB/s of weights,
+# 1.6 for int8 times floats, against ~13-17 GB/s of memory read on the development machine).
+# Written as one vector load, widen, multiply and horizontal add, LLVM vectorizes them anywhere;
+# for int4 on a CPU with AVX512-VNNI (or AVX512BW) the nibbles and the int8 activations go to
+# vpdpbusd (vpmaddubsw), unsigned codes times signed activations, 64 at a time
+# (bench/quant_kernels.py).
+DOT_CHUNK = 64
+
+
+def _declare(builder, name: str, ret, params):
+    mod = builder.module
+    fn = mod.globals.get(name)
+    return fn if fn is not None else ir.Function(mod, ir.FunctionType(ret, params), name)
+
+
+def _load(builder, addr, n: int):
+    vt = ir.VectorType(ir.IntType(8), n)
+    return builder.load(builder.inttoptr(addr, vt.as_pointer()), align=1)
+
+
+def _reduce_add(builder, v, n: int):
+    return builder.call(_declare(builder, f"llvm.vector.reduce.add.v{n}i32", ir.IntType(32),
+                                 [ir.VectorType(ir.IntType(32), n)]), [v])
+
+
+def _float_dot_intrinsic(widen):
+    """An intrinsic (w_addr, x_addr) -> Σ w[j]·x[j] over 64 weights and 64 float32 activations at
+    two addresses (float32; the sum in any order), the weights loaded and widened to float32 by
+    widen(builder, w_addr, <64 x float>)."""
+    @intrinsic
+    def dot(typingctx, w_addr, x_addr):
+        sig = types.float32(types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            vf = ir.VectorType(f32, DOT_CHUNK)
+            x = builder.load(builder.inttoptr(args[1], vf.as_pointer()), align=4)
+            p = builder.fmul(widen(builder, args[0], vf), x, flags=("fast",))
+            red = _declare(builder, f"llvm.vector.reduce.fadd.v{DOT_CHUNK}f32", f32, [f32, vf])
+            return builder.call(red, [ir.Constant(f32, 0.0), p], fastmath=("reassoc",))
+        return sig, codegen
+    return dot
+
+
+def _widen_s8(builder, addr, vf):
+    return builder.sitofp(_load(builder, addr, DOT_CHUNK), vf)
+
+
+def _widen_bf16(builder, addr, vf):
+    # a bf16 is the top half of a float32: widening is a shift
+    v16, v32 = ir.VectorType(ir.IntType(16), DOT_CHUNK), ir.VectorType(ir.IntType(32), DOT_CHUNK)
+    bits = builder.load(builder.inttoptr(addr, v16.as_pointer()), align=2)
+    return builder.bitcast(builder.shl(builder.zext(bits, v32), ir.Constant(v32, [16] * DOT_CHUNK)), vf)
+
+
+#: int8 weights times float32 activations: 64 at a time
+_dot_s8_f32 = _float_dot_intrinsic(_widen_s8)
+
+
+def _u4_intrinsic(isa: str):
+    """Σ lo(c[j])·e[j] + hi(c[j])·o[j] over 32 bytes of int4 codes c (element 2j in the low nibble)
+    and the 32 even (e) and odd (o) int8 activations: 64 weights, int32."""
+    @intrinsic
+    def dot(typingctx, c_addr, e_addr, o_addr):
+        sig = types.int32(types.intp, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            half = DOT_CHUNK // 2
+            v8 = ir.VectorType(ir.IntType(8), half)
+            c, e, o = (_load(builder, a, half) for a in args)
+            lo = builder.and_(c, ir.Constant(v8, [15] * half))
+            hi = builder.lshr(c, ir.Constant(v8, [4] * half))
+            if isa == "generic":
+                wide = ir.VectorType(ir.IntType(32), half)
+                p = builder.add(builder.mul(builder.zext(lo, wide), builder.sext(e, wide)),
+                                builder.mul(builder.zext(hi, wide), builder.sext(o, wide)))
+                return _reduce_add(builder, p, half)
+            cat = ir.Constant(ir.VectorType(ir.IntType(32), DOT_CHUNK), list(range(DOT_CHUNK)))
+            a, b = builder.shuffle_vector(lo, hi, cat), builder.shuffle_vector(e, o, cat)
+            i32x16, i16x32 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(16), 32)
+            if isa == "avx512vnni":
+                f = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", i32x16, [i32x16] * 3)
+                acc = builder.call(f, [ir.Constant(i32x16, [0] * 16), builder.bitcast(a, i32x16),
+                                       builder.bitcast(b, i32x16)])
+            else:   # avx512bw: u8·s8 pairs to int16 (15·127·2 cannot saturate), then pairs to int32
+                v64 = ir.VectorType(ir.IntType(8), DOT_CHUNK)
+                p16 = builder.call(_declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64]), [a, b])
+                acc = builder.call(_declare(builder, "llvm.x86.avx512.pmaddw.d.512", i32x16, [i16x32, i16x32]),
+                                   [p16, ir.Constant(i16x32, [1] * 32)])
+            return _reduce_add(builder, acc, 16)
+        return sig, codegen
+    return dot
+
+
+
+
+@intrinsic
+def _prefetch(typingctx, addr):
+    """A read prefetch of the cache line at `addr` into all cache levels (llvm.prefetch)."""
+    sig = types.void(types.intp)
+
+    def codegen(context, builder, signature, args):
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        f = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, i32, i32, i32])
+        builder.call(f, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+#: the int4 dot of each instruction set; U4_ISA is the one this process's kernels use: the host's
+#: best, "generic" where Numba compiles for a named CPU (NUMBA_CPU_NAME, e.g. a portable cache)
+U4_DOTS = {isa: _u4_intrinsic(isa) for isa in ("avx512vnni", "avx512bw", "generic")}
+
+
+def _host_u4_isa() -> str:
+    import numba
+    from llvmlite import binding
+    if numba.config.CPU_NAME:
+        return "generic"
+    try:
+        features = binding.get_host_cpu_features()
+    except RuntimeError:
+        return "generic"
+    for isa in ("avx512vnni", "avx512bw"):
+        if features.get(isa) and features.get("avx512f"):
+            return isa
+    return "generic"
+
+
+U4_ISA = _host_u4_isa()
+_dot_u4 = U4_DOTS[U4_ISA]
+
+
+# ---- whole-row dots for groups of 64 -----------------------------------------------------------
+# A row's dot product group by group, as the 64-weight dots above do it, spends more on each group's
+# ending than on its weights: a horizontal reduction of the partial sums to one number, then the
+# group's fp16 scale (and int4's minimum) converted and applied in scalar code, ~25 instructions
+# against the 8-12 that multiply the 64 weights. These dots keep each group's partial sums as a
+# 16-lane vector, reduce 16 groups' vectors at once into one vector whose lane g holds group g's
+# sum (a tree of 15 shuffle-and-add pairs), and apply 16 groups' scales with vector loads and
+# multiplies. A row whose group count is no multiple of 16 ends with a masked block: the groups
+# past the row's end are neither read nor summed. The two-thread layer kernels read 1.7-2x faster
+# this way on the development machine (bench/quant_kernels.py).
+
+_I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
+_V64F = ir.VectorType(_F32, DOT_CHUNK)
+_FAST = ("fast",)
+#: the groups one block reduces into a vector (its lanes)
+BLOCK_GROUPS = 16
+
+
+def _at(builder, addr, ty, align):
+    return builder.load(builder.inttoptr(addr, ty.as_pointer()), align=align)
+
+
+def _const(n: int):
+    return ir.Constant(_I64, n)
+
+
+def _splat(builder, s, n: int):
+    vt = ir.VectorType(s.type, n)
+    v = builder.insert_element(ir.Constant(vt, ir.Undefined), s, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, ir.Constant(vt, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+
+def _prefetch_ir(builder, addr):
+    i8p = _I8.as_pointer()
+    f = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, _I32, _I32, _I32])
+    builder.call(f, [builder.inttoptr(addr, i8p), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _masked_load(builder, addr, vt, align: int, mask):
+    """vt (16 lanes of i16, i32 or float) at addr, lanes off in mask read as 0 and not touched."""
+    tag = "f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}"
+    f = _declare(builder, f"llvm.masked.load.v16{tag}.p0v16{tag}", vt, [vt.as_pointer(), _I32, mask.type, vt])
+    return builder.call(f, [builder.inttoptr(addr, vt.as_pointer()), ir.Constant(_I32, align), mask,
+                            ir.Constant(vt, None)])
+
+
+def _f16_lanes(builder, addr, mask):
+    """16 fp16 bit patterns at addr -> <16 x float>, the same branch-free rebias as _f16 (no F16C
+    needed: a portable build has none)."""
+    v16i16 = ir.VectorType(_I16, 16)
+    b = builder.zext(_masked_load(builder, addr, v16i16, 2, mask), _V16I)
+    mag = builder.shl(builder.and_(b, ir.Constant(_V16I, [0x7FFF] * 16)), ir.Constant(_V16I, [13] * 16))
+    mag = builder.fmul(builder.bitcast(mag, _V16F), ir.Constant(_V16F, [5.192296858534828e33] * 16))
+    sign = builder.shl(builder.and_(b, ir.Constant(_V16I, [0x8000] * 16)), ir.Constant(_V16I, [16] * 16))
+    return builder.bitcast(builder.or_(builder.bitcast(mag, _V16I), sign), _V16F)
+
+
+def _lanes_per_group(builder, vs, add):
+    """16 vectors of 16 lanes -> one vector, lane g = the sum of vs[g]'s lanes. Each level adds the
+    first and second halves of every run of lanes of a pair (x, y), x's runs first: the order of
+    the groups is kept, so no permutation at the end."""
+    run = 16
+    while len(vs) > 1:
+        half = run // 2
+        firsts = [r * run + j for r in range(16 // run) for j in range(half)]
+        ma = ir.Constant(_V16I, firsts + [16 + m for m in firsts])
+        mb = ir.Constant(_V16I, [m + half for m in firsts] + [16 + m + half for m in firsts])
+        vs = [add(builder.shuffle_vector(x, y, ma), builder.shuffle_vector(x, y, mb)) for x, y in zip(vs[0::2], vs[1::2])]
+        run = half
+    return vs[0]
+
+
+def _group_blocks(builder, ng, group_vector, block_end, acc_type):
+    """The loop over a row's blocks of up to 16 groups: group_vector(g) emits group g's 16-lane
+    partial sums (for the groups that exist; the others are 0), block_end(base, mask, partials,
+    acc) the block's contribution added to the accumulator. Returns the final accumulator."""
+    entry = builder.block
+    nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
+    loop = builder.append_basic_block("block")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    b, acc = builder.phi(_I64), builder.phi(acc_type)
+    b.add_incoming(_const(0), entry)
+    acc.add_incoming(ir.Constant(acc_type, None), entry)
+    base = builder.mul(b, _const(BLOCK_GROUPS))
+    left = builder.sub(ng, base)
+    partials = []
+    for i in range(BLOCK_GROUPS):
+        have, join = builder.append_basic_block(f"group{i}"), builder.append_basic_block(f"group{i}_end")
+        before = builder.block
+        builder.cbranch(builder.icmp_signed("<", _const(i), left), have, join)
+        builder.position_at_end(have)
+        v = group_vector(builder.add(base, _const(i)))
+        done = builder.block
+        builder.branch(join)
+        builder.position_at_end(join)
+        p = builder.phi(v.type)
+        p.add_incoming(v, done)
+        p.add_incoming(ir.Constant(v.type, None), before)
+        partials.append(p)
+    lanes = ir.Constant(ir.VectorType(_I64, BLOCK_GROUPS), list(range(BLOCK_GROUPS)))
+    mask = builder.icmp_signed("<", lanes, _splat(builder, left, BLOCK_GROUPS))
+    acc1 = block_end(base, mask, partials, acc)
+    b1 = builder.add(b, _const(1))
+    b.add_incoming(b1, builder.block)
+    acc.add_incoming(acc1, builder.block)
+    out = builder.append_basic_block("blocks_end")
+    builder.cbranch(builder.icmp_signed("<", b1, nblocks), loop, out)
+    builder.position_at_end(out)
+    return acc1
+
+
+def _sum_lanes(builder, v, n: int):
+    red = _declare(builder, f"llvm.vector.reduce.fadd.v{n}f32", _F32, [_F32, ir.VectorType(_F32, n)])
+    return builder.call(red, [ir.Constant(_F32, 0.0), v], fastmath=("reassoc",))
+
+
+def _fold_to_16(builder, v):
+    parts = [builder.shuffle_vector(v, v, ir.Constant(_V16I, list(range(16 * k, 16 * k + 16)))) for k in range(4)]
+    return builder.fadd(builder.fadd(parts[0], parts[1], flags=_FAST), builder.fadd(parts[2], parts[3], flags=_FAST),
+                        flags=_FAST)
+
+
+@intrinsic
+def row_dot_s8(typingctx, w_addr, scales_addr, x_addr, ng, pf):
+    """Σ_g scale[g] · Σ_{j in g} w[j]·x[j] over one row of ng groups of 64: int8 codes at w_addr,
+    fp16 scales at scales_addr, float32 activations at x_addr; the weights `pf` bytes ahead are
+    prefetched. float32."""
+    sig = types.float32(*([types.intp] * 5))
+
+    def codegen(context, builder, signature, args):
+        w, sc, x, ng, pf = args
+
+        def group_vector(g):
+            off = builder.mul(g, _const(DOT_CHUNK))
+            wa = builder.add(w, off)
+            _prefetch_ir(builder, builder.add(wa, pf))
+            wv = builder.sitofp(_at(builder, wa, ir.VectorType(_I8, DOT_CHUNK), 1), _V64F)
+            xv = _at(builder, builder.add(x, builder.mul(off, _const(4))), _V64F, 4)
+            return _fold_to_16(builder, builder.fmul(wv, xv, flags=_FAST))
+
+        def block_end(base, mask, partials, acc):
+            sums = _lanes_per_group(builder, partials, lambda a, b: builder.fadd(a, b, flags=_FAST))
+            s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
+            return builder.fadd(acc, builder.fmul(sums, s, flags=_FAST), flags=_FAST)
+        return _sum_lanes(builder, _group_blocks(builder, ng, group_vector, block_end, _V16F), 16)
+    return sig, codegen
+
+
+def _u4_group(builder, isa: str, c, e, o):
+    """int4 codes c (32 bytes, element 2j low nibble) times even (e) and odd (o) int8 activations:
+    the 64 products summed into 16 int32 lanes."""
+    half = DOT_CHUNK // 2
+    v8 = ir.VectorType(_I8, half)
+    lo = builder.and_(c, ir.Constant(v8, [15] * half))
+    hi = builder.lshr(c, ir.Constant(v8, [4] * half))
+    if isa == "generic":
+        wide = ir.VectorType(_I32, half)
+        p = builder.add(builder.mul(builder.zext(lo, wide), builder.sext(e, wide)),
+                        builder.mul(builder.zext(hi, wide), builder.sext(o, wide)))
+        return builder.add(builder.shuffle_vector(p, p, ir.Constant(_V16I, list(range(16)))),
+                           builder.shuffle_vector(p, p, ir.Constant(_V16I, list(range(16, 32)))))
+    cat = ir.Constant(ir.VectorType(_I32, DOT_CHUNK), list(range(DOT_CHUNK)))
+    a, b = builder.shuffle_vector(lo, hi, cat), builder.shuffle_vector(e, o, cat)
+    if isa == "avx512vnni":
+        f = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, [_V16I] * 3)
+        return builder.call(f, [ir.Constant(_V16I, None), builder.bitcast(a, _V16I), builder.bitcast(b, _V16I)])
+    v64, i16x32 = ir.VectorType(_I8, DOT_CHUNK), ir.VectorType(_I16, 32)
+    p16 = builder.call(_declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64]), [a, b])
+    return builder.call(_declare(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I, [i16x32, i16x32]),
+                        [p16, ir.Constant(i16x32, [1] * 32)])
+
+
+def _row_u4_intrinsic(isa: str):
+    @intrinsic
+    def row_dot_u4(typingctx, codes_addr, scales_addr, mins_addr, e_addr, o_addr, xs_addr, xsum_addr, ng, pf):
+        """Σ_g (scale[g] · xs[g] · Σ codes·activations + min[g] · xsum[g]) over one row of ng
+        groups of 64: int4 codes, fp16 scales and minimums; the row's activations as even and
+        odd int8 codes, their float32 scales xs and sums xsum per group (_quantize_rows). float32."""
+        sig = types.float32(*([types.intp] * 9))
+
+        def codegen(context, builder, signature, args):
+            cw, sc, mn, e, o, xs, xsum, ng, pf = args
+            v8 = ir.VectorType(_I8, DOT_CHUNK // 2)
+
+            def group_vector(g):
+                off = builder.mul(g, _const(DOT_CHUNK // 2))
+                ca = builder.add(cw, off)
+                _prefetch_ir(builder, builder.add(ca, pf))
+                return _u4_group(builder, isa, _at(builder, ca, v8, 1), _at(builder, builder.add(e, off), v8, 1),
+                                 _at(builder, builder.add(o, off), v8, 1))
+
+            def block_end(base, mask, partials, acc):
+                sums = builder.sitofp(_lanes_per_group(builder, partials, builder.add), _V16F)
+                b2, b4 = builder.mul(base, _const(2)), builder.mul(base, _const(4))
+                s, m = (_f16_lanes(builder, builder.add(a, b2), mask) for a in (sc, mn))
+                xsv, xsumv = (_masked_load(builder, builder.add(a, b4), _V16F, 4, mask) for a in (xs, xsum))
+                t = builder.fadd(builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
+                                 builder.fmul(m, xsumv, flags=_FAST), flags=_FAST)
+                return builder.fadd(acc, t, flags=_FAST)
+            return _sum_lanes(builder, _group_blocks(builder, ng, group_vector, block_end, _V16F), 16)
+        return sig, codegen
+    return row_dot_u4
+
+
+#: the whole-row int4 dot of each instruction set; row_dot_u4 is this process's
+ROW_U4_DOTS = {isa: _row_u4_intrinsic(isa) for isa in ("avx512vnni", "avx512bw", "generic")}
+row_dot_u4 = ROW_U4_DOTS[U4_ISA]
+
+
+@intrinsic
+def row_dot_bf16(typingctx, w_addr, x_addr, chunks, pf):
+    """Σ_j w[j]·x[j] over chunks·64 bf16 weights at w_addr and float32 activations at x_addr, with
+    four 16-lane partial sums (no per-chunk reduction); weights `pf` bytes ahead prefetched. float32."""
+    sig = types.float32(*([types.intp] * 4))
+
+    def codegen(context, builder, signature, args):
+        w, x, chunks, pf = args
+        entry = builder.block
+        loop, out = builder.append_basic_block("chunk"), builder.append_basic_block("chunks_end")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        c, acc = builder.phi(_I64), builder.phi(_V64F)
+        c.add_incoming(_const(0), entry)
+        acc.add_incoming(ir.Constant(_V64F, None), entry)
+        off = builder.mul(c, _const(DOT_CHUNK))
+        wa = builder.add(w, builder.mul(off, _const(2)))
+        _prefetch_ir(builder, builder.add(wa, pf))          # a chunk is two cache lines of bf16
+        _prefetch_ir(builder, builder.add(wa, builder.add(pf, _const(64))))
+        wv = _widen_bf16(builder, wa, _V64F)
+        xv = _at(builder, builder.add(x, builder.mul(off, _const(4))), _V64F, 4)
+        acc1 = builder.fadd(acc, builder.fmul(wv, xv, flags=_FAST), flags=_FAST)
+        c1 = builder.add(c, _const(1))
+        c.add_incoming(c1, loop)
+        acc.add_incoming(acc1, loop)
+        builder.cbranch(builder.icmp_signed("<", c1, chunks), loop, out)
+        builder.position_at_end(out)
+        return _sum_lanes(builder, acc1, DOT_CHUNK)
+    return sig, codegen
