@@ -12,7 +12,9 @@ memory, not the caches. Rows:
   for what torch's own CPU int8 kernel reaches); torch _weight_int4pack_mm_for_cpu: group-wise
   int4 with bf16 scales and zeros (our int4 maps onto it: scale s, zero m + 8 s)
 - numba moe_layer: compute/quant_kernels.py, the whole layer in one call (what moestream runs),
-  with its software prefetch (quant_kernels.PREFETCH_BYTES ahead) and without (0)
+  with its software prefetch (quant_kernels.PREFETCH_BYTES ahead) and without (0); for groups of
+  64 its rows take the whole-row dots of compute/row_dots.py (since 2026-12-02); bf16: a lossless
+  store's experts through the same kernel
 
     .venv/bin/python bench/quant_kernels.py [--threads 2] [--rounds 3]"""
 from __future__ import annotations
@@ -95,11 +97,12 @@ def main() -> None:
 
     def run_numba(kind, prefetch=quant_kernels.PREFETCH_BYTES):
         out = torch.zeros(1, HIDDEN)
+        weights = bf16 if kind == "bf16" else q[kind]
 
         def run(i):
             saved, quant_kernels.PREFETCH_BYTES = quant_kernels.PREFETCH_BYTES, prefetch
             try:
-                moe_layer(x, [RoutedExpert(*q[kind][k], [0], [1.0 / ACTIVE]) for k in experts(i)], out)
+                moe_layer(x, [RoutedExpert(*weights[k], [0], [1.0 / ACTIVE]) for k in experts(i)], out)
             finally:
                 quant_kernels.PREFETCH_BYTES = saved
         return run
@@ -107,6 +110,8 @@ def main() -> None:
     bytes_bf16 = ACTIVE * sum(w.nbytes for w in bf16[0])
     bytes_q = {k: ACTIVE * sum(m.nbytes for m in q[k][0]) for k in q}
     rows = [("bf16 torch F.linear", run_bf16, bytes_bf16),
+            (f"bf16 numba moe_layer, prefetch {quant_kernels.PREFETCH_BYTES} B (moestream)", run_numba("bf16"),
+             bytes_bf16),
             ("int8 dequantize at every call (a miss's cost) + bf16 torch", run_dequant("int8"), bytes_q["int8"]),
             ("int4 dequantize at every call (a miss's cost) + bf16 torch", run_dequant("int4"), bytes_q["int4"]),
             ("int8 torch _weight_int8pack_mm (per channel)", run_int8pack, ACTIVE * sum(w[0].nbytes for w in i8[0])),

@@ -249,10 +249,11 @@ def _f16_lanes(builder, addr, mask):
 
 
 def _lanes_per_group(builder, vs, add):
-    """16 vectors of 16 lanes -> one vector, lane g = the sum of vs[g]'s lanes. Each level adds the
-    first and second halves of every run of lanes of a pair (x, y), x's runs first: the order of
-    the groups is kept, so no permutation at the end."""
-    run = 16
+    """Vectors of 16 lanes, each holding 16/len(vs) groups' partial sums in runs of lanes (one group
+    a vector, or two: lanes 0-7 and 8-15) -> one vector, lane g = group g's sum. Each level adds
+    the first and second halves of every run of a pair (x, y), x's runs first: the order of the
+    groups is kept, so no permutation at the end."""
+    run = 16 * len(vs) // BLOCK_GROUPS
     while len(vs) > 1:
         half = run // 2
         firsts = [r * run + j for r in range(16 // run) for j in range(half)]
@@ -263,10 +264,12 @@ def _lanes_per_group(builder, vs, add):
     return vs[0]
 
 
-def _group_blocks(builder, ng, group_vector, block_end, acc_type):
-    """The loop over a row's blocks of up to 16 groups: group_vector(g) emits group g's 16-lane
-    partial sums (for the groups that exist; the others are 0), block_end(base, mask, partials,
-    acc) the block's contribution added to the accumulator. Returns the final accumulator."""
+def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
+    """The loop over a row's blocks of up to 16 groups, taken `per` (1 or 2) groups at a time:
+    unit_vector(g, whole) emits the 16-lane partial sums of groups g..g+per-1 (whole: all of them
+    exist; else only g does, and nothing past it may be read); units past the row's end are 0.
+    block_end(base, mask, partials, acc) adds the block's contribution to the accumulator; mask:
+    the block's groups that exist. Returns the final accumulator."""
     entry = builder.block
     nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
     loop = builder.append_basic_block("block")
@@ -278,12 +281,29 @@ def _group_blocks(builder, ng, group_vector, block_end, acc_type):
     base = builder.mul(b, _const(BLOCK_GROUPS))
     left = builder.sub(ng, base)
     partials = []
-    for i in range(BLOCK_GROUPS):
+    for i in range(0, BLOCK_GROUPS, per):
         have, join = builder.append_basic_block(f"group{i}"), builder.append_basic_block(f"group{i}_end")
         before = builder.block
         builder.cbranch(builder.icmp_signed("<", _const(i), left), have, join)
         builder.position_at_end(have)
-        v = group_vector(builder.add(base, _const(i)))
+        g = builder.add(base, _const(i))
+        if per == 1:
+            v = unit_vector(g, True)
+        else:
+            whole, part, merged = (builder.append_basic_block(f"group{i}_{k}") for k in ("whole", "part", "merged"))
+            builder.cbranch(builder.icmp_signed("<", _const(i + per - 1), left), whole, part)
+            builder.position_at_end(whole)
+            vw = unit_vector(g, True)
+            from_whole = builder.block
+            builder.branch(merged)
+            builder.position_at_end(part)
+            vp = unit_vector(g, False)
+            from_part = builder.block
+            builder.branch(merged)
+            builder.position_at_end(merged)
+            v = builder.phi(vw.type)
+            v.add_incoming(vw, from_whole)
+            v.add_incoming(vp, from_part)
         done = builder.block
         builder.branch(join)
         builder.position_at_end(join)
@@ -336,30 +356,33 @@ def row_dot_s8(typingctx, w_addr, scales_addr, x_addr, ng, pf):
             sums = _lanes_per_group(builder, partials, lambda a, b: builder.fadd(a, b, flags=_FAST))
             s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
             return builder.fadd(acc, builder.fmul(sums, s, flags=_FAST), flags=_FAST)
-        return _sum_lanes(builder, _group_blocks(builder, ng, group_vector, block_end, _V16F), 16)
+        return _sum_lanes(builder, _group_blocks(builder, ng, 1, lambda g, whole: group_vector(g), block_end, _V16F),
+                          16)
     return sig, codegen
 
 
-def _u4_group(builder, isa: str, c, e, o):
-    """int4 codes c (32 bytes, element 2j low nibble) times even (e) and odd (o) int8 activations:
-    the 64 products summed into 16 int32 lanes."""
-    half = DOT_CHUNK // 2
-    v8 = ir.VectorType(_I8, half)
-    lo = builder.and_(c, ir.Constant(v8, [15] * half))
-    hi = builder.lshr(c, ir.Constant(v8, [4] * half))
+def _u4_pair(builder, isa: str, c, e, o):
+    """Two groups' int4 codes c (64 bytes, group g's 32 first; element 2j in byte j's low nibble)
+    times their even (e) and odd (o) int8 activations (64 bytes each, the same order): lanes 0-7
+    sum group g's 64 products, lanes 8-15 group g+1's (lane l takes bytes 4l..4l+3). One load of
+    codes, a mask and a shift feed two multiply-adds: no shuffles to pair nibbles with activations."""
+    v64 = ir.VectorType(_I8, DOT_CHUNK)
+    lo = builder.and_(c, ir.Constant(v64, [15] * DOT_CHUNK))
+    hi = builder.lshr(c, ir.Constant(v64, [4] * DOT_CHUNK))
     if isa == "generic":
-        wide = ir.VectorType(_I32, half)
+        wide = ir.VectorType(_I32, DOT_CHUNK)
         p = builder.add(builder.mul(builder.zext(lo, wide), builder.sext(e, wide)),
                         builder.mul(builder.zext(hi, wide), builder.sext(o, wide)))
-        return builder.add(builder.shuffle_vector(p, p, ir.Constant(_V16I, list(range(16)))),
-                           builder.shuffle_vector(p, p, ir.Constant(_V16I, list(range(16, 32)))))
-    cat = ir.Constant(ir.VectorType(_I32, DOT_CHUNK), list(range(DOT_CHUNK)))
-    a, b = builder.shuffle_vector(lo, hi, cat), builder.shuffle_vector(e, o, cat)
+        quarters = [builder.shuffle_vector(p, p, ir.Constant(_V16I, list(range(k, DOT_CHUNK, 4)))) for k in range(4)]
+        return builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3]))
     if isa == "avx512vnni":
         f = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", _V16I, [_V16I] * 3)
-        return builder.call(f, [ir.Constant(_V16I, None), builder.bitcast(a, _V16I), builder.bitcast(b, _V16I)])
-    v64, i16x32 = ir.VectorType(_I8, DOT_CHUNK), ir.VectorType(_I16, 32)
-    p16 = builder.call(_declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64]), [a, b])
+        acc = builder.call(f, [ir.Constant(_V16I, None), builder.bitcast(lo, _V16I), builder.bitcast(e, _V16I)])
+        return builder.call(f, [acc, builder.bitcast(hi, _V16I), builder.bitcast(o, _V16I)])
+    # avx512bw: u8·s8 pairs to int16 (two of 15·127·2 cannot saturate), then pairs to int32
+    i16x32 = ir.VectorType(_I16, 32)
+    madd = _declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64])
+    p16 = builder.add(builder.call(madd, [lo, e]), builder.call(madd, [hi, o]))
     return builder.call(_declare(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I, [i16x32, i16x32]),
                         [p16, ir.Constant(i16x32, [1] * 32)])
 
@@ -374,14 +397,22 @@ def _row_u4_intrinsic(isa: str):
 
         def codegen(context, builder, signature, args):
             cw, sc, mn, e, o, xs, xsum, ng, pf = args
-            v8 = ir.VectorType(_I8, DOT_CHUNK // 2)
+            v64 = ir.VectorType(_I8, DOT_CHUNK)
+            first_half = ir.Constant(ir.VectorType(ir.IntType(1), DOT_CHUNK), [1] * 32 + [0] * 32)
 
-            def group_vector(g):
+            def load(addr, whole):
+                if whole:
+                    return _at(builder, addr, v64, 1)
+                f = _declare(builder, "llvm.masked.load.v64i8.p0v64i8", v64, [v64.as_pointer(), _I32, first_half.type, v64])
+                return builder.call(f, [builder.inttoptr(addr, v64.as_pointer()), ir.Constant(_I32, 1), first_half,
+                                        ir.Constant(v64, None)])
+
+            def pair_vector(g, whole):
                 off = builder.mul(g, _const(DOT_CHUNK // 2))
                 ca = builder.add(cw, off)
                 _prefetch_ir(builder, builder.add(ca, pf))
-                return _u4_group(builder, isa, _at(builder, ca, v8, 1), _at(builder, builder.add(e, off), v8, 1),
-                                 _at(builder, builder.add(o, off), v8, 1))
+                return _u4_pair(builder, isa, load(ca, whole), load(builder.add(e, off), whole),
+                                load(builder.add(o, off), whole))
 
             def block_end(base, mask, partials, acc):
                 sums = builder.sitofp(_lanes_per_group(builder, partials, builder.add), _V16F)
@@ -391,7 +422,7 @@ def _row_u4_intrinsic(isa: str):
                 t = builder.fadd(builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
                                  builder.fmul(m, xsumv, flags=_FAST), flags=_FAST)
                 return builder.fadd(acc, t, flags=_FAST)
-            return _sum_lanes(builder, _group_blocks(builder, ng, group_vector, block_end, _V16F), 16)
+            return _sum_lanes(builder, _group_blocks(builder, ng, 2, pair_vector, block_end, _V16F), 16)
         return sig, codegen
     return row_dot_u4
 
