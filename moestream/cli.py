@@ -49,11 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"moestream {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    c = sub.add_parser("convert", help="convert a Hugging Face safetensors checkpoint into a store")
-    c.add_argument("src", help="checkpoint directory (config.json + *.safetensors)")
+    c = sub.add_parser("convert", help="convert a Hugging Face safetensors checkpoint or a GGUF file into a store")
+    c.add_argument("src", help="checkpoint directory (config.json + *.safetensors), or a .gguf file (any file of a "
+                               "split GGUF; needs the gguf package: pip install 'moestream[gguf]')")
     c.add_argument("out", help="store directory to create")
     c.add_argument("--quant", default="keep", choices=["keep", "bf16", "fp16", "fp32", "int8", "int4"],
-                   help="expert encoding (default: keep the source dtype, lossless)")
+                   help="expert encoding (default: keep the source dtype, lossless; FP8, MXFP4 and quantized "
+                        "GGUF weights are dequantized and kept as bf16)")
     c.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"elements per quantization group (default {DEFAULT_GROUP_SIZE})")
     z = c.add_mutually_exclusive_group()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -21,6 +21,7 @@ from ..errors import ConvertError
 from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
 from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
 from .families import check_config, family_for
+from .gguf_checkpoint import GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
 
@@ -35,7 +36,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
             max_file_size: Optional[int] = None, overwrite: bool = False,
             progress: bool = True, hot_experts: Optional[Iterable[tuple[int, int]]] = None,
             hot_quant: str = "int8", cold_quant: str = "int4", dense_check: Optional[DenseCheck] = None) -> Path:
-    """Convert checkpoint directory `src` into store directory `out` and return its path.
+    """Convert checkpoint `src` into store directory `out` and return its path. `src`: a Hugging
+    Face checkpoint folder (safetensors, one file or sharded), or a GGUF file (one file of a split
+    GGUF brings the others; needs the gguf package, formats/gguf_checkpoint.py).
 
     quant: "keep" (source dtype), "bf16"/"fp16"/"fp32" (lossless cast of every float tensor), or
     "int8"/"int4" (group-wise quantization of expert tensors; dense tensors keep their dtype).
@@ -96,13 +99,13 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         if not is_store(out):
             raise ConvertError(f"{out}: exists and is not a moestream store; --overwrite replaces only a store "
                                "(remove it yourself if it is yours to delete)")
-    ckpt = HFCheckpoint(src)
-    check_config(ckpt.config, str(ckpt.root / "config.json"))
+    ckpt = open_checkpoint(src)
+    check_config(ckpt.config, ckpt.config_label())
     config = ckpt.config
     if ckpt.fp8_block is not None or ckpt.mxfp4:
         # the store holds the dequantized weights: transformers must not treat them as FP8/MXFP4
         config = {k: v for k, v in config.items() if k != "quantization_config"}
-    fam = family_for(ckpt.config, str(ckpt.root / "config.json"))
+    fam = family_for(ckpt.config, ckpt.config_label())
     n_experts = fam.num_experts(ckpt.config)
     n_layers = ckpt.config["num_hidden_layers"]
     moe_layers = [l for l in range(n_layers) if fam.expert_tensor_name(l, 0, fam.expert_tensors[0]) in ckpt]
@@ -175,9 +178,11 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 bits = cast_bits(ckpt.read(name), info.dtype, dt)
                 writer.add_dense(name, encode_region([(name, dt, info.shape, bits)], lossless), info.length)
                 bar.update(info.length)
-            for path in ckpt.tokenizer_files():
-                data = np.frombuffer(path.read_bytes(), np.uint8)
-                writer.add_blob(path.name, _blob(data, zstd_level))
+            if isinstance(ckpt, GgufCheckpoint):
+                _note_gguf(ckpt, quant, bar.write)
+            for name, blob in ckpt.copies().items():
+                if name != "config.json":
+                    writer.add_blob(name, _blob(np.frombuffer(blob, np.uint8), zstd_level))
             writer.checkpoint("dense")
         else:
             bar.update(sum(ckpt.info(n).length for n in dense_names))
@@ -223,7 +228,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 writer.add_base(layer, encode_region(
                     [(t, base_dtype, i.shape, base[t]) for t, i in zip(fam.expert_tensors, infos)], lossless))
             writer.checkpoint(f"layer{layer}")
-        copies = {p.name: p.read_bytes() for p in [ckpt.root / "config.json", *ckpt.tokenizer_files()]}
+        copies = ckpt.copies()
         if config is not ckpt.config:
             copies["config.json"] = json.dumps(config, indent=2).encode()
         path = writer.finish(
@@ -240,6 +245,29 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     return path
 
 
+def open_checkpoint(src: str | os.PathLike) -> "HFCheckpoint | GgufCheckpoint":
+    """The checkpoint at `src`: a GGUF file (or one file of a split GGUF), else a Hugging Face
+    checkpoint folder."""
+    if is_gguf(src):
+        return GgufCheckpoint(src)
+    if str(src).endswith(".gguf") and Path(src).is_file():
+        raise ConvertError(f"{src}: not a GGUF file (it does not start with the GGUF magic)")
+    return HFCheckpoint(src)
+
+
+def _note_gguf(ckpt: GgufCheckpoint, quant: str, write) -> None:
+    """What the conversion of a GGUF does with its quantized tensors and its tokenizer."""
+    counts = Counter(t.ggml_type for t in ckpt.tensors.values() if t.ggml_type is not None)
+    if counts:
+        kinds = ", ".join(f"{n} {k}" for k, n in counts.most_common())
+        write(f"GGUF {ckpt.arch.name}: quantized tensors ({kinds}) dequantized by gguf-py's reference dequantizer; "
+              + ("dense and --quant keep experts stored as bf16 (GGUF blocks kept as they are is not implemented yet)"
+                 if quant == "keep" else f"dense as bf16, experts as {quant}"))
+    note = ckpt.tokenizer_note()
+    if note is not None:
+        write(f"no tokenizer.json in the store: {note} (generate and serve need token ids or a tokenizer)")
+
+
 def _expert_info(ckpt: HFCheckpoint, fam, layer: int, expert: int, tensor: str) -> TensorInfo:
     """Where `tensor` of (layer, expert) lies in the checkpoint: its own tensor, or its row of
     the layer's fused [E, ...] tensor."""
@@ -250,7 +278,7 @@ def _expert_info(ckpt: HFCheckpoint, fam, layer: int, expert: int, tensor: str) 
 def _check_shapes(ckpt: HFCheckpoint, fam, moe_layers: list[int], n_experts: int, expert_names: set[str]) -> None:
     """Every tensor whose shape the config fixes has that shape, and no expert tensor lies
     outside the experts the config declares (it would be stored as a dense tensor and never used)."""
-    cfg_path = ckpt.root / "config.json"
+    cfg_path = ckpt.config_label()
     for name in ckpt.tensors:
         idx = fam.expert_index(name)
         if idx is not None and name not in expert_names:

@@ -52,12 +52,13 @@ class TensorInfo:
     length: int                  # bytes in the file (an FP8 weight's codes)
     fp8: Optional[Fp8Weight] = None
     mxfp4: Optional[Mxfp4Tensor] = None
+    ggml_type: Optional[str] = None   # a GGUF tensor's quantized type (Q8_0, Q4_K, ...), read as float32
 
     @property
     def keep_dtype(self) -> str:
-        """The dtype `--quant keep` stores the tensor in: its own, bf16 for an FP8 weight (its
-        dequantized values; formats/fp8.py)."""
-        return "bf16" if self.fp8 is not None else self.dtype
+        """The dtype `--quant keep` stores the tensor in: its own, bf16 for an FP8 weight or a
+        quantized GGUF tensor (their dequantized values; formats/fp8.py, formats/gguf_checkpoint.py)."""
+        return "bf16" if self.fp8 is not None or self.ggml_type is not None else self.dtype
 
 
 class HFCheckpoint:
@@ -307,3 +308,12 @@ class HFCheckpoint:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.root / n for n in TOKENIZER_FILES if (self.root / n).is_file()]
+
+    def config_label(self) -> str:
+        """Where the config came from, for messages."""
+        return str(self.root / "config.json")
+
+    def copies(self) -> dict[str, bytes]:
+        """The files a store carries beside its tensors (file name -> bytes): config.json and
+        the tokenizer's files."""
+        return {p.name: p.read_bytes() for p in [self.root / "config.json", *self.tokenizer_files()]}

@@ -1,0 +1,369 @@
+"""GGUF files (llama.cpp's format; what Ollama and LM Studio users hold) read as the Hugging Face
+checkpoint they were made from: the config from the GGUF metadata, Hugging Face tensor names,
+the stacked `blk.N.ffn_{gate,up,down}_exps.weight` ([E, rows, cols], expert outermost) split into
+one tensor per expert, and the tokenizer from `tokenizer.ggml.*` written as a `tokenizer.json`.
+
+One record per GGUF architecture (`GGUF_ARCHITECTURES`) holds what differs: the family it maps to,
+the metadata keys of its config, its router and shared-expert names, and whether llama.cpp's
+converter permuted its q/k rows for rotary (it does so for `llama`, whose GGML rotary pairs
+neighbouring elements where Hugging Face pairs the two halves; Qwen's "NEOX" rotary is left alone).
+
+Quantized tensors (Q8_0, Q4_0, the K-quants, IQ types, ...) are dequantized to float32 by gguf-py's
+reference `gguf.quants.dequantize` (numpy) one tensor, or one expert, at a time: the converter then
+stores them as `--quant` says (`keep`: bf16). Reads use pread, not the reader's mmap, so the
+converter's resident set stays at one tensor. Needs the `gguf` package (`pip install moestream[gguf]`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ..errors import ConvertError
+from .families import FAMILIES
+from .hf_checkpoint import TensorInfo
+
+#: a split GGUF's file names (llama.cpp's gguf-split): NAME-00001-of-00003.gguf
+SPLIT_NAME = re.compile(r"(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf")
+
+#: GGUF raw types read as their bit patterns: (the converter's dtype name, numpy bits type)
+RAW_TYPES = {"F32": ("fp32", np.uint32), "F16": ("fp16", np.uint16), "BF16": ("bf16", np.uint16)}
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How one GGUF architecture maps to a family of formats/families.py."""
+    name: str                                   # general.architecture
+    family: str                                 # FAMILIES key (config.json's model_type)
+    #: config.json key -> GGUF metadata key (without the "ARCH." prefix)
+    config: tuple[tuple[str, str], ...]
+    #: config.json keys the GGUF does not carry but the family's forward fixes
+    fixed: tuple[tuple[str, Any], ...] = ()
+    #: per-layer GGUF tensor (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+    layer_tensors: tuple[tuple[str, str], ...] = ()
+    #: llama.cpp permuted q_proj / k_proj rows for GGML's rotary: undone on read
+    permuted_qk: bool = False
+
+
+_COMMON_CONFIG = (("hidden_size", "embedding_length"), ("num_hidden_layers", "block_count"),
+                  ("max_position_embeddings", "context_length"), ("num_attention_heads", "attention.head_count"),
+                  ("num_key_value_heads", "attention.head_count_kv"), ("rope_theta", "rope.freq_base"),
+                  ("rms_norm_eps", "attention.layer_norm_rms_epsilon"), ("num_experts_per_tok", "expert_used_count"))
+_ATTENTION = (("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight"),
+              *((f"attn_{g}.{p}", f"self_attn.{h}_proj.{p}") for g, h in (("q", "q"), ("k", "k"), ("v", "v"))
+                for p in ("weight", "bias")),
+              ("attn_output.weight", "self_attn.o_proj.weight"),
+              ("attn_q_norm.weight", "self_attn.q_norm.weight"), ("attn_k_norm.weight", "self_attn.k_norm.weight"))
+_QWEN_MOE = (("ffn_gate_inp.weight", "mlp.gate.weight"),
+             ("ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight"),
+             *((f"ffn_{p}_shexp.weight", f"mlp.shared_expert.{p}_proj.weight") for p in ("gate", "up", "down")))
+
+#: One record per GGUF architecture moestream converts.
+GGUF_ARCHITECTURES: dict[str, GgufArch] = {
+    "qwen3moe": GgufArch("qwen3moe", "qwen3_moe",
+                         (*_COMMON_CONFIG, ("num_experts", "expert_count"), ("head_dim", "attention.key_length"),
+                          ("moe_intermediate_size", "expert_feed_forward_length"),
+                          ("intermediate_size", "feed_forward_length")),
+                         # llama.cpp's qwen3moe always rescales the top-k weights to sum to one
+                         fixed=(("norm_topk_prob", True),), layer_tensors=(*_ATTENTION, *_QWEN_MOE)),
+    "qwen2moe": GgufArch("qwen2moe", "qwen2_moe",
+                         (*_COMMON_CONFIG, ("num_experts", "expert_count"),
+                          ("moe_intermediate_size", "expert_feed_forward_length"),
+                          ("shared_expert_intermediate_size", "expert_shared_feed_forward_length"),
+                          ("intermediate_size", "feed_forward_length")),
+                         # llama.cpp's qwen2moe keeps the softmax weights of the top-k as they are
+                         fixed=(("norm_topk_prob", False),), layer_tensors=(*_ATTENTION, *_QWEN_MOE)),
+    # Mixtral is llama.cpp's "llama" with experts
+    "llama": GgufArch("llama", "mixtral",
+                      (*_COMMON_CONFIG, ("num_local_experts", "expert_count"),
+                       ("intermediate_size", "feed_forward_length")),
+                      layer_tensors=(*_ATTENTION, ("ffn_gate_inp.weight", "block_sparse_moe.gate.weight")),
+                      permuted_qk=True),
+}
+
+#: whole-model tensors
+_MODEL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                  "output.weight": "lm_head.weight"}
+#: stacked expert tensors -> the role (gate, up, down) of the family's per-expert tensor
+_EXPERT_ROLES = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1, "ffn_down_exps.weight": 2}
+
+#: pre-tokenizer regexes by `tokenizer.ggml.pre` (llama.cpp's names), as in the tokenizer.json of
+#: the models they come from
+PRE_TOKENIZER_REGEX = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+}
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether `path` names a GGUF file (by its magic, not its name)."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            return p.is_file() and f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ConvertError("reading GGUF files needs the gguf package: pip install 'moestream[gguf]' "
+                           "(or pip install gguf)") from None
+    return gguf
+
+
+def split_files(path: Path) -> list[Path]:
+    """Every file of a split GGUF given any one of them (in order), or [path]; ConvertError naming
+    the first that is missing."""
+    m = SPLIT_NAME.fullmatch(path.name)
+    if not m:
+        return [path]
+    count = int(m["count"])
+    files = [path.with_name(f"{m['stem']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for f in files:
+        if not f.is_file():
+            raise ConvertError(f"{f}: missing ({path.name} is part {int(m['index'])} of a {count}-file split GGUF)")
+    return files
+
+
+class GgufCheckpoint:
+    """A GGUF file (or split set) presented with HFCheckpoint's interface: `config`, `tensors`
+    (Hugging Face name -> TensorInfo), `info`, `row`, `read`, `read_info`, `copies()`."""
+
+    fp8_block = None
+    mxfp4 = False
+
+    def __init__(self, src: str | os.PathLike):
+        self.gguf = _gguf()
+        self.root = Path(src)
+        self.files = split_files(self.root)
+        readers = []
+        for f in self.files:
+            try:
+                readers.append(self.gguf.GGUFReader(str(f), "r"))
+            except Exception as e:     # gguf-py raises ValueError, struct.error, ... on a damaged file
+                raise ConvertError(f"{f}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        self.meta = {k: self._value(f) for k, f in readers[0].fields.items()}
+        arch_name = self.meta.get("general.architecture")
+        self.arch = GGUF_ARCHITECTURES.get(arch_name)
+        if self.arch is None:
+            raise ConvertError(f"{self.root}: GGUF architecture {arch_name!r} is not one moestream converts "
+                               f"(it converts {', '.join(GGUF_ARCHITECTURES)})")
+        self.family = FAMILIES[self.arch.family]
+        raw: dict[str, tuple[Path, Any]] = {}
+        for f, r in zip(self.files, readers):
+            for t in r.tensors:
+                raw[t.name] = (f, t)
+        self.config = self._config(raw)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._types: dict[str, str] = {}          # Hugging Face name -> GGML type name
+        for gname, (f, t) in raw.items():
+            self._add(gname, f, t)
+
+    # ---- metadata -------------------------------------------------------------------------
+
+    @staticmethod
+    def _value(field) -> Any:
+        """A metadata field's value as Python: str, number, bool or list of them."""
+        from gguf import GGUFValueType
+        types = field.types
+        if not types:
+            return None
+        if types[0] == GGUFValueType.ARRAY:
+            inner = types[-1]
+            if inner == GGUFValueType.STRING:
+                return [bytes(field.parts[i]).decode("utf-8", "replace") for i in field.data]
+            return [field.parts[i].tolist()[0] for i in field.data]
+        if types[0] == GGUFValueType.STRING:
+            return bytes(field.parts[field.data[0]]).decode("utf-8", "replace")
+        v = field.parts[field.data[0]].tolist()[0]
+        return bool(v) if types[0] == GGUFValueType.BOOL else v
+
+    def _config(self, raw: dict) -> dict[str, Any]:
+        a = self.arch
+        cfg: dict[str, Any] = {"model_type": a.family, "architectures": [self.family.transformers_config
+                                                                        .replace("Config", "ForCausalLM")]}
+        for key, gkey in a.config:
+            v = self.meta.get(f"{a.name}.{gkey}")
+            if v is not None:
+                cfg[key] = v
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", self.family.num_experts_key):
+            if key not in cfg:
+                raise ConvertError(f"{self.root}: GGUF metadata lacks {a.name}.{dict(a.config).get(key, key)}")
+        if f"{a.name}.expert_count" not in self.meta:
+            raise ConvertError(f"{self.root}: a {a.name} GGUF without {a.name}.expert_count is not a mixture of "
+                               "experts (moestream converts MoE models)")
+        cfg.update(dict(a.fixed))
+        # transformers 5 keeps rotary settings under rope_parameters
+        cfg["rope_parameters"] = {"rope_theta": float(cfg.pop("rope_theta", 10000.0)), "rope_type": "default"}
+        scaling = self.meta.get(f"{a.name}.rope.scaling.type")
+        if scaling not in (None, "none"):
+            raise ConvertError(f"{self.root}: rope scaling {scaling!r} ({a.name}.rope.scaling.type) is not "
+                               "converted yet")
+        # the embedding's rows are the model's vocabulary (a token list may be longer or shorter)
+        tokens = self.meta.get("tokenizer.ggml.tokens")
+        vocab = int(raw["token_embd.weight"][1].shape[1]) if "token_embd.weight" in raw else (
+            self.meta.get(f"{a.name}.vocab_size") or (len(tokens) if tokens else None))
+        if vocab is None:
+            raise ConvertError(f"{self.root}: no vocabulary size (no {a.name}.vocab_size, tokens or token_embd)")
+        cfg["vocab_size"] = vocab
+        cfg["tie_word_embeddings"] = "output.weight" not in raw
+        for key, gkey in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                          ("pad_token_id", "padding_token_id")):
+            v = self.meta.get(f"tokenizer.ggml.{gkey}")
+            if v is not None:
+                cfg[key] = v
+        cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
+        return cfg
+
+    # ---- tensors --------------------------------------------------------------------------
+
+    def _hf_name(self, gname: str) -> Optional[tuple[str, Optional[int]]]:
+        """(Hugging Face name, expert role or None) of a GGUF tensor name; None if unknown."""
+        if gname in _MODEL_TENSORS:
+            return _MODEL_TENSORS[gname], None
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", gname)
+        if not m:
+            return None
+        layer, rest = int(m[1]), m[2]
+        if rest in _EXPERT_ROLES:
+            return f"{layer}", _EXPERT_ROLES[rest]
+        hf = dict(self.arch.layer_tensors).get(rest)
+        return (f"model.layers.{layer}.{hf}", None) if hf else None
+
+    def _add(self, gname: str, path: Path, t) -> None:
+        mapped = self._hf_name(gname)
+        if mapped is None:
+            raise ConvertError(f"{path}: tensor {gname} is not part of the {self.arch.name} layout moestream "
+                               "converts")
+        qtype = self.gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))     # GGML lists the innermost first
+        offset, length = int(t.data_offset), int(t.n_bytes)
+        name, role = mapped
+        if role is not None:
+            if len(shape) != 3:
+                raise ConvertError(f"{path}: {gname} has shape {list(shape)}; stacked experts are [E, rows, cols]")
+            layer, per = int(name), length // shape[0]
+            tensor = self.family.gate_up_down[role]
+            for e in range(shape[0]):
+                hf = self.family.expert_tensor_name(layer, e, tensor)
+                self._put(hf, path, qtype, shape[1:], offset + e * per, per)
+            return
+        if name.endswith("shared_expert_gate.weight") and len(shape) == 1:
+            shape = (1, shape[0])          # llama.cpp stores the [1, H] gate as [H]
+        self._put(name, path, qtype, shape, offset, length)
+
+    def _put(self, name: str, path: Path, qtype: str, shape: tuple[int, ...], offset: int, length: int) -> None:
+        if name in self.tensors:
+            raise ConvertError(f"{path}: tensor {name} appears twice in the GGUF")
+        dtype = RAW_TYPES[qtype][0] if qtype in RAW_TYPES else "fp32"
+        self.tensors[name] = TensorInfo(name, path, dtype, shape, offset, length,
+                                        ggml_type=None if qtype in RAW_TYPES else qtype)
+        self._types[name] = qtype
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ConvertError(f"{self.root}: tensor {name} is missing from the GGUF") from None
+
+    def row(self, name: str, index: int) -> TensorInfo:
+        raise ConvertError(f"{self.root}: {name}: GGUF experts are split on read; no fused rows")
+
+    def read(self, name: str) -> np.ndarray:
+        return self.read_info(self.info(name))
+
+    def read_info(self, t: TensorInfo) -> np.ndarray:
+        """The bit patterns of tensor `t` in t.dtype: raw F32/F16/BF16 as stored, quantized types
+        dequantized to float32 (gguf-py's reference dequantizer), q/k rows un-permuted where
+        llama.cpp permuted them."""
+        qtype = self._types[t.name]
+        buf = bytearray(t.length)
+        with open(t.path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(buf)) if f.seek(t.offset) == t.offset else 0
+        if got != t.length:
+            raise ConvertError(f"{t.path}: short read of {t.name} at offset {t.offset}")
+        data = np.frombuffer(buf, np.uint8)
+        if qtype in RAW_TYPES:
+            bits = data.view(RAW_TYPES[qtype][1])
+        else:
+            rows = int(np.prod(t.shape[:-1])) if len(t.shape) > 1 else 1
+            try:
+                vals = self.gguf.quants.dequantize(data.reshape(rows, -1), self.gguf.GGMLQuantizationType[qtype])
+            except NotImplementedError:
+                raise ConvertError(f"{t.path}: {t.name} is {qtype}, which gguf-py cannot dequantize") from None
+            bits = np.ascontiguousarray(vals, np.float32).reshape(-1).view(np.uint32)
+        heads = self._permuted_heads(t.name)
+        if heads:
+            bits = _unpermute_rows(bits.reshape(t.shape), heads).reshape(-1)
+        return bits
+
+    def _permuted_heads(self, name: str) -> int:
+        if not self.arch.permuted_qk:
+            return 0
+        if name.endswith("self_attn.q_proj.weight"):
+            return self.config["num_attention_heads"]
+        if name.endswith("self_attn.k_proj.weight"):
+            return self.config["num_key_value_heads"]
+        return 0
+
+    # ---- what the store carries beside the tensors ----------------------------------------
+
+    def config_label(self) -> str:
+        return f"{self.root} (GGUF metadata)"
+
+    def copies(self) -> dict[str, bytes]:
+        """config.json and, where the GGUF's tokenizer converts, tokenizer.json."""
+        out = {"config.json": json.dumps(self.config, indent=2).encode()}
+        tok = self.tokenizer_json()
+        if tok is not None:
+            out["tokenizer.json"] = tok
+        return out
+
+    def tokenizer_note(self) -> Optional[str]:
+        """Why the store gets no tokenizer.json, or None when it does."""
+        model = self.meta.get("tokenizer.ggml.model")
+        if model is None:
+            return "the GGUF carries no tokenizer"
+        if model != "gpt2":
+            return f"its tokenizer model {model!r} is not converted yet (byte-level BPE, 'gpt2', is)"
+        return None
+
+    def tokenizer_json(self) -> Optional[bytes]:
+        """tokenizer.ggml.* (a byte-level BPE: tokens, merges, token types, pre-tokenizer) as a
+        tokenizers `tokenizer.json`; None where tokenizer_note says why not."""
+        if self.tokenizer_note() is not None:
+            return None
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+        tokens = self.meta.get("tokenizer.ggml.tokens") or []
+        merges = [tuple(m.split(" ", 1)) for m in self.meta.get("tokenizer.ggml.merges") or []]
+        types = self.meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
+                                   byte_fallback=False))
+        pattern = PRE_TOKENIZER_REGEX.get(self.meta.get("tokenizer.ggml.pre", "gpt-2"), PRE_TOKENIZER_REGEX["gpt-2"])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == 3])        # CONTROL
+        tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == 4])                 # USER_DEFINED
+        return tok.to_str().encode()
+
+
+def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k permutation (convert_hf_to_gguf's LlamaModel.permute): within each
+    head, rows were reordered from Hugging Face's [first half, second half] to interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -1,0 +1,264 @@
+"""GGUF files in (formats/gguf_checkpoint.py). The GGUFs are written here by gguf-py's GGUFWriter
+from random Hugging Face checkpoints, laid out the way llama.cpp's convert_hf_to_gguf.py lays them
+out (stacked experts, its q/k permutation for `llama`, its tensor names) and quantized by gguf-py's
+own Q8_0/Q4_0 quantizers. The store's logits are compared with transformers running the
+checkpoint the GGUF was made from, and, where transformers reads the architecture, with
+transformers loading the GGUF itself (its own GGUF reader and dequantization); the tokenizer
+with the checkpoint's tokenizer on the same text."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+import moestream  # noqa: E402
+from moestream.compute import load_model  # noqa: E402
+from moestream.demo import build_checkpoint  # noqa: E402
+from moestream.errors import ConvertError  # noqa: E402
+from moestream.formats import StoreReader  # noqa: E402
+
+Q = gguf.GGMLQuantizationType
+#: GGUF architecture of each family, and which llama.cpp permutes q/k for
+ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
+TEXT = "The quick brown fox jumps over the lazy dog. 12345 <s> hello"
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # convert_hf_to_gguf.py's LlamaModel.permute, as llama.cpp applies it to q_proj / k_proj
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int = 0, drop=()):
+    """The checkpoint at `ckpt` (fp32 safetensors) as a GGUF at `out`: 2-D weights in `qtype`
+    (norms, routers and the embedding in F32, as llama.cpp keeps norms and small tensors)."""
+    from safetensors.numpy import load_file
+    cfg = json.loads((ckpt / "config.json").read_text())
+    fam = moestream.formats.families.FAMILIES[cfg["model_type"]]
+    arch = ARCH[cfg["model_type"]]
+    t = load_file(ckpt / "model.safetensors")
+    w = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(fam.num_experts(cfg))
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "llama":
+        w.add_feed_forward_length(cfg["intermediate_size"])
+    else:
+        w.add_feed_forward_length(cfg.get("intermediate_size", 1))
+        w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    if "head_dim" in cfg and arch == "qwen3moe":
+        w.add_key_length(cfg["head_dim"])
+        w.add_value_length(cfg["head_dim"])
+    if "shared_expert_intermediate_size" in cfg:
+        w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
+    if tokenizer:
+        tok = json.loads((ckpt / "tokenizer.json").read_text())
+        vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+        added = {a["id"]: a for a in tok["added_tokens"]}
+        tokens = [k for k, _ in vocab]
+        for i, a in added.items():
+            if i >= len(tokens):
+                tokens.append(a["content"])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types([gguf.TokenType.CONTROL if i in added else gguf.TokenType.NORMAL
+                           for i in range(len(tokens))])
+        w.add_token_merges(merges)
+        w.add_bos_token_id(cfg["bos_token_id"])
+        w.add_eos_token_id(cfg["eos_token_id"])
+
+    def add(name, arr, small=False):
+        if name in drop:
+            return
+        # as llama.cpp does, rows that are no whole number of blocks stay unquantized
+        if small or arr.ndim == 1 or qtype == Q.F32 or arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            w.add_tensor(name, arr.astype(np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), qtype), raw_dtype=qtype)
+    add("token_embd.weight", t["model.embed_tokens.weight"], small=True)
+    add("output_norm.weight", t["model.norm.weight"])
+    if "lm_head.weight" in t and not cfg.get("tie_word_embeddings"):
+        add("output.weight", t["lm_head.weight"])
+    gate, up, down = fam.gate_up_down
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for g, h in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                     ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")):
+            if p + h + ".weight" in t:
+                add(f"blk.{layer}.{g}.weight", t[p + h + ".weight"])
+        for g, h in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
+            for part in ("weight", "bias"):
+                a = t.get(f"{p}self_attn.{h}.{part}")
+                if a is None:
+                    continue
+                if arch == "llama" and h in ("q_proj", "k_proj"):
+                    a = _llama_permute(a, cfg["num_attention_heads"] if h == "q_proj" else cfg["num_key_value_heads"])
+                add(f"blk.{layer}.{g}.{part}", a)
+        router = fam.router.format(layer=layer)
+        add(f"blk.{layer}.ffn_gate_inp.weight", t[router], small=True)
+        for g, role in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
+            add(f"blk.{layer}.{g}.weight",
+                np.stack([t[fam.expert_tensor_name(layer, e, role)] for e in range(fam.num_experts(cfg))]))
+        if p + "mlp.shared_expert_gate.weight" in t:
+            add(f"blk.{layer}.ffn_gate_inp_shexp.weight", t[p + "mlp.shared_expert_gate.weight"][0], small=True)
+            for g in ("gate", "up", "down"):
+                add(f"blk.{layer}.ffn_{g}_shexp.weight", t[f"{p}mlp.shared_expert.{g}_proj.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    # block-32 quantization needs every row width a multiple of 32: experts 64 wide
+    root = tmp_path_factory.mktemp("gguf-src")
+    return {f: build_checkpoint(f, root / f, seed=11 + i, moe_intermediate_size=64,
+                                **({"intermediate_size": 64} if f == "mixtral" else {}))
+            for i, f in enumerate(ARCH)}
+
+
+def _logits(ckpt, ids):
+    from transformers import AutoModelForCausalLM
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()(ids).logits
+
+
+def _store_logits(store, ids):
+    model = load_model(store, device_budget="64MiB", host_budget=0, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            return model(ids)
+    finally:
+        model.store.close()
+
+
+def _rel(got, want):
+    return (got - want).abs().max().item() / want.abs().max().item()
+
+
+@pytest.mark.parametrize("family", list(ARCH))
+def test_an_f32_gguf_converts_to_the_checkpoint_it_was_made_from(ckpts, tmp_path, family):
+    """Names, stacked experts split per expert, q/k un-permuted (llama), config from the metadata:
+    an F32 GGUF's store computes what transformers computes on the original checkpoint."""
+    src = write_gguf(ckpts[family], tmp_path / "m.gguf")
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    cfg = json.loads((store / "config.json").read_text())
+    orig = json.loads((ckpts[family] / "config.json").read_text())
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "num_experts_per_tok", "rms_norm_eps", "rope_parameters"):
+        assert cfg[k] == pytest.approx(orig[k]) if k != "rope_parameters" else cfg[k] == orig[k], k
+    ids = torch.randint(0, orig["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
+    err = _rel(_store_logits(store, ids), _logits(ckpts[family], ids))
+    print(f"{family} F32 GGUF: max |logit diff| / max |logit| = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_the_tokenizer_comes_from_the_gguf_metadata(ckpts, tmp_path):
+    from tokenizers import Tokenizer
+    src = write_gguf(ckpts["qwen3_moe"], tmp_path / "m.gguf")
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    want = Tokenizer.from_file(str(ckpts["qwen3_moe"] / "tokenizer.json"))
+    got = Tokenizer.from_file(str(store / "tokenizer.json"))
+    assert got.encode(TEXT).ids == want.encode(TEXT).ids
+    assert got.decode(want.encode(TEXT).ids) == want.decode(want.encode(TEXT).ids)
+    assert got.token_to_id("</s>") == want.token_to_id("</s>")
+
+
+# tolerances: a random model's near-Gaussian weights in 32-element blocks of 256 (Q8_0) or 16
+# (Q4_0) levels; the bf16 rounding of the stored values adds ~0.3 %
+@pytest.mark.parametrize("qtype,tol", [(Q.Q8_0, 0.02), (Q.Q4_0, 0.3)])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_quantized_ggufs_match_transformers_reading_the_same_file(ckpts, tmp_path, family, qtype, tol):
+    """Q8_0 / Q4_0 blocks dequantized: stored as float32, against transformers loading the GGUF
+    (its own reader and dequantization): 1e-4; `--quant keep` stores bf16, against the unquantized
+    checkpoint: the blocks' rounding only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    src = write_gguf(ckpts[family], tmp_path / "m.gguf", qtype)
+    exact = moestream.convert(src, tmp_path / "fp32.moe", quant="fp32", progress=False)
+    kept = moestream.convert(src, tmp_path / "keep.moe", progress=False)
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        # the checkpoint's config: transformers' GGUF config mapping omits the experts' width
+        # (expert_feed_forward_length) and falls back to Qwen's default
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
+                                                   config=AutoConfig.from_pretrained(ckpts[family])).eval()
+        want = ref(ids).logits
+    err = _rel(_store_logits(exact, ids), want)
+    drift = _rel(_store_logits(kept, ids), _logits(ckpts[family], ids))
+    print(f"{family} {qtype.name}: fp32 store vs transformers' GGUF read {err:.2e}; "
+          f"bf16 store vs the unquantized checkpoint {drift:.3f}")
+    assert err < 1e-4
+    assert drift < tol
+    with StoreReader(kept) as r:
+        ext = r.index.extents[(r.index.moe_layers[0], 0)]
+        assert {t.dtype for t in ext.tensors} == {"bf16"}      # --quant keep: the dequantized values in bf16
+
+
+def test_q8_0_blocks_requantize_to_int8_exactly():
+    """Our int8 with groups of 32 is Q8_0's layout (absmax / 127 per 32, one fp16 scale): from the
+    values of Q8_0 blocks it re-derives the same codes and scales, so `--quant int8 --group-size
+    32` from a Q8_0 GGUF loses nothing."""
+    from moestream.compute.dequant import dequantize
+    from moestream.formats.quantized import quantize_matrix
+    w = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32) * 0.05
+    blocks = gguf.quants.quantize(w, Q.Q8_0)
+    want = gguf.quants.dequantize(blocks, Q.Q8_0)
+    got = quantize_matrix(torch.from_numpy(want), "int8", 32).dequantize(dequantize, torch.float32).numpy()
+    assert np.array_equal(got, want)
+
+
+def test_a_split_gguf_is_read_from_any_of_its_files(ckpts, tmp_path):
+    from moestream.formats.gguf_checkpoint import GgufCheckpoint
+    whole = GgufCheckpoint(write_gguf(ckpts["qwen3_moe"], tmp_path / "one.gguf"))
+    (tmp_path / "parts").mkdir()
+    # gguf-py's writer splits as llama.cpp's gguf-split does: NAME-0000i-of-0000n.gguf, the
+    # metadata in the first
+    write_gguf(ckpts["qwen3_moe"], tmp_path / "parts" / "m.gguf", split_max_tensors=12)
+    files = sorted((tmp_path / "parts").glob("m-*-of-*.gguf"))
+    assert len(files) >= 3
+    for f in files:
+        ck = GgufCheckpoint(f)
+        assert ck.tensors.keys() == whole.tensors.keys() and ck.config == whole.config
+    store = moestream.convert(files[-1], tmp_path / "m.moe", progress=False)
+    ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(1))
+    assert _rel(_store_logits(store, ids), _logits(ckpts["qwen3_moe"], ids)) < 1e-4
+    files[1].unlink()
+    with pytest.raises(ConvertError, match=f"{files[1].name}: missing"):
+        GgufCheckpoint(files[0])
+
+
+def test_bad_ggufs_are_refused_naming_the_file(ckpts, tmp_path):
+    src = write_gguf(ckpts["qwen3_moe"], tmp_path / "m.gguf")
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf at all")
+    with pytest.raises(ConvertError, match="fake.gguf: not a GGUF file"):
+        moestream.convert(fake, tmp_path / "a.moe", progress=False)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[:len(src.read_bytes()) // 2])
+    with pytest.raises(ConvertError, match="cut.gguf"):
+        moestream.convert(cut, tmp_path / "b.moe", progress=False)
+    missing = write_gguf(ckpts["qwen3_moe"], tmp_path / "missing.gguf", drop={"blk.1.ffn_up_exps.weight"})
+    with pytest.raises(ConvertError, match="up_proj"):
+        moestream.convert(missing, tmp_path / "c.moe", progress=False)
+    assert not (tmp_path / "a.moe").exists() and not (tmp_path / "b.moe").exists()
+    assert not (tmp_path / "c.moe").exists()
+
+
+def test_the_cli_converts_a_gguf_and_says_what_it_did(ckpts, tmp_path, capsys):
+    from moestream.cli import main
+    src = write_gguf(ckpts["qwen3_moe"], tmp_path / "m.gguf", Q.Q8_0, tokenizer=False)
+    assert main(["convert", str(src), str(tmp_path / "m.moe")]) == 0
+    said = "".join(capsys.readouterr())
+    assert "Q8_0" in said and "no tokenizer.json" in said
+    assert not (tmp_path / "m.moe" / "tokenizer.json").exists()
