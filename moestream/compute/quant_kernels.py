@@ -37,8 +37,11 @@ from numba import carray, njit, prange
 
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
-from .row_dots import (DOT_CHUNK, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16, _i8_ptr, _prefetch, _u16_ptr,
-                       row_dot_bf16, row_dot_s8, row_dot_u4)
+from .row_dots import (DOT_CHUNK, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16, _i8_ptr, _prefetch,
+                       _u16_ptr, row_dot_bf16)
+
+# Numba calls an intrinsic by its global name: one per group size of row_dots.ROW_DOT_GROUPS
+_s8_g32, _s8_g64, _u4_g32, _u4_g64 = ROW_S8_DOTS[32], ROW_S8_DOTS[64], ROW_U4[32], ROW_U4[64]
 
 #: how far ahead of the codes being multiplied the kernels ask for the weights (bytes, in the same
 #: matrix). The hardware prefetcher alone kept a core's loads short of memory's bandwidth: on the
@@ -108,8 +111,8 @@ def _quantized_activations(x, group, needed=True):
 def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
     # int8: float activations xf. int4: the integer sums of all groups first, into `sums`
     # (scratch, >= cols / group), then the scales, so the float work stays out of the integer
-    # loop. Groups of 64, the default, take the whole-row dots; other multiples of DOT_CHUNK the
-    # 64-weight vector dots; the rest the scalar loop.
+    # loop. Groups of 64 (the default) and 32 (GGUF's blocks) take the whole-row dots; other
+    # multiples of DOT_CHUNK the 64-weight vector dots; the rest the scalar loop.
     if kind == 2:
         if cols % DOT_CHUNK == 0:
             return row_dot_bf16(codes_addr + 2 * row * cols, xf.ctypes.data + 4 * t * cols, cols // DOT_CHUNK, pf)
@@ -120,12 +123,19 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
             acc += _bits_to_f32(np.uint32(wb[j]) << np.uint32(16)) * xrow[j]
         return acc
     ng = cols // group
-    if group == DOT_CHUNK:      # the default group: the whole-row dots (row_dots.py)
+    if group == 64 or group == 32:      # the whole-row dots (row_dots.py)
+        s_addr, m_addr = scales_addr + 2 * row * ng, mins_addr + 2 * row * ng
         if kind == 0:
-            return row_dot_s8(codes_addr + row * cols, scales_addr + 2 * row * ng, xf.ctypes.data + 4 * t * cols, ng, pf)
-        return row_dot_u4(codes_addr + row * (cols // 2), scales_addr + 2 * row * ng, mins_addr + 2 * row * ng,
-                          xe.ctypes.data + t * (cols // 2), xo.ctypes.data + t * (cols // 2),
-                          xs.ctypes.data + 4 * t * ng, xsum.ctypes.data + 4 * t * ng, ng, pf)
+            w_addr, x_addr = codes_addr + row * cols, xf.ctypes.data + 4 * t * cols
+            if group == 64:
+                return _s8_g64(w_addr, s_addr, x_addr, ng, pf)
+            return _s8_g32(w_addr, s_addr, x_addr, ng, pf)
+        w_addr = codes_addr + row * (cols // 2)
+        e_addr, o_addr = xe.ctypes.data + t * (cols // 2), xo.ctypes.data + t * (cols // 2)
+        xs_addr, xsum_addr = xs.ctypes.data + 4 * t * ng, xsum.ctypes.data + 4 * t * ng
+        if group == 64:
+            return _u4_g64(w_addr, s_addr, m_addr, e_addr, o_addr, xs_addr, xsum_addr, ng, pf)
+        return _u4_g32(w_addr, s_addr, m_addr, e_addr, o_addr, xs_addr, xsum_addr, ng, pf)
     sc = carray(_u16_ptr(scales_addr + 2 * row * ng), ng)
     chunks = group // DOT_CHUNK if group % DOT_CHUNK == 0 else 0
     if kind == 0:

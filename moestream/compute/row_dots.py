@@ -9,6 +9,8 @@ host has) for them. Every intrinsic takes addresses: the caller owns the memory 
 for the call; nothing here allocates or checks bounds."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -190,23 +192,27 @@ U4_ISA = _host_u4_isa()
 _dot_u4 = U4_DOTS[U4_ISA]
 
 
-# ---- whole-row dots for groups of 64 -----------------------------------------------------------
+# ---- whole-row dots for groups of 32 and 64 -----------------------------------------------------
 # A row's dot product group by group, as the 64-weight dots above do it, spends more on each group's
 # ending than on its weights: a horizontal reduction of the partial sums to one number, then the
 # group's fp16 scale (and int4's minimum) converted and applied in scalar code, ~25 instructions
-# against the 8-12 that multiply the 64 weights. These dots keep each group's partial sums as a
-# 16-lane vector, reduce 16 groups' vectors at once into one vector whose lane g holds group g's
-# sum (a tree of 15 shuffle-and-add pairs), and apply 16 groups' scales with vector loads and
-# multiplies. A row whose group count is no multiple of 16 ends with a masked block: the groups
-# past the row's end are neither read nor summed. The two-thread layer kernels read 1.7-2x faster
-# this way on the development machine (bench/quant_kernels.py).
+# against the 8-12 that multiply the 64 weights. These dots keep each group's partial sums in a
+# run of lanes of a 16-lane vector, reduce 16 groups' vectors at once into one vector whose lane g
+# holds group g's sum (a tree of shuffle-and-add pairs), and apply 16 groups' scales with vector
+# loads and multiplies. They read the codes 64 bytes at a time (a "unit": 1 or 2 groups of int8,
+# 2 or 4 of int4), so groups of 32 (GGUF's Q8_0 and Q4_0 blocks) cost no more loads than groups
+# of 64. A row whose last unit or block is partial reads it with masked loads: nothing past the
+# row's end is read. The two-thread layer kernels read 1.7-2x faster this way on the development
+# machine than with the 64-weight dots (bench/quant_kernels.py).
 
 _I8, _I16, _I32, _I64, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16F, _V16I = ir.VectorType(_F32, 16), ir.VectorType(_I32, 16)
-_V64F = ir.VectorType(_F32, DOT_CHUNK)
+_V64F, _V64B = ir.VectorType(_F32, DOT_CHUNK), ir.VectorType(_I8, DOT_CHUNK)
 _FAST = ("fast",)
 #: the groups one block reduces into a vector (its lanes)
 BLOCK_GROUPS = 16
+#: the group sizes the whole-row dots take (others: quant_kernels' 64-weight dots or scalar loop)
+ROW_DOT_GROUPS = (32, 64)
 
 
 def _at(builder, addr, ty, align):
@@ -230,11 +236,23 @@ def _prefetch_ir(builder, addr):
 
 
 def _masked_load(builder, addr, vt, align: int, mask):
-    """vt (16 lanes of i16, i32 or float) at addr, lanes off in mask read as 0 and not touched."""
-    tag = "f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}"
-    f = _declare(builder, f"llvm.masked.load.v16{tag}.p0v16{tag}", vt, [vt.as_pointer(), _I32, mask.type, vt])
+    """vt at addr, the lanes off in mask read as 0 and not touched."""
+    tag = f"v{vt.count}" + ("f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}")
+    f = _declare(builder, f"llvm.masked.load.{tag}.p0{tag}", vt, [vt.as_pointer(), _I32, mask.type, vt])
     return builder.call(f, [builder.inttoptr(addr, vt.as_pointer()), ir.Constant(_I32, align), mask,
                             ir.Constant(vt, None)])
+
+
+def _first(builder, n, count: int):
+    """The mask of the first n (runtime) of `count` lanes."""
+    lanes = ir.Constant(ir.VectorType(_I64, count), list(range(count)))
+    return builder.icmp_signed("<", lanes, _splat(builder, n, count))
+
+
+def _load_first(builder, addr, vt, align: int, n=None):
+    """vt at addr, or (n given) only its first n lanes."""
+    return _at(builder, addr, vt, align) if n is None else _masked_load(builder, addr, vt, align,
+                                                                         _first(builder, n, vt.count))
 
 
 def _f16_lanes(builder, addr, mask):
@@ -248,12 +266,11 @@ def _f16_lanes(builder, addr, mask):
     return builder.bitcast(builder.or_(builder.bitcast(mag, _V16I), sign), _V16F)
 
 
-def _lanes_per_group(builder, vs, add):
-    """Vectors of 16 lanes, each holding 16/len(vs) groups' partial sums in runs of lanes (one group
-    a vector, or two: lanes 0-7 and 8-15) -> one vector, lane g = group g's sum. Each level adds
-    the first and second halves of every run of a pair (x, y), x's runs first: the order of the
-    groups is kept, so no permutation at the end."""
-    run = 16 * len(vs) // BLOCK_GROUPS
+def _merge_runs(builder, vs, run: int, add):
+    """Vectors of 16 lanes whose groups' partial sums lie in runs of `run` lanes -> one vector of
+    runs of run / len(vs) lanes, the groups in order (len(vs) a power of two, at most run). Each
+    level adds the first and second halves of every run of a pair (x, y), x's runs first: the order
+    of the groups is kept, so no permutation at the end."""
     while len(vs) > 1:
         half = run // 2
         firsts = [r * run + j for r in range(16 // run) for j in range(half)]
@@ -265,11 +282,12 @@ def _lanes_per_group(builder, vs, add):
 
 
 def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
-    """The loop over a row's blocks of up to 16 groups, taken `per` (1 or 2) groups at a time:
-    unit_vector(g, whole) emits the 16-lane partial sums of groups g..g+per-1 (whole: all of them
-    exist; else only g does, and nothing past it may be read); units past the row's end are 0.
-    block_end(base, mask, partials, acc) adds the block's contribution to the accumulator; mask:
-    the block's groups that exist. Returns the final accumulator."""
+    """The loop over a row's blocks of up to 16 groups, `per` (1, 2 or 4) groups a unit:
+    unit_vector(g, n) emits the 16-lane partial sums of groups g..g+per-1 in runs of 16/per lanes,
+    n None when all exist, else the runtime count of those that do (nothing past them may be
+    read); units past the row's end are 0. block_end(base, mask, sums, acc) adds the block's group
+    sums (lane g: group base+g; mask: the groups that exist) to the accumulator. Returns the final
+    accumulator."""
     entry = builder.block
     nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
     loop = builder.append_basic_block("block")
@@ -282,28 +300,25 @@ def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
     left = builder.sub(ng, base)
     partials = []
     for i in range(0, BLOCK_GROUPS, per):
-        have, join = builder.append_basic_block(f"group{i}"), builder.append_basic_block(f"group{i}_end")
+        have, join = builder.append_basic_block(f"unit{i}"), builder.append_basic_block(f"unit{i}_end")
         before = builder.block
         builder.cbranch(builder.icmp_signed("<", _const(i), left), have, join)
         builder.position_at_end(have)
         g = builder.add(base, _const(i))
-        if per == 1:
-            v = unit_vector(g, True)
-        else:
-            whole, part, merged = (builder.append_basic_block(f"group{i}_{k}") for k in ("whole", "part", "merged"))
-            builder.cbranch(builder.icmp_signed("<", _const(i + per - 1), left), whole, part)
-            builder.position_at_end(whole)
-            vw = unit_vector(g, True)
-            from_whole = builder.block
-            builder.branch(merged)
-            builder.position_at_end(part)
-            vp = unit_vector(g, False)
-            from_part = builder.block
-            builder.branch(merged)
-            builder.position_at_end(merged)
-            v = builder.phi(vw.type)
-            v.add_incoming(vw, from_whole)
-            v.add_incoming(vp, from_part)
+        whole, part, merged = (builder.append_basic_block(f"unit{i}_{k}") for k in ("whole", "part", "merged"))
+        builder.cbranch(builder.icmp_signed("<", _const(i + per - 1), left), whole, part)
+        builder.position_at_end(whole)
+        vw = unit_vector(g, None)
+        from_whole = builder.block
+        builder.branch(merged)
+        builder.position_at_end(part)
+        vp = unit_vector(g, builder.sub(left, _const(i)))
+        from_part = builder.block
+        builder.branch(merged)
+        builder.position_at_end(merged)
+        v = builder.phi(vw.type)
+        v.add_incoming(vw, from_whole)
+        v.add_incoming(vp, from_part)
         done = builder.block
         builder.branch(join)
         builder.position_at_end(join)
@@ -328,47 +343,61 @@ def _sum_lanes(builder, v, n: int):
     return builder.call(red, [ir.Constant(_F32, 0.0), v], fastmath=("reassoc",))
 
 
-def _fold_to_16(builder, v):
-    parts = [builder.shuffle_vector(v, v, ir.Constant(_V16I, list(range(16 * k, 16 * k + 16)))) for k in range(4)]
-    return builder.fadd(builder.fadd(parts[0], parts[1], flags=_FAST), builder.fadd(parts[2], parts[3], flags=_FAST),
-                        flags=_FAST)
+def _fadd(builder):
+    return lambda a, b: builder.fadd(a, b, flags=_FAST)
 
 
-@intrinsic
-def row_dot_s8(typingctx, w_addr, scales_addr, x_addr, ng, pf):
-    """Σ_g scale[g] · Σ_{j in g} w[j]·x[j] over one row of ng groups of 64: int8 codes at w_addr,
-    fp16 scales at scales_addr, float32 activations at x_addr; the weights `pf` bytes ahead are
-    prefetched. float32."""
-    sig = types.float32(*([types.intp] * 5))
-
-    def codegen(context, builder, signature, args):
-        w, sc, x, ng, pf = args
-
-        def group_vector(g):
-            off = builder.mul(g, _const(DOT_CHUNK))
-            wa = builder.add(w, off)
-            _prefetch_ir(builder, builder.add(wa, pf))
-            wv = builder.sitofp(_at(builder, wa, ir.VectorType(_I8, DOT_CHUNK), 1), _V64F)
-            xv = _at(builder, builder.add(x, builder.mul(off, _const(4))), _V64F, 4)
-            return _fold_to_16(builder, builder.fmul(wv, xv, flags=_FAST))
-
-        def block_end(base, mask, partials, acc):
-            sums = _lanes_per_group(builder, partials, lambda a, b: builder.fadd(a, b, flags=_FAST))
-            s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
-            return builder.fadd(acc, builder.fmul(sums, s, flags=_FAST), flags=_FAST)
-        return _sum_lanes(builder, _group_blocks(builder, ng, 1, lambda g, whole: group_vector(g), block_end, _V16F),
-                          16)
-    return sig, codegen
+def _parts(builder, v, k: int):
+    """<64 x T> -> its k-th 16 lanes."""
+    return builder.shuffle_vector(v, v, ir.Constant(_V16I, list(range(16 * k, 16 * k + 16))))
 
 
-def _u4_pair(builder, isa: str, c, e, o):
-    """Two groups' int4 codes c (64 bytes, group g's 32 first; element 2j in byte j's low nibble)
-    times their even (e) and odd (o) int8 activations (64 bytes each, the same order): lanes 0-7
-    sum group g's 64 products, lanes 8-15 group g+1's (lane l takes bytes 4l..4l+3). One load of
-    codes, a mask and a shift feed two multiply-adds: no shuffles to pair nibbles with activations."""
-    v64 = ir.VectorType(_I8, DOT_CHUNK)
-    lo = builder.and_(c, ir.Constant(v64, [15] * DOT_CHUNK))
-    hi = builder.lshr(c, ir.Constant(v64, [4] * DOT_CHUNK))
+def _row_s8_intrinsic(group: int):
+    per = DOT_CHUNK // group             # groups a 64-code unit holds
+
+    @intrinsic
+    def row_dot_s8(typingctx, w_addr, scales_addr, x_addr, ng, pf):
+        """Σ_g scale[g] · Σ_{j in g} w[j]·x[j] over one row of ng groups: int8 codes at w_addr,
+        fp16 scales at scales_addr, float32 activations at x_addr; the weights `pf` bytes ahead
+        are prefetched. float32."""
+        sig = types.float32(*([types.intp] * 5))
+
+        def codegen(context, builder, signature, args):
+            w, sc, x, ng, pf = args
+
+            def unit_vector(g, n):
+                off = builder.mul(g, _const(group))
+                wa = builder.add(w, off)
+                _prefetch_ir(builder, builder.add(wa, pf))
+                count = None if n is None else builder.mul(n, _const(group))
+                wv = builder.sitofp(_load_first(builder, wa, _V64B, 1, count), _V64F)
+                xv = _load_first(builder, builder.add(x, builder.mul(off, _const(4))), _V64F, 4, count)
+                p = builder.fmul(wv, xv, flags=_FAST)
+                # 16 consecutive products belong to one group: sum each group's parts, then its runs
+                q = [_parts(builder, p, k) for k in range(4)]
+                sums = [functools.reduce(_fadd(builder), q[k:k + 4 // per]) for k in range(0, 4, 4 // per)]
+                return _merge_runs(builder, sums, 16, _fadd(builder))
+
+            def block_end(base, mask, partials, acc):
+                sums = _merge_runs(builder, partials, 16 // per, _fadd(builder))
+                s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
+                return builder.fadd(acc, builder.fmul(sums, s, flags=_FAST), flags=_FAST)
+            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F), 16)
+        return sig, codegen
+    return row_dot_s8
+
+
+#: the whole-row int8 dot for each group size of ROW_DOT_GROUPS
+ROW_S8_DOTS = {g: _row_s8_intrinsic(g) for g in ROW_DOT_GROUPS}
+
+
+def _u4_unit(builder, isa: str, c, e, o):
+    """64 bytes of int4 codes c (element 2j in byte j's low nibble) times their even (e) and odd
+    (o) int8 activations (64 bytes each, the same order): lane l sums the 8 products of bytes
+    4l..4l+3, so a group of 64 (32 bytes) fills 8 lanes and one of 32 fills 4. One load of codes,
+    a mask and a shift feed two multiply-adds: no shuffles to pair nibbles with activations."""
+    lo = builder.and_(c, ir.Constant(_V64B, [15] * DOT_CHUNK))
+    hi = builder.lshr(c, ir.Constant(_V64B, [4] * DOT_CHUNK))
     if isa == "generic":
         wide = ir.VectorType(_I32, DOT_CHUNK)
         p = builder.add(builder.mul(builder.zext(lo, wide), builder.sext(e, wide)),
@@ -381,55 +410,51 @@ def _u4_pair(builder, isa: str, c, e, o):
         return builder.call(f, [acc, builder.bitcast(hi, _V16I), builder.bitcast(o, _V16I)])
     # avx512bw: u8·s8 pairs to int16 (two of 15·127·2 cannot saturate), then pairs to int32
     i16x32 = ir.VectorType(_I16, 32)
-    madd = _declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64])
+    madd = _declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [_V64B, _V64B])
     p16 = builder.add(builder.call(madd, [lo, e]), builder.call(madd, [hi, o]))
     return builder.call(_declare(builder, "llvm.x86.avx512.pmaddw.d.512", _V16I, [i16x32, i16x32]),
                         [p16, ir.Constant(i16x32, [1] * 32)])
 
 
-def _row_u4_intrinsic(isa: str):
+def _row_u4_intrinsic(isa: str, group: int):
+    per = 2 * DOT_CHUNK // group         # groups a 64-byte unit of codes holds
+    gbytes = group // 2                  # bytes of one group's codes (and of its even / odd activations)
+
     @intrinsic
     def row_dot_u4(typingctx, codes_addr, scales_addr, mins_addr, e_addr, o_addr, xs_addr, xsum_addr, ng, pf):
         """Σ_g (scale[g] · xs[g] · Σ codes·activations + min[g] · xsum[g]) over one row of ng
-        groups of 64: int4 codes, fp16 scales and minimums; the row's activations as even and
-        odd int8 codes, their float32 scales xs and sums xsum per group (_quantize_rows). float32."""
+        groups: int4 codes, fp16 scales and minimums; the row's activations as even and odd int8
+        codes, their float32 scales xs and sums xsum per group (_quantize_rows). float32."""
         sig = types.float32(*([types.intp] * 9))
 
         def codegen(context, builder, signature, args):
             cw, sc, mn, e, o, xs, xsum, ng, pf = args
-            v64 = ir.VectorType(_I8, DOT_CHUNK)
-            first_half = ir.Constant(ir.VectorType(ir.IntType(1), DOT_CHUNK), [1] * 32 + [0] * 32)
 
-            def load(addr, whole):
-                if whole:
-                    return _at(builder, addr, v64, 1)
-                f = _declare(builder, "llvm.masked.load.v64i8.p0v64i8", v64, [v64.as_pointer(), _I32, first_half.type, v64])
-                return builder.call(f, [builder.inttoptr(addr, v64.as_pointer()), ir.Constant(_I32, 1), first_half,
-                                        ir.Constant(v64, None)])
-
-            def pair_vector(g, whole):
-                off = builder.mul(g, _const(DOT_CHUNK // 2))
+            def unit_vector(g, n):
+                off = builder.mul(g, _const(gbytes))
                 ca = builder.add(cw, off)
                 _prefetch_ir(builder, builder.add(ca, pf))
-                return _u4_pair(builder, isa, load(ca, whole), load(builder.add(e, off), whole),
-                                load(builder.add(o, off), whole))
+                count = None if n is None else builder.mul(n, _const(gbytes))
+                return _u4_unit(builder, isa, *(_load_first(builder, a, _V64B, 1, count)
+                                                 for a in (ca, builder.add(e, off), builder.add(o, off))))
 
             def block_end(base, mask, partials, acc):
-                sums = builder.sitofp(_lanes_per_group(builder, partials, builder.add), _V16F)
+                sums = builder.sitofp(_merge_runs(builder, partials, 16 // per, builder.add), _V16F)
                 b2, b4 = builder.mul(base, _const(2)), builder.mul(base, _const(4))
                 s, m = (_f16_lanes(builder, builder.add(a, b2), mask) for a in (sc, mn))
                 xsv, xsumv = (_masked_load(builder, builder.add(a, b4), _V16F, 4, mask) for a in (xs, xsum))
                 t = builder.fadd(builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
                                  builder.fmul(m, xsumv, flags=_FAST), flags=_FAST)
                 return builder.fadd(acc, t, flags=_FAST)
-            return _sum_lanes(builder, _group_blocks(builder, ng, 2, pair_vector, block_end, _V16F), 16)
+            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F), 16)
         return sig, codegen
     return row_dot_u4
 
 
-#: the whole-row int4 dot of each instruction set; row_dot_u4 is this process's
-ROW_U4_DOTS = {isa: _row_u4_intrinsic(isa) for isa in ("avx512vnni", "avx512bw", "generic")}
-row_dot_u4 = ROW_U4_DOTS[U4_ISA]
+#: the whole-row int4 dot of each instruction set and group size; ROW_U4 the process's
+ROW_U4_DOTS = {(isa, g): _row_u4_intrinsic(isa, g) for isa in ("avx512vnni", "avx512bw", "generic")
+               for g in ROW_DOT_GROUPS}
+ROW_U4 = {g: ROW_U4_DOTS[(U4_ISA, g)] for g in ROW_DOT_GROUPS}
 
 
 @intrinsic

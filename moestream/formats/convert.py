@@ -118,6 +118,12 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     for name in sorted(expert_names):
         ckpt.info(name)  # raises ConvertError naming the missing tensor
     _check_shapes(ckpt, fam, moe_layers, n_experts, expert_names)
+    if quant == "keep" and isinstance(ckpt, GgufCheckpoint) and {ckpt.info(n).ggml_type for n in expert_names} == {"Q8_0"}:
+        # Q8_0 is int8 in groups of 32 (absmax / 127, one fp16 scale): re-quantizing its values
+        # gives back its codes and scales (tests/formats/test_gguf.py), so `keep` keeps them
+        quant, group_size, kept_q8_0 = "int8", 32, True
+    else:
+        kept_q8_0 = False
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
     if dense_check is not None:
         problems = dense_check(fam.name, config, tuple(moe_layers), n_experts,
@@ -179,7 +185,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 writer.add_dense(name, encode_region([(name, dt, info.shape, bits)], lossless), info.length)
                 bar.update(info.length)
             if isinstance(ckpt, GgufCheckpoint):
-                _note_gguf(ckpt, quant, bar.write)
+                _note_gguf(ckpt, quant, group_size, kept_q8_0, bar.write)
             for name, blob in ckpt.copies().items():
                 if name != "config.json":
                     writer.add_blob(name, _blob(np.frombuffer(blob, np.uint8), zstd_level))
@@ -255,14 +261,17 @@ def open_checkpoint(src: str | os.PathLike) -> "HFCheckpoint | GgufCheckpoint":
     return HFCheckpoint(src)
 
 
-def _note_gguf(ckpt: GgufCheckpoint, quant: str, write) -> None:
+def _note_gguf(ckpt: GgufCheckpoint, quant: str, group_size: int, keep_q8: bool, write) -> None:
     """What the conversion of a GGUF does with its quantized tensors and its tokenizer."""
     counts = Counter(t.ggml_type for t in ckpt.tensors.values() if t.ggml_type is not None)
     if counts:
         kinds = ", ".join(f"{n} {k}" for k, n in counts.most_common())
+        experts = {"keep": "--quant keep experts as bf16 (blocks other than Q8_0 kept as they are is not implemented "
+                           "yet)"}.get(quant, f"experts as {quant}")
+        if keep_q8:
+            experts = "Q8_0 experts kept as int8 in groups of 32 (the same codes and scales)"
         write(f"GGUF {ckpt.arch.name}: quantized tensors ({kinds}) dequantized by gguf-py's reference dequantizer; "
-              + ("dense and --quant keep experts stored as bf16 (GGUF blocks kept as they are is not implemented yet)"
-                 if quant == "keep" else f"dense as bf16, experts as {quant}"))
+              f"dense tensors stored as bf16, {experts}")
     note = ckpt.tokenizer_note()
     if note is not None:
         write(f"no tokenizer.json in the store: {note} (generate and serve need token ids or a tokenizer)")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from moestream.compute.row_dots import ROW_U4_DOTS, U4_DOTS, _dot_s8_f32, row_dot_bf16, row_dot_s8
+from moestream.compute.row_dots import ROW_S8_DOTS, ROW_U4_DOTS, U4_DOTS, _dot_s8_f32, row_dot_bf16
 
 
 def _host_has(isa: str) -> bool:
@@ -77,12 +77,18 @@ def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.uint16) if a.dtype == np.float16 else a      # Numba has no float16 arrays
 
 
+#: group counts: one, partial units (1-3 of 4 groups at 32), a whole block, a block and a partial one
+GROUP_COUNTS = [1, 2, 3, 5, 16, 21, 35]
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("ng", [1, 3, 16, 21, 32])
-def test_whole_row_int4_dot_matches_numpy_and_reads_nothing_past_the_row(isa, ng):
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("ng", GROUP_COUNTS)
+def test_whole_row_int4_dot_matches_numpy_and_reads_nothing_past_the_row(isa, group, ng):
     if not _host_has(isa):
         pytest.skip(f"this CPU has no {isa}")
-    dot = ROW_U4_DOTS[isa]
+    dot = ROW_U4_DOTS[(isa, group)]
+    half = group // 2
 
     @njit
     def run(c, s, m, e, o, xs, xsum, ng):
@@ -90,36 +96,39 @@ def test_whole_row_int4_dot_matches_numpy_and_reads_nothing_past_the_row(isa, ng
                    xs.ctypes.data, xsum.ctypes.data, ng, 0)
     rng = np.random.default_rng(ng)
     arena = _GuardedArena(16 * mmap.PAGESIZE + 7 * 64 * ng)
-    c = rng.integers(0, 256, 32 * ng).astype(np.uint8)
-    c[:32] = 255                                       # the extreme codes and activations too
-    e, o = (rng.integers(-127, 128, 32 * ng).astype(np.int8) for _ in range(2))
-    e[:32], o[:32] = -127, 127
+    c = rng.integers(0, 256, half * ng).astype(np.uint8)
+    c[:half] = 255                                     # the extreme codes and activations too
+    e, o = (rng.integers(-127, 128, half * ng).astype(np.int8) for _ in range(2))
+    e[:half], o[:half] = -127, 127
     s, m = _f16(ng, rng), _f16(ng, rng)
     xs, xsum = rng.random(ng).astype(np.float32), rng.standard_normal(ng).astype(np.float32)
     args = [arena.at_end(_bits(a)) for a in (c, s, m, e, o, xs, xsum)]
-    isum = ((c & 15).astype(np.int64) * e + (c >> 4).astype(np.int64) * o).reshape(ng, 32).sum(1)
+    isum = ((c & 15).astype(np.int64) * e + (c >> 4).astype(np.int64) * o).reshape(ng, half).sum(1)
     want = float((isum * s.astype(np.float64) * xs + m.astype(np.float64) * xsum).sum())
     got = run(*args, ng)
     assert abs(got - want) <= 1e-5 * (np.abs(isum * s.astype(np.float64) * xs).sum() + np.abs(m * xsum).sum())
 
 
-@pytest.mark.parametrize("ng", [1, 3, 16, 21])
-def test_whole_row_int8_and_bf16_dots_match_numpy_and_read_nothing_past_the_row(ng):
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("ng", GROUP_COUNTS)
+def test_whole_row_int8_and_bf16_dots_match_numpy_and_read_nothing_past_the_row(group, ng):
+    dot = ROW_S8_DOTS[group]
+
     @njit
     def run8(w, s, x, ng):
-        return row_dot_s8(w.ctypes.data, s.ctypes.data, x.ctypes.data, ng, 0)
+        return dot(w.ctypes.data, s.ctypes.data, x.ctypes.data, ng, 0)
 
     @njit
     def run16(w, x, chunks):
         return row_dot_bf16(w.ctypes.data, x.ctypes.data, chunks, 0)
     rng = np.random.default_rng(ng)
     arena = _GuardedArena(8 * mmap.PAGESIZE + 8 * 64 * ng)
-    w = rng.integers(-127, 128, 64 * ng).astype(np.int8)
-    s, x = _f16(ng, rng), rng.standard_normal(64 * ng).astype(np.float32)
-    want = float(((w.astype(np.float64) * x).reshape(ng, 64).sum(1) * s.astype(np.float64)).sum())
+    w = rng.integers(-127, 128, group * ng).astype(np.int8)
+    s, x = _f16(ng, rng), rng.standard_normal(group * ng).astype(np.float32)
+    want = float(((w.astype(np.float64) * x).reshape(ng, group).sum(1) * s.astype(np.float64)).sum())
     got = run8(arena.at_end(w), arena.at_end(_bits(s)), arena.at_end(x), ng)
-    assert abs(got - want) <= 1e-5 * float(np.abs((w * x).reshape(ng, 64).sum(1) * s).sum() + 1e-30)
-    bf = rng.standard_normal(64 * ng).astype(np.float32)
+    assert abs(got - want) <= 1e-5 * float(np.abs((w * x).reshape(ng, group).sum(1) * s).sum() + 1e-30)
+    bf, x = (rng.standard_normal(64 * ng).astype(np.float32) for _ in range(2))
     bits = (bf.view(np.uint32) >> 16).astype(np.uint16)            # truncated to bf16
     wf = (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     want16 = float(wf @ x)

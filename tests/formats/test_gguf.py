@@ -201,8 +201,8 @@ def test_quantized_ggufs_match_transformers_reading_the_same_file(ckpts, tmp_pat
     assert err < 1e-4
     assert drift < tol
     with StoreReader(kept) as r:
-        ext = r.index.extents[(r.index.moe_layers[0], 0)]
-        assert {t.dtype for t in ext.tensors} == {"bf16"}      # --quant keep: the dequantized values in bf16
+        # --quant keep: Q8_0 experts as int8 in groups of 32 (the same codes), Q4_0 ones as bf16
+        assert (r.index.quant, r.index.group_size) == (("int8", 32) if qtype == Q.Q8_0 else ("keep", 0))
 
 
 def test_q8_0_blocks_requantize_to_int8_exactly():
@@ -216,6 +216,25 @@ def test_q8_0_blocks_requantize_to_int8_exactly():
     want = gguf.quants.dequantize(blocks, Q.Q8_0)
     got = quantize_matrix(torch.from_numpy(want), "int8", 32).dequantize(dequantize, torch.float32).numpy()
     assert np.array_equal(got, want)
+
+
+def test_keep_stores_q8_0_experts_as_the_same_codes_and_scales(ckpts, tmp_path):
+    """`--quant keep` of a Q8_0 GGUF: the store's int8 experts (groups of 32) dequantize to
+    exactly the values gguf-py dequantizes the GGUF's blocks to."""
+    from moestream.compute.dequant import dequantize
+    from moestream.formats.codecs import bits_to_float32
+    from moestream.formats.gguf_checkpoint import GgufCheckpoint
+    src = write_gguf(ckpts["qwen3_moe"], tmp_path / "m.gguf", Q.Q8_0)
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    ck = GgufCheckpoint(src)
+    with moestream.open(store, device_budget="16MiB", host_budget=0, keep_quantized=True) as s:
+        for layer in s.layers:
+            for e, f in zip((0, 7), s.fetch(layer, [0, 7])):
+                for t, q in f.result().items():
+                    name = f"model.layers.{layer}.mlp.experts.{e}.{t}.weight"
+                    want = bits_to_float32(ck.read(name), "fp32").reshape(ck.info(name).shape)
+                    assert q.spec.stage == "int8:32"
+                    assert np.array_equal(q.dequantize(dequantize, torch.float32).numpy(), want), name
 
 
 def test_a_split_gguf_is_read_from_any_of_its_files(ckpts, tmp_path):
