@@ -228,8 +228,8 @@ class StreamingMoE(nn.Module):
 
     def router_logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, H] -> logits [N, E] float32, rounded to x's dtype as a router held in x's dtype
-        makes them (the loader may hold the router in float32 on a CPU: torch's bf16 GEMV of
-        this small a matrix took 3x the time of its float32 one)."""
+        makes them (on a CPU the loader holds a bf16 router as a Bf16DecodeLinear, an fp16 one in
+        float32: torch's half-precision GEMV of this small a matrix took 3x its float32 one)."""
         return self.gate(x.to(self.gate.weight.dtype)).to(x.dtype).float()   # a module call: hooks see it
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
