@@ -175,6 +175,15 @@ def unshuffle(buf: np.ndarray, itemsize: int, out: Optional[np.ndarray] = None) 
 # ---- encoding of a region --------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class EncodedPlanes:
+    """A tensor that arrives already in a group-wise payload (QuantSpec's layout: codes, fp16
+    scales, fp16 minimums), as a GGUF's Q8_0/Q4_0/Q4_K blocks are re-laid out: stored as it is,
+    not quantized again (its error is the source's own, 0 here)."""
+    stage: str          # QuantSpec.stage, e.g. "int4:32"
+    payload: bytes
+
+
+@dataclass(frozen=True)
 class EncodeOptions:
     """How the writer encodes expert extents. quant: None (raw, lossless) or "int8"/"int4";
     zstd_level: None disables zstd; delta: try a delta against the layer's base expert;
@@ -221,13 +230,16 @@ def _exact_scale_error(x: np.ndarray, quant: str, group_size: int) -> float:
 
 def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], opts: EncodeOptions,
                   base: Optional[dict[str, np.ndarray]] = None, base_dtype: Optional[str] = None) -> EncodedRegion:
-    """Encode tensors [(name, dtype, shape, bits)] into one region. `base` maps tensor names
+    """Encode tensors [(name, dtype, shape, bits)] into one region (bits: the bit patterns of
+    dtype, or EncodedPlanes stored as they are). `base` maps tensor names
     to the layer's base expert (bit patterns of `base_dtype`); delta, shuffle and zstd are kept
     only where they make the stored bytes, padded to ALIGNMENT as the file lays them out,
     smaller (zstd: by opts.zstd_min_saving at least; delta: with the error no larger); among
     candidates of one padded size, the smaller error, then the fewer stages (less to decode), win."""
     candidates = [_encode_planes(tensors, opts, None, None)]
-    if candidates[0][4]:
+    if any(isinstance(t[3], EncodedPlanes) for t in tensors):
+        opts = replace(opts, delta=False)       # planes given as they are: nothing to re-encode
+    elif candidates[0][4]:
         # an expert of tiny weights: quantized, it would decode to (nearly) zeros or lose relative
         # precision that a normal expert keeps, so it is stored in its source dtype instead
         opts = replace(opts, quant=None)
@@ -302,7 +314,12 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
         chain += (STAGE_DELTA,) if opts.quant else (STAGE_XOR_DELTA,)
     for name, dtype, shape, bits in tensors:
         numel = math.prod(shape)
-        if opts.quant is None:
+        if isinstance(bits, EncodedPlanes):
+            if spec is None or bits.stage != spec.stage or base is not None:
+                raise ConvertError(f"tensor {name}: its {bits.stage} planes cannot be stored as "
+                                   f"{spec.stage if spec else 'raw'}{' with a delta' if base is not None else ''}")
+            plane, out_dtype = bits.payload, "bf16"
+        elif opts.quant is None:
             b = bits
             if base is not None:
                 b = bits ^ cast_bits(base[name], base_dtype, dtype)

@@ -18,10 +18,10 @@ import zstandard
 from tqdm import tqdm
 
 from ..errors import ConvertError
-from .codecs import EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
+from .codecs import EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
 from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
 from .families import check_config, family_for
-from .gguf_checkpoint import GgufCheckpoint, is_gguf
+from .gguf_checkpoint import NATIVE_TYPES, GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
 
@@ -118,12 +118,15 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     for name in sorted(expert_names):
         ckpt.info(name)  # raises ConvertError naming the missing tensor
     _check_shapes(ckpt, fam, moe_layers, n_experts, expert_names)
-    if quant == "keep" and isinstance(ckpt, GgufCheckpoint) and {ckpt.info(n).ggml_type for n in expert_names} == {"Q8_0"}:
-        # Q8_0 is int8 in groups of 32 (absmax / 127, one fp16 scale): re-quantizing its values
-        # gives back its codes and scales (tests/formats/test_gguf.py), so `keep` keeps them
-        quant, group_size, kept_q8_0 = "int8", 32, True
-    else:
-        kept_q8_0 = False
+    # a GGUF whose experts are all of one block type that is one of ours (gguf_checkpoint.NATIVE_TYPES):
+    # `keep` stores those blocks re-laid out as our group-wise type, without going through floats
+    native = None
+    if quant == "keep" and isinstance(ckpt, GgufCheckpoint):
+        types = {ckpt.info(n).ggml_type for n in expert_names}
+        native = types.pop() if len(types) == 1 and types <= NATIVE_TYPES.keys() else None
+        if native is not None:
+            quant, group_size, _ = NATIVE_TYPES[native]
+            delta = False
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
     if dense_check is not None:
         problems = dense_check(fam.name, config, tuple(moe_layers), n_experts,
@@ -185,7 +188,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 writer.add_dense(name, encode_region([(name, dt, info.shape, bits)], lossless), info.length)
                 bar.update(info.length)
             if isinstance(ckpt, GgufCheckpoint):
-                _note_gguf(ckpt, quant, group_size, kept_q8_0, bar.write)
+                _note_gguf(ckpt, quant, native, bar.write)
             for name, blob in ckpt.copies().items():
                 if name != "config.json":
                     writer.add_blob(name, _blob(np.frombuffer(blob, np.uint8), zstd_level))
@@ -222,7 +225,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                         raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
                                            f"layer has {infos[fam.expert_tensors.index(t)].shape}")
                     dt = expert_dtype(info)
-                    tensors.append((t, dt, info.shape, cast_bits(ckpt.read_info(info), info.dtype, dt)))
+                    tensors.append((t, dt, info.shape, EncodedPlanes(f"{quant}:{group_size}", ckpt.read_planes(info))
+                                    if native else cast_bits(ckpt.read_info(info), info.dtype, dt)))
                 src_len = sum(_expert_info(ckpt, fam, layer, e, t).length for t in fam.expert_tensors)
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
                 pending.append((e, src_len, encoders.submit(encode_region, tensors, expert_opts, base, base_dtype)))
@@ -261,17 +265,20 @@ def open_checkpoint(src: str | os.PathLike) -> "HFCheckpoint | GgufCheckpoint":
     return HFCheckpoint(src)
 
 
-def _note_gguf(ckpt: GgufCheckpoint, quant: str, group_size: int, keep_q8: bool, write) -> None:
+def _note_gguf(ckpt: GgufCheckpoint, quant: str, native: Optional[str], write) -> None:
     """What the conversion of a GGUF does with its quantized tensors and its tokenizer."""
     counts = Counter(t.ggml_type for t in ckpt.tensors.values() if t.ggml_type is not None)
     if counts:
         kinds = ", ".join(f"{n} {k}" for k, n in counts.most_common())
-        experts = {"keep": "--quant keep experts as bf16 (blocks other than Q8_0 kept as they are is not implemented "
-                           "yet)"}.get(quant, f"experts as {quant}")
-        if keep_q8:
-            experts = "Q8_0 experts kept as int8 in groups of 32 (the same codes and scales)"
-        write(f"GGUF {ckpt.arch.name}: quantized tensors ({kinds}) dequantized by gguf-py's reference dequantizer; "
-              f"dense tensors stored as bf16, {experts}")
+        experts = {"keep": "--quant keep experts as bf16 (only experts all of one of "
+                           f"{', '.join(NATIVE_TYPES)} keep their blocks)"}.get(quant, f"experts as {quant}")
+        if native is not None:
+            kind, group, exact = NATIVE_TYPES[native]
+            experts = (f"{native} experts kept as {kind} in groups of {group} ("
+                       + ("the same codes and scales" if exact else "the same codes; scale products rounded to fp16")
+                       + ")")
+        write(f"GGUF {ckpt.arch.name}: quantized dense tensors dequantized by gguf-py's reference dequantizer and "
+              f"stored as bf16 ({kinds} in all); {experts}")
     note = ckpt.tokenizer_note()
     if note is not None:
         write(f"no tokenizer.json in the store: {note} (generate and serve need token ids or a tokenizer)")

@@ -34,6 +34,13 @@ SPLIT_NAME = re.compile(r"(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.ggu
 #: GGUF raw types read as their bit patterns: (the converter's dtype name, numpy bits type)
 RAW_TYPES = {"F32": ("fp32", np.uint32), "F16": ("fp16", np.uint16), "BF16": ("bf16", np.uint16)}
 
+#: GGUF block types whose experts `--quant keep` stores in one of our group-wise types
+#: (constants.QUANT_TYPES), re-laid out without going through floats: (our kind, group, exact).
+#: Q8_0 is int8 in groups of 32 (one fp16 scale); Q4_0 is int4 in groups of 32 with the minimum
+#: -8·scale; Q4_K's sub-blocks of 32 have a 6-bit scale and minimum under the super-block's fp16
+#: d and dmin, whose products are rounded to fp16 here (relative 2^-11 of a group's range).
+NATIVE_TYPES = {"Q8_0": ("int8", 32, True), "Q4_0": ("int4", 32, True), "Q4_K": ("int4", 32, False)}
+
 
 @dataclass(frozen=True)
 class GgufArch:
@@ -288,12 +295,7 @@ class GgufCheckpoint:
         dequantized to float32 (gguf-py's reference dequantizer), q/k rows un-permuted where
         llama.cpp permuted them."""
         qtype = self._types[t.name]
-        buf = bytearray(t.length)
-        with open(t.path, "rb", buffering=0) as f:
-            got = f.readinto(memoryview(buf)) if f.seek(t.offset) == t.offset else 0
-        if got != t.length:
-            raise ConvertError(f"{t.path}: short read of {t.name} at offset {t.offset}")
-        data = np.frombuffer(buf, np.uint8)
+        data = self._read_raw(t)
         if qtype in RAW_TYPES:
             bits = data.view(RAW_TYPES[qtype][1])
         else:
@@ -307,6 +309,40 @@ class GgufCheckpoint:
         if heads:
             bits = _unpermute_rows(bits.reshape(t.shape), heads).reshape(-1)
         return bits
+
+    def read_planes(self, t: TensorInfo) -> bytes:
+        """Tensor `t` (a NATIVE_TYPES block type) as the payload of our group-wise type: codes,
+        fp16 scales, fp16 minimums (int4), in QuantSpec's layout (formats/constants.py)."""
+        qtype = self._types[t.name]
+        if qtype not in NATIVE_TYPES or self._permuted_heads(t.name):
+            raise ConvertError(f"{t.path}: {t.name} is {qtype}, which is not stored as its own blocks")
+        bsize, bbytes = self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[qtype]]
+        blocks = self._read_raw(t).reshape(-1, bbytes)
+        f16 = np.float16
+        if qtype == "Q8_0":          # {fp16 d, int8 q[32]}: w = d·q
+            return blocks[:, 2:].tobytes() + blocks[:, :2].copy().view(f16).tobytes()
+        if qtype == "Q4_0":          # {fp16 d, q[16]}: element j in byte j's low nibble, j+16 in its high one
+            d = blocks[:, :2].copy().view(f16).reshape(-1)
+            qs = blocks[:, 2:]
+            codes = np.concatenate([qs & 15, qs >> 4], axis=1)                      # [blocks, 32] in order
+            return _pack_nibbles(codes) + d.tobytes() + (d.astype(np.float32) * -8).astype(f16).tobytes()
+        # Q4_K: {fp16 d, fp16 dmin, scales[12], q[128]}, 8 sub-blocks of 32; w = d·sc·q - dmin·m
+        d = blocks[:, 0:2].copy().view(f16).astype(np.float32)
+        dmin = blocks[:, 2:4].copy().view(f16).astype(np.float32)
+        sc, m = self.gguf.quants.Q4_K.get_scale_min(blocks[:, 4:16])                 # [blocks, 8] each
+        qs = blocks[:, 16:].reshape(-1, 4, 32)              # 64 elements a row: low nibbles, then high ones
+        codes = np.stack([qs & 15, qs >> 4], axis=2).reshape(-1, 32)                 # [blocks*8, 32]
+        scales = (d * sc.astype(np.float32)).astype(f16).reshape(-1)
+        mins = (-dmin * m.astype(np.float32)).astype(f16).reshape(-1)
+        return _pack_nibbles(codes) + scales.tobytes() + mins.tobytes()
+
+    def _read_raw(self, t: TensorInfo) -> np.ndarray:
+        buf = bytearray(t.length)
+        with open(t.path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(buf)) if f.seek(t.offset) == t.offset else 0
+        if got != t.length:
+            raise ConvertError(f"{t.path}: short read of {t.name} at offset {t.offset}")
+        return np.frombuffer(buf, np.uint8)
 
     def _permuted_heads(self, name: str) -> int:
         if not self.arch.permuted_qk:
@@ -360,6 +396,12 @@ class GgufCheckpoint:
         tok.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t, ty in zip(tokens, types) if ty == 4])                 # USER_DEFINED
         return tok.to_str().encode()
+
+
+def _pack_nibbles(codes: np.ndarray) -> bytes:
+    """int4 codes in element order -> our packing: element 2j in byte j's low nibble."""
+    flat = codes.reshape(-1)
+    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
 
 
 def _unpermute_rows(w: np.ndarray, heads: int) -> np.ndarray:

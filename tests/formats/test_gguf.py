@@ -30,9 +30,21 @@ def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int = 0, drop=()):
+def random_q4_k(shape, rng) -> np.ndarray:
+    """Valid Q4_K blocks for a tensor of `shape` (last dimension a multiple of 256): random codes,
+    6-bit scales and minimums, positive fp16 d and dmin (gguf-py has no Q4_K quantizer)."""
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
+    n = rows * cols // 256
+    blocks = rng.integers(0, 256, (n, 144), dtype=np.uint8)
+    blocks[:, 0:2] = (rng.random(n) * 0.004 + 0.001).astype(np.float16).view(np.uint8).reshape(n, 2)
+    blocks[:, 2:4] = (rng.random(n) * 0.004).astype(np.float16).view(np.uint8).reshape(n, 2)
+    return blocks.reshape(*shape[:-1], cols // 256 * 144)
+
+
+def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int = 0, drop=(), experts=None):
     """The checkpoint at `ckpt` (fp32 safetensors) as a GGUF at `out`: 2-D weights in `qtype`
-    (norms, routers and the embedding in F32, as llama.cpp keeps norms and small tensors)."""
+    (norms, routers and the embedding in F32, as llama.cpp keeps norms and small tensors);
+    experts=Q.Q4_K: the experts replaced by random Q4_K blocks of their shapes."""
     from safetensors.numpy import load_file
     cfg = json.loads((ckpt / "config.json").read_text())
     fam = moestream.formats.families.FAMILIES[cfg["model_type"]]
@@ -106,8 +118,12 @@ def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int
         router = fam.router.format(layer=layer)
         add(f"blk.{layer}.ffn_gate_inp.weight", t[router], small=True)
         for g, role in (("ffn_gate_exps", gate), ("ffn_up_exps", up), ("ffn_down_exps", down)):
-            add(f"blk.{layer}.{g}.weight",
-                np.stack([t[fam.expert_tensor_name(layer, e, role)] for e in range(fam.num_experts(cfg))]))
+            stack = np.stack([t[fam.expert_tensor_name(layer, e, role)] for e in range(fam.num_experts(cfg))])
+            if experts == Q.Q4_K:
+                w.add_tensor(f"blk.{layer}.{g}.weight", random_q4_k(stack.shape, np.random.default_rng(layer)),
+                             raw_dtype=Q.Q4_K)
+            else:
+                add(f"blk.{layer}.{g}.weight", stack)
         if p + "mlp.shared_expert_gate.weight" in t:
             add(f"blk.{layer}.ffn_gate_inp_shexp.weight", t[p + "mlp.shared_expert_gate.weight"][0], small=True)
             for g in ("gate", "up", "down"):
@@ -176,13 +192,13 @@ def test_the_tokenizer_comes_from_the_gguf_metadata(ckpts, tmp_path):
 
 
 # tolerances: a random model's near-Gaussian weights in 32-element blocks of 256 (Q8_0) or 16
-# (Q4_0) levels; the bf16 rounding of the stored values adds ~0.3 %
+# (Q4_0) levels, the dense tensors' values rounded to bf16 (~0.3 %)
 @pytest.mark.parametrize("qtype,tol", [(Q.Q8_0, 0.02), (Q.Q4_0, 0.3)])
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
 def test_quantized_ggufs_match_transformers_reading_the_same_file(ckpts, tmp_path, family, qtype, tol):
     """Q8_0 / Q4_0 blocks dequantized: stored as float32, against transformers loading the GGUF
-    (its own reader and dequantization): 1e-4; `--quant keep` stores bf16, against the unquantized
-    checkpoint: the blocks' rounding only."""
+    (its own reader and dequantization): 1e-4; `--quant keep` keeps the blocks (int8 / int4 in
+    groups of 32), against the unquantized checkpoint: the blocks' rounding only."""
     from transformers import AutoConfig, AutoModelForCausalLM
     src = write_gguf(ckpts[family], tmp_path / "m.gguf", qtype)
     exact = moestream.convert(src, tmp_path / "fp32.moe", quant="fp32", progress=False)
@@ -197,12 +213,12 @@ def test_quantized_ggufs_match_transformers_reading_the_same_file(ckpts, tmp_pat
     err = _rel(_store_logits(exact, ids), want)
     drift = _rel(_store_logits(kept, ids), _logits(ckpts[family], ids))
     print(f"{family} {qtype.name}: fp32 store vs transformers' GGUF read {err:.2e}; "
-          f"bf16 store vs the unquantized checkpoint {drift:.3f}")
+          f"the kept store vs the unquantized checkpoint {drift:.3f}")
     assert err < 1e-4
     assert drift < tol
     with StoreReader(kept) as r:
-        # --quant keep: Q8_0 experts as int8 in groups of 32 (the same codes), Q4_0 ones as bf16
-        assert (r.index.quant, r.index.group_size) == (("int8", 32) if qtype == Q.Q8_0 else ("keep", 0))
+        # --quant keep: Q8_0 experts as int8 in groups of 32, Q4_0 ones as int4 (the same codes)
+        assert (r.index.quant, r.index.group_size) == ("int8" if qtype == Q.Q8_0 else "int4", 32)
 
 
 def test_q8_0_blocks_requantize_to_int8_exactly():
@@ -218,23 +234,52 @@ def test_q8_0_blocks_requantize_to_int8_exactly():
     assert np.array_equal(got, want)
 
 
-def test_keep_stores_q8_0_experts_as_the_same_codes_and_scales(ckpts, tmp_path):
-    """`--quant keep` of a Q8_0 GGUF: the store's int8 experts (groups of 32) dequantize to
-    exactly the values gguf-py dequantizes the GGUF's blocks to."""
+def _kept_experts_against_gguf_py(src, store, stage):
+    """max |store expert - gguf-py's dequantization of its blocks| / max |weight| over experts 0
+    and 7 of every layer, each held as `stage`."""
     from moestream.compute.dequant import dequantize
     from moestream.formats.codecs import bits_to_float32
     from moestream.formats.gguf_checkpoint import GgufCheckpoint
-    src = write_gguf(ckpts["qwen3_moe"], tmp_path / "m.gguf", Q.Q8_0)
-    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
-    ck = GgufCheckpoint(src)
+    ck, worst = GgufCheckpoint(src), 0.0
     with moestream.open(store, device_budget="16MiB", host_budget=0, keep_quantized=True) as s:
         for layer in s.layers:
             for e, f in zip((0, 7), s.fetch(layer, [0, 7])):
                 for t, q in f.result().items():
                     name = f"model.layers.{layer}.mlp.experts.{e}.{t}.weight"
                     want = bits_to_float32(ck.read(name), "fp32").reshape(ck.info(name).shape)
-                    assert q.spec.stage == "int8:32"
-                    assert np.array_equal(q.dequantize(dequantize, torch.float32).numpy(), want), name
+                    assert q.spec.stage == stage
+                    got = q.dequantize(dequantize, torch.float32).numpy()
+                    worst = max(worst, float(np.abs(got - want).max() / np.abs(want).max()))
+    return worst
+
+
+@pytest.mark.parametrize("qtype,stage", [(Q.Q8_0, "int8:32"), (Q.Q4_0, "int4:32")])
+def test_keep_stores_q8_0_and_q4_0_experts_as_the_same_codes_and_scales(ckpts, tmp_path, qtype, stage):
+    """`--quant keep` of a Q8_0 / Q4_0 GGUF: the blocks re-laid out as our int8 / int4 in groups
+    of 32 dequantize to exactly the values gguf-py dequantizes them to."""
+    src = write_gguf(ckpts["qwen3_moe"], tmp_path / "m.gguf", qtype)
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    assert _kept_experts_against_gguf_py(src, store, stage) == 0.0
+
+
+def test_q4_k_experts_keep_their_codes_with_fp16_scales(tmp_path):
+    """Q4_K (what Q4_K_M files hold): each sub-block of 32 becomes one int4 group, d·scale and
+    dmin·min rounded to fp16 (2^-11 relative); the store computes what transformers computes
+    reading the same GGUF."""
+    from transformers import AutoModelForCausalLM
+    ckpt = build_checkpoint("qwen3_moe", tmp_path / "q", seed=3, hidden_size=256, moe_intermediate_size=256,
+                            head_dim=32, num_attention_heads=8)
+    src = write_gguf(ckpt, tmp_path / "m.gguf", experts=Q.Q4_K)
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    assert _kept_experts_against_gguf_py(src, store, "int4:32") < 2e-3
+    ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(2))
+    from transformers import AutoConfig
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32,
+                                                    config=AutoConfig.from_pretrained(ckpt)).eval()(ids).logits
+    err = _rel(_store_logits(store, ids), want)
+    print(f"Q4_K experts kept as int4:32: max |logit diff| / max |logit| = {err:.4f}")
+    assert err < 0.05          # fp16 scales and the int4 kernel's int8 activations
 
 
 def test_a_split_gguf_is_read_from_any_of_its_files(ckpts, tmp_path):
