@@ -108,11 +108,12 @@ def write_gguf(checkpoint: Path, out: Path, src: Path, log=print) -> Path:
     w.add_bos_token_id(cfg.get("bos_token_id", 1))
     w.add_eos_token_id(cfg.get("eos_token_id", 2))
     w.add_add_bos_token(False)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-             "model.norm.weight": "output_norm.weight"}
-    per_layer = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-                 "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+    # the names the converter reads GGUFs by (formats/gguf_checkpoint.py), the other way round
+    from ..formats.gguf_checkpoint import GGUF_ARCHITECTURES, MODEL_TENSORS
+    names = {hf: g for g, hf in MODEL_TENSORS.items()}
+    per_layer = {hf.removesuffix(".weight"): g.removesuffix(".weight")
+                 for g, hf in GGUF_ARCHITECTURES["qwen3moe"].layer_tensors
+                 if g.endswith(".weight") and "shexp" not in g}
     files = sorted(checkpoint.glob("*.safetensors"))
     handles = [safe_open(str(f), "pt") for f in files]
     where = {k: h for h in handles for k in h.keys()}
@@ -133,7 +134,8 @@ def write_gguf(checkpoint: Path, out: Path, src: Path, log=print) -> Path:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         for k, v in per_layer.items():
-            add(f"blk.{layer}.{v}.weight", bits(p + k + ".weight"), f32="norm" in v or v == "ffn_gate_inp")
+            if p + k + ".weight" in where:         # biases and shared experts: not in Qwen3-MoE
+                add(f"blk.{layer}.{v}.weight", bits(p + k + ".weight"), f32="norm" in v or v == "ffn_gate_inp")
         for proj, gname in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
             add(f"blk.{layer}.{gname}.weight",
                 np.stack([bits(f"{p}mlp.experts.{e}.{proj}.weight") for e in range(cfg["num_experts"])]))

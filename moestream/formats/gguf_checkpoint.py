@@ -94,7 +94,7 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {
 }
 
 #: whole-model tensors
-_MODEL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+MODEL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                   "output.weight": "lm_head.weight"}
 #: stacked expert tensors -> the role (gate, up, down) of the family's per-expert tensor
 _EXPERT_ROLES = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1, "ffn_down_exps.weight": 2}
@@ -234,8 +234,8 @@ class GgufCheckpoint:
 
     def _hf_name(self, gname: str) -> Optional[tuple[str, Optional[int]]]:
         """(Hugging Face name, expert role or None) of a GGUF tensor name; None if unknown."""
-        if gname in _MODEL_TENSORS:
-            return _MODEL_TENSORS[gname], None
+        if gname in MODEL_TENSORS:
+            return MODEL_TENSORS[gname], None
         m = re.fullmatch(r"blk\.(\d+)\.(.+)", gname)
         if not m:
             return None
