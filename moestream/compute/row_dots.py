@@ -281,6 +281,30 @@ def _merge_runs(builder, vs, run: int, add):
     return vs[0]
 
 
+def _loop_head(builder, name: str, acc_type):
+    """Open a counted loop at a new block `name`: (the block, its counter and its accumulator),
+    both starting at 0; _loop_tail closes it."""
+    entry = builder.block
+    loop = builder.append_basic_block(name)
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    i, acc = builder.phi(_I64), builder.phi(acc_type)
+    i.add_incoming(_const(0), entry)
+    acc.add_incoming(ir.Constant(acc_type, None), entry)
+    return loop, i, acc
+
+
+def _loop_tail(builder, loop, i, acc, acc1, count, name: str) -> None:
+    """Close _loop_head's loop: the accumulator's next value acc1, run while i + 1 < count; the
+    builder continues in a new block `name` after it."""
+    i1 = builder.add(i, _const(1))
+    i.add_incoming(i1, builder.block)
+    acc.add_incoming(acc1, builder.block)
+    out = builder.append_basic_block(name)
+    builder.cbranch(builder.icmp_signed("<", i1, count), loop, out)
+    builder.position_at_end(out)
+
+
 def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
     """The loop over a row's blocks of up to 16 groups, `per` (1, 2 or 4) groups a unit:
     unit_vector(g, n) emits the 16-lane partial sums of groups g..g+per-1 in runs of 16/per lanes,
@@ -288,14 +312,8 @@ def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
     read); units past the row's end are 0. block_end(base, mask, sums, acc) adds the block's group
     sums (lane g: group base+g; mask: the groups that exist) to the accumulator. Returns the final
     accumulator."""
-    entry = builder.block
     nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
-    loop = builder.append_basic_block("block")
-    builder.branch(loop)
-    builder.position_at_end(loop)
-    b, acc = builder.phi(_I64), builder.phi(acc_type)
-    b.add_incoming(_const(0), entry)
-    acc.add_incoming(ir.Constant(acc_type, None), entry)
+    loop, b, acc = _loop_head(builder, "block", acc_type)
     base = builder.mul(b, _const(BLOCK_GROUPS))
     left = builder.sub(ng, base)
     partials = []
@@ -329,12 +347,7 @@ def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
     lanes = ir.Constant(ir.VectorType(_I64, BLOCK_GROUPS), list(range(BLOCK_GROUPS)))
     mask = builder.icmp_signed("<", lanes, _splat(builder, left, BLOCK_GROUPS))
     acc1 = block_end(base, mask, partials, acc)
-    b1 = builder.add(b, _const(1))
-    b.add_incoming(b1, builder.block)
-    acc.add_incoming(acc1, builder.block)
-    out = builder.append_basic_block("blocks_end")
-    builder.cbranch(builder.icmp_signed("<", b1, nblocks), loop, out)
-    builder.position_at_end(out)
+    _loop_tail(builder, loop, b, acc, acc1, nblocks, "blocks_end")
     return acc1
 
 
@@ -465,13 +478,7 @@ def row_dot_bf16(typingctx, w_addr, x_addr, chunks, pf):
 
     def codegen(context, builder, signature, args):
         w, x, chunks, pf = args
-        entry = builder.block
-        loop, out = builder.append_basic_block("chunk"), builder.append_basic_block("chunks_end")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        c, acc = builder.phi(_I64), builder.phi(_V64F)
-        c.add_incoming(_const(0), entry)
-        acc.add_incoming(ir.Constant(_V64F, None), entry)
+        loop, c, acc = _loop_head(builder, "chunk", _V64F)
         off = builder.mul(c, _const(DOT_CHUNK))
         wa = builder.add(w, builder.mul(off, _const(2)))
         _prefetch_ir(builder, builder.add(wa, pf))          # a chunk is two cache lines of bf16
@@ -479,10 +486,6 @@ def row_dot_bf16(typingctx, w_addr, x_addr, chunks, pf):
         wv = _widen_bf16(builder, wa, _V64F)
         xv = _at(builder, builder.add(x, builder.mul(off, _const(4))), _V64F, 4)
         acc1 = builder.fadd(acc, builder.fmul(wv, xv, flags=_FAST), flags=_FAST)
-        c1 = builder.add(c, _const(1))
-        c.add_incoming(c1, loop)
-        acc.add_incoming(acc1, loop)
-        builder.cbranch(builder.icmp_signed("<", c1, chunks), loop, out)
-        builder.position_at_end(out)
+        _loop_tail(builder, loop, c, acc, acc1, chunks, "chunks_end")
         return _sum_lanes(builder, acc1, DOT_CHUNK)
     return sig, codegen

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConvertError
 from .families import FAMILIES
-from .hf_checkpoint import TensorInfo
+from .hf_checkpoint import TensorInfo, TensorTable
 
 #: a split GGUF's file names (llama.cpp's gguf-split): NAME-00001-of-00003.gguf
 SPLIT_NAME = re.compile(r"(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf")
@@ -140,12 +140,13 @@ def split_files(path: Path) -> list[Path]:
     return files
 
 
-class GgufCheckpoint:
+class GgufCheckpoint(TensorTable):
     """A GGUF file (or split set) presented with HFCheckpoint's interface: `config`, `tensors`
     (Hugging Face name -> TensorInfo), `info`, `row`, `read`, `read_info`, `copies()`."""
 
     fp8_block = None
     mxfp4 = False
+    holder = "the GGUF"
 
     def __init__(self, src: str | os.PathLike):
         self.gguf = _gguf()
@@ -274,15 +275,6 @@ class GgufCheckpoint:
         self.tensors[name] = TensorInfo(name, path, dtype, shape, offset, length,
                                         ggml_type=None if qtype in RAW_TYPES else qtype)
         self._types[name] = qtype
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise ConvertError(f"{self.root}: tensor {name} is missing from the GGUF") from None
 
     def row(self, name: str, index: int) -> TensorInfo:
         raise ConvertError(f"{self.root}: {name}: GGUF experts are split on read; no fused rows")

@@ -61,7 +61,24 @@ class TensorInfo:
         return "bf16" if self.fp8 is not None or self.ggml_type is not None else self.dtype
 
 
-class HFCheckpoint:
+class TensorTable:
+    """A checkpoint's tensors by name (`tensors`, name -> TensorInfo), as both readers present them."""
+    root: Path
+    tensors: dict[str, TensorInfo]
+    #: what a missing tensor is missing from, in messages
+    holder = "the checkpoint"
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise ConvertError(f"{self.root}: tensor {name} is missing from {self.holder}") from None
+
+
+class HFCheckpoint(TensorTable):
     """Index of the tensors of a checkpoint directory; `read(name)` returns bit patterns."""
 
     def __init__(self, src: str | os.PathLike):
@@ -249,15 +266,6 @@ class HFCheckpoint:
                     + ("the index does not name it" if wm is not None else "there is no model.safetensors.index.json")
                     + " to say which copy is the model's")
             self.tensors[name] = info
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self.tensors[name]
-        except KeyError:
-            raise ConvertError(f"{self.root}: tensor {name} is missing from the checkpoint") from None
 
     def row(self, name: str, index: int) -> TensorInfo:
         """Row `index` of tensor `name` along its first dimension (one expert of a fused [E, ...]
