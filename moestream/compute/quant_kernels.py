@@ -257,18 +257,25 @@ class QuantKernel:
     """What compute does with one weight type (formats.constants.QUANT_TYPES has the quantized
     types' bytes): `code`, the type's branch in the CPU layer kernel (_row_dot); `dequantize`,
     its (codes, scales, mins) -> weights kernel (compute/dequant.py, CPU and CUDA), None for a
-    type that is its own weights (bf16)."""
+    type that is its own weights (bf16); `gemm_rows`, from how many token rows torch's GEMM on
+    the (dequantized) weights beats the kernel, whose dot per row and token does the work of a
+    GEMV per row (prefill and batches: kernel_takes)."""
     name: str
     code: int
     dequantize: Optional[Callable[..., torch.Tensor]]
+    gemm_rows: int
 
 
+#: gemm_rows, measured on the development machine (2 threads, medians of 15 calls; kernel against
+#: dequantize + F.linear): int8 [4096, 2048] at 32 rows 21.3 ms against 16.8 (the dequantization
+#: is ~13 of them), at 16 rows 8.9 against 15.9; int4 [768, 2048] at 64 rows 2.9 against 2.8, at 32
+#: 1.6 against 2.5; bf16 [768, 2048] at 4 rows 330 us against torch's 226, at 2 rows 184 against 210
 QUANT_KERNELS = {
-    "int8": QuantKernel("int8", 0, dequantize),
-    "int4": QuantKernel("int4", 1, dequantize),
+    "int8": QuantKernel("int8", 0, dequantize, gemm_rows=32),
+    "int4": QuantKernel("int4", 1, dequantize, gemm_rows=64),
     # a lossless bf16 store's experts: the layer kernel saves the six torch calls per expert and
     # reads with the same prefetch (torch's bf16 GEMV reads as fast, the calls around it do not)
-    "bf16": QuantKernel("bf16", 2, None),
+    "bf16": QuantKernel("bf16", 2, None, gemm_rows=3),
 }
 
 #: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix
@@ -294,10 +301,17 @@ def cpu_kernel_fits(w: KernelWeight, group: Optional[int] = None) -> bool:
             and (group is None or w.spec.group == group))
 
 
+def kernel_takes(w: KernelWeight, rows: int) -> bool:
+    """Whether the CPU kernels multiply `rows` token rows by `w`: they read it in place
+    (cpu_kernel_fits) and there are fewer rows than its type's gemm_rows."""
+    return cpu_kernel_fits(w) and rows < QUANT_KERNELS[_kind(w)].gemm_rows
+
+
 def quant_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
     """x [n, in] · Wᵀ -> [n, out] in x's dtype, for W [out, in] quantized (any device) or a bf16
-    matrix (the CPU kernel where it reads W in place, else torch)."""
-    if not cpu_kernel_fits(w):
+    matrix: the CPU kernel where it takes them (kernel_takes), else torch's GEMM on W dequantized
+    to x's dtype."""
+    if not kernel_takes(w, x.numel() // x.shape[-1]):
         return F.linear(x, w.dequantize(QUANT_KERNELS[w.spec.kind].dequantize, x.dtype)
                         if isinstance(w, QuantizedTensor) else w.to(x.dtype))
     rows, cols = w.shape
@@ -408,21 +422,16 @@ def quantize_linears(model: torch.nn.Module, kind: str, group: int, skip: Callab
     return saved
 
 
-#: the most token rows a bf16 dense layer multiplies with the CPU kernel instead of torch's GEMM.
-#: The kernel is a dot product per row and token: at decode it reads a [4096, 2048] bf16 matrix
-#: 2x faster than torch's bf16 GEMV (536 vs 1063 us), at 2 rows 1.25x, at 4 rows it is slower
-#: (1311 vs 942 us; development machine, 2 threads, medians of 40 alternating calls).
-BF16_KERNEL_MAX_ROWS = 2
-
-
 class Bf16DecodeLinear(torch.nn.Linear):
-    """An nn.Linear over a bf16 CPU weight whose decode steps (at most BF16_KERNEL_MAX_ROWS token
-    rows) take the layer kernels' bf16 dot, and everything else torch's GEMM: the dense layers of a
-    lossless bf16 store, which at decode read as many bytes as its routed experts. Same parameters
-    and state-dict names as the nn.Linear it replaces."""
+    """An nn.Linear over a bf16 CPU weight whose decode steps (fewer token rows than bf16's
+    gemm_rows: a [4096, 2048] matrix 536 us against torch's bf16 GEMV's 1063 at 1 row, 729 against
+    913 at 2, 1311 against 942 at 4) take the layer kernels' bf16 dot, and everything else torch's
+    GEMM: the dense layers of a lossless bf16 store, which at decode read as many bytes as its
+    routed experts, and the routers. Same parameters and state-dict names as the nn.Linear it
+    replaces."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > BF16_KERNEL_MAX_ROWS * self.in_features or x.device.type != "cpu":
+        if not kernel_takes(self.weight, x.numel() // self.in_features):
             return super().forward(x)
         y = quant_linear(x, self.weight)
         return y + self.bias if self.bias is not None else y

@@ -28,7 +28,9 @@ def test_bench_decode_runs_every_system(tmp_path):
         assert rows[s]["store_quant"] in ("int8", "int4") and rows[s]["requests"] == 3 * 2 * 4
     for s in QUANT_BOUNDS:                   # warmed: every expert in L1 before the first token
         assert rows[s]["hits_l1"] == rows[s]["requests"] and rows[s]["bytes_read"] == 0
-    assert d["int4_l1_experts_vs_bf16"] > 1 and d["int4_resident_vs_bf16_resident"] > 0
+    assert d["int4_l1_experts_vs_bf16"] > 1
+    # 4 tokens a system on a shared machine: a ratio whose rounds look noisy is withheld, with the reason
+    assert (d["int4_resident_vs_bf16_resident"] or 0) > 0 or "int4_resident_vs_bf16_resident" in d["ratios_withheld"]
     assert d["int4_vs_llama_cpp_q4_0_limited"] is None   # llama.cpp did not run
     streamed = [rows[s] for s in ("naive", "lru", "best-no-prefetch", "best", "resident")]
     for r in streamed:   # forced routing: every system asked for the same experts

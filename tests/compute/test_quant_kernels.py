@@ -291,3 +291,24 @@ def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, t
         print(f"{family} bf16, {want_t.shape[1]} tokens: max |logit diff| / max |logit| = {err:.4f}")
         assert err < LOGIT_TOLERANCE
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_kernels_take_few_token_rows_and_leave_batches_to_torchs_gemm(monkeypatch):
+    """Below its type's gemm_rows the kernel multiplies (a dot per row and token); from there on
+    torch's GEMM on the dequantized weights does, with the same result."""
+    from moestream.compute import quant_kernels
+    from moestream.compute.quant_kernels import kernel_takes
+    torch.manual_seed(5)
+    calls = []
+    real = quant_kernels._linear
+    monkeypatch.setattr(quant_kernels, "_linear", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    for kind in ("int8", "int4", "bf16"):
+        w = _weights(torch.randn(64, 128) * 0.05, kind)
+        limit = QUANT_KERNELS[kind].gemm_rows
+        assert kernel_takes(w, 1) and kernel_takes(w, limit - 1) and not kernel_takes(w, limit)
+        for rows in (limit - 1, limit):
+            calls.clear()
+            x = torch.randn(rows, 128)
+            got = quant_linear(x, w)
+            assert calls == ([rows] if rows < limit else [])
+            assert rel(got, x @ _as_float(w).T) < (1e-5 if kind != "int4" or rows >= limit else KERNEL_TOLERANCE)

@@ -17,7 +17,7 @@ from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import RoutedExpert, cpu_kernel_fits, moe_layer, moe_layer_fits, quant_linear
+from ..quant_kernels import RoutedExpert, kernel_takes, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
 
 
@@ -295,7 +295,8 @@ class StreamingMoE(nn.Module):
             # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
             t0 = time.perf_counter()
             names = (gate_name, up_name, down_name)
-            fits = [all(cpu_kernel_fits(b[1][n]) for n in names) for b in batch]
+            # an expert with more token rows than its type's gemm_rows (prefill) takes torch's GEMM
+            fits = [all(kernel_takes(b[1][n], len(b[2])) for n in names) for b in batch]
             held = [b for b, f in zip(batch, fits) if f]
             routed = []
             if held:
