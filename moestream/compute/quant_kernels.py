@@ -314,6 +314,11 @@ def quant_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
     if not kernel_takes(w, x.numel() // x.shape[-1]):
         return F.linear(x, w.dequantize(QUANT_KERNELS[w.spec.kind].dequantize, x.dtype)
                         if isinstance(w, QuantizedTensor) else w.to(x.dtype))
+    return _kernel_linear(x, w)
+
+
+def _kernel_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
+    """quant_linear's kernel call, for a `w` and a row count that kernel_takes."""
     rows, cols = w.shape
     group = w.spec.group if isinstance(w, QuantizedTensor) else DOT_CHUNK   # bf16: sizes only the scratch
     xf = x.detach().reshape(-1, cols).float().contiguous()   # inference only: no autograd through the kernels
@@ -433,7 +438,7 @@ class Bf16DecodeLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not kernel_takes(self.weight, x.numel() // self.in_features):
             return super().forward(x)
-        y = quant_linear(x, self.weight)
+        y = _kernel_linear(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
 

@@ -265,9 +265,9 @@ def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, t
     monkeypatch.setattr(common, "moe_layer", lambda x, routed, out: (calls.append(len(routed)), real(x, routed, out)))
     from moestream.compute import quant_kernels
     dense_calls = []
-    real_linear = quant_kernels.quant_linear
-    monkeypatch.setattr(quant_kernels, "quant_linear", lambda x, w: (dense_calls.append(tuple(x.shape)),
-                                                                     real_linear(x, w))[1])
+    real_linear = quant_kernels._kernel_linear      # the dense layers' kernel call
+    monkeypatch.setattr(quant_kernels, "_kernel_linear", lambda x, w: (dense_calls.append(tuple(x.shape)),
+                                                                       real_linear(x, w))[1])
     model = load_model(store, device_budget="64MiB", host_budget=0)
     try:
         kernel_linears = {n for n, m in model.named_modules() if isinstance(m, quant_kernels.Bf16DecodeLinear)}
