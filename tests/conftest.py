@@ -22,3 +22,43 @@ def sharded_bf16_checkpoint(tmp_path_factory) -> Path:
     from moestream.demo import build_checkpoint
     return build_checkpoint("mixtral", tmp_path_factory.mktemp("sharded") / "m", seed=7, dtype="bfloat16",
                             max_shard_size="1MB", hidden_size=128, moe_intermediate_size=256)
+
+
+def store_logits(store, ids, **load_options):
+    """Logits [B, T, V] of `store`'s native forward on ids [B, T] (load_model with
+    `load_options`), the store closed after."""
+    import torch
+    from moestream.compute import load_model
+    model = load_model(store, **load_options)
+    try:
+        with torch.no_grad():
+            return model(ids)
+    finally:
+        model.store.close()
+
+
+def quantized_twins(src: Path, root: Path, quantize, quantization_config: dict):
+    """Two copies of checkpoint `src` under `root`: "q", where quantize(name, tensor) -> (the
+    tensors stored instead {name: tensor}, their dequantized values) or None (kept as it is), with
+    `quantization_config` in its config.json; "ref", a plain checkpoint of the dequantized values.
+    Returns (q dir, ref dir, the dequantized state)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    q, ref = root / "q", root / "ref"
+    shutil.copytree(src, q)
+    shutil.copytree(src, ref)
+    stored, deq = {}, {}
+    for name, t in load_file(src / "model.safetensors").items():
+        done = quantize(name, t)
+        if done is None:
+            stored[name] = deq[name] = t
+        else:
+            stored.update(done[0])
+            deq[name] = done[1]
+    save_file(stored, q / "model.safetensors", metadata={"format": "pt"})
+    save_file(deq, ref / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = quantization_config
+    (q / "config.json").write_text(json.dumps(cfg))
+    return q, ref, deq

@@ -17,6 +17,8 @@ from moestream.errors import ConvertError
 from moestream.formats import StoreReader
 from moestream.formats.fp8 import fp8_values
 
+from ..conftest import quantized_twins, store_logits
+
 BLOCK = [32, 32]     # the tiny models' widths (64, 48) are one and a half blocks: ragged blocks too
 ALIGNED = [8, 8]     # blocks that divide every width (as 128 divides the published models' widths)
 FP8_MAX = 448.0
@@ -52,25 +54,14 @@ def _is_fp8_linear(name: str, t: torch.Tensor) -> bool:
 
 def _make_fp8_pair(src, root, block):
     """(FP8 checkpoint, the same weights dequantized to fp32 as a plain checkpoint)."""
-    fp8, ref = root / "fp8", root / "ref"
-    shutil.copytree(src, fp8)
-    shutil.copytree(src, ref)
-    state = load_file(src / "model.safetensors")
-    q, deq = {}, {}
-    for name, t in state.items():
-        if _is_fp8_linear(name, t):
-            codes, scale = _fp8_quantize(t.float(), block)
-            q[name], q[name + "_scale_inv"] = codes, scale
-            full = scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(block[1], 1)[:, :t.shape[1]]
-            deq[name] = codes.float() * full
-        else:
-            q[name] = deq[name] = t
-    save_file(q, fp8 / "model.safetensors", metadata={"format": "pt"})
-    save_file(deq, ref / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                  "weight_block_size": block}
-    (fp8 / "config.json").write_text(json.dumps(cfg))
+    def quantize(name, t):
+        if not _is_fp8_linear(name, t):
+            return None
+        codes, scale = _fp8_quantize(t.float(), block)
+        full = scale.repeat_interleave(block[0], 0)[:t.shape[0]].repeat_interleave(block[1], 1)[:, :t.shape[1]]
+        return {name: codes, name + "_scale_inv": scale}, codes.float() * full
+    fp8, ref, _ = quantized_twins(src, root, quantize, {"quant_method": "fp8", "fmt": "e4m3",
+                                                          "activation_scheme": "dynamic", "weight_block_size": block})
     return fp8, ref
 
 
@@ -89,14 +80,11 @@ def test_an_fp8_checkpoint_runs_as_transformers_runs_its_dequantized_weights(fp8
     assert torch.equal(w["gate_proj"], want_w)                  # the products, exactly
     assert "quantization_config" not in json.loads((store / "config.json").read_text())
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
-    model = load_model(store, device_budget="64MiB", host_budget=0)
-    try:
-        torch.manual_seed(5)
-        ids = torch.randint(0, ref.config.vocab_size, (2, 12))
-        with torch.no_grad():
-            want, got = ref(ids).logits, model(ids)
-    finally:
-        model.store.close()
+    torch.manual_seed(5)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = store_logits(store, ids, device_budget="64MiB", host_budget=0)
     assert (got - want).abs().max().item() < 1e-4
 
 

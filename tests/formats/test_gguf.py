@@ -14,10 +14,11 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import moestream  # noqa: E402
-from moestream.compute import load_model  # noqa: E402
 from moestream.demo import build_checkpoint  # noqa: E402
 from moestream.errors import ConvertError  # noqa: E402
 from moestream.formats import StoreReader  # noqa: E402
+
+from ..conftest import store_logits  # noqa: E402
 
 Q = gguf.GGMLQuantizationType
 #: GGUF architecture of each family, and which llama.cpp permutes q/k for
@@ -151,12 +152,7 @@ def _logits(ckpt, ids):
 
 
 def _store_logits(store, ids):
-    model = load_model(store, device_budget="64MiB", host_budget=0, dtype=torch.float32)
-    try:
-        with torch.no_grad():
-            return model(ids)
-    finally:
-        model.store.close()
+    return store_logits(store, ids, device_budget="64MiB", host_budget=0, dtype=torch.float32)
 
 
 def _rel(got, want):

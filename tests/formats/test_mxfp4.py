@@ -1,7 +1,6 @@
 """MXFP4 checkpoints in (formats/mxfp4.py): a GPT-OSS checkpoint MXFP4-quantized the way the
 published one is, its experts decoded exactly as transformers' own `convert_moe_packed_tensors`
 decodes them, its logits against transformers on the same weights, and half pairs refused."""
-import json
 import shutil
 
 import pytest
@@ -13,6 +12,8 @@ from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 import moestream
 from moestream.errors import ConvertError
 from moestream.formats import StoreReader
+
+from ..conftest import quantized_twins
 
 MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 PREFIX = "model.layers.{}.mlp.experts."
@@ -37,24 +38,15 @@ def mxfp4_pair(tmp_path_factory):
     from moestream.demo import build_checkpoint
     root = tmp_path_factory.mktemp("mxfp4")
     src = build_checkpoint("gpt_oss", root / "src", seed=3, moe_intermediate_size=64)   # blocks of 32 along each width
-    q, ref = root / "q", root / "ref"
-    shutil.copytree(src, q)
-    shutil.copytree(src, ref)
-    state = load_file(src / "model.safetensors")
-    qs, deq = {}, {}
-    for name, t in state.items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            blocks, scales = _to_mxfp4(t)
-            qs[name + "_blocks"], qs[name + "_scales"] = blocks, scales
-            deq[name] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)   # transformers' decode
-        else:
-            qs[name] = deq[name] = t
-    save_file(qs, q / "model.safetensors", metadata={"format": "pt"})
-    save_file(deq, ref / "model.safetensors", metadata={"format": "pt"})
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["router", "self_attn", "lm_head"]}
-    (q / "config.json").write_text(json.dumps(cfg))
-    return q, ref, deq
+
+    def quantize(name, t):
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            return None
+        blocks, scales = _to_mxfp4(t)
+        return ({name + "_blocks": blocks, name + "_scales": scales},
+                convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))      # transformers' decode
+    return quantized_twins(src, root, quantize, {"quant_method": "mxfp4",
+                                                 "modules_to_not_convert": ["router", "self_attn", "lm_head"]})
 
 
 def test_mxfp4_experts_decode_exactly_as_transformers_and_the_model_matches(mxfp4_pair, tmp_path):
