@@ -159,6 +159,9 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         "opts": [quant, group_size, zstd_level, zstd_min_saving, delta, max_file_size],
         "mixed": None if mixed is None else [sorted(mixed[0]), mixed[1], mixed[2]],
     }).encode()).hexdigest()
+    # the files the store carries (a GGUF's tokenizer.json is built from its metadata): once, for
+    # the blobs and for the copies beside the store
+    copies = ckpt.copies()
     writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)
     workers = max(1, min(8, os.cpu_count() or 1))
     encoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moestream-encode")
@@ -189,7 +192,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 bar.update(info.length)
             if isinstance(ckpt, GgufCheckpoint):
                 _note_gguf(ckpt, quant, native, bar.write)
-            for name, blob in ckpt.copies().items():
+            for name, blob in copies.items():
                 if name != "config.json":
                     writer.add_blob(name, _blob(np.frombuffer(blob, np.uint8), zstd_level))
             writer.checkpoint("dense")
@@ -238,7 +241,6 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 writer.add_base(layer, encode_region(
                     [(t, base_dtype, i.shape, base[t]) for t, i in zip(fam.expert_tensors, infos)], lossless))
             writer.checkpoint(f"layer{layer}")
-        copies = ckpt.copies()
         if config is not ckpt.config:
             copies["config.json"] = json.dumps(config, indent=2).encode()
         path = writer.finish(
@@ -270,13 +272,15 @@ def _note_gguf(ckpt: GgufCheckpoint, quant: str, native: Optional[str], write) -
     counts = Counter(t.ggml_type for t in ckpt.tensors.values() if t.ggml_type is not None)
     if counts:
         kinds = ", ".join(f"{n} {k}" for k, n in counts.most_common())
-        experts = {"keep": "--quant keep experts as bf16 (only experts all of one of "
-                           f"{', '.join(NATIVE_TYPES)} keep their blocks)"}.get(quant, f"experts as {quant}")
         if native is not None:
             kind, group, exact = NATIVE_TYPES[native]
             experts = (f"{native} experts kept as {kind} in groups of {group} ("
                        + ("the same codes and scales" if exact else "the same codes; scale products rounded to fp16")
                        + ")")
+        elif quant == "keep":
+            experts = f"--quant keep experts as bf16 (only experts all of one of {', '.join(NATIVE_TYPES)} keep their blocks)"
+        else:
+            experts = f"experts as {quant}"
         write(f"GGUF {ckpt.arch.name}: quantized dense tensors dequantized by gguf-py's reference dequantizer and "
               f"stored as bf16 ({kinds} in all); {experts}")
     note = ckpt.tokenizer_note()
