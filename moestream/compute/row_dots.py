@@ -74,8 +74,7 @@ def _declare(builder, name: str, ret, params):
 
 
 def _load(builder, addr, n: int):
-    vt = ir.VectorType(ir.IntType(8), n)
-    return builder.load(builder.inttoptr(addr, vt.as_pointer()), align=1)
+    return _at(builder, addr, ir.VectorType(ir.IntType(8), n), 1)
 
 
 def _reduce_add(builder, v, n: int):
@@ -119,39 +118,20 @@ _dot_s8_f32 = _float_dot_intrinsic(_widen_s8)
 
 def _u4_intrinsic(isa: str):
     """Σ lo(c[j])·e[j] + hi(c[j])·o[j] over 32 bytes of int4 codes c (element 2j in the low nibble)
-    and the 32 even (e) and odd (o) int8 activations: 64 weights, int32."""
+    and the 32 even (e) and odd (o) int8 activations: 64 weights, int32 (the whole-row dots'
+    _u4_unit on the 32 bytes and 32 zeros)."""
     @intrinsic
     def dot(typingctx, c_addr, e_addr, o_addr):
         sig = types.int32(types.intp, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             half = DOT_CHUNK // 2
-            v8 = ir.VectorType(ir.IntType(8), half)
-            c, e, o = (_load(builder, a, half) for a in args)
-            lo = builder.and_(c, ir.Constant(v8, [15] * half))
-            hi = builder.lshr(c, ir.Constant(v8, [4] * half))
-            if isa == "generic":
-                wide = ir.VectorType(ir.IntType(32), half)
-                p = builder.add(builder.mul(builder.zext(lo, wide), builder.sext(e, wide)),
-                                builder.mul(builder.zext(hi, wide), builder.sext(o, wide)))
-                return _reduce_add(builder, p, half)
-            cat = ir.Constant(ir.VectorType(ir.IntType(32), DOT_CHUNK), list(range(DOT_CHUNK)))
-            a, b = builder.shuffle_vector(lo, hi, cat), builder.shuffle_vector(e, o, cat)
-            i32x16, i16x32 = ir.VectorType(ir.IntType(32), 16), ir.VectorType(ir.IntType(16), 32)
-            if isa == "avx512vnni":
-                f = _declare(builder, "llvm.x86.avx512.vpdpbusd.512", i32x16, [i32x16] * 3)
-                acc = builder.call(f, [ir.Constant(i32x16, [0] * 16), builder.bitcast(a, i32x16),
-                                       builder.bitcast(b, i32x16)])
-            else:   # avx512bw: u8·s8 pairs to int16 (15·127·2 cannot saturate), then pairs to int32
-                v64 = ir.VectorType(ir.IntType(8), DOT_CHUNK)
-                p16 = builder.call(_declare(builder, "llvm.x86.avx512.pmaddubs.w.512", i16x32, [v64, v64]), [a, b])
-                acc = builder.call(_declare(builder, "llvm.x86.avx512.pmaddw.d.512", i32x16, [i16x32, i16x32]),
-                                   [p16, ir.Constant(i16x32, [1] * 32)])
-            return _reduce_add(builder, acc, 16)
+            zeros = ir.Constant(ir.VectorType(ir.IntType(8), half), None)
+            widen = ir.Constant(ir.VectorType(ir.IntType(32), DOT_CHUNK), list(range(DOT_CHUNK)))
+            c, e, o = (builder.shuffle_vector(_load(builder, a, half), zeros, widen) for a in args)
+            return _reduce_add(builder, _u4_unit(builder, isa, c, e, o), 16)
         return sig, codegen
     return dot
-
-
 
 
 @intrinsic
@@ -160,10 +140,7 @@ def _prefetch(typingctx, addr):
     sig = types.void(types.intp)
 
     def codegen(context, builder, signature, args):
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        f = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), [i8p, i32, i32, i32])
-        builder.call(f, [builder.inttoptr(args[0], i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _prefetch_ir(builder, args[0])
         return context.get_dummy_value()
     return sig, codegen
 
