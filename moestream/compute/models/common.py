@@ -271,52 +271,66 @@ class StreamingMoE(nn.Module):
         weights, experts = self.route(x)                                         # [N, A], [N, A]
         if self.recorder is not None:
             self.recorder.record(self.layer, experts, weights)
-        gate_name, up_name, down_name = self.cfg.expert_names
-        out = torch.zeros_like(x)                                                # [N, H]
-        acc: list[torch.Tensor] = []     # float32 [N, H] of the quantized experts, made on first use
-
-        def linear(h: torch.Tensor, w) -> torch.Tensor:
-            return quant_linear(h, w) if isinstance(w, QuantizedTensor) else F.linear(h, w.to(x.dtype))
-
-        def compute(e: int, w: dict, rows_l: list[int], slots_l: list[int]) -> None:
-            if len(rows_l) == x.shape[0] == 1:                                   # decode: no gather
-                h, rows, slot = x, None, slots_l[0]
-            else:
-                rows = torch.tensor(rows_l, device=x.device)
-                h, slot = x[rows], torch.tensor(slots_l, device=x.device)       # [n, H]
-            y = linear(F.silu(linear(h, w[gate_name])) * linear(h, w[up_name]), w[down_name])   # [n, H]
-            if rows is None:
-                out.add_(y * weights[0, slot])
-            else:
-                out.index_add_(0, rows, y * weights[rows, slot, None])
-
-        def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
-            # every expert the CPU layer kernel reads (int8, int4, bf16) that has arrived, in one
-            # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
-            t0 = time.perf_counter()
-            names = (gate_name, up_name, down_name)
-            # an expert with more token rows than its type's gemm_rows (prefill) takes torch's GEMM
-            fits = [all(kernel_takes(b[1][n], len(b[2])) for n in names) for b in batch]
-            held = [b for b, f in zip(batch, fits) if f]
-            routed = []
-            if held:
-                wl = weights.float().tolist()                                    # [N][A]
-                routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
-                          for _, w, rows_l, slots_l in held]
-            rest = batch
-            if routed and moe_layer_fits(routed):
-                if not acc:
-                    acc.append(torch.zeros(x.shape, dtype=torch.float32))
-                moe_layer(x, routed, acc[0])
-                rest = [b for b, f in zip(batch, fits) if not f]
-            for item in rest:
-                compute(*item)
-            self.expert_seconds += time.perf_counter() - t0
-
         then, self.prefetch_next = self.prefetch_next, None
-        stream_experts(self.store, self.layer, route_on_host(experts), compute_batch=compute_batch,
-                       then_prefetch=then)
-        return out.add_(acc[0].to(out.dtype)) if acc else out
+        out, seconds = routed_experts_output(self.store, self.layer, self.cfg.expert_names, x, weights, experts,
+                                             then_prefetch=then)
+        self.expert_seconds += seconds
+        return out
+
+
+def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: torch.Tensor, weights: torch.Tensor,
+                          experts: torch.Tensor, then_prefetch: Optional[tuple[int, list[int]]] = None
+                          ) -> tuple[torch.Tensor, float]:
+    """The routed SwiGLU experts of `layer` on x [N, H]: sum over k of weights[:, k] *
+    expert_k(x), the experts [N, A] fetched from `store` and computed in arrival order (names:
+    the store's gate, up and down tensor names). Returns the output [N, H] in x's dtype (a new
+    tensor) and the seconds spent computing (not waiting for reads). Shared by the native forward
+    and the vLLM plug (integrations/vllm.py). then_prefetch as in stream_experts."""
+    gate_name, up_name, down_name = names
+    weights = weights.to(x.dtype)                                                # [N, A]
+    out = torch.zeros_like(x)                                                    # [N, H]
+    acc: list[torch.Tensor] = []     # float32 [N, H] of the quantized experts, made on first use
+    seconds = [0.0]
+
+    def linear(h: torch.Tensor, w) -> torch.Tensor:
+        return quant_linear(h, w) if isinstance(w, QuantizedTensor) else F.linear(h, w.to(x.dtype))
+
+    def compute(e: int, w: dict, rows_l: list[int], slots_l: list[int]) -> None:
+        if len(rows_l) == x.shape[0] == 1:                                       # decode: no gather
+            h, rows, slot = x, None, slots_l[0]
+        else:
+            rows = torch.tensor(rows_l, device=x.device)
+            h, slot = x[rows], torch.tensor(slots_l, device=x.device)           # [n, H]
+        y = linear(F.silu(linear(h, w[gate_name])) * linear(h, w[up_name]), w[down_name])   # [n, H]
+        if rows is None:
+            out.add_(y * weights[0, slot])
+        else:
+            out.index_add_(0, rows, y * weights[rows, slot, None])
+
+    def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
+        # every expert the CPU layer kernel reads (int8, int4, bf16) that has arrived, in one
+        # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
+        t0 = time.perf_counter()
+        # an expert with more token rows than its type's gemm_rows (prefill) takes torch's GEMM
+        fits = [all(kernel_takes(b[1][n], len(b[2])) for n in names) for b in batch]
+        held = [b for b, f in zip(batch, fits) if f]
+        routed = []
+        if held:
+            wl = weights.float().tolist()                                        # [N][A]
+            routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
+                      for _, w, rows_l, slots_l in held]
+        rest = batch
+        if routed and moe_layer_fits(routed):
+            if not acc:
+                acc.append(torch.zeros(x.shape, dtype=torch.float32))
+            moe_layer(x, routed, acc[0])
+            rest = [b for b, f in zip(batch, fits) if not f]
+        for item in rest:
+            compute(*item)
+        seconds[0] += time.perf_counter() - t0
+
+    stream_experts(store, layer, route_on_host(experts), compute_batch=compute_batch, then_prefetch=then_prefetch)
+    return (out.add_(acc[0].to(out.dtype)) if acc else out), seconds[0]
 
 
 def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
