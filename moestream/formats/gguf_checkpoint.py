@@ -15,6 +15,7 @@ converter's resident set stays at one tensor. Needs the `gguf` package (`pip ins
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -360,18 +361,37 @@ class GgufCheckpoint(TensorTable):
 
     def tokenizer_note(self) -> Optional[str]:
         """Why the store gets no tokenizer.json, or None when it does."""
-        model = self.meta.get("tokenizer.ggml.model")
-        if model is None:
-            return "the GGUF carries no tokenizer"
-        if model != "gpt2":
-            return f"its tokenizer model {model!r} is not converted yet (byte-level BPE, 'gpt2', is)"
-        return None
+        return self._tokenizer[1]
 
     def tokenizer_json(self) -> Optional[bytes]:
-        """tokenizer.ggml.* (a byte-level BPE: tokens, merges, token types, pre-tokenizer) as a
-        tokenizers `tokenizer.json`; None where tokenizer_note says why not."""
-        if self.tokenizer_note() is not None:
-            return None
+        """tokenizer.ggml.* as a tokenizers `tokenizer.json`; None where tokenizer_note says why not."""
+        return self._tokenizer[0]
+
+    @functools.cached_property
+    def _tokenizer(self) -> tuple[Optional[bytes], Optional[str]]:
+        """(tokenizer.json, None), or (None, why not). A byte-level BPE ('gpt2': Qwen, GPT-2 style)
+        is converted here; every other tokenizer model (SentencePiece 'llama': Mixtral, Llama 2;
+        'gemma', ...) by transformers' own GGUF tokenizer reader where transformers is installed,
+        the way `AutoTokenizer.from_pretrained(..., gguf_file=...)` reads it."""
+        model = self.meta.get("tokenizer.ggml.model")
+        if model is None:
+            return None, "the GGUF carries no tokenizer"
+        if model == "gpt2":
+            return self._byte_level_bpe(), None
+        try:
+            from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+        except ImportError:
+            return None, (f"its tokenizer model {model!r} is converted by transformers' GGUF reader: install "
+                          "transformers (moestream[hf]) and convert again")
+        try:
+            arch, tokenizer_dict, _ = get_gguf_tokenizer(str(self.files[0]))
+            backend, _ = convert_gguf_tokenizer(arch, tokenizer_dict)
+        except Exception as e:       # transformers' own refusal (an unknown model), named as it says it
+            return None, f"transformers could not build its tokenizer model {model!r}: {e}"
+        return backend.to_str().encode(), None
+
+    def _byte_level_bpe(self) -> bytes:
+        """tokenizer.ggml.* of a byte-level BPE: tokens, merges, token types, pre-tokenizer."""
         from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
         tokens = self.meta.get("tokenizer.ggml.tokens") or []
         merges = [tuple(m.split(" ", 1)) for m in self.meta.get("tokenizer.ggml.merges") or []]

@@ -42,10 +42,32 @@ def random_q4_k(shape, rng) -> np.ndarray:
     return blocks.reshape(*shape[:-1], cols // 256 * 144)
 
 
+#: pieces of a small SentencePiece vocabulary ("\u2581" marks a word start), best score first
+SPM_PIECES = ["\u2581the", "\u2581qu", "ick", "\u2581b", "row", "n", "\u2581f", "ox", "\u2581", "th", "he", "qu",
+              "ro", "ow", "o", "x"] + list("abcdefghijklmnopqrstuvwxyz.,") + [f"<0x{b:02X}>" for b in range(32, 127)]
+
+
+def write_spm_tokenizer(w) -> None:
+    """tokenizer.ggml.* of a SentencePiece ('llama') vocabulary, as llama.cpp's convert writes them:
+    tokens, scores, token types (byte tokens as BYTE), no merges."""
+    tokens = ["<unk>", "<s>", "</s>"] + list(dict.fromkeys(SPM_PIECES))
+    types = ([gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+             + [gguf.TokenType.BYTE if t.startswith("<0x") else gguf.TokenType.NORMAL for t in tokens[3:]])
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0, 0.0, 0.0] + [-float(i) for i in range(len(tokens) - 3)])
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+
+
 def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int = 0, drop=(), experts=None):
     """The checkpoint at `ckpt` (fp32 safetensors) as a GGUF at `out`: 2-D weights in `qtype`
     (norms, routers and the embedding in F32, as llama.cpp keeps norms and small tensors);
-    experts=Q.Q4_K: the experts replaced by random Q4_K blocks of their shapes."""
+    experts=Q.Q4_K: the experts replaced by random Q4_K blocks of their shapes. tokenizer: True
+    (the checkpoint's byte-level BPE, 'gpt2'), "spm" (a SentencePiece vocabulary, 'llama', as
+    Mixtral's and Llama 2's GGUFs carry) or False."""
     from safetensors.numpy import load_file
     cfg = json.loads((ckpt / "config.json").read_text())
     fam = moestream.formats.families.FAMILIES[cfg["model_type"]]
@@ -71,7 +93,9 @@ def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int
         w.add_value_length(cfg["head_dim"])
     if "shared_expert_intermediate_size" in cfg:
         w.add_expert_shared_feed_forward_length(cfg["shared_expert_intermediate_size"])
-    if tokenizer:
+    if tokenizer == "spm":
+        write_spm_tokenizer(w)
+    elif tokenizer:
         tok = json.loads((ckpt / "tokenizer.json").read_text())
         vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
         added = {a["id"]: a for a in tok["added_tokens"]}
@@ -185,6 +209,23 @@ def test_the_tokenizer_comes_from_the_gguf_metadata(ckpts, tmp_path):
     assert got.encode(TEXT).ids == want.encode(TEXT).ids
     assert got.decode(want.encode(TEXT).ids) == want.decode(want.encode(TEXT).ids)
     assert got.token_to_id("</s>") == want.token_to_id("</s>")
+
+
+def test_a_sentencepiece_tokenizer_is_built_by_transformers_gguf_reader(ckpts, tmp_path):
+    """Mixtral's GGUFs carry a SentencePiece vocabulary ('llama'): the store's tokenizer.json is
+    the one transformers builds when it loads that GGUF itself."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    src = write_gguf(ckpts["mixtral"], tmp_path / "m.gguf", tokenizer="spm")
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    want = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    got = Tokenizer.from_file(str(store / "tokenizer.json"))
+    text = "the quick brown fox, the box"
+    ids = got.encode(text).ids
+    assert ids == want(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) < 0.75 * len(text)                    # pieces, not characters
+    assert got.decode(ids) == want.decode(ids)
+    assert got.token_to_id("</s>") == 2 and got.id_to_token(0) == "<unk>"
 
 
 # tolerances: a random model's near-Gaussian weights in 32-element blocks of 256 (Q8_0) or 16
