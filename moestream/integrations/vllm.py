@@ -58,6 +58,10 @@ def register() -> None:
         from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, register_model_loader
         _request_amx()
         if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
+            import vllm
+            if vllm.__version__ not in TESTED_VLLM:
+                _log().warning("moestream: the vLLM plugin is tested with vLLM %s, this is %s (its plug points "
+                               "are vLLM internals)", ", ".join(TESTED_VLLM), vllm.__version__)
             register_model_loader(LOAD_FORMAT)(_loader_class())
         current = op_registry_oot.get("RoutedExperts")
         if current is None:

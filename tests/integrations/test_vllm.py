@@ -223,3 +223,14 @@ def test_loader_options_are_checked(vllm_checkpoints, tmp_path):
         assert 0 < s.stats()["l1_budget"] <= 1 << 20          # whole expert slots within the budget
     finally:
         s.close()
+
+
+def test_register_is_idempotent_and_changes_nothing_outside_the_load_format():
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER
+    from moestream.integrations import vllm as plug
+    plug.register()
+    plug.register()                                        # vLLM calls it in every process, maybe twice
+    cls = op_registry_oot["RoutedExperts"]
+    assert cls._moestream and _LOAD_FORMAT_TO_MODEL_LOADER[plug.LOAD_FORMAT].__name__ == "MoestreamModelLoader"
+    assert not plug._loading_from_store()                  # no vLLM config: RoutedExperts keeps vLLM's method
