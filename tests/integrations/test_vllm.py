@@ -39,11 +39,11 @@ PROMPTS = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n
 
 
 def run_engine(store, *, dtype="float32", loader=None, phases=("single",), prompts=PROMPTS, check=True,
-               load_format="moestream"):
+               load_format="moestream", numba_first=False):
     """Run tests/integrations/vllm_generate.py in a fresh process; its JSON result (check) or the
     finished process."""
     args = {"store": str(store), "dtype": dtype, "max_tokens": MAX_TOKENS, "prompts": prompts,
-            "loader": loader, "phases": list(phases), "load_format": load_format}
+            "loader": loader, "phases": list(phases), "load_format": load_format, "numba_first": numba_first}
     p = subprocess.run([sys.executable, str(RUNNER), json.dumps(args)], capture_output=True, text=True, timeout=600)
     if not check:
         return p
@@ -234,3 +234,11 @@ def test_register_is_idempotent_and_changes_nothing_outside_the_load_format():
     cls = op_registry_oot["RoutedExperts"]
     assert cls._moestream and _LOAD_FORMAT_TO_MODEL_LOADER[plug.LOAD_FORMAT].__name__ == "MoestreamModelLoader"
     assert not plug._loading_from_store()                  # no vLLM config: RoutedExperts keeps vLLM's method
+
+
+def test_an_engine_starts_in_a_process_that_imported_numba_first(vllm_checkpoints, tmp_path):
+    """Convert, then serve, in one script: vLLM 0.32's CPU worker start stopped on llvmlite's
+    ffi.lib (integrations/vllm.py: _llvmlite_scan_safe)."""
+    store = moestream.convert(vllm_checkpoints["mixtral"], tmp_path / "m.moe", progress=False)
+    got = run_engine(store, prompts=PROMPTS[:2], phases=("batched",), numba_first=True)
+    assert got["batched"]["tokens"] == greedy_reference(vllm_checkpoints["mixtral"], PROMPTS[:2])

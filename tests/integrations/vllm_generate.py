@@ -4,7 +4,9 @@ the tests independent). Prints one JSON line: greedy tokens and the Store's coun
 
 argv[1]: JSON {"store", "dtype", "max_tokens", "prompts": [[token ids], ...],
                "loader": model_loader_extra_config or null, "phases": ["single", "batched"],
-               "load_format": "moestream" (default) or "auto" (vLLM's own loader on a checkpoint)}
+               "load_format": "moestream" (default) or "auto" (vLLM's own loader on a checkpoint),
+               "numba_first": import moestream.compute (Numba, llvmlite) before vLLM, as a script
+                              that converts a store and then serves it does}
 "single" generates each prompt on its own, one after another; "batched" all prompts in one
 `LLM.generate`. Counters are the differences over each phase."""
 import json
@@ -20,6 +22,8 @@ COUNTERS = ("requests", "hits_l1", "misses", "reads", "bytes_read", "evictions_l
 
 def main() -> None:
     args = json.loads(sys.argv[1])
+    if args.get("numba_first"):
+        import moestream.compute  # noqa: F401
     from vllm import LLM, SamplingParams
     from moestream.integrations.vllm import stores
     load_format = args.get("load_format", "moestream")
