@@ -60,11 +60,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     dtype = _parse_dtype(dtype)
     if not (isinstance(prefetch_threshold, (int, float)) and 0.0 <= prefetch_threshold <= 1.0):
         raise UsageError(f"prefetch_threshold={prefetch_threshold!r}: must be a number in 0..1")
-    if expert_compute not in EXPERT_COMPUTE:
-        raise UsageError(f"expert_compute={expert_compute!r}: choose one of {', '.join(EXPERT_COMPUTE)}")
-    store_options.setdefault("dequantize", dequantize)
-    store_options.setdefault("keep_quantized", expert_compute == "quantized")
-    store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
+    store = open_compute_store(path, device=dev, expert_compute=expert_compute, device_budget=device_budget,
+                               host_budget=host_budget, **store_options)
     try:
         idx = store.index
         if dtype is None:  # compute in the experts' own dtype on a CPU: no cast of every expert at every use
@@ -124,6 +121,19 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     except BaseException:
         store.close()
         raise
+
+
+def open_compute_store(path: str | os.PathLike, *, device, expert_compute: str = "quantized",
+                       **store_options) -> Store:
+    """The Store an engine computes from (load_model, the transformers engine, the vLLM plug):
+    expert_compute "quantized" holds int8/int4 experts as stored for the quantized kernels,
+    "dequantized" decodes them on load, with compute's dequantizer either way; store_options
+    (budgets, policy, ...) as Store takes them. The caller closes it."""
+    if expert_compute not in EXPERT_COMPUTE:
+        raise UsageError(f"expert_compute={expert_compute!r}: choose one of {', '.join(EXPERT_COMPUTE)}")
+    store_options.setdefault("dequantize", dequantize)
+    store_options.setdefault("keep_quantized", expert_compute == "quantized")
+    return Store(path, device=device, **store_options)
 
 
 #: what load_model's dense_quant="auto" quantizes an int store's dense layers to

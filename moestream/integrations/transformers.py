@@ -25,7 +25,7 @@ from ..compute.quant_kernels import quant_linear
 from ..formats.quantized import QuantizedTensor
 from ..errors import MoestreamError
 from ..formats.families import FAMILIES
-from ..storage.store import Store, parse_device
+from ..storage.store import parse_device
 
 IMPLEMENTATION = "moestream"
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -115,14 +115,11 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     bfloat16 on CUDA. Budgets as in `moestream.open`. expert_compute as in `moestream.load_model`:
     "quantized" holds int8/int4 experts as stored and multiplies them in place, "dequantized"
     decodes them on load."""
-    from ..compute.loader import EXPERT_COMPUTE
+    from ..compute.loader import open_compute_store
     dev = parse_device(device)
-    if expert_compute not in EXPERT_COMPUTE:
-        raise MoestreamError(f"expert_compute={expert_compute!r}: choose one of {', '.join(EXPERT_COMPUTE)}")
+    store = open_compute_store(path, device=dev, expert_compute=expert_compute, device_budget=device_budget,
+                               host_budget=host_budget, **store_options)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    store_options.setdefault("dequantize", dequantize)
-    store_options.setdefault("keep_quantized", expert_compute == "quantized")
-    store = Store(path, device=dev, device_budget=device_budget, host_budget=host_budget, **store_options)
     try:
         idx = store.index
         family = FAMILIES.get(idx.architecture)

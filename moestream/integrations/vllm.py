@@ -245,13 +245,8 @@ def _open_store(path: str, device: torch.device, options: dict[str, Any]) -> Sto
     if unknown:
         raise UsageError(f"model_loader_extra_config: unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"the moestream loader takes {', '.join(LOADER_OPTIONS)}")
-    from ..compute.dequant import dequantize
-    from ..compute.loader import EXPERT_COMPUTE
-    compute = options.pop("expert_compute", "quantized")
-    if compute not in EXPERT_COMPUTE:
-        raise UsageError(f"model_loader_extra_config expert_compute={compute!r}: choose one of "
-                         f"{', '.join(EXPERT_COMPUTE)}")
-    return Store(path, device=device, dequantize=dequantize, keep_quantized=compute == "quantized", **options)
+    from ..compute.loader import open_compute_store
+    return open_compute_store(path, device=device, **options)
 
 
 def _store_layers(model: torch.nn.Module) -> dict[int, Any]:

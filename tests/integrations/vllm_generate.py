@@ -31,20 +31,20 @@ def main() -> None:
               dtype=args["dtype"], enforce_eager=True, max_model_len=128, enable_prefix_caching=False,
               seed=0)
     params = SamplingParams(max_tokens=args["max_tokens"], temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
     if load_format != "moestream":
-        results = llm.generate([{"prompt_token_ids": p} for p in args["prompts"]], params, use_tqdm=False)
+        results = llm.generate(prompts, params, use_tqdm=False)
         print("RESULT " + json.dumps({"tokens": [list(r.outputs[0].token_ids) for r in results]}), flush=True)
         return
     store = stores()[args["store"]]
     # what vLLM's model holds: no routed expert parameter may be among them
-    held = llm.apply_model(lambda m: [(n, p.numel() * p.element_size()) for n, p in m.named_parameters()])[0]
-    out = {"expert_params": [n for n, _ in held if ".experts." in n and "shared" not in n],
-           "param_bytes": sum(b for _, b in held), "l1_budget": store.stats()["l1_budget"],
+    held = llm.apply_model(lambda m: [n for n, _ in m.named_parameters()])[0]
+    out = {"expert_params": [n for n in held if ".experts." in n and "shared" not in n],
+           "l1_budget": store.stats()["l1_budget"],
            "experts_per_layer": store.experts_per_layer, "moe_layers": len(store.index.moe_layers),
            "expert_bytes": sum(store.held_length(reg) for reg in store.index.extents.values())}
     for phase in args.get("phases", ["single"]):
         before = store.stats()
-        prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
         if phase == "single":
             results = [llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
         else:

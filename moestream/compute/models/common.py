@@ -290,7 +290,7 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
     weights = weights.to(x.dtype)                                                # [N, A]
     out = torch.zeros_like(x)                                                    # [N, H]
     acc: list[torch.Tensor] = []     # float32 [N, H] of the quantized experts, made on first use
-    seconds = [0.0]
+    seconds = 0.0
 
     def linear(h: torch.Tensor, w) -> torch.Tensor:
         return quant_linear(h, w) if isinstance(w, QuantizedTensor) else F.linear(h, w.to(x.dtype))
@@ -310,6 +310,7 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
     def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
         # every expert the CPU layer kernel reads (int8, int4, bf16) that has arrived, in one
         # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
+        nonlocal seconds
         t0 = time.perf_counter()
         # an expert with more token rows than its type's gemm_rows (prefill) takes torch's GEMM
         fits = [all(kernel_takes(b[1][n], len(b[2])) for n in names) for b in batch]
@@ -327,10 +328,10 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
             rest = [b for b, f in zip(batch, fits) if not f]
         for item in rest:
             compute(*item)
-        seconds[0] += time.perf_counter() - t0
+        seconds += time.perf_counter() - t0
 
     stream_experts(store, layer, route_on_host(experts), compute_batch=compute_batch, then_prefetch=then_prefetch)
-    return (out.add_(acc[0].to(out.dtype)) if acc else out), seconds[0]
+    return (out.add_(acc[0].to(out.dtype)) if acc else out), seconds
 
 
 def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
