@@ -15,8 +15,10 @@ __all__ = ["BudgetError", "ChecksumError", "ConvertError", "FormatError", "Moest
 def convert(src, out, **options):
     # the converter checks the dense tensors against the engine that will load the store
     # (formats cannot import the models): a store that converts is one that loads
-    from .engines import dense_problems
+    # and a family with no record of ours is derived from transformers' own model class
+    from .engines import dense_problems, derive_family
     options.setdefault("dense_check", dense_problems)
+    options.setdefault("derive_family", derive_family)
     return _convert(src, out, **options)
 
 

@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--plot", metavar="FILE.png", help="GB/s against queue depth per request size, ours and fio's")
     from .bench.cache import add_arguments as cache_arguments
     cache_arguments(bsub.add_parser("cache", help="hit rate of each eviction policy on routing traces, against Belady"))
+    from .bench.convert import add_arguments as convert_arguments
+    convert_arguments(bsub.add_parser("convert", help="conversion input GB/s for --quant keep and int4 against the "
+                                      "disk's sequential read and write (fio) and the cores' encode rate"))
     from .bench.decode import add_arguments as decode_arguments
     decode_arguments(bsub.add_parser("decode", help="decode tokens/s against naive loading, accelerate and the I/O "
                                      "ceiling, each under one memory limit"))
@@ -246,6 +249,9 @@ def _bench(a: argparse.Namespace) -> int:
     if a.bench == "cache":
         from .bench.cache import run as run_cache
         return run_cache(a)
+    if a.bench == "convert":
+        from .bench.convert import run as run_convert
+        return run_convert(a)
     if a.bench == "decode":
         from .bench.decode import run
         return run(a)

@@ -26,3 +26,19 @@ def dense_problems(architecture: str, config: dict, moe_layers, experts_per_laye
         return []
     from .integrations.transformers import dense_problems as hf
     return hf(architecture, config, moe_layers, experts_per_layer, dense)
+
+
+def derive_family(config: dict, where: str):
+    """The record of a family formats/families.py has none of, derived from transformers' own
+    model class (formats.families.DeriveFamily; `moestream.convert` passes it). Needs transformers
+    (the hf extra): without it the family is refused, saying what to install."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        from .errors import ConvertError
+        from .formats.families import FAMILIES
+        raise ConvertError(f"{where}: unsupported architecture (model_type {config.get('model_type')!r}): moestream "
+                           f"has records of {', '.join(sorted(FAMILIES))}; other transformers MoE families are read "
+                           "through transformers' own model classes: pip install 'moestream[hf]'") from None
+    from .integrations.transformers import derive_family as derive
+    return derive(config, where)

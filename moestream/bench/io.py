@@ -90,7 +90,8 @@ def read_extents(backend, fds: list[int], paths: list[str], regions: list[Region
 
 
 def run_fio(path: str, *, rw: str, bs: int, iodepth: int, size: int, runtime: float = 0) -> Optional[dict]:
-    """fio with io_uring and O_DIRECT over `size` bytes of `path`; None when fio is missing."""
+    """fio with io_uring and O_DIRECT over `size` bytes of `path` (rw: read, randread, write, ...;
+    a write creates or overwrites `path`); None when fio is missing."""
     if shutil.which("fio") is None:
         return None
     cmd = ["fio", "--name=moestream", f"--filename={path}", "--ioengine=io_uring", "--direct=1", f"--rw={rw}",
@@ -99,7 +100,7 @@ def run_fio(path: str, *, rw: str, bs: int, iodepth: int, size: int, runtime: fl
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip()[-300:], "command": " ".join(cmd)}
-    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["read"]
+    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]["write" if "write" in rw else "read"]
     return {"gbps": job["bw_bytes"] / 1e9, "bytes": job["io_bytes"], "seconds": job["runtime"] / 1e3,
             "command": " ".join(cmd)}
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..errors import ConvertError
 from .codecs import EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
 from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
-from .families import check_config, family_for
+from .families import DeriveFamily, check_config, family_for
 from .gguf_checkpoint import NATIVE_TYPES, GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
@@ -35,7 +35,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
             zstd_min_saving: float = DEFAULT_ZSTD_MIN_SAVING, delta: bool = True,
             max_file_size: Optional[int] = None, overwrite: bool = False,
             progress: bool = True, hot_experts: Optional[Iterable[tuple[int, int]]] = None,
-            hot_quant: str = "int8", cold_quant: str = "int4", dense_check: Optional[DenseCheck] = None) -> Path:
+            hot_quant: str = "int8", cold_quant: str = "int4", dense_check: Optional[DenseCheck] = None,
+            derive_family: Optional[DeriveFamily] = None) -> Path:
     """Convert checkpoint `src` into store directory `out` and return its path. `src`: a Hugging
     Face checkpoint folder (safetensors, one file or sharded), or a GGUF file (one file of a split
     GGUF brings the others; needs the gguf package, formats/gguf_checkpoint.py).
@@ -53,6 +54,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
     dense_check: asked, before anything is written, what keeps the checkpoint's dense tensors from
     loading into the forward that will run the store (`moestream.convert` passes the engine's;
     formats cannot know the models); any problem refuses the checkpoint, naming the tensor.
+    derive_family: for a family formats/families.py has no record of, derives one (from
+    transformers' model class: `moestream.convert` passes engines.derive_family); the store's index
+    carries it. Without it such a checkpoint is refused.
     An interrupted conversion run again with the same arguments resumes where it stopped."""
     if quant not in QUANT_CHOICES:
         raise ConvertError(f"--quant {quant!r}: choose one of {', '.join(QUANT_CHOICES)}")
@@ -79,7 +83,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "kee
                                zstd_min_saving=zstd_min_saving, delta=delta,
                                max_file_size=max_file_size, overwrite=overwrite, progress=progress,
                                mixed=(hot_experts, hot_quant, cold_quant) if quant == MIXED_QUANT else None,
-                               dense_check=dense_check)
+                               dense_check=dense_check, derive_family=derive_family)
 
 
 def _check_output_is_not_source(src: Path, out: Path) -> None:
@@ -92,7 +96,8 @@ def _check_output_is_not_source(src: Path, out: Path) -> None:
 
 
 def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_saving, delta, max_file_size, overwrite,
-                    progress, mixed=None, dense_check: Optional[DenseCheck] = None) -> Path:
+                    progress, mixed=None, dense_check: Optional[DenseCheck] = None,
+                    derive_family: Optional[DeriveFamily] = None) -> Path:
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ConvertError(f"{out}: already exists (pass --overwrite to replace it)")
@@ -100,12 +105,12 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
             raise ConvertError(f"{out}: exists and is not a moestream store; --overwrite replaces only a store "
                                "(remove it yourself if it is yours to delete)")
     ckpt = open_checkpoint(src)
-    check_config(ckpt.config, ckpt.config_label())
     config = ckpt.config
     if ckpt.fp8_block is not None or ckpt.mxfp4:
         # the store holds the dequantized weights: transformers must not treat them as FP8/MXFP4
         config = {k: v for k, v in config.items() if k != "quantization_config"}
-    fam = family_for(ckpt.config, ckpt.config_label())
+    fam = family_for(config, ckpt.config_label(), derive_family)
+    check_config(ckpt.config, ckpt.config_label(), family=fam)
     n_experts = fam.num_experts(ckpt.config)
     n_layers = ckpt.config["num_hidden_layers"]
     moe_layers = [l for l in range(n_layers) if fam.expert_tensor_name(l, 0, fam.expert_tensors[0]) in ckpt]
@@ -163,7 +168,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     # the blobs and for the copies beside the store
     copies = ckpt.copies()
     writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)
-    workers = max(1, min(8, os.cpu_count() or 1))
+    workers = encode_workers()
     encoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moestream-encode")
     total = sum(t.length for t in ckpt.tensors.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {ckpt.root.name}", disable=not progress,
@@ -245,7 +250,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
             copies["config.json"] = json.dumps(config, indent=2).encode()
         path = writer.finish(
             copies, architecture=fam.name, config=config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
-            expert_tensors=fam.expert_tensors, quant=quant,
+            expert_tensors=fam.expert_tensors, quant=quant, family=fam if fam.derived else None,
             group_size=group_size if quant in (*INT_QUANTS, MIXED_QUANT) else 0,
             source_bytes=total)
     except BaseException:
@@ -255,6 +260,11 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         encoders.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return path
+
+
+def encode_workers() -> int:
+    """Threads that encode experts during a conversion: one per core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def open_checkpoint(src: str | os.PathLike) -> "HFCheckpoint | GgufCheckpoint":

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Iterator
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterator, Optional
 
 from ..errors import ConvertError
 
@@ -25,6 +25,14 @@ class Family:
     #: fused layout: each expert tensor holds every expert of the layer, [E, ...] (name = prefix + t,
     #: prefix without {expert}); per-expert shapes in "h" (hidden), "i" (expert intermediate), "2i"
     fused_shapes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    #: a record derived from transformers' own model class for a family with no record here
+    #: (integrations/transformers.derive_family); the store's index carries it
+    derived: bool = False
+    #: derived records: each expert tensor's shape (the store's per-expert shape; no config key names it)
+    tensor_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    #: derived fused records: the checkpoint name of each expert tensor, format(layer=), where it is
+    #: not prefix + tensor (transformers renames it on load, e.g. GraniteMoE's input_linear.weight)
+    checkpoint_names: tuple[tuple[str, str], ...] = ()
 
     def renormalises(self, config: dict[str, Any]) -> bool:
         """Whether the router's top-k weights are rescaled to sum to one under `config`."""
@@ -36,6 +44,8 @@ class Family:
 
     def expert_shapes(self, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         """The shape each of one expert's tensors must have under `config`."""
+        if self.tensor_shapes:
+            return dict(self.tensor_shapes)
         h, i = config["hidden_size"], config[self.expert_intermediate_key]
         if self.fused:
             size = {"h": h, "i": i, "2i": 2 * i}
@@ -45,7 +55,10 @@ class Family:
 
     def dense_shapes(self, config: dict[str, Any], layers: Iterator[int], moe_layers) -> dict[str, tuple[int, ...]]:
         """The shapes of the dense tensors whose size the config fixes (embeddings, attention
-        projections, routers); others (norms, biases, shared experts) are not checked here."""
+        projections, routers); others (norms, biases, shared experts) are not checked here. None
+        for a derived record: transformers' own state dict checks those (engines.dense_problems)."""
+        if self.derived:
+            return {}
         h, v = config["hidden_size"], config["vocab_size"]
         heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
         d = config.get("head_dim") or h // heads
@@ -75,7 +88,7 @@ class Family:
         """The checkpoint tensor holding `tensor` of (layer, expert): its own, or (fused) the
         layer's [E, ...] tensor whose row `expert` it is."""
         if self.fused:
-            return f"{self.expert_prefix.format(layer=layer)}{tensor}"
+            return dict(self.checkpoint_names).get(tensor, self.expert_prefix + tensor).format(layer=layer)
         return f"{self.expert_prefix.format(layer=layer, expert=expert)}{tensor}.weight"
 
     def num_experts(self, config: dict[str, Any]) -> int:
@@ -84,6 +97,50 @@ class Family:
             if isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 1 << 16:
                 return v
         raise ConvertError(f"config.json of a {self.name} model has no {self.num_experts_key}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON (a derived record travels in the store's index)."""
+        def plain(v):
+            return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+    @staticmethod
+    def from_json(doc: Any, where: str) -> "Family":
+        """A record written by to_json; ValueError naming `where` and the field otherwise."""
+        def tup(v):
+            return tuple(tup(x) for x in v) if isinstance(v, list) else v
+        if not isinstance(doc, dict):
+            raise ValueError(f"{where}: expected an object")
+        kinds = {"name": str, "expert_prefix": str, "num_experts_key": str, "expert_intermediate_key": str,
+                 "router": str, "transformers_config": str, "standard_attention": bool, "derived": bool}
+        out = {}
+        for f in fields(Family):
+            if f.name not in doc:
+                raise ValueError(f"{where}: missing field {f.name!r}")
+            v = doc[f.name]
+            if f.name in kinds and not isinstance(v, kinds[f.name]):
+                raise ValueError(f"{where}: field {f.name!r} must be a {kinds[f.name].__name__}")
+            out[f.name] = tup(v)
+        if out["renormalise_topk"] not in (True, False, None):
+            raise ValueError(f"{where}: field 'renormalise_topk' must be true, false or null")
+        names = out["expert_tensors"]
+        if not names or not all(isinstance(t, str) and t for t in names):
+            raise ValueError(f"{where}: field 'expert_tensors' must list names")
+        gud = out["gate_up_down"]
+        if not (isinstance(gud, tuple) and len(gud) == 3 and all(isinstance(t, str) for t in gud)
+                and all(t in names for t in gud if t)):
+            raise ValueError(f"{where}: field 'gate_up_down' must name three of the expert tensors")
+        for key, elem in (("tensor_shapes", int), ("fused_shapes", str)):
+            for item in out[key]:
+                if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                        and isinstance(item[1], tuple) and all(isinstance(d, elem) and not isinstance(d, bool)
+                                                               for d in item[1])):
+                    raise ValueError(f"{where}: field {key!r} must hold [name, [dims]] pairs")
+        for item in out["checkpoint_names"]:
+            if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+                raise ValueError(f"{where}: field 'checkpoint_names' must hold [tensor, name] pairs")
+        out["demo_config"] = ()
+        return Family(**out)
 
 
 _SWIGLU = ("gate_proj", "up_proj", "down_proj")
@@ -141,35 +198,46 @@ _OPTIONAL_INTS = {"num_key_value_heads": 1 << 12, "head_dim": 1 << 12, "max_posi
                   "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20}
 
 
-def check_config(config: Any, where: str = "config.json", error: type[Exception] = ConvertError) -> dict[str, Any]:
+def check_config(config: Any, where: str = "config.json", error: type[Exception] = ConvertError,
+                 family: Optional[Family] = None) -> dict[str, Any]:
     """Refuse a config a model cannot be built from, naming the file and the field: a missing or
     non-integer size, a zero or absurd one, heads that do not divide, top-k above the experts.
+    family: the record to check against (a derived one), else the config's model_type's.
     Raises `error` (ConvertError for a checkpoint, FormatError for a store)."""
     try:
-        return _check_config(config, where)
+        return _check_config(config, where, family)
     except ConvertError as e:
         if error is ConvertError:
             raise
         raise error(str(e)) from None
 
 
-def _check_config(config: Any, where: str) -> dict[str, Any]:
+def _check_sizes(config: Any, where: str, required: tuple[str, ...]) -> None:
+    """The sizes a config sets are integers in range; `required` ones are set."""
     if not isinstance(config, dict):
         raise ConvertError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    fam = family_for(config, where)
-
-    def field(key: str, limit: int, required: bool) -> None:
+    for key, limit in (_CONFIG_INTS | _OPTIONAL_INTS).items():
         v = config.get(key)
-        if v is None and not required:
-            return
+        if v is None and key not in required:
+            continue
         if isinstance(v, bool) or not isinstance(v, int):
             raise ConvertError(f"{where}: {key} must be an integer, got {v!r}")
         if not 1 <= v <= limit:
             raise ConvertError(f"{where}: {key} = {v} is out of range (1 to {limit})")
-    for key, limit in _CONFIG_INTS.items():
-        field(key, limit, True)
-    for key, limit in _OPTIONAL_INTS.items():
-        field(key, limit, key == fam.expert_intermediate_key)
+
+
+def _check_config(config: Any, where: str, fam: Optional[Family]) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ConvertError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    fam = fam or family_for(config, where)
+    if fam.derived:
+        # a family of transformers': its own config class checks the rest when it builds the model
+        _check_sizes(config, where, ("hidden_size", "num_hidden_layers", "vocab_size"))
+        n, k = fam.num_experts(config), config.get("num_experts_per_tok")
+        if isinstance(k, int) and k > n:
+            raise ConvertError(f"{where}: num_experts_per_tok = {k} exceeds the {n} experts")
+        return config
+    _check_sizes(config, where, (*_CONFIG_INTS, fam.expert_intermediate_key))
     n = fam.num_experts(config)
     if config["num_experts_per_tok"] > n:
         raise ConvertError(f"{where}: num_experts_per_tok = {config['num_experts_per_tok']} exceeds the {n} experts")
@@ -180,11 +248,22 @@ def _check_config(config: Any, where: str) -> dict[str, Any]:
     return config
 
 
-def family_for(config: dict[str, Any], where: str = "config.json") -> Family:
-    """The family of a Hugging Face config; ConvertError naming the architecture otherwise."""
+#: (config, where) -> the derived record of a family FAMILIES lacks, or ConvertError saying why
+#: there is none; given by the edge (engines.derive_family: transformers' model classes)
+DeriveFamily = Callable[[dict, str], Family]
+
+
+def family_for(config: dict[str, Any], where: str = "config.json", derive: Optional[DeriveFamily] = None) -> Family:
+    """The family of a Hugging Face config: its record here, else (given `derive`) one derived
+    from transformers; ConvertError naming the architecture otherwise."""
+    if not isinstance(config, dict):
+        raise ConvertError(f"{where}: expected a JSON object, got {type(config).__name__}")
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        archs = config.get("architectures") or [model_type]
-        raise ConvertError(f"{where}: unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
-                           f"supported: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if derive is not None and isinstance(model_type, str):
+        _check_sizes(config, where, required=("hidden_size", "num_hidden_layers", "vocab_size"))
+        return derive(config, where)
+    archs = config.get("architectures") or [model_type]
+    raise ConvertError(f"{where}: unsupported architecture {archs[0]!r} (model_type {model_type!r}); "
+                       f"supported: {', '.join(sorted(FAMILIES))}")

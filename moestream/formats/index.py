@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import FormatError
+from .families import FAMILIES, Family
 from .constants import (ALIGNMENT, DTYPE_ITEMSIZE, DTYPES, FORMAT_VERSION, MAX_BLOB_LENGTH, PREAMBLE_SIZE, QuantSpec,
                         STAGE_DELTA, STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, ZSTD_MAX_RATIO, align_up)
 
@@ -91,6 +92,19 @@ class StoreIndex:
     bases: dict[int, Region] = field(default_factory=dict)
     blobs: dict[str, Region] = field(default_factory=dict)
     source_bytes: int = 0                  # bytes of the converted tensors in the source checkpoint
+    #: the family record of a store whose family has none in formats/families.py, derived from
+    #: transformers at conversion (integrations/transformers.derive_family); None otherwise
+    family: Optional[Family] = None
+
+    @property
+    def family_record(self) -> Family:
+        """The store's family: the one it carries, else the record of its architecture."""
+        if self.family is not None:
+            return self.family
+        if self.architecture not in FAMILIES:
+            raise FormatError(f"index: architecture {self.architecture!r} has no family record in this moestream "
+                              f"and the store carries none")
+        return FAMILIES[self.architecture]
 
     def to_json(self) -> bytes:
         doc = {
@@ -104,6 +118,7 @@ class StoreIndex:
             "quant": self.quant,
             "group_size": self.group_size,
             "source_bytes": self.source_bytes,
+            **({"family": self.family.to_json()} if self.family is not None else {}),
             "files": [{"size": s} for s in self.files],
             "dense": {k: r.to_json() for k, r in self.dense.items()},
             "bases": {str(k): r.to_json() for k, r in self.bases.items()},
@@ -207,9 +222,19 @@ class _IndexParser:
         if len(extents) != len(moe_layers) * experts_per_layer:
             raise self.fail(f"{len(extents)} extents listed, expected {len(moe_layers)} layers x {experts_per_layer} experts")
         self.check_no_overlap(regions)
+        architecture = self.get(doc, "architecture", str, "index")
+        family = None
+        if "family" in doc:
+            try:
+                family = Family.from_json(doc["family"], "family")
+            except ValueError as e:
+                raise self.fail(str(e)) from None
+            if family.name != architecture or family.expert_tensors != tuple(expert_tensors) or not family.derived:
+                raise self.fail(f"family: the record describes {family.name!r} with tensors {list(family.expert_tensors)}, "
+                                f"the index {architecture!r} with {list(expert_tensors)}")
         return StoreIndex(
             store_id=self.get(doc, "store_id", str, "index"),
-            architecture=self.get(doc, "architecture", str, "index"),
+            architecture=architecture, family=family,
             config=self.get(doc, "config", dict, "index"),
             moe_layers=tuple(moe_layers), experts_per_layer=experts_per_layer,
             expert_tensors=tuple(expert_tensors), quant=quant, group_size=group_size,

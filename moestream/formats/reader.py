@@ -239,15 +239,15 @@ class StoreReader:
     def shape_problems(self) -> list[str]:
         """Tensors whose shapes disagree with the carried config (one line each), or the
         config's own problem; empty for a consistent store of a known family."""
-        from .families import FAMILIES, check_config
+        from .families import check_config
         where = f"{self.files[0]}: config"
         try:
-            check_config(self.config, where, FormatError)
+            fam = self.index.family_record
+            check_config(self.config, where, FormatError, family=self.index.family)
         except FormatError as e:
             return [str(e)]
-        fam = FAMILIES[self.config["model_type"]]
-        if fam.name != self.architecture:
-            return [f"{where}: model_type {fam.name!r} but the index says {self.architecture!r}"]
+        if fam.name != self.config.get("model_type") or fam.name != self.architecture:
+            return [f"{where}: model_type {self.config.get('model_type')!r} but the index says {self.architecture!r}"]
         bad = []
         want = fam.expert_shapes(self.config)
         for (layer, expert), r in sorted(self.index.extents.items()):

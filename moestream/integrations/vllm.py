@@ -30,7 +30,6 @@ from typing import Any, Optional
 import torch
 
 from ..errors import MoestreamError, UsageError
-from ..formats.families import FAMILIES
 from ..storage.store import Store
 
 LOAD_FORMAT = "moestream"
@@ -265,9 +264,10 @@ def _store_layers(model: torch.nn.Module) -> dict[int, Any]:
 def _bind(path: str, store: Store, model: torch.nn.Module, layers: dict[int, Any]) -> None:
     """Check that vLLM's MoE layers are the store's and can be fed from it, then bind each."""
     idx = store.index
-    family = FAMILIES.get(idx.architecture)
-    if family is None:
-        raise MoestreamError(f"{path}: no family record for {idx.architecture!r}")
+    family = idx.family_record      # a derived one too (its per-expert projections are fed as any other)
+    if not family.gate_up_down[0]:
+        raise MoestreamError(f"{path}: {idx.architecture}'s experts have no gate projection; the store's experts "
+                             "are fed to vLLM as SwiGLU")
     if family.fused_shapes:
         raise MoestreamError(f"{path}: {idx.architecture}'s fused experts (gate_up_proj with biases) are not "
                              "fed to vLLM yet; the native and transformers engines run this store")
