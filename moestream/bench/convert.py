@@ -12,7 +12,9 @@ The checkpoint is synthetic (Mixtral-style bf16, N(0, 0.02) weights, 6 MiB exper
 Each conversion runs in a child process (its wall time, CPU time and peak RSS are its own) after
 the page cache is dropped (root only; the report says when it was not). Reported per quant: input
 GB/s = checkpoint bytes / wall seconds, that over the slower of fio's read and write, that over
-the encode rate, and the CPU use (CPU seconds / wall seconds / cores: 1.0 = every core busy)."""
+the encode rate, that over the same-disk bound 1 / (1/read + (store bytes / input bytes)/write)
+(reads and writes sharing one device's bandwidth), and the CPU use (CPU seconds / wall seconds /
+cores: 1.0 = every core busy)."""
 from __future__ import annotations
 
 import argparse
@@ -40,11 +42,15 @@ _CHILD = r"""
 import json, resource, sys, time
 import moestream
 src, out, quant = sys.argv[1:4]
-t0 = time.perf_counter()
+import moestream.engines, moestream.formats.convert, moestream.compute.loader   # imported before the clock starts
+def cpu():
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+c0, t0 = cpu(), time.perf_counter()
 moestream.convert(src, out, quant=quant, progress=False)
-wall = time.perf_counter() - t0
-ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"seconds": wall, "cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_rss_bytes": ru.ru_maxrss * 1024}))
+wall, used = time.perf_counter() - t0, cpu() - c0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"seconds": wall, "cpu_seconds": used, "peak_rss_bytes": peak}))
 """
 
 
@@ -110,11 +116,17 @@ def bench_convert(size: int, *, workdir: Optional[str] = None, quants=QUANTS, pr
                 continue
             m = json.loads(r.stdout.strip().splitlines()[-1])
             gbps = input_bytes / m["seconds"] / 1e9
+            store_bytes = sum(f.stat().st_size for f in out.iterdir())
+            # the conversion reads the input and writes the store on one disk: if the device serves
+            # both from one budget, input can go no faster than 1 / (1/read + (store/input)/write)
+            same_disk = (1 / (1 / read["gbps"] + store_bytes / input_bytes / write["gbps"])) if disk else None
             m.update(input_gbps=gbps, encode_gbps=rate, vs_encode=gbps / rate,
-                     vs_disk=gbps / disk if disk else None, cpu_use=m["cpu_seconds"] / m["seconds"] / cores,
-                     store_bytes=sum(f.stat().st_size for f in out.iterdir()))
+                     vs_disk=gbps / disk if disk else None, same_disk_bound_gbps=same_disk,
+                     vs_same_disk=gbps / same_disk if same_disk else None,
+                     cpu_use=m["cpu_seconds"] / m["seconds"] / cores, store_bytes=store_bytes)
             # the bound: the cores when they were all busy, else whatever the disk allows
-            m["bound"] = "cores" if m["cpu_use"] >= 0.9 else "disk or the pipeline"
+            m["bound"] = "cores" if m["cpu_use"] >= 0.9 else (
+                "disk" if same_disk and m["vs_same_disk"] >= 0.8 else "the pipeline (neither disk nor cores full)")
             d[quant] = m
             _rm(out)
     finally:
@@ -134,8 +146,9 @@ def format_table(d: dict[str, Any]) -> str:
              f"disk (fio, 1 MiB, depth {FIO_DEPTH}): sequential read {g((d['fio_seq_read'] or {}).get('gbps'))} GB/s, "
              f"write {g((d['fio_seq_write'] or {}).get('gbps'))} GB/s",
              f"cores: {d['machine']['cores']}, encode threads {d['encode_threads']}", "",
-             "| --quant | input GB/s | / disk | encode GB/s | / encode | CPU use | peak RSS MiB | store GiB | bound |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| --quant | input GB/s | / slower of read, write | / same-disk bound | encode GB/s | / encode | CPU use "
+             "| peak RSS MiB | store GiB | bound |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for q in QUANTS:
         m = d.get(q)
         if m is None:
@@ -143,7 +156,8 @@ def format_table(d: dict[str, Any]) -> str:
         if "error" in m:
             lines.append(f"| {q} | failed: {m['error'][-120:]} |")
             continue
-        lines.append(f"| {q} | {g(m['input_gbps'])} | {g(m['vs_disk'])} | {g(m['encode_gbps'])} | {g(m['vs_encode'])} | "
+        lines.append(f"| {q} | {g(m['input_gbps'])} | {g(m['vs_disk'])} | {g(m['vs_same_disk'])} | "
+                     f"{g(m['encode_gbps'])} | {g(m['vs_encode'])} | "
                      f"{g(m['cpu_use'])} | {m['peak_rss_bytes'] / 2**20:.0f} | {m['store_bytes'] / 2**30:.2f} | "
                      f"{m['bound']} |")
     return "\n".join(lines)
@@ -167,7 +181,8 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"--size {a.size}: at least 64MiB")
     if a.workdir is not None and not os.path.isdir(a.workdir):
         raise UsageError(f"--workdir {a.workdir}: not a directory")
-    log = (lambda msg: print(msg, file=sys.stderr)) if a.json else print
+    log = (lambda msg: None) if getattr(a, "quiet", False) else (
+        (lambda msg: print(msg, file=sys.stderr)) if a.json else print)
     d = bench_convert(size, workdir=a.workdir, quants=tuple(a.quant or QUANTS), progress=log)
     d["command"] = "moestream bench convert " + " ".join(sys.argv[3:])
     print(json.dumps(d, indent=2) if a.json else "\n" + format_table(d))

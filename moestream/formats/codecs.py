@@ -15,8 +15,9 @@ import xxhash
 import zstandard
 
 from ..errors import ConvertError, FormatError
-from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_ERROR_RATIO, DTYPE_ITEMSIZE,
-                        FP16_SCALE_MAX_ERROR_RATIO, FP16_SMALLEST_NORMAL, STAGE_DELTA,
+from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_ERROR_RATIO, DELTA_TRY_AMPLITUDE,
+                        DTYPE_ITEMSIZE, FP16_SCALE_MAX_ERROR_RATIO, FP16_SMALLEST_NORMAL, STAGE_DELTA,
+                        ZSTD_PROBE_BYTES, ZSTD_PROBE_MARGIN, ZSTD_PROBES,
                         STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec, align_up)
 from .index import Region, TensorSlice, payload_length
 
@@ -207,7 +208,12 @@ class EncodedRegion:
 
 def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
     """||ref - got|| / ||ref|| in float64 (float32 squares of 1e-40 weights underflow to a zero norm);
-    a tensor of zeros is exact or infinitely wrong, never "small in absolute terms"."""
+    a tensor of zeros is exact or infinitely wrong, never "small in absolute terms". float32 first
+    (a third of the time), float64 where a float32 norm could have under- or overflowed."""
+    den32 = float(np.linalg.norm(ref))
+    num32 = float(np.linalg.norm(ref - got))
+    if 1e-30 < den32 < 1e30 and (num32 == 0 or 1e-30 < num32 < 1e30):
+        return num32 / den32
     ref = ref.astype(np.float64)
     den = float(np.linalg.norm(ref))
     num = float(np.linalg.norm(ref - got.astype(np.float64)))
@@ -244,7 +250,7 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
         # precision that a normal expert keeps, so it is stored in its source dtype instead
         opts = replace(opts, quant=None)
         candidates = [_encode_planes(tensors, opts, None, None)]
-    if opts.delta and base is not None:
+    if opts.delta and base is not None and (opts.quant is None or _quantized_delta_can_win(tensors, base, base_dtype)):
         candidates.append(_encode_planes(tensors, opts, base, base_dtype))
     best: Optional[EncodedRegion] = None
     plain_error = candidates[0][3]
@@ -276,6 +282,35 @@ def _fp16_scales_lose_precision(x: np.ndarray, err: float, quant: str, group: in
     return span < FP16_SMALLEST_NORMAL and err > FP16_SCALE_MAX_ERROR_RATIO * _exact_scale_error(x, quant, group)
 
 
+def _quantized_delta_can_win(tensors, base, base_dtype) -> bool:
+    """Whether a quantized delta against the layer's base could keep DELTA_MAX_ERROR_RATIO of the
+    plain encoding's error: group-wise quantization error scales with the amplitude it codes, so
+    when every tensor's ||w - base|| is above DELTA_TRY_AMPLITUDE x ||w|| (independent experts:
+    about sqrt(1 - 1/E)), the delta cannot win and is not encoded (it would double the cost of
+    converting each expert)."""
+    for name, dtype, _, bits in tensors:
+        x = bits_to_float32(bits, dtype).reshape(-1)
+        d = x - bits_to_float32(base[name], base_dtype).reshape(-1)
+        nx = float(np.linalg.norm(x))          # float32: a threshold, not an error figure
+        if not 1e-30 < nx < 1e30 or float(np.linalg.norm(d)) <= DELTA_TRY_AMPLITUDE * nx:
+            return True
+    return False
+
+
+def zstd_worth_trying(payload: bytes, opts: EncodeOptions) -> bool:
+    """Whether zstd could save opts.zstd_min_saving of `payload`: ZSTD_PROBES slices of
+    ZSTD_PROBE_BYTES spread over it are compressed first, and a payload whose sample saves less
+    than the threshold minus ZSTD_PROBE_MARGIN is not compressed whole (random-looking weights
+    save ~10-30 %: compressing every candidate of every expert was most of a conversion's time)."""
+    n = len(payload)
+    if n <= 2 * ZSTD_PROBES * ZSTD_PROBE_BYTES or opts.zstd_min_saving <= ZSTD_PROBE_MARGIN:
+        return True
+    step = (n - ZSTD_PROBE_BYTES) // (ZSTD_PROBES - 1)
+    sample = b"".join(payload[i * step:i * step + ZSTD_PROBE_BYTES] for i in range(ZSTD_PROBES))
+    saving = 1 - len(zstandard.ZstdCompressor(level=opts.zstd_level).compress(sample)) / len(sample)
+    return saving >= opts.zstd_min_saving - ZSTD_PROBE_MARGIN
+
+
 def _region_options(planes, chain, slices, err, opts: EncodeOptions):
     """The stored forms of one set of encoded planes: as they are, byte-shuffled (lossless), and
     each with zstd where that saves opts.zstd_min_saving of the padded bytes."""
@@ -286,7 +321,7 @@ def _region_options(planes, chain, slices, err, opts: EncodeOptions):
     for payload, ch in options:
         payload = payload if isinstance(payload, bytes) else b"".join(payload)
         stored, ch2 = payload, ch
-        if opts.zstd_level is not None:
+        if opts.zstd_level is not None and zstd_worth_trying(payload, opts):
             z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
             saving = 1 - align_up(len(z)) / align_up(len(payload))
             if saving > 0 and saving >= opts.zstd_min_saving:

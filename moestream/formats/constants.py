@@ -72,6 +72,19 @@ DEFAULT_ZSTD_MIN_SAVING = 0.5
 #: multiply them in place, while a delta extent decodes to bf16 on load (formats/quantized.py).
 #: Upcycled experts' deltas are 10-100x more precise; independent experts' deltas only 1/E narrower.
 DELTA_MAX_ERROR_RATIO = 0.5
+#: ... and a quantized delta is encoded at all only where some tensor's ||w - base|| is at most this
+#: share of ||w|| (the error follows the amplitude coded; independent experts sit at ~0.94-0.99)
+DELTA_TRY_AMPLITUDE = 0.75
+#: the converter computes a layer's base (a second read of the layer) only where the first
+#: DELTA_PROBE_ELEMENTS of each tensor of DELTA_PROBE_EXPERTS experts say a delta could pay
+DELTA_PROBE_ELEMENTS = 1 << 16
+DELTA_PROBE_EXPERTS = 4
+
+#: zstd is tried on a candidate payload only where ZSTD_PROBES slices of ZSTD_PROBE_BYTES spread over
+#: it save at least the threshold (DEFAULT_ZSTD_MIN_SAVING or --zstd-min-saving) minus this margin
+ZSTD_PROBES = 4
+ZSTD_PROBE_BYTES = 64 << 10
+ZSTD_PROBE_MARGIN = 0.15
 
 #: fp16 scales keep 11 bits of precision only down to 2**-14; below that they are subnormal and lose
 #: bits, and below 2**-24 they flush to zero (an int8 expert whose weights are all under ~7e-6, or an

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,11 @@ import zstandard
 from tqdm import tqdm
 
 from ..errors import ConvertError
-from .codecs import EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region, float32_to_bits
-from .constants import DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, INT_QUANTS, MIXED_QUANT, QUANT_CHOICES
+from .codecs import (EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region,
+                     float32_to_bits, shuffle)
+from .constants import (DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_PROBE_ELEMENTS,
+                        DELTA_PROBE_EXPERTS, DELTA_TRY_AMPLITUDE, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, INT_QUANTS,
+                        MIXED_QUANT, QUANT_CHOICES, ZSTD_PROBE_MARGIN)
 from .families import DeriveFamily, check_config, family_for
 from .gguf_checkpoint import NATIVE_TYPES, GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
@@ -212,11 +216,13 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
             infos = [_expert_info(ckpt, fam, layer, 0, t) for t in fam.expert_tensors]
             store_dtypes = [expert_dtype(i) for i in infos]
             base = base_dtype = None
-            if delta:
-                base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos)
+            if delta and _delta_may_pay(ckpt, fam, layer, n_experts, opts, store_dtypes, infos):
+                base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos, encoders,
+                                               workers)
             uses_base = False
-            # experts are read here and encoded on `workers` threads (zstd and numpy release the
-            # GIL); at most workers + 1 experts are in memory, and they are written in order
+            # experts are read and encoded on `workers` threads (pread, numpy and zstd release the
+            # GIL) while this one writes the finished ones in order; at most workers + 1 experts
+            # are in memory
             pending: deque = deque()
 
             def write_oldest() -> bool:
@@ -225,19 +231,31 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 bar.update(src_len)
                 return any(s in r.chain for s in ("delta", "xor-delta"))
 
-            for e in range(n_experts):
+            def read_and_encode(e: int, expert_infos: list, expert_opts: EncodeOptions, base=base,
+                                base_dtype=base_dtype) -> EncodedRegion:
                 tensors = []
-                for t in fam.expert_tensors:
-                    info = _expert_info(ckpt, fam, layer, e, t)
-                    if info.shape != infos[fam.expert_tensors.index(t)].shape:
-                        raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
-                                           f"layer has {infos[fam.expert_tensors.index(t)].shape}")
+                for t, info in zip(fam.expert_tensors, expert_infos):
                     dt = expert_dtype(info)
                     tensors.append((t, dt, info.shape, EncodedPlanes(f"{quant}:{group_size}", ckpt.read_planes(info))
                                     if native else cast_bits(ckpt.read_info(info), info.dtype, dt)))
-                src_len = sum(_expert_info(ckpt, fam, layer, e, t).length for t in fam.expert_tensors)
+                return encode_region(tensors, expert_opts, base, base_dtype)
+
+            for e in range(n_experts):
+                expert_infos = [_expert_info(ckpt, fam, layer, e, t) for t in fam.expert_tensors]
+                for info, first in zip(expert_infos, infos):
+                    if info.shape != first.shape:
+                        raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
+                                           f"layer has {first.shape}")
+                src_len = sum(i.length for i in expert_infos)
+                # the kernel reads the next experts ahead while this one is encoded: a worker's
+                # pread then finds them in the page cache instead of waiting on the disk
+                if e + 1 < n_experts:
+                    _read_ahead(_expert_info(ckpt, fam, layer, e + 1, t) for t in fam.expert_tensors)
+                elif layer != moe_layers[-1]:
+                    nxt = moe_layers[moe_layers.index(layer) + 1]
+                    _read_ahead(_expert_info(ckpt, fam, nxt, 0, t) for t in fam.expert_tensors)
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
-                pending.append((e, src_len, encoders.submit(encode_region, tensors, expert_opts, base, base_dtype)))
+                pending.append((e, src_len, encoders.submit(read_and_encode, e, expert_infos, expert_opts)))
                 while len(pending) > workers:
                     uses_base |= write_oldest()
             while pending:
@@ -340,18 +358,86 @@ def _blob(data: np.ndarray, zstd_level: Optional[int]):
     return EncodedRegion(raw, len(raw), (), (), 0.0)
 
 
-def _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos):
+def _read_ahead(infos) -> None:
+    """Ask the kernel to start reading these tensors' bytes into the page cache (no wait)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for i in infos:
+        try:
+            fd = os.open(i.path, os.O_RDONLY)
+        except OSError:
+            return       # the read itself names the file
+        try:
+            os.posix_fadvise(fd, i.offset, i.length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def _delta_may_pay(ckpt, fam, layer, n_experts, opts, store_dtypes, infos) -> bool:
+    """Whether coding this layer's experts against its mean could pay, judged on the first
+    DELTA_PROBE_ELEMENTS of each tensor of every expert (a few MiB against the whole layer, which
+    the base would read a second time): for a quantized store, some probed expert lies within
+    DELTA_TRY_AMPLITUDE of the probed mean (codecs._quantized_delta_can_win); for a lossless one, some
+    probed expert's XOR delta, shuffled, compresses by the zstd threshold (less ZSTD_PROBE_MARGIN).
+    Independent experts fail both and take no base; upcycled ones pass. A source whose tensors are
+    not plain floats (FP8, MXFP4, GGUF blocks) is not probed: its base is always computed."""
+    if opts.quant is None and (opts.zstd_level is None or len(set(store_dtypes)) > 1):
+        return False     # an XOR delta saves nothing without zstd, and needs one width
+    for t, info, store_dtype in zip(fam.expert_tensors, infos, store_dtypes):
+        if info.fp8 is not None or info.mxfp4 is not None or info.ggml_type is not None \
+                or info.dtype not in DTYPE_BITS_NUMPY:
+            return True
+        numel = min(math.prod(info.shape), DELTA_PROBE_ELEMENTS)
+        bits_type = DTYPE_BITS_NUMPY[info.dtype]
+        nbytes = numel * np.dtype(bits_type).itemsize
+        samples = []
+        for e in range(n_experts):
+            i = _expert_info(ckpt, fam, layer, e, t)
+            with open(i.path, "rb") as f:
+                raw = os.pread(f.fileno(), nbytes, i.offset)
+            if len(raw) != nbytes:
+                return True          # let the full read name the short file
+            samples.append(np.frombuffer(raw, bits_type))
+        values = np.stack([bits_to_float32(x, info.dtype) for x in samples])       # [E, n]
+        mean = values.mean(axis=0, dtype=np.float64).astype(np.float32)
+        for e in range(min(DELTA_PROBE_EXPERTS, n_experts)):
+            x = values[e]
+            if opts.quant is not None:
+                nx = float(np.linalg.norm(x))
+                if not 1e-30 < nx < 1e30 or float(np.linalg.norm(x - mean)) <= DELTA_TRY_AMPLITUDE * nx:
+                    return True
+            else:
+                xor = cast_bits(samples[e], info.dtype, store_dtype) ^ float32_to_bits(mean, store_dtype)
+                payload = shuffle(np.frombuffer(xor.tobytes(), np.uint8), DTYPE_ITEMSIZE[store_dtype]).tobytes()
+                z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
+                if 1 - len(z) / len(payload) >= opts.zstd_min_saving - ZSTD_PROBE_MARGIN:
+                    return True
+    return False
+
+
+def _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos, pool, workers):
     """Mean of the layer's experts, tensor by tensor, accumulated in float32 one expert at a
     time. Stored in the experts' dtype for lossless stores (XOR delta needs equal widths) and in
     the source dtype for quantized ones."""
     base_dtype = store_dtypes[0] if opts.quant is None else infos[0].dtype
     if opts.quant is None and len(set(store_dtypes)) > 1:
         return None, None     # an XOR delta needs one width: such a layer (MXFP4 weights, fp32 biases) takes none
+    def expert_values(e: int, t: str) -> np.ndarray:
+        i = _expert_info(ckpt, fam, layer, e, t)
+        return bits_to_float32(ckpt.read_info(i), i.dtype)
     base = {}
     for t, info in zip(fam.expert_tensors, infos):
         acc = np.zeros(info.shape, np.float64).reshape(-1)
+        # read and widened on the encoder threads (pread and numpy release the GIL), a window of
+        # `workers` experts at a time, summed here in order (the same float64 sum as one thread's)
+        window: deque = deque()
         for e in range(n_experts):
-            i = _expert_info(ckpt, fam, layer, e, t)
-            acc += bits_to_float32(ckpt.read_info(i), i.dtype)
+            window.append(pool.submit(expert_values, e, t))
+            if len(window) > workers:
+                acc += window.popleft().result()
+        while window:
+            acc += window.popleft().result()
         base[t] = float32_to_bits((acc / n_experts).astype(np.float32), base_dtype)
     return base, base_dtype

@@ -213,7 +213,7 @@ class StoreWriter:
         }
         tmp = self.staging / (JOURNAL + ".tmp")
         with open(tmp, "w") as f:
-            json.dump(state, f)
+            f.write(json.dumps(state))     # one string: json.dump's many small writes cost ~10x more
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.staging / JOURNAL)
