@@ -23,15 +23,17 @@ def test_store_carries_config_and_tokenizer(checkpoints, tmp_path):
         assert "tokenizer_config.json" in r.index.blobs
 
 
-def test_unsupported_architecture_is_named(checkpoints, tmp_path):
-    import shutil
+def test_without_a_deriver_a_family_with_no_record_is_refused(checkpoints, tmp_path):
+    # formats alone (no transformers at the edge) knows only its records
+    from moestream.formats.convert import convert
     src = tmp_path / "c"
-    shutil.copytree(checkpoints["mixtral"], src)
+    import shutil
+    shutil.copytree(checkpoints["olmoe"], src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
+    cfg["model_type"], cfg["architectures"] = "solar_open", ["SolarOpenForCausalLM"]
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConvertError, match="unsupported architecture 'LlamaForCausalLM'"):
-        moestream.convert(src, tmp_path / "s", progress=False)
+    with pytest.raises(ConvertError, match="unsupported architecture 'SolarOpenForCausalLM' .*supported: deepseek_v3"):
+        convert(src, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()
 
 
