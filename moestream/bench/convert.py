@@ -8,7 +8,8 @@ the two things that can bound it, measured in the same run on the same disk:
   against the layer's mean, shuffle, zstd, xxh3: the converter's own options) on experts already in
   memory, with as many threads as the converter uses.
 
-The checkpoint is synthetic (Mixtral-style bf16, N(0, 0.02) weights, 6 MiB experts: bench/io.py).
+The checkpoint is synthetic (Mixtral-style bf16, N(0, 0.02) weights, layers of 128 experts of
+4 MiB: bench/io.py).
 Each conversion runs in a child process (its wall time, CPU time and peak RSS are its own) after
 the page cache is dropped (root only; the report says when it was not). Reported per quant: input
 GB/s = checkpoint bytes / wall seconds, that over the slower of fio's read and write, that over
@@ -35,6 +36,7 @@ from ..errors import UsageError
 from .io import drop_page_cache, run_fio, write_synthetic_checkpoint
 
 QUANTS = ("keep", "int4")
+EXPERT_MIB, EXPERTS_PER_LAYER = 4, 128
 FIO_BS, FIO_DEPTH = 1 << 20, 16
 
 # the child: one conversion, its own wall time, CPU time and peak RSS
@@ -54,7 +56,7 @@ print(json.dumps({"seconds": wall, "cpu_seconds": used, "peak_rss_bytes": peak})
 """
 
 
-def encode_rate(quant: str, workers: int, *, experts: int = 8, expert_mib: int = 6, seed: int = 0) -> float:
+def encode_rate(quant: str, workers: int, *, experts: int = 8, expert_mib: int = EXPERT_MIB, seed: int = 0) -> float:
     """Input bytes per second (GB/s) that `workers` threads encode, as the converter does for
     `quant` (delta candidate against a base included), on `experts` bf16 experts in memory."""
     from ..formats.codecs import EncodeOptions, encode_region
@@ -90,7 +92,12 @@ def bench_convert(size: int, *, workdir: Optional[str] = None, quants=QUANTS, pr
                          "encode_threads": workers}
     try:
         progress(f"writing a synthetic bf16 checkpoint of {size / 2**30:.1f} GiB in {tmp}")
-        src = write_synthetic_checkpoint(tmp / "ckpt", size)
+        # layers of 128 experts of 4 MiB (Qwen3-30B-A3B's are 128 of 4.5 MiB): the per-layer work
+        # (a checkpoint fsync, the pipeline draining) weighs what it does in a real conversion
+        # (a small --size takes fewer experts a layer, so that it still has several layers)
+        experts = min(EXPERTS_PER_LAYER, max(8, size // (4 * EXPERT_MIB << 20)))
+        d["experts_per_layer"] = experts
+        src = write_synthetic_checkpoint(tmp / "ckpt", size, expert_mib=EXPERT_MIB, n_experts=experts)
         ckpt_file = src / "model.safetensors"
         d["input_bytes"] = input_bytes = ckpt_file.stat().st_size
         d["page_cache"] = "dropped before each measurement" if drop_page_cache() else \

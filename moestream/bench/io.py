@@ -107,14 +107,15 @@ def run_fio(path: str, *, rw: str, bs: int, iodepth: int, size: int, runtime: fl
 
 # ---- synthetic checkpoint --------------------------------------------------------------------
 
-def write_synthetic_checkpoint(out: Path, size: int, *, expert_mib: int = 6, seed: int = 0) -> Path:
+def write_synthetic_checkpoint(out: Path, size: int, *, expert_mib: int = 6, n_experts: int = 8,
+                               seed: int = 0) -> Path:
     """A Mixtral-style bf16 checkpoint of about `size` bytes of experts, written tensor by tensor
-    (never all in memory). Experts are `expert_mib` MiB (hidden 1024, intermediate N)."""
+    (never all in memory). Experts are `expert_mib` MiB (hidden 1024, intermediate N), `n_experts`
+    of them per layer."""
     from ..formats.families import FAMILIES
     fam = FAMILIES["mixtral"]
     hidden = 1024
     inter = expert_mib * (1 << 20) // (3 * hidden * 2)
-    n_experts = 8
     per_layer = n_experts * 3 * hidden * inter * 2
     layers = max(1, math.ceil(size / per_layer))
     vocab = 256

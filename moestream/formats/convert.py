@@ -173,7 +173,12 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     copies = ckpt.copies()
     writer = StoreWriter(out, fingerprint=fingerprint, max_file_size=max_file_size)
     workers = encode_workers()
-    encoders = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moestream-encode")
+    # one thread more than cores: at any time one of them is usually waiting on its read
+    encoders = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="moestream-encode")
+    # experts submitted and not yet written: enough that the encoders stay busy while this thread
+    # writes and fsyncs; each holds its encoded bytes once done (a bound of the converter's memory)
+    in_flight = 2 * workers
+    order = [(l, e) for l in moe_layers for e in range(n_experts)]     # the read order, for read-ahead
     total = sum(t.length for t in ckpt.tensors.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {ckpt.root.name}", disable=not progress,
                dynamic_ncols=True)
@@ -220,8 +225,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos, encoders,
                                                workers)
             uses_base = False
-            # experts are read and encoded on `workers` threads (pread, numpy and zstd release the
-            # GIL) while this one writes the finished ones in order; at most workers + 1 experts
+            # experts are read and encoded on the encoder threads (pread, numpy and zstd release
+            # the GIL) while this one writes the finished ones in order; at most in_flight experts
             # are in memory
             pending: deque = deque()
 
@@ -247,16 +252,15 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                         raise ConvertError(f"{info.path}: {info.name} has shape {info.shape}, expert 0 of the "
                                            f"layer has {first.shape}")
                 src_len = sum(i.length for i in expert_infos)
-                # the kernel reads the next experts ahead while this one is encoded: a worker's
-                # pread then finds them in the page cache instead of waiting on the disk
-                if e + 1 < n_experts:
-                    _read_ahead(_expert_info(ckpt, fam, layer, e + 1, t) for t in fam.expert_tensors)
-                elif layer != moe_layers[-1]:
-                    nxt = moe_layers[moe_layers.index(layer) + 1]
-                    _read_ahead(_expert_info(ckpt, fam, nxt, 0, t) for t in fam.expert_tensors)
+                # the kernel reads ahead the expert that will be submitted once this window has
+                # moved on: a worker's pread then finds it in the page cache, not on the disk
+                pos = moe_layers.index(layer) * n_experts + e
+                for ahead in (range(pos, pos + in_flight + 1) if e == 0 else (pos + in_flight,)):
+                    if ahead < len(order):
+                        _read_ahead(_expert_info(ckpt, fam, *order[ahead], t) for t in fam.expert_tensors)
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
                 pending.append((e, src_len, encoders.submit(read_and_encode, e, expert_infos, expert_opts)))
-                while len(pending) > workers:
+                while len(pending) > in_flight:
                     uses_base |= write_oldest()
             while pending:
                 uses_base |= write_oldest()
