@@ -62,3 +62,14 @@ def quantized_twins(src: Path, root: Path, quantize, quantization_config: dict):
     cfg["quantization_config"] = quantization_config
     (q / "config.json").write_text(json.dumps(cfg))
     return q, ref, deq
+
+
+def retyped_checkpoint(src: Path, dst: Path, model_type: str, architecture: str) -> Path:
+    """A copy of checkpoint `src` at `dst` whose config.json names another model_type and class."""
+    import json
+    import shutil
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = model_type, [architecture]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst

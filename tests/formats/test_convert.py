@@ -26,12 +26,8 @@ def test_store_carries_config_and_tokenizer(checkpoints, tmp_path):
 def test_without_a_deriver_a_family_with_no_record_is_refused(checkpoints, tmp_path):
     # formats alone (no transformers at the edge) knows only its records
     from moestream.formats.convert import convert
-    src = tmp_path / "c"
-    import shutil
-    shutil.copytree(checkpoints["olmoe"], src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "solar_open", ["SolarOpenForCausalLM"]
-    (src / "config.json").write_text(json.dumps(cfg))
+    from ..conftest import retyped_checkpoint
+    src = retyped_checkpoint(checkpoints["olmoe"], tmp_path / "c", "solar_open", "SolarOpenForCausalLM")
     with pytest.raises(ConvertError, match="unsupported architecture 'SolarOpenForCausalLM' .*supported: deepseek_v3"):
         convert(src, tmp_path / "s", progress=False)
     assert not (tmp_path / "s").exists()

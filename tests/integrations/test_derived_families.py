@@ -3,7 +3,6 @@ layout from transformers itself (integrations/transformers.derive_family), the s
 record, and transformers' own classes run it with the experts streaming from the store. Logits
 against the same random-initialised model in transformers (fp32), for every family below."""
 import json
-import shutil
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 import moestream
 from moestream.errors import ConvertError, FormatError
 from moestream.formats.families import FAMILIES, Family
+
+from ..conftest import retyped_checkpoint
 
 #: sizes every small test model takes, where its config class has the field
 SMALL = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, expert_intermediate_size=32,
@@ -103,14 +104,11 @@ def test_a_derived_family_quantized_matches_its_dequantized_run(tmp_path):
 
 
 def test_a_family_transformers_has_no_experts_for_is_named(checkpoints, tmp_path):
-    src = tmp_path / "c"
-    shutil.copytree(checkpoints["mixtral"], src)
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"], cfg["architectures"] = "llama", ["LlamaForCausalLM"]
-    (src / "config.json").write_text(json.dumps(cfg))
+    src = retyped_checkpoint(checkpoints["mixtral"], tmp_path / "c", "llama", "LlamaForCausalLM")
     with pytest.raises(ConvertError, match=r"config.json: unsupported architecture 'LlamaForCausalLM' \(model_type "
                                            r"'llama'\): transformers' LlamaForCausalLM has no experts module"):
         moestream.convert(src, tmp_path / "s", progress=False)
+    cfg = json.loads((src / "config.json").read_text())
     cfg["model_type"] = "no_such_model"
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConvertError, match="transformers cannot build a causal LM from it"):
