@@ -70,9 +70,10 @@ def vllm_checkpoints(tmp_path_factory):
     from moestream.demo import build_checkpoint
     root = tmp_path_factory.mktemp("vllm-ckpt")
     extra = {"qwen3_moe": dict(head_dim=32), "glm4_moe": dict(head_dim=32),
-             # vLLM's MLA takes kv_lora_rank + rope dims of 320, 512 or 576; real DeepSeek-V3 configs
-             # name their router (transformers' defaults leave vLLM without e_score_correction_bias)
-             "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=32,
+             # vLLM's CPU MLA without AMX (its reference kernel) takes only DeepSeek-V3's own latent
+             # sizes, kv_lora_rank 512 + rope 64 (AMX's takes 320, 512 or 576 in all); real DeepSeek-V3
+             # configs name their router (transformers' defaults leave vLLM without e_score_correction_bias)
+             "deepseek_v3": dict(num_key_value_heads=4, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=32,
                                  v_head_dim=32, topk_method="noaux_tc", scoring_func="sigmoid")}
     return {f: build_checkpoint(f, root / f, seed=3 + i, **{**SHAPE, **extra.get(f, {})})
             for i, f in enumerate(VLLM_FAMILIES + list(VLLM_OWN_REFERENCE))}
@@ -110,7 +111,16 @@ def test_vllm_greedy_tokens_equal_vllms_own_loader(vllm_checkpoints, tmp_path, f
     dtype = VLLM_OWN_REFERENCE[family]
     got = run_engine(store, dtype=dtype, loader={"device_budget": budget}, phases=("batched",))
     want = run_engine(vllm_checkpoints[family], dtype=dtype, load_format="auto")["tokens"]   # vLLM's fused MoE kernel
-    assert got["batched"]["tokens"] == want
+    if dtype == "float32":
+        assert got["batched"]["tokens"] == want
+    else:
+        # bf16 (vLLM's CPU MLA runs no fp32): the two expert sums round differently, and greedy
+        # decoding of a random model meets near-ties, after which a prompt's tokens part; a wrong
+        # expert parts them at once. So: every prompt's first 8 tokens equal, 90 % of all positions.
+        for g, w in zip(got["batched"]["tokens"], want):
+            assert g[:8] == w[:8]
+        pairs = [(a, b) for g, w in zip(got["batched"]["tokens"], want) for a, b in zip(g, w)]
+        assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
     assert got["expert_params"] == [] and 0 < got["l1_peak"] <= budget
     assert got["batched"]["evictions_l1"] > 0
 
