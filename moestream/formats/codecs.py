@@ -288,13 +288,16 @@ def _quantized_delta_can_win(tensors, base, base_dtype) -> bool:
     when every tensor's ||w - base|| is above DELTA_TRY_AMPLITUDE x ||w|| (independent experts:
     about sqrt(1 - 1/E)), the delta cannot win and is not encoded (it would double the cost of
     converting each expert)."""
-    for name, dtype, _, bits in tensors:
-        x = bits_to_float32(bits, dtype).reshape(-1)
-        d = x - bits_to_float32(base[name], base_dtype).reshape(-1)
-        nx = float(np.linalg.norm(x))          # float32: a threshold, not an error figure
-        if not 1e-30 < nx < 1e30 or float(np.linalg.norm(d)) <= DELTA_TRY_AMPLITUDE * nx:
-            return True
-    return False
+    return any(delta_amplitude_may_win(bits_to_float32(bits, dtype).reshape(-1),
+                                       bits_to_float32(base[name], base_dtype).reshape(-1))
+               for name, dtype, _, bits in tensors)
+
+
+def delta_amplitude_may_win(x: np.ndarray, base: np.ndarray) -> bool:
+    """Whether float32 `x` lies within DELTA_TRY_AMPLITUDE of `base` (||x - base|| against ||x||,
+    in float32: a threshold, not an error figure); True where ||x|| is too small or large to tell."""
+    nx = float(np.linalg.norm(x))
+    return not 1e-30 < nx < 1e30 or float(np.linalg.norm(x - base)) <= DELTA_TRY_AMPLITUDE * nx
 
 
 def zstd_worth_trying(payload: bytes, opts: EncodeOptions) -> bool:
@@ -306,7 +309,12 @@ def zstd_worth_trying(payload: bytes, opts: EncodeOptions) -> bool:
     if n <= 2 * ZSTD_PROBES * ZSTD_PROBE_BYTES or opts.zstd_min_saving <= ZSTD_PROBE_MARGIN:
         return True
     step = (n - ZSTD_PROBE_BYTES) // (ZSTD_PROBES - 1)
-    sample = b"".join(payload[i * step:i * step + ZSTD_PROBE_BYTES] for i in range(ZSTD_PROBES))
+    return zstd_sample_may_pay(b"".join(payload[i * step:i * step + ZSTD_PROBE_BYTES] for i in range(ZSTD_PROBES)),
+                               opts)
+
+
+def zstd_sample_may_pay(sample: bytes, opts: EncodeOptions) -> bool:
+    """Whether zstd saves `sample` at least opts.zstd_min_saving less ZSTD_PROBE_MARGIN."""
     saving = 1 - len(zstandard.ZstdCompressor(level=opts.zstd_level).compress(sample)) / len(sample)
     return saving >= opts.zstd_min_saving - ZSTD_PROBE_MARGIN
 

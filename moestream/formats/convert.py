@@ -19,11 +19,11 @@ import zstandard
 from tqdm import tqdm
 
 from ..errors import ConvertError
-from .codecs import (EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits, encode_region,
-                     float32_to_bits, shuffle)
+from .codecs import (EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits,
+                     delta_amplitude_may_win, encode_region, float32_to_bits, shuffle, zstd_sample_may_pay)
 from .constants import (DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_PROBE_ELEMENTS,
-                        DELTA_PROBE_EXPERTS, DELTA_TRY_AMPLITUDE, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, INT_QUANTS,
-                        MIXED_QUANT, QUANT_CHOICES, ZSTD_PROBE_MARGIN)
+                        DELTA_PROBE_EXPERTS, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, INT_QUANTS, MIXED_QUANT,
+                        QUANT_CHOICES)
 from .families import DeriveFamily, check_config, family_for
 from .gguf_checkpoint import NATIVE_TYPES, GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
@@ -178,7 +178,6 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     # experts submitted and not yet written: enough that the encoders stay busy while this thread
     # writes and fsyncs; each holds its encoded bytes once done (a bound of the converter's memory)
     in_flight = 2 * workers
-    order = [(l, e) for l in moe_layers for e in range(n_experts)]     # the read order, for read-ahead
     total = sum(t.length for t in ckpt.tensors.values())
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"convert {ckpt.root.name}", disable=not progress,
                dynamic_ncols=True)
@@ -254,10 +253,11 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 src_len = sum(i.length for i in expert_infos)
                 # the kernel reads ahead the expert that will be submitted once this window has
                 # moved on: a worker's pread then finds it in the page cache, not on the disk
-                pos = moe_layers.index(layer) * n_experts + e
+                pos = moe_layers.index(layer) * n_experts + e       # in the read order of every expert
                 for ahead in (range(pos, pos + in_flight + 1) if e == 0 else (pos + in_flight,)):
-                    if ahead < len(order):
-                        _read_ahead(_expert_info(ckpt, fam, *order[ahead], t) for t in fam.expert_tensors)
+                    if ahead < len(moe_layers) * n_experts:
+                        l, x = moe_layers[ahead // n_experts], ahead % n_experts
+                        _read_ahead(_expert_info(ckpt, fam, l, x, t) for t in fam.expert_tensors)
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
                 pending.append((e, src_len, encoders.submit(read_and_encode, e, expert_infos, expert_opts)))
                 while len(pending) > in_flight:
@@ -383,8 +383,8 @@ def _delta_may_pay(ckpt, fam, layer, n_experts, opts, store_dtypes, infos) -> bo
     """Whether coding this layer's experts against its mean could pay, judged on the first
     DELTA_PROBE_ELEMENTS of each tensor of every expert (a few MiB against the whole layer, which
     the base would read a second time): for a quantized store, some probed expert lies within
-    DELTA_TRY_AMPLITUDE of the probed mean (codecs._quantized_delta_can_win); for a lossless one, some
-    probed expert's XOR delta, shuffled, compresses by the zstd threshold (less ZSTD_PROBE_MARGIN).
+    DELTA_TRY_AMPLITUDE of the probed mean (codecs.delta_amplitude_may_win); for a lossless one, some
+    probed expert's XOR delta, shuffled, compresses by the zstd threshold (codecs.zstd_sample_may_pay).
     Independent experts fail both and take no base; upcycled ones pass. A source whose tensors are
     not plain floats (FP8, MXFP4, GGUF blocks) is not probed: its base is always computed."""
     if opts.quant is None and (opts.zstd_level is None or len(set(store_dtypes)) > 1):
@@ -407,16 +407,13 @@ def _delta_may_pay(ckpt, fam, layer, n_experts, opts, store_dtypes, infos) -> bo
         values = np.stack([bits_to_float32(x, info.dtype) for x in samples])       # [E, n]
         mean = values.mean(axis=0, dtype=np.float64).astype(np.float32)
         for e in range(min(DELTA_PROBE_EXPERTS, n_experts)):
-            x = values[e]
             if opts.quant is not None:
-                nx = float(np.linalg.norm(x))
-                if not 1e-30 < nx < 1e30 or float(np.linalg.norm(x - mean)) <= DELTA_TRY_AMPLITUDE * nx:
+                if delta_amplitude_may_win(values[e], mean):
                     return True
             else:
                 xor = cast_bits(samples[e], info.dtype, store_dtype) ^ float32_to_bits(mean, store_dtype)
-                payload = shuffle(np.frombuffer(xor.tobytes(), np.uint8), DTYPE_ITEMSIZE[store_dtype]).tobytes()
-                z = zstandard.ZstdCompressor(level=opts.zstd_level).compress(payload)
-                if 1 - len(z) / len(payload) >= opts.zstd_min_saving - ZSTD_PROBE_MARGIN:
+                if zstd_sample_may_pay(shuffle(np.frombuffer(xor.tobytes(), np.uint8),
+                                               DTYPE_ITEMSIZE[store_dtype]).tobytes(), opts):
                     return True
     return False
 

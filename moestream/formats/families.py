@@ -212,6 +212,10 @@ def check_config(config: Any, where: str = "config.json", error: type[Exception]
         raise error(str(e)) from None
 
 
+#: what a config of a family with a derived record must set (transformers' config class checks the rest)
+_DERIVED_REQUIRED = ("hidden_size", "num_hidden_layers", "vocab_size")
+
+
 def _check_sizes(config: Any, where: str, required: tuple[str, ...]) -> None:
     """The sizes a config sets are integers in range; `required` ones are set."""
     if not isinstance(config, dict):
@@ -227,12 +231,10 @@ def _check_sizes(config: Any, where: str, required: tuple[str, ...]) -> None:
 
 
 def _check_config(config: Any, where: str, fam: Optional[Family]) -> dict[str, Any]:
-    if not isinstance(config, dict):
-        raise ConvertError(f"{where}: expected a JSON object, got {type(config).__name__}")
-    fam = fam or family_for(config, where)
+    fam = fam or family_for(config, where)      # (both paths refuse a non-object)
     if fam.derived:
         # a family of transformers': its own config class checks the rest when it builds the model
-        _check_sizes(config, where, ("hidden_size", "num_hidden_layers", "vocab_size"))
+        _check_sizes(config, where, _DERIVED_REQUIRED)
         n, k = fam.num_experts(config), config.get("num_experts_per_tok")
         if isinstance(k, int) and k > n:
             raise ConvertError(f"{where}: num_experts_per_tok = {k} exceeds the {n} experts")
@@ -262,7 +264,7 @@ def family_for(config: dict[str, Any], where: str = "config.json", derive: Optio
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if derive is not None and isinstance(model_type, str):
-        _check_sizes(config, where, required=("hidden_size", "num_hidden_layers", "vocab_size"))
+        _check_sizes(config, where, _DERIVED_REQUIRED)
         return derive(config, where)
     archs = config.get("architectures") or [model_type]
     raise ConvertError(f"{where}: unsupported architecture {archs[0]!r} (model_type {model_type!r}); "

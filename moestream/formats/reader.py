@@ -246,7 +246,7 @@ class StoreReader:
             check_config(self.config, where, FormatError, family=self.index.family)
         except FormatError as e:
             return [str(e)]
-        if fam.name != self.config.get("model_type") or fam.name != self.architecture:
+        if self.config.get("model_type") != self.architecture:     # (fam.name is the architecture's)
             return [f"{where}: model_type {self.config.get('model_type')!r} but the index says {self.architecture!r}"]
         bad = []
         want = fam.expert_shapes(self.config)

@@ -301,14 +301,10 @@ def _fused_family(cls, modules, names, params0, module0, common) -> Family:
         if len(got) != 1 or next(iter(got.values())) != shape:
             raise _Refused(f"transformers converts {cls}'s {p} from "
                            f"{dict(got)}, not one [E, ...] tensor or one tensor per expert")
-    prefix = _layer_template(names, modules, next(iter(params0)),
-                             lambda n: next(iter(n))).rpartition(".")[0] + "."
+    templates = {p: _layer_template(names, modules, p, lambda n: next(iter(n))) for p in params0}
+    prefix = templates[next(iter(params0))].rpartition(".")[0] + "."
     # ... and a parameter whose checkpoint name is not prefix + its name: its own template
-    ckpt_names = []
-    for p in params0:
-        t = _layer_template(names, modules, p, lambda n: next(iter(n)))
-        if t != prefix + p:
-            ckpt_names.append((p, t))
+    ckpt_names = [(p, t) for p, t in templates.items() if t != prefix + p]
     tensors = tuple(params0)
     gate_or_up = "gate_up_proj" if module0.has_gate else "up_proj"
     return Family(expert_prefix=prefix, expert_tensors=tensors, gate_up_down=(
@@ -331,7 +327,6 @@ def _per_expert_family(cls, model, modules, names, params0, module0, n_experts, 
     name = modules[first][0]
     roles: dict[str, str] = {}
     shapes: dict[str, tuple[int, ...]] = {}
-    prefix = None
     for p, shape in params0.items():
         rows, cols = (4 if shape[1] % 2 == 0 else 3), (4 if shape[2] % 2 == 0 else 3)
         probe = torch.arange(n_experts * rows * cols, dtype=torch.float64).reshape(n_experts, rows, cols)
@@ -355,11 +350,6 @@ def _per_expert_family(cls, model, modules, names, params0, module0, n_experts, 
             tensor = m.group("tensor")
             if roles.setdefault(tensor, role) != role:
                 raise _Refused(f"{cls}'s expert tensor {tensor} has two roles")
-            pre = m.group("prefix")
-            if prefix is not None and pre != prefix:
-                raise _Refused(f"{cls}'s expert tensors lie under both "
-                               f"{prefix} and {pre}")
-            prefix = pre
         for ckpt_name, shape_of in names[first, p].items():
             shapes[_PER_EXPERT.fullmatch(ckpt_name).group("tensor")] = shape_of
     by_role = {r: t for t, r in roles.items()}
@@ -368,7 +358,7 @@ def _per_expert_family(cls, model, modules, names, params0, module0, n_experts, 
                        "a gate, an up and a down projection")
     template = _layer_template(names, modules, next(iter(params0)), lambda n: min(n))
     expert_prefix = _PER_EXPERT.fullmatch(template.format(layer="{layer}")).group("prefix") + ".{expert}."
-    # every layer's names are those the template gives
+    # every layer's names are those the template gives (one prefix for all of an expert's tensors)
     for layer in modules:
         want = {f"{expert_prefix.format(layer=layer, expert=e)}{t}.weight" for e in range(n_experts) for t in roles}
         got = {n for p in params0 for n in names[layer, p]}
