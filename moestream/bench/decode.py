@@ -63,7 +63,10 @@ BOUNDS = ("inmemory", "resident")
 #: The same checkpoint converted to int8 and int4 (no zstd, no delta): their experts held
 #: quantized and multiplied in place (compute/quant_kernels.py). Resident: every expert in L1;
 #: best-no-prefetch-int4: what generate ships, under the same budget and limit as the bf16 systems.
-QUANT_BOUNDS = ("resident-int8", "resident-int4")
+#: resident-int4-dense-int4: the int4 store with its dense layers in int4 too, the bits of
+#: llama.cpp's Q4_0 file (attention in Q4_0; its output matrix in Q6_K), beside the default int8
+#: dense layers, which cost half the KL (docs/BENCHMARKS.md, "Quantized experts: accuracy")
+QUANT_BOUNDS = ("resident-int8", "resident-int4", "resident-int4-dense-int4")
 QUANT_SYSTEMS = ("best-no-prefetch-int4",)
 #: llama.cpp on the same checkpoint as GGUF (bench/llama_cpp.py): in RAM (no limit, its default
 #: repack) and, for Q4_0, under the shared limit (--repack 0: the repack copies the weights into
@@ -71,7 +74,10 @@ QUANT_SYSTEMS = ("best-no-prefetch-int4",)
 LLAMA_BOUNDS = ("llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0")
 LLAMA_SYSTEMS = ("llama.cpp-q4_0",)
 #: the store each of our systems runs on (default: the bf16 one)
-SYSTEM_QUANT = {"resident-int8": "int8", "resident-int4": "int4", "best-no-prefetch-int4": "int4"}
+SYSTEM_QUANT = {"resident-int8": "int8", "resident-int4": "int4", "resident-int4-dense-int4": "int4",
+                "best-no-prefetch-int4": "int4"}
+#: load_model's dense_quant of each system (default "auto": int8 for int stores)
+SYSTEM_DENSE_QUANT = {"resident-int4-dense-int4": "int4"}
 #: On CUDA, `best` twice more, reaching device memory two ways: io_uring into pinned host memory
 #: and a copy to the device, against kvikio reading straight into device memory (GPUDirect
 #: Storage where the machine has it). Both skip the checksum, which needs the host stage; `best`
@@ -293,7 +299,8 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     from ..compute.models.common import StreamingMoE
     device = spec.get("device", "cpu")
     opts: dict[str, Any] = dict(host_budget=0, device_budget=spec["device_budget"], policy=spec.get("policy", "next-use"),
-                                device=device, io=spec.get("io", "auto"), verify=spec.get("verify", True))
+                                device=device, io=spec.get("io", "auto"), verify=spec.get("verify", True),
+                                dense_quant=spec.get("dense_quant", "auto"))
     acc = spec.get("prefetch_accuracy")
     if acc is not None:
         opts["prefetch_budget"] = top_k * spec["extent_bytes"]
@@ -690,10 +697,11 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
             ggufs = {x: str(llama_cpp.model_file(src, Path(base["checkpoint"]), x.split("-", 1)[1], log)) for x in llama}
 
     def own_spec(spec: dict[str, Any]) -> dict[str, Any]:
-        """The spec with the system's own store (int8/int4) or GGUF (llama.cpp)."""
+        """The spec with the system's own store (int8/int4, and its dense layers' type) or GGUF (llama.cpp)."""
         q = SYSTEM_QUANT.get(spec["system"])
         if q is not None:
-            spec = dict(spec, store=quant_stores[q]["store"], extent_bytes=quant_stores[q]["extent_bytes"])
+            spec = dict(spec, store=quant_stores[q]["store"], extent_bytes=quant_stores[q]["extent_bytes"],
+                        dense_quant=SYSTEM_DENSE_QUANT.get(spec["system"], "auto"))
         if spec["system"].startswith("llama.cpp-"):
             spec = dict(spec, gguf=ggufs[spec["system"]])
         return spec
@@ -807,6 +815,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
             return None
         return min(resident["tokens_per_s"], r["io_ceiling_tokens_per_s"])
     res8, res4 = find("resident-int8", None), find("resident-int4", None)
+    res44 = find("resident-int4-dense-int4", None)
     ll = {q: find(f"llama.cpp-{q}", None) for q in ("bf16", "q8_0", "q4_0")}
     int4_lim, ll4_lim = find("best-no-prefetch-int4", at), find("llama.cpp-q4_0", at)
     b_best, b_int4 = bound_of(best, res), bound_of(int4_lim, res4)
@@ -849,6 +858,9 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         "bf16_vs_llama_cpp_bf16_resident": ratio(res, ll["bf16"], "bf16_vs_llama_cpp_bf16_resident"),
         "int8_vs_llama_cpp_q8_0_resident": ratio(res8, ll["q8_0"], "int8_vs_llama_cpp_q8_0_resident"),
         "int4_vs_llama_cpp_q4_0_resident": ratio(res4, ll["q4_0"], "int4_vs_llama_cpp_q4_0_resident"),
+        # every weight in int4, as Q4_0 has it (not the default: see SYSTEM_DENSE_QUANT)
+        "int4_dense_int4_resident_vs_bf16_resident": ratio(res44, res, "int4_dense_int4_resident_vs_bf16_resident"),
+        "int4_dense_int4_vs_llama_cpp_q4_0_resident": ratio(res44, ll["q4_0"], "int4_dense_int4_vs_llama_cpp_q4_0_resident"),
         "int4_vs_llama_cpp_q4_0_limited": ratio(int4_lim, ll4_lim, "int4_vs_llama_cpp_q4_0_limited"),
         # experts the L1 holds at the same budget: the int4 store's against the bf16 store's
         "int4_l1_experts_vs_bf16": int4_lim["expert_slots"] / nopf["expert_slots"] if int4_lim and nopf else None,
@@ -917,7 +929,9 @@ def format_table(d: dict[str, Any]) -> str:
     keys = ["best_vs_naive", "best_vs_lru", "best_vs_accelerate", "best_vs_io_ceiling", "inmemory_vs_io_ceiling",
             "default_vs_naive", "default_vs_accelerate", "resident_vs_inmemory", "store_fetch_vs_raw",
             "int8_resident_vs_bf16_resident", "int4_resident_vs_bf16_resident", "bf16_vs_llama_cpp_bf16_resident",
-            "int8_vs_llama_cpp_q8_0_resident", "int4_vs_llama_cpp_q4_0_resident", "int4_vs_llama_cpp_q4_0_limited",
+            "int8_vs_llama_cpp_q8_0_resident", "int4_vs_llama_cpp_q4_0_resident",
+            "int4_dense_int4_resident_vs_bf16_resident", "int4_dense_int4_vs_llama_cpp_q4_0_resident",
+            "int4_vs_llama_cpp_q4_0_limited",
             "int4_l1_experts_vs_bf16", "best_vs_bound", "int4_vs_bound"]
     for k in keys + (["kvikio_direct_vs_uring_h2d"] if d.get("device", "cpu") != "cpu" else []):
         lines.append(f"{k} = {d[k]:.2f}" if d.get(k) is not None else

@@ -13,7 +13,7 @@ from ..formats.constants import INT_QUANTS, MIXED_QUANT
 from ..storage.store import Store, parse_device
 from .dequant import dequantize, store_dequant
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
-from .models.common import CausalLM, ModelConfig, Rotary, StreamingMoE
+from .models.common import Attention, CausalLM, ModelConfig, Rotary, StreamingMoE
 from .quant_kernels import bf16_decode_linears, quantize_linears
 from .predictor import NextLayerProbes
 
@@ -109,6 +109,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             quantize_linears(model, dense_quant, idx.group_size or 64, skip=kept)
         elif dev.type == "cpu" and dtype == torch.bfloat16:
             bf16_decode_linears(model, skip=kept)
+        for module in model.modules():    # q, k, v in one call (in their final form: after the above)
+            if isinstance(module, Attention):
+                module.fuse_projections()
         model.prefetch_next_layer = prefetch
         model.prefetch_threshold = float(prefetch_threshold)
         model.guess_width = cfg.top_k + int(extra_guesses)

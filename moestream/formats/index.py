@@ -5,6 +5,7 @@ trusts nothing: every number is range-checked against the files' real sizes befo
 is read or allocated from it."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -52,7 +53,21 @@ class Region:
         """Bytes of this region's tensors once decoded (the dtype the reader returns)."""
         return sum(t.numel * DTYPE_ITEMSIZE[t.dtype] for t in self.tensors)
 
-    @property
+    def __hash__(self) -> int:
+        # regions key the layout caches of every expert hand-out (formats/quantized.py): hashed
+        # once, not at every lookup of every token (the fields' hash walks every tensor slice)
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.file, self.offset, self.length, self.raw_length, self.checksum, self.chain, self.tensors,
+                      self.source_length))
+            object.__setattr__(self, "_hash", h)
+        return h
+
+    def __getstate__(self) -> dict:
+        # not the cached hash: str hashes differ between processes
+        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "quant")}
+
+    @functools.cached_property
     def quant(self) -> QuantSpec | None:
         """The quantization of the region's tensors, None for raw ones."""
         for stage in self.chain:

@@ -107,6 +107,7 @@ class QuantizedTensor:
                           group_size=self.spec.group, numel=numel, out_dtype=dtype).view(self.shape)
 
 
+@functools.lru_cache(maxsize=4096)
 def holds_quantized(region: Region) -> bool:
     """Whether the tiers may hold `region` in its stored (quantized) form: a quantized extent, not
     a delta, every tensor a matrix whose groups lie inside its rows and whose fp16 planes start on

@@ -29,6 +29,8 @@ def test_bench_decode_runs_every_system(tmp_path):
     for s in QUANT_BOUNDS:                   # warmed: every expert in L1 before the first token
         assert rows[s]["hits_l1"] == rows[s]["requests"] and rows[s]["bytes_read"] == 0
     assert d["int4_l1_experts_vs_bf16"] > 1
+    # the dense layers as each system asked: int8 by default, int4 for the all-4-bit bound
+    assert rows["resident-int4"]["dense_quant"] == "int8" and rows["resident-int4-dense-int4"]["dense_quant"] == "int4"
     # 4 tokens a system on a shared machine: a ratio whose rounds look noisy is withheld, with the reason
     assert (d["int4_resident_vs_bf16_resident"] or 0) > 0 or "int4_resident_vs_bf16_resident" in d["ratios_withheld"]
     assert d["int4_vs_llama_cpp_q4_0_limited"] is None   # llama.cpp did not run

@@ -285,7 +285,11 @@ def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, t
     # the routers too, their weights bf16 as the checkpoint's (float32 accumulation either way)
     assert kernel_linears and "lm_head" in kernel_linears and routers and routers <= kernel_linears
     assert all(model.get_submodule(n).weight.dtype == torch.bfloat16 for n in routers)
-    assert len(dense_calls) >= 2 * len(kernel_linears)
+    # q, k and v of every attention go through its fused qkv_proj: one call for the three
+    fused = {n for n in kernel_linears if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj")
+             and model.get_submodule(n.rsplit(".", 1)[0]).qkv_proj is not None}
+    assert fused and {n.rsplit(".", 1)[0] + ".qkv_proj" for n in fused} <= kernel_linears
+    assert len(dense_calls) >= 2 * len(kernel_linears - fused)
     for want_t, got_t in [(want, got), *steps]:
         err = (got_t - want_t).abs().max().item() / want_t.abs().max().item()
         print(f"{family} bf16, {want_t.shape[1]} tokens: max |logit diff| / max |logit| = {err:.4f}")
@@ -312,3 +316,49 @@ def test_kernels_take_few_token_rows_and_leave_batches_to_torchs_gemm(monkeypatc
             got = quant_linear(x, w)
             assert calls == ([rows] if rows < limit else [])
             assert rel(got, x @ _as_float(w).T) < (1e-5 if kind != "int4" or rows >= limit else KERNEL_TOLERANCE)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16", "float32-bias"])
+def test_fused_rows_compute_what_the_parts_do_and_share_their_weights(kind):
+    """fuse_rows stacks q, k and v: its output is the three outputs side by side (the same
+    kernel per row, so equal to the last bit at decode), the parts become views of its weight
+    (no second copy) and still compute what they did."""
+    from moestream.compute.quant_kernels import Bf16DecodeLinear, QuantLinear, fuse_rows
+    torch.manual_seed(6)
+    sizes = (128, 64, 64)
+    parts = []
+    for rows in sizes:
+        lin = torch.nn.Linear(128, rows, bias=kind == "float32-bias")
+        if kind in ("int8", "int4"):
+            parts.append(QuantLinear(quantize_matrix(lin.weight.detach() * 0.05, kind, 64), None))
+        elif kind == "bf16":
+            lin = lin.to(torch.bfloat16)
+            lin.__class__ = Bf16DecodeLinear
+            parts.append(lin)
+        else:
+            parts.append(lin)
+    dtype = torch.float32 if kind == "float32-bias" else torch.bfloat16
+    xs = [torch.randn(rows, 128, dtype=dtype) for rows in (1, 2, 40)]
+    with torch.no_grad():
+        before = [[m(x) for m in parts] for x in xs]
+        fused = fuse_rows(parts)
+        assert fused is not None and fused.out_features == sum(sizes)
+        for x, want in zip(xs, before):
+            got = fused(x).split(list(sizes), dim=-1)
+            for g, w in zip(got, want):
+                assert torch.equal(g, w) if x.shape[0] <= 2 else rel(g.float(), w.float()) < 1e-5
+            for m, w in zip(parts, want):
+                assert torch.equal(m(x), w)
+    plane = (lambda m: m.codes) if kind in ("int8", "int4") else (lambda m: m.weight)
+    base, end = plane(fused).data_ptr(), plane(fused).data_ptr() + plane(fused).nbytes
+    assert all(base <= plane(m).data_ptr() < end for m in parts)
+
+
+def test_fuse_rows_refuses_parts_that_differ():
+    from moestream.compute.quant_kernels import QuantLinear, fuse_rows
+    w = torch.randn(64, 128) * 0.05
+    assert fuse_rows([QuantLinear(quantize_matrix(w, "int8"), None), QuantLinear(quantize_matrix(w, "int4"), None)]) is None
+    assert fuse_rows([torch.nn.Linear(128, 64), torch.nn.Linear(128, 64, bias=False)]) is None
+    assert fuse_rows([torch.nn.Linear(128, 64), torch.nn.Linear(64, 64)]) is None
+    assert fuse_rows([torch.nn.Linear(128, 64), torch.nn.Linear(128, 64).to(torch.bfloat16)]) is None
+    assert fuse_rows([torch.nn.Linear(128, 64), QuantLinear(quantize_matrix(w, "int8"), None)]) is None

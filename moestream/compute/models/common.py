@@ -17,7 +17,7 @@ from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import RoutedExpert, kernel_takes, moe_layer, moe_layer_fits, quant_linear
+from ..quant_kernels import RoutedExpert, fuse_rows, kernel_takes, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
 
 
@@ -162,12 +162,26 @@ class Attention(nn.Module):
         elif qk_norm == "full":
             self.q_norm = RMSNorm(cfg.num_heads * d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.num_kv_heads * d, cfg.rms_norm_eps)
+        #: q, k and v in one module (fuse_projections), None until then
+        self.qkv_proj: Optional[nn.Module] = None
+
+    def fuse_projections(self) -> bool:
+        """Compute q, k and v by one matmul over their stacked weights (quant_kernels.fuse_rows;
+        q_proj, k_proj and v_proj become views of it). Called by the loader once the weights are in
+        their final form; False where the three cannot be fused."""
+        parts = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv_proj = fuse_rows(parts)
+        self.qkv_sizes = [m.out_features for m in parts]
+        return self.qkv_proj is not None
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Optional[KVCache],
                 start: int) -> torch.Tensor:
         b, t, _ = x.shape
         d = self.cfg.head_dim
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)                 # [B, T, heads*D]
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)           # [B, T, heads*D]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)            # [B, T, heads*D]
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.clip_qkv is not None:
