@@ -39,11 +39,12 @@ PROMPTS = [torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(n
 
 
 def run_engine(store, *, dtype="float32", loader=None, phases=("single",), prompts=PROMPTS, check=True,
-               load_format="moestream", numba_first=False):
+               load_format="moestream", numba_first=False, logprobs=None):
     """Run tests/integrations/vllm_generate.py in a fresh process; its JSON result (check) or the
     finished process."""
     args = {"store": str(store), "dtype": dtype, "max_tokens": MAX_TOKENS, "prompts": prompts,
-            "loader": loader, "phases": list(phases), "load_format": load_format, "numba_first": numba_first}
+            "loader": loader, "phases": list(phases), "load_format": load_format, "numba_first": numba_first,
+            "logprobs": logprobs}
     p = subprocess.run([sys.executable, str(RUNNER), json.dumps(args)], capture_output=True, text=True, timeout=600)
     if not check:
         return p
@@ -110,17 +111,22 @@ def test_vllm_greedy_tokens_equal_vllms_own_loader(vllm_checkpoints, tmp_path, f
     budget = 3 * expert_bytes(store)
     dtype = VLLM_OWN_REFERENCE[family]
     got = run_engine(store, dtype=dtype, loader={"device_budget": budget}, phases=("batched",))
-    want = run_engine(vllm_checkpoints[family], dtype=dtype, load_format="auto")["tokens"]   # vLLM's fused MoE kernel
+    want = run_engine(vllm_checkpoints[family], dtype=dtype, load_format="auto", logprobs=2)   # vLLM's fused MoE kernel
     if dtype == "float32":
-        assert got["batched"]["tokens"] == want
+        assert got["batched"]["tokens"] == want["tokens"]
     else:
-        # bf16 (vLLM's CPU MLA runs no fp32): the two expert sums round differently, and greedy
-        # decoding of a random model meets near-ties, after which a prompt's tokens part; a wrong
-        # expert parts them at once. So: every prompt's first 8 tokens equal, 90 % of all positions.
-        for g, w in zip(got["batched"]["tokens"], want):
-            assert g[:8] == w[:8]
-        pairs = [(a, b) for g, w in zip(got["batched"]["tokens"], want) for a, b in zip(g, w)]
-        assert sum(a == b for a, b in pairs) >= 0.9 * len(pairs)
+        # bf16 (vLLM's CPU MLA runs no fp32): the two expert sums round differently, so a prompt's
+        # tokens may part where vLLM's own forward is near a tie between the two tokens, and only
+        # there (a wrong expert moves logits by far more); the rest of that prompt is not compared
+        compared = 0
+        for tokens, steps in zip(got["batched"]["tokens"], zip(want["tokens"], want["top"])):
+            for token, (w, top) in zip(tokens, zip(*steps)):
+                if token != w:
+                    logprob = dict(map(tuple, top))
+                    assert token in logprob and logprob[w] - logprob[token] < NEAR_TIE_BF16, (tokens, steps)
+                    break
+                compared += 1
+        assert compared >= 0.5 * len(PROMPTS) * MAX_TOKENS
     assert got["expert_params"] == [] and 0 < got["l1_peak"] <= budget
     assert got["batched"]["evictions_l1"] > 0
 
@@ -130,6 +136,9 @@ def test_vllm_greedy_tokens_equal_vllms_own_loader(vllm_checkpoints, tmp_path, f
 #: (vLLM's attention against ours); on these random models that moves a logit by up to ~5e-3
 #: (int8's quantized and dequantized paths differ by 1.4e-3 on one prompt's top logits)
 NEAR_TIE = 2e-2
+#: the same in bfloat16, as a logprob gap in vLLM's own forward: its logits carry 8 significant bits
+#: (a logit of 4 is rounded to 1/32) and the two paths' expert sums round differently before them
+NEAR_TIE_BF16 = 0.1
 
 
 def native_greedy(store, prompts=PROMPTS) -> list[list[tuple[int, float]]]:

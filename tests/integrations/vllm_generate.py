@@ -6,7 +6,8 @@ argv[1]: JSON {"store", "dtype", "max_tokens", "prompts": [[token ids], ...],
                "loader": model_loader_extra_config or null, "phases": ["single", "batched"],
                "load_format": "moestream" (default) or "auto" (vLLM's own loader on a checkpoint),
                "numba_first": import moestream.compute (Numba, llvmlite) before vLLM, as a script
-                              that converts a store and then serves it does}
+                              that converts a store and then serves it does,
+               "logprobs": N, to also return each step's N most likely tokens as [[token, logprob], ...]}
 "single" generates each prompt on its own, one after another; "batched" all prompts in one
 `LLM.generate`. Counters are the differences over each phase."""
 import json
@@ -20,6 +21,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 COUNTERS = ("requests", "hits_l1", "misses", "reads", "bytes_read", "evictions_l1")
 
 
+def generated(results) -> dict:
+    """Each request's tokens, and where logprobs were asked for, each step's top tokens, most likely first."""
+    out = {"tokens": [list(r.outputs[0].token_ids) for r in results]}
+    if results and results[0].outputs[0].logprobs is not None:
+        out["top"] = [[sorted(([t, lp.logprob] for t, lp in step.items()), key=lambda x: -x[1])
+                       for step in r.outputs[0].logprobs] for r in results]
+    return out
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     if args.get("numba_first"):
@@ -30,11 +40,12 @@ def main() -> None:
     llm = LLM(model=args["store"], load_format=load_format, model_loader_extra_config=args.get("loader") or {},
               dtype=args["dtype"], enforce_eager=True, max_model_len=128, enable_prefix_caching=False,
               seed=0)
-    params = SamplingParams(max_tokens=args["max_tokens"], temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=args["max_tokens"], temperature=0.0, ignore_eos=True,
+                            logprobs=args.get("logprobs"))
     prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
     if load_format != "moestream":
         results = llm.generate(prompts, params, use_tqdm=False)
-        print("RESULT " + json.dumps({"tokens": [list(r.outputs[0].token_ids) for r in results]}), flush=True)
+        print("RESULT " + json.dumps(generated(results)), flush=True)
         return
     store = stores()[args["store"]]
     # what vLLM's model holds: no routed expert parameter may be among them
@@ -50,8 +61,7 @@ def main() -> None:
         else:
             results = llm.generate(prompts, params, use_tqdm=False)
         after = store.stats()
-        out[phase] = {"tokens": [list(r.outputs[0].token_ids) for r in results],
-                      **{k: after[k] - before[k] for k in COUNTERS}}
+        out[phase] = {**generated(results), **{k: after[k] - before[k] for k in COUNTERS}}
     out["l1_peak"] = store.stats()["l1_peak"]
     print("RESULT " + json.dumps(out), flush=True)
 
