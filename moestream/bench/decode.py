@@ -40,7 +40,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Optional
 
@@ -246,13 +245,8 @@ class InMemoryExperts:
         self.expert_slots = len(self.experts)
         self.prefetching = False
 
-    def fetch(self, layer, experts):
-        out = []
-        for e in experts:
-            f: Future = Future()
-            f.set_result(self.experts[(layer, int(e))])
-            out.append(f)
-        return out
+    def fetch_ready(self, layer, experts):
+        return {int(e): self.experts[(layer, int(e))] for e in experts}, {}
 
     def wait_first(self, futures):
         return next(iter(futures))

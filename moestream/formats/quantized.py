@@ -78,6 +78,10 @@ class QuantizedTensor:
         return (self._payload if self._payload is not None else self._codes).device
 
     @property
+    def is_cpu(self) -> bool:
+        return (self._payload if self._payload is not None else self._codes).is_cpu
+
+    @property
     def contiguous(self) -> bool:
         """Whether codes and planes are dense row-major (always, for the stored layout)."""
         return self._payload is not None or all(t is None or t.is_contiguous()

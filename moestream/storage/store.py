@@ -310,6 +310,32 @@ class Store:
         Never blocks on I/O. A future's result is {tensor name: tensor on device} (see the class
         docstring for ownership)."""
         out = []
+        for _, got in self._fetch_many(layer, experts):
+            if isinstance(got, Future):
+                out.append(got)
+            else:
+                f: Future = Future()
+                f.set_result(got)
+                out.append(f)
+        return out
+
+    def fetch_ready(self, layer: int, experts: Iterable[int]) -> tuple[dict[int, Experts], dict["Future[Experts]", int]]:
+        """fetch, split by what is cached: ({expert: tensors} of those in L1, handed out at once;
+        {future: expert} of the others, loading). The decode loop computes the first without a
+        future and a wait per expert: at decode most experts are hits, and their futures were
+        most of a resident layer's bookkeeping (compute/models/common.py: stream_experts)."""
+        ready, pending = {}, {}
+        for e, got in self._fetch_many(layer, experts):
+            if isinstance(got, Future):
+                pending[got] = e
+            else:
+                ready[e] = got
+        return ready, pending
+
+    def _fetch_many(self, layer: int, experts: Iterable[int]) -> "list[tuple[int, Experts | Future[Experts]]]":
+        """What fetch and fetch_ready share: (expert, its tensors when L1 holds it, else the
+        future of its load), in the order asked."""
+        out = []
         layer = _index(layer, "layer")
         experts = [_index(e, "expert") for e in experts]
         if self.device.type == "cuda":
@@ -320,9 +346,9 @@ class Store:
             queued = len(self._demand)
             for e in experts:
                 key = (layer, e)
-                region = self.reader.extent(*key)
-                out.append(self._fetch_locked(key, region))
-            self.stats_.add(requests=len(experts))
+                out.append((e, self._fetch_locked(key, self.reader.extent(*key))))
+            hits = sum(not isinstance(x, Future) for _, x in out)
+            self.stats_.add(requests=len(experts), hits_l1=hits)
             if len(self._demand) != queued:
                 # only new demand reads concern the dispatcher: waking it for hits would cost
                 # every cached expert a thread switch
@@ -506,14 +532,12 @@ class Store:
             return self.arena.hand_out(value, region, quantized=self.holds_quantized(region))
         return dict(value)
 
-    def _fetch_locked(self, key: Key, region: Region) -> "Future[Experts]":
+    def _fetch_locked(self, key: Key, region: Region) -> "Experts | Future[Experts]":
+        """An L1 hit's tensors (the caller counts the hit), or the future of its load."""
         cached = self.l1.get(key)
         if cached is not None:
-            self.stats_.add(hits_l1=1)
             self._note_prefetch_use(key)
-            f: Future = Future()
-            f.set_result(self._hand_out(key, cached))
-            return f
+            return self._hand_out(key, cached)
         load = self._pending.get(key)
         if load is not None:
             self.stats_.add(joined_inflight=1)

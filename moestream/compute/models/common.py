@@ -17,7 +17,7 @@ from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import RoutedExpert, fuse_rows, kernel_takes, moe_layer, moe_layer_fits, quant_linear
+from ..quant_kernels import RoutedExpert, fuse_rows, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
 
 
@@ -326,20 +326,18 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
         nonlocal seconds
         t0 = time.perf_counter()
+        wl = weights.float().tolist()                                            # [N][A]
+        routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
+                  for _, w, rows_l, slots_l in batch]
         # an expert with more token rows than its type's gemm_rows (prefill) takes torch's GEMM
-        fits = [all(kernel_takes(b[1][n], len(b[2])) for n in names) for b in batch]
-        held = [b for b, f in zip(batch, fits) if f]
-        routed = []
-        if held:
-            wl = weights.float().tolist()                                        # [N][A]
-            routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
-                      for _, w, rows_l, slots_l in held]
+        held = [e for e in routed if e.kernel_takes]
         rest = batch
-        if routed and moe_layer_fits(routed):
+        if held and moe_layer_fits(held):
             if not acc:
                 acc.append(torch.zeros(x.shape, dtype=torch.float32))
-            moe_layer(x, routed, acc[0])
-            rest = [b for b, f in zip(batch, fits) if not f]
+            moe_layer(x, held, acc[0])
+            rest = [b for b, e in zip(batch, routed) if not e.kernel_takes]
+        del routed, held
         for item in rest:
             compute(*item)
         seconds += time.perf_counter() - t0
@@ -379,19 +377,22 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
     window = store.expert_slots
     inflight: dict = {}
     while waiting or inflight:
+        batch = []
         if waiting and len(inflight) < window:
             take, waiting = waiting[:window - len(inflight)], waiting[window - len(inflight):]
-            inflight.update(zip(store.fetch(layer, take), take))
+            ready, pending = store.fetch_ready(layer, take)     # cache hits at once, the rest loading
+            inflight.update(pending)
             if then_prefetch is not None:
                 store.prefetch(*then_prefetch)
                 then_prefetch = None
-        first = store.wait_first(inflight)                                       # arrival order
-        ready = [first] + [f for f in inflight if f is not first and f.done()]
-        batch = []
-        for fut in ready:
-            e = inflight.pop(fut)
-            batch.append((e, fut.result(), *routed[e]))
-        del ready, first, fut
+            batch = [(e, tensors, *routed[e]) for e, tensors in ready.items()]
+            del ready
+        if not batch:
+            first = store.wait_first(inflight)                                   # arrival order
+            for fut in [first] + [f for f in inflight if f is not first and f.done()]:
+                e = inflight.pop(fut)
+                batch.append((e, fut.result(), *routed[e]))
+            del first, fut
         COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
         compute_batch(batch)
         del batch
