@@ -313,6 +313,22 @@ def test_each_result_is_a_fresh_dict(stores):
         assert name in s.get(0, 0)             # the cache's entry did not lose the tensor
 
 
+def test_fetch_ready_hands_out_hits_now_and_futures_for_the_rest(plain_store):
+    ref = expected(plain_store)
+    with open_store(plain_store, io="posix", device_budget="1MiB", host_budget=0) as s:
+        s.get(0, 1)
+        before = s.stats()
+        ready, pending = s.fetch_ready(0, [2, 1, 3])
+        assert list(ready) == [1] and same(ready[1], ref[(0, 1)])      # the cached one, no future
+        assert sorted(pending.values()) == [2, 3] and all(isinstance(f, Future) for f in pending)
+        for f, e in pending.items():
+            assert same(f.result(), ref[(0, e)])
+        after = s.stats()
+        assert after["requests"] - before["requests"] == 3
+        assert after["hits_l1"] - before["hits_l1"] == 1 and after["misses"] - before["misses"] == 2
+        assert s.fetch_ready(0, [2, 3])[1] == {}                         # landed: both hits now
+
+
 def test_next_use_beats_lru_on_the_layer_sweep(plain_store):
     """The decode sweep of `make demo` (a greedy run of a random model repeats its routing):
     6 experts per sweep, 5 slots. LRU evicts each expert just before the sweep comes back to
