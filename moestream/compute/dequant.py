@@ -13,6 +13,7 @@ optional fused delta add (out = base + dequant(codes)).
 device of `codes`. Scale and minimum planes are read as bytes, so planes at odd offsets need no copy."""
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import warnings
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from ..formats.codecs import dequantize_torch, view_f16
+from ..formats.codecs import dequantize_torch, view_plane
+from ..formats.constants import MIXED_QUANT, QUANT_TYPES
+from ..formats.fp8 import fp8_values
 
 _CHUNK_GROUPS = 256
 # Numba's default (workqueue) threading layer must not be entered from two threads at once;
@@ -80,16 +83,54 @@ def _dequant_cpu(codes, scales, mins, base, out_f32, out_bits, numel, group, is_
                     out_f32[start + j] = row[j]
 
 
+@njit(parallel=True, cache=True)
+def _dequant_lut_cpu(codes, scales, values, base, out_f32, out_bits, numel, group, has_base, to_bf16):
+    # float8: a code byte's value from the type's table, times its group's float32 scale
+    groups = (numel + group - 1) // group
+    nchunks = (groups + _CHUNK_GROUPS - 1) // _CHUNK_GROUPS
+    for c in prange(nchunks):
+        row = np.empty(group, np.float32)
+        row_bits = row.view(np.uint32)
+        for g in range(c * _CHUNK_GROUPS, min(groups, (c + 1) * _CHUNK_GROUPS)):
+            s = scales[g]
+            start = g * group
+            n = min(group, numel - start)
+            for j in range(n):
+                row[j] = values[codes[start + j]] * s
+            if has_base:
+                for j in range(n):
+                    row[j] += base[start + j]
+            if to_bf16:
+                for j in range(n):
+                    x = row_bits[j]
+                    out_bits[start + j] = np.uint16((x + 0x7FFF + ((x >> 16) & 1)) >> 16)
+            else:
+                for j in range(n):
+                    out_f32[start + j] = row[j]
+
+
 def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[np.ndarray], base: Optional[np.ndarray],
                           out: np.ndarray, numel: int, group_size: int, quant: str) -> None:
     """Fill `out` (float32, or uint16 bf16 bit patterns) with `numel` dequantized values.
     codes/scales/mins are uint8 arrays; base (float32, numel) is added when given."""
     to_bf16 = out.dtype == np.uint16
     empty_f = np.empty(1, np.float32)
+    out_f32, out_bits = empty_f if to_bf16 else out, out if to_bf16 else np.empty(1, np.uint16)
+    b = base if base is not None else empty_f
+    qtype = QUANT_TYPES[quant]
     with _PARALLEL_LOCK:
-        _dequant_cpu(codes, scales, mins if mins is not None else scales, base if base is not None else empty_f,
-                     empty_f if to_bf16 else out, out if to_bf16 else np.empty(1, np.uint16), numel, group_size,
-                     quant == "int4", base is not None, to_bf16)
+        if qtype.float_codes:
+            sc = scales if scales.ctypes.data % 4 == 0 else scales.copy()   # a float32 view needs 4-byte alignment
+            _dequant_lut_cpu(codes, sc.view(np.float32), _float8_table(quant), b, out_f32, out_bits, numel,
+                             group_size, base is not None, to_bf16)
+        else:
+            _dequant_cpu(codes, scales, mins if mins is not None else scales, b, out_f32, out_bits, numel,
+                         group_size, quant == "int4", base is not None, to_bf16)
+
+
+@functools.lru_cache(maxsize=None)
+def _float8_table(kind: str) -> np.ndarray:
+    return fp8_values(kind)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
@@ -137,7 +178,17 @@ def _cuda():
                         v += base[e + 1]
                     out[e + 1] = v
                 b += stride
-        _cuda_kernels = (int8_kernel, int4_kernel)
+        @cuda.jit
+        def lut_kernel(codes, values, scales, base, out, numel, group, has_base):
+            i = cuda.grid(1)            # float8: the code's value from the type's table
+            stride = cuda.gridsize(1)
+            while i < numel:
+                v = values[codes[i]] * scales[i // group]
+                if has_base:
+                    v += base[i]
+                out[i] = v
+                i += stride
+        _cuda_kernels = (int8_kernel, int4_kernel, lut_kernel)
     return _cuda_kernels
 
 
@@ -147,14 +198,28 @@ def dequantize_cuda_arrays(codes, scales, mins, base, out, numel: int, group_siz
     group), `base` float32 or None, `out` float32; CUDA device arrays (anything with
     __cuda_array_interface__, or numpy arrays under the simulator). The kernel is queued on
     `stream` (a Numba stream; 0: the default stream) and not waited for."""
-    int8_kernel, int4_kernel = _cuda()
-    work = numel if quant == "int8" else (numel + 1) // 2
+    int8_kernel, int4_kernel, lut_kernel = _cuda()
+    work = (numel + 1) // 2 if quant == "int4" else numel
     blocks = max(1, min(65535, (work + threads - 1) // threads))
     dummy = base if base is not None else out
-    if quant == "int8":
+    if QUANT_TYPES[quant].float_codes:
+        lut_kernel[blocks, threads, stream](codes, _device_table(quant), scales, dummy, out, numel, group_size,
+                                            base is not None)
+    elif quant == "int8":
         int8_kernel[blocks, threads, stream](codes, scales, dummy, out, numel, group_size, base is not None)
     else:
         int4_kernel[blocks, threads, stream](codes, scales, mins, dummy, out, numel, group_size, base is not None)
+
+
+_DEVICE_TABLES: dict = {}
+
+
+def _device_table(kind: str):
+    """A float8 type's value table (1 KiB) on the current CUDA device, copied there once."""
+    key = (kind, cuda.current_context().device.uuid)     # uuid: the simulator's devices have no id
+    if key not in _DEVICE_TABLES:
+        _DEVICE_TABLES[key] = cuda.to_device(_float8_table(kind))    # synchronous: ready for any stream
+    return _DEVICE_TABLES[key]
 
 
 def _numba_stream(stream: torch.cuda.Stream):
@@ -213,9 +278,9 @@ def dequant_backend(device: torch.device | str) -> str:
 def store_dequant(store) -> str:
     """What decodes `store`'s experts: the dequantizer in use for an int or mixed store, or
     none for a lossless one (the run report's "dequant")."""
-    if store.index.quant in ("int8", "int4", "mixed"):
+    if store.index.quant in (*QUANT_TYPES, MIXED_QUANT):
         if getattr(store, "keep_quantized", False):
-            where = ("numba-cpu int8-activation kernels" if store.device.type == "cpu"
+            where = ("numba-cpu kernels" if store.device.type == "cpu"
                      else f"{dequant_backend(store.device)} at each use")
             return f"none: held quantized, multiplied by {where}"
         return dequant_backend(store.device)
@@ -255,8 +320,9 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.T
         return out.view(-1).copy_(res) if out is not None else res.to(out_dtype)
     if dev.type == "cuda" and cuda_kernels_usable():
         res = torch.empty(numel, dtype=torch.float32, device=dev)
-        sf = view_f16(scales).float()
-        mf = view_f16(mins).float() if mins is not None else None
+        plane = QUANT_TYPES[quant].plane_dtype
+        sf = view_plane(scales, plane).float()
+        mf = view_plane(mins, plane).float() if mins is not None else None
         with torch.cuda.device(dev):
             dequantize_cuda_arrays(_device_array(codes.contiguous()), _device_array(sf),
                                    _device_array(mf) if mf is not None else None,

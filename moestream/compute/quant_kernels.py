@@ -38,8 +38,8 @@ from numba import carray, njit, prange
 
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
-from .row_dots import (DOT_CHUNK, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16, _i8_ptr, _prefetch,
-                       _u16_ptr, row_dot_bf16)
+from .row_dots import (DOT_CHUNK, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_e4m3_f32, _dot_e5m2_f32, _dot_s8_f32,
+                       _dot_u4, _f16, _f32_ptr, _fp8_f32, _i8_ptr, _prefetch, _u8_ptr, _u16_ptr, row_dot_bf16)
 
 # Numba calls an intrinsic by its global name: one per group size of row_dots.ROW_DOT_GROUPS
 _s8_g32, _s8_g64, _u4_g32, _u4_g64 = ROW_S8_DOTS[32], ROW_S8_DOTS[64], ROW_U4[32], ROW_U4[64]
@@ -106,7 +106,8 @@ def _quantized_activations(x, group, needed=True):
 
 # ---- one row of W against one row of activations ---------------------------------------------
 # kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales,
-# mins); kind 2: bf16 (the weights themselves at the codes' address; no planes, no groups)
+# mins); kind 2: bf16 (the weights themselves at the codes' address; no planes, no groups);
+# kinds 3 and 4: float8 E4M3FN and E5M2 (one code a byte, float32 scales)
 
 @njit(inline="always")
 def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
@@ -124,6 +125,31 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
             acc += _bits_to_f32(np.uint32(wb[j]) << np.uint32(16)) * xrow[j]
         return acc
     ng = cols // group
+    if kind == 3 or kind == 4:
+        # float8 codes (an FP8 checkpoint's own bytes) times the float32 activations, each group's
+        # float32 scale once; 64 at a time where the group is a multiple of 64, else one by one
+        sc32 = carray(_f32_ptr(scales_addr + 4 * row * ng), ng)
+        w_addr, x_addr = codes_addr + row * cols, xf.ctypes.data + 4 * t * cols
+        chunks = group // DOT_CHUNK if group % DOT_CHUNK == 0 else 0
+        acc = np.float32(0)
+        for g in range(ng):
+            s = np.float32(0)
+            if chunks:
+                for c in range(chunks):
+                    off = g * group + c * DOT_CHUNK
+                    if pf:
+                        _prefetch(w_addr + off + pf)
+                    if kind == 3:
+                        s += _dot_e4m3_f32(w_addr + off, x_addr + 4 * off)
+                    else:
+                        s += _dot_e5m2_f32(w_addr + off, x_addr + 4 * off)
+            else:
+                wb = carray(_u8_ptr(w_addr), cols)
+                xrow = xf[t]
+                for j in range(g * group, (g + 1) * group):
+                    s += _fp8_f32(wb[j], kind) * xrow[j]
+            acc += s * sc32[g]
+        return acc
     if group == 64 or group == 32:      # the whole-row dots (row_dots.py)
         s_addr, m_addr = scales_addr + 2 * row * ng, mins_addr + 2 * row * ng
         if kind == 0:
@@ -285,6 +311,10 @@ QUANT_KERNELS = {
     # a lossless bf16 store's experts: the layer kernel saves the six torch calls per expert and
     # reads with the same prefetch (torch's bf16 GEMV reads as fast, the calls around it do not)
     "bf16": QuantKernel("bf16", 2, None, gemm_rows=3),
+    # an FP8 checkpoint's experts, kept as its bytes: float8 codes times float activations, like
+    # int8's (the crossover taken as int8's, whose dequantization costs the same pass)
+    "fp8e4m3": QuantKernel("fp8e4m3", 3, dequantize, gemm_rows=32),
+    "fp8e5m2": QuantKernel("fp8e5m2", 4, dequantize, gemm_rows=32),
 }
 
 #: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix

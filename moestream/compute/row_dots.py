@@ -33,7 +33,9 @@ def _pointer_intrinsic(element):
 
 
 _i8_ptr = _pointer_intrinsic(types.int8)
+_u8_ptr = _pointer_intrinsic(types.uint8)
 _u16_ptr = _pointer_intrinsic(types.uint16)
+_f32_ptr = _pointer_intrinsic(types.float32)
 
 
 @intrinsic
@@ -47,6 +49,23 @@ def _bits_to_f32(typingctx, bits):
                                else builder.zext(args[0], ir.IntType(32)) if bits.bitwidth < 32 else args[0],
                                ir.FloatType())
     return sig, codegen
+
+
+#: float8 -> float32 by bits: the 7 bits below the sign land in float32's exponent and mantissa
+#: (shifted 20 places for E4M3, 21 for E5M2), and one multiply moves the exponent bias (7 -> 127:
+#: 2**120; 15 -> 127: 2**112); subnormal codes come out right the same way (a float32 subnormal
+#: times the power of two). NaN codes are refused when a checkpoint is converted.
+FLOAT8_SHIFT_SCALE = {3: (20, 2.0 ** 120), 4: (21, 2.0 ** 112)}     # kind (quant_kernels) -> (shift, scale)
+
+
+@njit(inline="always")
+def _fp8_f32(b, kind):
+    """One float8 byte (kind 3: E4M3FN, 4: E5M2) -> float32, branch-free but for the sign."""
+    if kind == 3:
+        mag = _bits_to_f32((np.uint32(b) & np.uint32(0x7F)) << np.uint32(20)) * np.float32(2.0 ** 120)
+    else:
+        mag = _bits_to_f32((np.uint32(b) & np.uint32(0x7F)) << np.uint32(21)) * np.float32(2.0 ** 112)
+    return -mag if np.uint32(b) & np.uint32(0x80) else mag
 
 
 @njit(inline="always")
@@ -114,6 +133,25 @@ def _widen_bf16(builder, addr, vf):
 
 #: int8 weights times float32 activations: 64 at a time
 _dot_s8_f32 = _float_dot_intrinsic(_widen_s8)
+
+
+def _widen_fp8(kind: int):
+    """widen for _float_dot_intrinsic: 64 float8 bytes of `kind` -> <64 x float> (the bit moves of _fp8_f32)."""
+    shift, scale = FLOAT8_SHIFT_SCALE[kind]
+
+    def widen(builder, addr, vf):
+        vi = ir.VectorType(ir.IntType(32), DOT_CHUNK)
+        b = builder.zext(_load(builder, addr, DOT_CHUNK), vi)
+        mag = builder.shl(builder.and_(b, ir.Constant(vi, [0x7F] * DOT_CHUNK)), ir.Constant(vi, [shift] * DOT_CHUNK))
+        mag = builder.fmul(builder.bitcast(mag, vf), ir.Constant(vf, [scale] * DOT_CHUNK))
+        sign = builder.shl(builder.and_(b, ir.Constant(vi, [0x80] * DOT_CHUNK)), ir.Constant(vi, [24] * DOT_CHUNK))
+        return builder.bitcast(builder.or_(builder.bitcast(mag, vi), sign), vf)
+    return widen
+
+
+#: float8 weights (E4M3FN, E5M2) times float32 activations: 64 at a time
+_dot_e4m3_f32 = _float_dot_intrinsic(_widen_fp8(3))
+_dot_e5m2_f32 = _float_dot_intrinsic(_widen_fp8(4))
 
 
 def _u4_intrinsic(isa: str):

@@ -18,7 +18,8 @@ from ..errors import ConvertError, FormatError
 from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_ERROR_RATIO, DELTA_TRY_AMPLITUDE,
                         DTYPE_ITEMSIZE, FP16_SCALE_MAX_ERROR_RATIO, FP16_SMALLEST_NORMAL, STAGE_DELTA,
                         ZSTD_PROBE_BYTES, ZSTD_PROBE_MARGIN, ZSTD_PROBES,
-                        STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QuantSpec, align_up)
+                        STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QUANT_TYPES, QuantSpec, align_up)
+from .fp8 import fp8_values
 from .index import Region, TensorSlice, payload_length
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -113,14 +114,17 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[t
     views of one tensor's payload; returns a 1-D tensor of `numel` elements in `out_dtype`,
     with `base` (same numel, any float dtype) added first when given: a new one owned by the
     caller, or `out` (numel elements of out_dtype) filled in place."""
-    s = view_f16(scales).float()[:, None]
-    if quant == "int8":
+    qtype = QUANT_TYPES[quant]
+    s = view_plane(scales, qtype.plane_dtype).float()[:, None]
+    if qtype.float_codes:
+        vals = float8_values(quant, codes.device)[codes.long()].view(-1, group_size) * s
+    elif quant == "int8":
         vals = codes.view(torch.int8).float().view(-1, group_size) * s
     else:
         lo = (codes & 0x0F).float()
         hi = (codes >> 4).float()
         q = torch.stack([lo, hi], dim=1).view(-1, group_size)
-        vals = q * s + view_f16(mins).float()[:, None]
+        vals = q * s + view_plane(mins, qtype.plane_dtype).float()[:, None]
     vals = vals.reshape(-1)[:numel]
     if base is not None:
         vals = vals + base.reshape(-1).float()
@@ -129,10 +133,28 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[t
     return vals.to(out_dtype)
 
 
-def view_f16(b: torch.Tensor) -> torch.Tensor:
-    """uint8 bytes -> float16 view; planes of tensors packed after an odd-length plane sit at
-    odd offsets, and a view needs 2-byte alignment, so those (small) planes are copied."""
-    return (b if b.storage_offset() % 2 == 0 else b.clone()).view(torch.float16)
+#: a plane's numpy dtype (QuantType.plane_dtype) as torch's
+TORCH_PLANE_DTYPES = {np.float16: torch.float16, np.float32: torch.float32}
+
+
+def view_plane(b: torch.Tensor, dtype=np.float16) -> torch.Tensor:
+    """uint8 bytes -> a view as the plane's float dtype; planes of tensors packed after an
+    odd-length plane sit at unaligned offsets, and a view needs its item size's alignment, so
+    those (small) planes are copied."""
+    t = TORCH_PLANE_DTYPES[dtype]
+    return (b if b.storage_offset() % t.itemsize == 0 else b.clone()).view(t)
+
+
+_FLOAT8_VALUES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def float8_values(kind: str, device: torch.device) -> torch.Tensor:
+    """float32 [256] on `device`: the value of each byte of float8 type `kind` (formats/fp8.py)."""
+    key = (kind, torch.device(device))
+    lut = _FLOAT8_VALUES.get(key)
+    if lut is None:
+        lut = _FLOAT8_VALUES[key] = torch.from_numpy(fp8_values(kind)).to(device)
+    return lut
 
 
 #: Signature of a pluggable dequantizer (compute/ supplies Numba kernels with it).
@@ -395,17 +417,19 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
 # ---- decoding of a region --------------------------------------------------------------------
 
 def nonfinite_scales(region: Region, payload: np.ndarray) -> list[str]:
-    """Names of the quantized tensors of `region` whose fp16 scale or minimum planes hold NaN
-    or inf (a decoder would turn them into NaN weights); empty for raw regions."""
+    """Names of the quantized tensors of `region` whose scale or minimum planes (or float8 codes)
+    hold NaN or inf (a decoder would turn them into NaN weights); empty for raw regions."""
     q = region.quant
     if q is None:
         return []
     bad = []
+    finite_code = np.isfinite(fp8_values(q.kind)) if q.type.float_codes else None
     for t in region.tensors:
         buf = payload[t.offset:t.offset + t.length]
-        _, scales, mins = split_quantized(buf, t.numel, q.kind, q.group)
+        codes, scales, mins = split_quantized(buf, t.numel, q.kind, q.group)
         planes = [scales] + ([mins] if mins is not None else [])
-        if not all(np.isfinite(np.frombuffer(p.tobytes(), np.float16)).all() for p in planes):
+        if not all(np.isfinite(np.frombuffer(p.tobytes(), q.type.plane_dtype)).all() for p in planes) or (
+                finite_code is not None and not finite_code[np.asarray(codes)].all()):
             bad.append(t.name)
     return bad
 

@@ -49,7 +49,7 @@ SAFETENSORS_DTYPES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
 #: Quantization schemes for expert tensors ("keep" = store the source dtype unchanged).
 QUANT_CHOICES = ("keep", "bf16", "fp16", "fp32", "int8", "int4")
-INT_QUANTS = ("int8", "int4")   # the keys of QUANT_TYPES (defined below)
+INT_QUANTS = ("int8", "int4")   # the QUANT_TYPES (defined below) that convert --quant makes
 #: Files of a checkpoint a store carries as blobs (and, as plain copies, next to its files)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -105,45 +105,59 @@ STAGE_XOR_DELTA = "xor-delta"
 STAGE_SHUFFLE = "shuffle"
 STAGE_ZSTD = "zstd"
 
-#: Quantization scale/min planes are stored as float16.
-SCALE_DTYPE = np.float16
-
-
 @dataclass(frozen=True)
 class QuantType:
     """One group-wise quantization type, the way ggml's type traits describe a block type: the
-    bits of a code and the fp16 planes that follow the codes (one value per group each). A new
-    type (fp8, mxfp4, a GGUF block type) is one entry here and one in compute/quant_kernels.py."""
+    bits of a code and the planes that follow the codes (one value per group each, of
+    `plane_dtype`). A new type (fp8, mxfp4, a GGUF block type) is one entry here and one in
+    compute/quant_kernels.py."""
     name: str
     bits: int                     # bits per code; codes of one group are packed low bits first
-    planes: tuple[str, ...]       # fp16 planes after the codes, one value per group each
+    planes: tuple[str, ...]       # planes after the codes, one value per group each
     formula: str                  # what a weight is, for docs and error messages
+    plane_dtype: type = np.float16
+    #: codes are float8 bytes, worth formats/fp8.fp8_values(name)[code] before their scale (the
+    #: integer types' codes are their own values)
+    float_codes: bool = False
+
+    @property
+    def plane_bytes(self) -> int:
+        return np.dtype(self.plane_dtype).itemsize
 
     def code_bytes(self, group: int) -> int:
         """Bytes of one group's codes."""
         return group * self.bits // 8
 
     def block_bytes(self, group: int) -> int:
-        """Bytes one group takes in all (codes and its fp16 plane values)."""
-        return self.code_bytes(group) + 2 * len(self.planes)
+        """Bytes one group takes in all (codes and its plane values)."""
+        return self.code_bytes(group) + self.plane_bytes * len(self.planes)
 
 
 #: The quantization types, by the name a chain stage uses ("int8:64").
 QUANT_TYPES = {
     "int8": QuantType("int8", 8, ("scales",), "w = code * scale (code a signed byte, -127..127)"),
     "int4": QuantType("int4", 4, ("scales", "mins"), "w = code * scale + min (code 0..15, two a byte, low nibble first)"),
+    # an FP8 block-scaled checkpoint's own bytes: its codes, and its fp32 block multipliers repeated
+    # for each row of a block (the groups run along rows inside one block: formats/fp8.py)
+    "fp8e4m3": QuantType("fp8e4m3", 8, ("scales",), "w = e4m3(code) * scale (an OCP E4M3FN byte, fp32 scale)",
+                         np.float32, float_codes=True),
+    "fp8e5m2": QuantType("fp8e5m2", 8, ("scales",), "w = e5m2(code) * scale (an OCP E5M2 byte, fp32 scale)",
+                         np.float32, float_codes=True),
 }
+#: the float8 types: kept as an FP8 checkpoint holds them (convert --quant keep), never produced by
+#: quantizing (convert --quant takes INT_QUANTS)
+FLOAT8_QUANTS = ("fp8e4m3", "fp8e5m2")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """Group-wise quantization of one tensor, as its chain stage says ("int8:64"): `kind` int8
-    or int4, `group` elements per group over the flattened tensor (even, 2..65536).
+    """Group-wise quantization of one tensor, as its chain stage says ("int8:64"): `kind` one of
+    QUANT_TYPES, `group` elements per group over the flattened tensor (even, 2..65536).
 
     Payload of a tensor of n elements, in this order: codes for whole groups (the last group
-    padded) — int8 one signed byte per element, int4 two per byte, low nibble first — then one
-    fp16 scale per group, then (int4 only) one fp16 minimum per group. Every reader and writer
-    of these bytes takes the sizes from here."""
+    padded) — int8 one signed byte per element, int4 two per byte, low nibble first, float8 one
+    byte per element — then one scale per group (fp16; float8: fp32), then (int4 only) one fp16
+    minimum per group. Every reader and writer of these bytes takes the sizes from here."""
     kind: str
     group: int
 
@@ -180,9 +194,9 @@ class QuantSpec:
 
     def planes(self, numel: int) -> tuple[tuple[int, int], tuple[int, int], Optional[tuple[int, int]]]:
         """(start, end) byte ranges of the codes, scales and (int4) minimums in the payload."""
-        c, g = self.code_bytes(numel), self.groups(numel)
-        mins = (c + 2 * g, c + 4 * g) if self.kind == "int4" else None
-        return (0, c), (c, c + 2 * g), mins
+        c, g, b = self.code_bytes(numel), self.groups(numel), self.type.plane_bytes
+        mins = (c + b * g, c + 2 * b * g) if "mins" in self.type.planes else None
+        return (0, c), (c, c + b * g), mins
 
     def payload_length(self, numel: int) -> int:
         codes, scales, mins = self.planes(numel)

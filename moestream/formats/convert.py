@@ -22,9 +22,10 @@ from ..errors import ConvertError
 from .codecs import (EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits,
                      delta_amplitude_may_win, encode_region, float32_to_bits, shuffle, zstd_sample_may_pay)
 from .constants import (DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_PROBE_ELEMENTS,
-                        DELTA_PROBE_EXPERTS, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, INT_QUANTS, MIXED_QUANT,
-                        QUANT_CHOICES)
+                        DELTA_PROBE_EXPERTS, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, FLOAT8_QUANTS, INT_QUANTS,
+                        MIXED_QUANT, QUANT_CHOICES)
 from .families import DeriveFamily, check_config, family_for
+from .fp8 import row_group as fp8_row_group
 from .gguf_checkpoint import NATIVE_TYPES, GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
@@ -136,6 +137,19 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         if native is not None:
             quant, group_size, _ = NATIVE_TYPES[native]
             delta = False
+    # an FP8 checkpoint whose experts are all float8 of one format: `keep` stores their codes and
+    # block multipliers as they are (formats/fp8.py), in groups that lie inside a block and a row
+    fp8_why = None
+    if quant == "keep" and ckpt.fp8_block is not None:
+        formats = {ckpt.info(n).fp8.fmt if ckpt.info(n).fp8 is not None else None for n in expert_names}
+        group = fp8_row_group({ckpt.info(n).shape[-1] for n in expert_names}, ckpt.fp8_block)
+        if formats == {None} or None in formats or len(formats) > 1:
+            fp8_why = "its experts are not all float8 of one format"
+        elif group is None:
+            fp8_why = f"an expert width and the {ckpt.fp8_block[1]}-column blocks leave no even group along rows"
+        else:
+            native = quant = formats.pop()
+            group_size, delta = group, False
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
     if dense_check is not None:
         problems = dense_check(fam.name, config, tuple(moe_layers), n_experts,
@@ -150,13 +164,14 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         if unknown:
             raise ConvertError(f"the routing profile names experts this checkpoint lacks, e.g. layer {unknown[0][0]} "
                                f"expert {unknown[0][1]} (it has MoE layers {moe_layers} x {n_experts} experts)")
-    raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS) else quant
+    raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS, *FLOAT8_QUANTS) else quant
 
     def expert_dtype(info: TensorInfo) -> str:
         # an FP8 weight reads as its exact float32 values: those are quantized, and `keep` stores bf16
         return raw_dtype or (info.keep_dtype if quant == "keep" else info.dtype)
     z = dict(zstd_level=zstd_level, zstd_min_saving=zstd_min_saving)
-    opts = EncodeOptions(quant=quant if quant in INT_QUANTS else None, group_size=group_size, delta=delta, **z)
+    opts = EncodeOptions(quant=quant if quant in (*INT_QUANTS, *FLOAT8_QUANTS) else None, group_size=group_size,
+                         delta=delta, **z)
     if mixed is not None:
         hot_opts = EncodeOptions(quant=mixed[1], group_size=group_size, delta=delta, **z)
         opts = EncodeOptions(quant=mixed[2], group_size=group_size, delta=delta, **z)
@@ -190,9 +205,15 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         if not writer.done("dense"):
             if ckpt.fp8_block is not None:
                 b = ckpt.fp8_block
-                bar.write(f"FP8 checkpoint ({b[0]}x{b[1]} blocks): weights dequantized; dense and "
-                          + ("--quant keep experts stored as bf16" if quant == "keep" else f"experts as {quant}")
-                          + " (FP8 kept as FP8 is not implemented yet)")
+                if quant in FLOAT8_QUANTS:
+                    experts = (f"experts kept as {quant}: their codes and block multipliers as they are, in groups "
+                               f"of {group_size} along rows")
+                elif fp8_why is not None:
+                    experts = f"--quant keep experts dequantized to bf16 ({fp8_why})"
+                else:
+                    experts = f"experts dequantized, then stored as {quant}"
+                bar.write(f"FP8 checkpoint ({b[0]}x{b[1]} blocks): {experts}; dense weights dequantized to "
+                          + ("bf16" if raw_dtype is None else raw_dtype))
             if ckpt.mxfp4:
                 bar.write("MXFP4 checkpoint: experts decoded exactly to bf16"
                           + (f", then stored as {quant}" if quant not in ("keep", "bf16") else "")
@@ -240,7 +261,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 tensors = []
                 for t, info in zip(fam.expert_tensors, expert_infos):
                     dt = expert_dtype(info)
-                    tensors.append((t, dt, info.shape, EncodedPlanes(f"{quant}:{group_size}", ckpt.read_planes(info))
+                    tensors.append((t, dt, info.shape, EncodedPlanes(f"{quant}:{group_size}",
+                                                                     ckpt.read_planes(info, group_size))
                                     if native else cast_bits(ckpt.read_info(info), info.dtype, dt)))
                 return encode_region(tensors, expert_opts, base, base_dtype)
 
@@ -273,7 +295,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         path = writer.finish(
             copies, architecture=fam.name, config=config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
             expert_tensors=fam.expert_tensors, quant=quant, family=fam if fam.derived else None,
-            group_size=group_size if quant in (*INT_QUANTS, MIXED_QUANT) else 0,
+            group_size=group_size if quant in (*INT_QUANTS, *FLOAT8_QUANTS, MIXED_QUANT) else 0,
             source_bytes=total)
     except BaseException:
         writer.abandon()

@@ -5,15 +5,19 @@ MiniMax-M2 publish them: a linear weight `X.weight` is float8 (`F8_E4M3`, or `F8
 of them): w[i, j] = fp8(code[i, j]) * scale_inv[i // B0, j // B1] (the name says "inverse", the
 checkpoints and transformers' FineGrainedFP8 multiply by it).
 
-The converter reads such a weight as its dequantized values: float32 products, which are exact
-(a 4-bit significand times a 24-bit one rounds once, to float32), stored as bf16 by default
-(relative error at most 2^-9 per weight, from the scale's low bits), float32 with `--quant fp32`,
-or quantized from them with `--quant int8|int4`. Keeping the FP8 codes themselves as a store
-codec (1 byte a weight) is not done yet."""
+`--quant keep` keeps the experts as they are: their float8 codes, byte for byte, as a store type of
+their own (constants.QUANT_TYPES "fp8e4m3"/"fp8e5m2": one code a byte, then one float32 scale per
+group of `row_group` elements along a row, the multiplier of the block the group lies in; 1 byte a
+weight and 4 / group of scales), which the tiers hold as stored and the CPU kernels multiply in
+place (compute/quant_kernels.py). Otherwise, and for the dense weights, the converter reads such a
+weight as its dequantized values: float32 products, which are exact (a 4-bit significand times a
+24-bit one rounds once, to float32), stored as bf16 (relative error at most 2^-9 per weight, from
+the scale's low bits), float32 with `--quant fp32`, or quantized from them with `--quant int8|int4`."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Optional
 
 import numpy as np
 
@@ -78,16 +82,44 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, in
     return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
-def dequantize(codes: np.ndarray, scales: np.ndarray, fmt: str, block: tuple[int, int], name: str,
-               path: Path) -> np.ndarray:
-    """float32 [out, in] = value(codes uint8 [out, in]) * scales float32 [out/B0, in/B1] by block;
-    ConvertError naming the tensor and file for a NaN code or a non-finite or negative scale."""
+def _check(codes: np.ndarray, scales: np.ndarray, fmt: str, name: str, path: Path) -> np.ndarray:
+    """The values of `codes`; ConvertError naming the tensor and file for a NaN code or a
+    non-finite or negative scale."""
     vals = _VALUES[fmt][codes]
     if np.isnan(vals).any():
         i = int(np.flatnonzero(np.isnan(vals.reshape(-1)))[0])
         raise ConvertError(f"{path}: {name} holds a NaN float8 code at element {i}")
     if not np.isfinite(scales).all() or (scales < 0).any():
         raise ConvertError(f"{path}: {name}{SCALE_SUFFIX} holds a negative or non-finite multiplier")
+    return vals
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, fmt: str, block: tuple[int, int], name: str,
+               path: Path) -> np.ndarray:
+    """float32 [out, in] = value(codes uint8 [out, in]) * scales float32 [out/B0, in/B1] by block;
+    ConvertError naming the tensor and file for a NaN code or a non-finite or negative scale."""
+    vals = _check(codes, scales, fmt, name, path)
     rows, cols = codes.shape
     full = np.repeat(np.repeat(scales, block[0], axis=0)[:rows], block[1], axis=1)[:, :cols]
     return vals * full
+
+
+def row_group(widths: Iterable[int], block: tuple[int, int]) -> Optional[int]:
+    """The group an FP8 checkpoint's experts are kept in: groups along rows that lie inside one
+    block and one row of every expert matrix (the gcd of the matrices' widths and the block's
+    columns: 128 for the published models), None where that is odd (a store's groups are even)."""
+    g = math.gcd(block[1], *widths)
+    return g if g % 2 == 0 else None
+
+
+def row_planes(codes: np.ndarray, scales: np.ndarray, fmt: str, block: tuple[int, int], group: int, name: str,
+               path: Path) -> bytes:
+    """codes uint8 [rows, cols] and block multipliers float32 [ceil(rows/B0), ceil(cols/B1)] as the
+    payload of float8 type `fmt` in groups of `group` (row_group): the codes byte for byte, then
+    one float32 scale per group of each row, the multiplier of its block (no value changes);
+    ConvertError as dequantize gives it."""
+    _check(codes, scales, fmt, name, path)
+    rows, cols = codes.shape
+    per_row = scales[np.arange(rows) // block[0]]                       # [rows, ceil(cols/B1)]
+    return codes.tobytes() + np.ascontiguousarray(per_row[:, np.arange(0, cols, group) // block[1]],
+                                                  np.float32).tobytes()

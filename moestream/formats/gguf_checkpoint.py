@@ -303,12 +303,14 @@ class GgufCheckpoint(TensorTable):
             bits = _unpermute_rows(bits.reshape(t.shape), heads).reshape(-1)
         return bits
 
-    def read_planes(self, t: TensorInfo) -> bytes:
+    def read_planes(self, t: TensorInfo, group: int) -> bytes:
         """Tensor `t` (a NATIVE_TYPES block type) as the payload of our group-wise type: codes,
-        fp16 scales, fp16 minimums (int4), in QuantSpec's layout (formats/constants.py)."""
+        fp16 scales, fp16 minimums (int4), in QuantSpec's layout (formats/constants.py); `group`
+        must be its type's."""
         qtype = self._types[t.name]
-        if qtype not in NATIVE_TYPES or self._permuted_heads(t.name):
-            raise ConvertError(f"{t.path}: {t.name} is {qtype}, which is not stored as its own blocks")
+        if qtype not in NATIVE_TYPES or self._permuted_heads(t.name) or NATIVE_TYPES[qtype][1] != group:
+            raise ConvertError(f"{t.path}: {t.name} is {qtype}, which is not stored as its own blocks"
+                               + (f" in groups of {group}" if qtype in NATIVE_TYPES else ""))
         bsize, bbytes = self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[qtype]]
         blocks = self._read_raw(t).reshape(-1, bbytes)
         f16 = np.float16

@@ -18,7 +18,8 @@ from ..errors import ConvertError
 from .codecs import bits_to_float32, float32_to_bits
 from .constants import DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, SAFETENSORS_DTYPES, TOKENIZER_FILES
 from . import mxfp4
-from .fp8 import FP8_DTYPES, FP8_FORMATS, SCALE_SUFFIX, block_size, dequantize as fp8_dequantize, scale_shape
+from .fp8 import (FP8_DTYPES, FP8_FORMATS, SCALE_SUFFIX, block_size, dequantize as fp8_dequantize,
+                  row_planes as fp8_row_planes, scale_shape)
 
 #: Files copied into the store so that `generate` needs nothing else.
 
@@ -304,6 +305,15 @@ class HFCheckpoint(TensorTable):
                                   .reshape(s.shape), t.fp8.fmt, t.fp8.block, t.name, t.path)
             return vals.reshape(-1).view(np.uint32)
         return self._read_bytes(t).view(DTYPE_BITS_NUMPY[t.dtype])
+
+    def read_planes(self, t: TensorInfo, group: int) -> bytes:
+        """An FP8 weight as the payload of its float8 store type in groups of `group` along its
+        rows (fp8.row_planes: its codes as they are, its block multipliers per group)."""
+        if t.fp8 is None:
+            raise ConvertError(f"{t.path}: {t.name} is {t.dtype}, not float8: it has no planes of its own")
+        s = t.fp8.scales
+        return fp8_row_planes(self._read_bytes(t).reshape(t.shape), bits_to_float32(self.read_info(s), s.dtype)
+                              .reshape(s.shape), t.fp8.fmt, t.fp8.block, group, t.name, t.path)
 
     def _read_bytes(self, t: TensorInfo) -> np.ndarray:
         name = t.name

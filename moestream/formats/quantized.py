@@ -15,7 +15,11 @@ from typing import Optional
 
 import torch
 
-from .constants import STAGE_DELTA, QuantSpec
+from .codecs import TORCH_PLANE_DTYPES
+from .constants import QUANT_TYPES, STAGE_DELTA, QuantSpec
+
+#: the torch dtype of each float8 type's codes
+FLOAT8_TORCH = {"fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2}
 from .index import Region, TensorSlice
 
 
@@ -52,8 +56,12 @@ class QuantizedTensor:
         if start is None:
             return None
         rows = self.shape[0]
-        n = rows * cols * (2 if dtype == torch.float16 else 1)
+        n = rows * cols * dtype.itemsize
         return self._payload[start:start + n].view(dtype).view(rows, cols)
+
+    @property
+    def _plane_dtype(self) -> torch.dtype:
+        return TORCH_PLANE_DTYPES[self.spec.type.plane_dtype]
 
     @property
     def codes(self) -> torch.Tensor:
@@ -64,13 +72,13 @@ class QuantizedTensor:
     @property
     def scales(self) -> torch.Tensor:
         if self._scales is None:
-            self._scales = self._plane(1, torch.float16, self.shape[1] // self.spec.group)
+            self._scales = self._plane(1, self._plane_dtype, self.shape[1] // self.spec.group)
         return self._scales
 
     @property
     def mins(self) -> Optional[torch.Tensor]:
         if self._mins is None and self._payload is not None:
-            self._mins = self._plane(2, torch.float16, self.shape[1] // self.spec.group)
+            self._mins = self._plane(2, self._plane_dtype, self.shape[1] // self.spec.group)
         return self._mins
 
     @property
@@ -100,8 +108,8 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         """Bytes of the codes and planes (what a matmul reads)."""
         rows, cols = self.shape
-        per_row = cols // self.spec.group
-        return rows * (cols * self.spec.type.bits // 8 + 2 * per_row * (1 + (self.mins is not None)))
+        qtype = self.spec.type
+        return rows * (cols * qtype.bits // 8 + (cols // self.spec.group) * qtype.plane_bytes * len(qtype.planes))
 
     def dequantize(self, dequantize, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The weights [out, in] in `dtype` (a new tensor), by `dequantize` (a codecs.Dequantizer)."""
@@ -114,12 +122,15 @@ class QuantizedTensor:
 @functools.lru_cache(maxsize=4096)
 def holds_quantized(region: Region) -> bool:
     """Whether the tiers may hold `region` in its stored (quantized) form: a quantized extent, not
-    a delta, every tensor a matrix whose groups lie inside its rows and whose fp16 planes start on
-    an even byte (they are viewed as float16 in place)."""
+    a delta, every tensor a matrix whose groups lie inside its rows and whose planes start on a
+    multiple of their item size (they are viewed as float16 / float32 in place)."""
     q = region.quant
-    return (q is not None and not region.has(STAGE_DELTA) and bool(region.tensors)
-            and all(len(t.shape) == 2 and q.row_aligned(t.shape) and t.offset % 2 == 0
-                    and q.code_bytes(t.numel) % 2 == 0 for t in region.tensors))
+    if q is None:
+        return False
+    size = q.type.plane_bytes
+    return (not region.has(STAGE_DELTA) and bool(region.tensors)
+            and all(len(t.shape) == 2 and q.row_aligned(t.shape) and t.offset % size == 0
+                    and q.code_bytes(t.numel) % size == 0 for t in region.tensors))
 
 
 def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, QuantizedTensor]:
@@ -145,10 +156,19 @@ def _layout(region: Region) -> tuple:
 
 def quantize_matrix(w: torch.Tensor, kind: str, group: int = 64) -> QuantizedTensor:
     """A float matrix [out, in] quantized the way the converter does (codecs.quantize), as a
-    QuantizedTensor over a new buffer owned by the result (for tests and benchmarks)."""
+    QuantizedTensor over a new buffer owned by the result (for tests and benchmarks). A float8
+    kind, which the converter only keeps, is made the way FP8 checkpoints are: each group scaled
+    to the format's largest finite value, then rounded to float8 by torch."""
     from .codecs import quantize
     rows, cols = w.shape
-    buf = torch.frombuffer(bytearray(quantize(w.float().numpy(), kind, group)), dtype=torch.uint8)
+    if QUANT_TYPES[kind].float_codes:
+        g = w.float().reshape(-1, group)
+        top = torch.finfo(FLOAT8_TORCH[kind]).max
+        scale = (g.abs().amax(1, keepdim=True) / top).clamp(min=1e-30)
+        payload = (g / scale).to(FLOAT8_TORCH[kind]).view(torch.uint8).numpy().tobytes() + scale.numpy().tobytes()
+    else:
+        payload = quantize(w.float().numpy(), kind, group)
+    buf = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     region = Region(0, 0, buf.numel(), buf.numel(), "0" * 16, (QuantSpec(kind, group).stage,),
                     (TensorSlice("w", "bf16", (rows, cols), 0, buf.numel()),))
     if not holds_quantized(region):

@@ -286,7 +286,7 @@ class StoreReader:
                 if label.startswith("blob ") and label.endswith(".json"):
                     json.loads(payload.tobytes().decode("utf-8"))
                 for name in nonfinite_scales(r, payload):
-                    bad.append(f"{where}: tensor {name} has NaN or inf quantization scales")
+                    bad.append(f"{where}: tensor {name} has NaN or inf quantization scales or float8 codes")
             except FormatError as e:
                 bad.append(f"{e} ({what})")
             except (UnicodeDecodeError, ValueError) as e:

@@ -69,6 +69,33 @@ def test_cpu_kernel_rounds_bf16_like_torch():
     assert torch.equal(bf, f32.to(torch.bfloat16))
 
 
+#: the float8 store types and the torch dtype of their codes (torch's decode is the reference)
+FLOAT8 = {"fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2}
+
+
+def float8_payload(kind: str, numel: int, g: int, seed: int) -> tuple[bytes, torch.Tensor]:
+    """A float8 payload of every finite code (codes, then one float32 scale per group) and the
+    values torch gives its codes times their scales."""
+    rng = np.random.default_rng(seed)
+    groups = -(-numel // g)
+    codes = torch.from_numpy(rng.integers(0, 256, groups * g).astype(np.uint8))
+    nonfinite = ~torch.isfinite(codes.view(FLOAT8[kind]).float())
+    codes[nonfinite] = 0x38                     # checkpoints hold no NaN or inf codes (the converter refuses them)
+    scales = torch.from_numpy(rng.uniform(1e-4, 2, groups).astype(np.float32))
+    want = codes.view(FLOAT8[kind]).float() * scales.repeat_interleave(g)
+    return codes.numpy().tobytes() + scales.numpy().tobytes(), want[:numel]
+
+
+@settings(max_examples=30, deadline=None)
+@given(numel=st.integers(1, 3000), kind=st.sampled_from(list(FLOAT8)), g=st.sampled_from([2, 16, 64, 128]),
+       out_dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_cpu_kernel_decodes_float8_as_torch_does(numel, kind, g, out_dtype, seed):
+    buf, want = float8_payload(kind, numel, g, seed)
+    codes, scales, mins = split_quantized(torch.frombuffer(bytearray(buf), dtype=torch.uint8), numel, kind, g)
+    got = dequantize(codes, scales, mins, quant=kind, group_size=g, numel=numel, out_dtype=out_dtype)
+    assert torch.equal(got, want.to(out_dtype))       # one float32 product, then one rounding
+
+
 CUDASIM_SCRIPT = textwrap.dedent("""
     import numpy as np
     from numba import cuda
@@ -89,6 +116,13 @@ CUDASIM_SCRIPT = textwrap.dedent("""
         ref = numpy_reference(buf, numel, quant, g, None if base is None else base.astype(np.float64))
         assert np.isfinite(out).all(), "unwritten output"
         assert np.abs(out - ref).max() <= 1e-6 * (np.abs(ref).max() + 1), (quant, np.abs(out - ref).max())
+    from tests.compute.test_dequant import float8_payload
+    for kind, numel, g in [("fp8e4m3", 45, 16), ("fp8e5m2", 8, 2)]:
+        buf, want = float8_payload(kind, numel, g, 1)
+        codes, scales, _ = split_quantized(np.frombuffer(buf, np.uint8), numel, kind, g)
+        out = np.full(numel, np.nan, np.float32)
+        dequantize_cuda_arrays(codes.copy(), scales.view(np.float32).copy(), None, None, out, numel, g, kind, threads=32)
+        assert np.array_equal(out, want.numpy()), kind
     print("cudasim ok")
 """)
 

@@ -37,8 +37,8 @@ def test_every_quant_type_has_a_kernel():
     assert len({k.code for k in QUANT_KERNELS.values()}) == len(QUANT_KERNELS)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-@pytest.mark.parametrize("group", [32, 64, 128])    # the scalar loop; one and two vector chunks a group
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8e4m3", "fp8e5m2"])
+@pytest.mark.parametrize("group", [16, 32, 64, 128])    # the scalar loops; one and two vector chunks a group
 def test_quant_linear_matches_dequantized_matmul(kind, group):
     torch.manual_seed(0)
     w = quantized(torch.randn(80, 256) * 0.02, kind, group)
@@ -46,8 +46,26 @@ def test_quant_linear_matches_dequantized_matmul(kind, group):
     want = x @ w.dequantize(dequantize, torch.float32).T
     got = quant_linear(x, w)
     assert got.shape == (3, 80) and got.dtype == torch.float32
-    # int8 codes meet the float activations: only float rounding; int4's activations are int8
-    assert rel(got, want) < (1e-5 if kind == "int8" else KERNEL_TOLERANCE)
+    # int8 and float8 codes meet the float activations: only float rounding; int4's activations are int8
+    assert rel(got, want) < (KERNEL_TOLERANCE if kind == "int4" else 1e-5)
+
+
+@pytest.mark.parametrize("kind,dtype", [("fp8e4m3", torch.float8_e4m3fn), ("fp8e5m2", torch.float8_e5m2)])
+@pytest.mark.parametrize("group", [64, 16])     # the vector decode (64 codes at a time); the scalar one
+def test_every_float8_code_is_multiplied_at_its_value(kind, dtype, group):
+    """The kernels' bit-move decode of float8 (subnormals, zeros and signs included) against
+    torch's: a [256, 256] matrix whose row r holds code r at every column (codes that are NaN or
+    inf, which the converter refuses, as 0), times one-hot activations."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    codes[~torch.isfinite(codes.view(dtype).float())] = 0
+    w = quantize_matrix(torch.zeros(256, 256), kind, group)
+    w.codes.copy_(codes[:, None].expand(256, 256))
+    w.scales.fill_(1.0)
+    for start in range(0, 256, 16):              # 16 token rows a call: below gemm_rows, the kernel's path
+        x = torch.zeros(16, 256)
+        x[torch.arange(16), torch.arange(start, start + 16)] = 1.0
+        got = quant_linear(x, w)
+        assert torch.equal(got, codes.view(dtype).float()[None, :].expand(16, 256))
 
 
 def test_fp16_scales_are_read_exactly_subnormals_zero_and_sign_included():
@@ -76,7 +94,7 @@ def _as_float(m) -> torch.Tensor:
 
 @pytest.mark.parametrize("kinds,hidden,inter", [
     *((k, 256, 128) for k in [("int8",) * 3, ("int4",) * 3, ("int8", "int4", "int8"), ("bf16",) * 3,
-                              ("bf16", "int4", "int8")]),
+                              ("bf16", "int4", "int8"), ("fp8e4m3",) * 3, ("fp8e5m2", "int8", "fp8e4m3")]),
     (("bf16",) * 3, 192, 96),       # no multiple of the 64-weight vector chunk: bf16's scalar loop
     # 21 groups of 64 (a whole block of 16 and a partial one), 3 in the down projection
     *((k, 1344, 192) for k in [("int8",) * 3, ("int4",) * 3, ("bf16",) * 3])])
@@ -97,8 +115,8 @@ def test_moe_layer_matches_the_reference_swiglu(kinds, hidden, inter):
     assert moe_layer_fits(routed)
     got = torch.zeros(tokens, hidden)
     moe_layer(x, routed, got)
-    # bf16 weights times float32 activations: float rounding only
-    assert rel(got, want) < (1e-5 if set(kinds) == {"bf16"} else KERNEL_TOLERANCE)
+    # bf16 and float8 weights times float32 activations: float rounding only
+    assert rel(got, want) < (KERNEL_TOLERANCE if set(kinds) & {"int8", "int4"} else 1e-5)
 
 
 def test_moe_layer_refuses_what_it_cannot_take():

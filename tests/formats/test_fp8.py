@@ -123,18 +123,80 @@ def test_an_fp8_checkpoint_runs_as_transformers_runs_it(checkpoints, tmp_path, f
     assert torch.equal(got_tokens, want_tokens)
 
 
-def test_fp8_kept_is_bf16_and_int8_quantizes_the_dequantized_values(fp8_pair, tmp_path):
+def test_fp8_kept_decodes_to_its_values_and_int8_quantizes_the_dequantized_values(fp8_pair, tmp_path):
     fp8, ref_dir = fp8_pair
     want_w = load_file(ref_dir / "model.safetensors")["model.layers.1.mlp.experts.0.down_proj.weight"]
     keep = moestream.convert(fp8, tmp_path / "keep", progress=False)
     with StoreReader(keep) as r:
-        assert r.index.extents[(1, 0)].tensors[0].dtype == "bf16"
+        assert r.index.quant == "fp8e4m3"           # 32x32 blocks of 64- and 48-wide experts: groups of 16
+        assert r.index.extents[(1, 0)].chain == ("fp8e4m3:16",)
         assert r.dense()["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
-        assert torch.equal(r.expert(1, 0)["down_proj"], want_w.bfloat16())
+        assert torch.equal(r.expert(1, 0)["down_proj"], want_w.bfloat16())    # the products, rounded once
     int8 = moestream.convert(fp8, tmp_path / "int8", quant="int8", group_size=16, progress=False)
     with StoreReader(int8) as r:
         got = r.expert(1, 0)["down_proj"].float()
     assert ((got - want_w).norm() / want_w.norm()).item() < 0.01
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])   # the native forward; transformers' engine
+@pytest.mark.parametrize("inter", [256, 192])     # experts two blocks of 128 wide; one and a half (ragged)
+def test_fp8_experts_are_kept_as_the_checkpoints_bytes_and_run_as_transformers_runs_them(tmp_path, family, inter):
+    """`--quant keep` of an FP8 checkpoint with DeepSeek's 128x128 blocks: every expert's codes are
+    the checkpoint's bytes, its scales the block multipliers (each row of a block repeats them, one
+    per group of the row), about a byte a weight; the store runs (bf16 compute, the experts
+    multiplied as stored) as transformers runs the checkpoint in bf16, and greedy decoding gives
+    its tokens. Against transformers' own FP8 load where the blocks divide the widths; with 192-wide
+    experts transformers 5.25 dequantizes its fused experts (and DeepSeek's shared experts) with
+    the wrong blocks' multipliers (seen, not ours), so there the reference is transformers on the
+    exactly dequantized weights (the products, in float32)."""
+    from moestream.demo import build_checkpoint
+    src = build_checkpoint(family, tmp_path / "src", seed=9, hidden_size=256, moe_intermediate_size=inter)
+    fp8, twin = _make_fp8_pair(src, tmp_path, [128, 128])
+    store = moestream.convert(fp8, tmp_path / "keep", progress=False)
+    state = load_file(fp8 / "model.safetensors")
+    group = 128 if inter == 256 else 64                      # gcd of 128, 256 and the expert width
+    weights = stored = 0
+    with StoreReader(store) as r:
+        assert r.index.quant == "fp8e4m3" and r.index.group_size == group
+        for (layer, e), reg in r.index.extents.items():
+            assert reg.chain == (f"fp8e4m3:{group}",)
+            payload = np.frombuffer(r.read_region(reg), np.uint8)
+            for t in reg.tensors:
+                name = f"model.layers.{layer}.mlp.experts.{e}.{t.name}.weight"
+                codes, multipliers = state[name].view(torch.uint8).numpy(), state[name + "_scale_inv"].numpy()
+                rows, cols = t.shape
+                got = payload[t.offset:t.offset + t.length]
+                assert np.array_equal(got[:rows * cols].reshape(rows, cols), codes)          # byte for byte
+                scales = got[rows * cols:].view(np.float32).reshape(rows, cols // group)
+                assert np.array_equal(scales, multipliers[np.arange(rows)[:, None] // 128,
+                                                          np.arange(0, cols, group)[None, :] // 128])
+                weights += rows * cols
+            stored += reg.length
+    assert weights <= stored <= weights * (1 + 4 / group) + 4096 * len(r.index.extents)   # 1 byte a weight + scales
+    ref = AutoModelForCausalLM.from_pretrained(fp8 if inter == 256 else twin, dtype=torch.bfloat16).eval()
+    if family == "qwen3_moe":
+        model = load_model(store, device_budget="64MiB", host_budget=0)
+        forward, close = model, model.store.close
+        generate = lambda prompt, n: model.generate(prompt, n)                          # noqa: E731
+        assert model.store.holds_quantized(model.store.index.extents[(0, 0)])   # the kernels read fp8 in place
+    else:
+        tf = moestream.from_pretrained(store, device_budget="64MiB", host_budget=0)
+        forward, close = (lambda ids: tf(ids).logits), tf.moestream_store.close        # noqa: E731
+        generate = lambda prompt, n: tf.generate(prompt, max_new_tokens=n, min_new_tokens=n,  # noqa: E731
+                                                 do_sample=False, pad_token_id=0)
+    try:
+        ids = torch.randint(0, ref.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            want, got = ref(ids).logits.float(), forward(ids).float()
+            want_tokens = ref.generate(ids[:1, :6], max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                       pad_token_id=0)
+            got_tokens = generate(ids[:1, :6], 12)
+    finally:
+        close()
+    # bf16 rounding: ~2 units in the last place of the largest logits (~1.2: 2 x 2^-7); measured
+    # 0.008 (Qwen3) and 0.013 (DeepSeek), where transformers' own bf16 against float32 is 0.14
+    assert (got - want).abs().max().item() < 0.02
+    assert torch.equal(got_tokens, want_tokens)
 
 
 def _broken(fp8_pair, tmp_path, edit_state=None, edit_config=None):
