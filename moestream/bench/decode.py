@@ -61,12 +61,13 @@ SYSTEMS = ("naive", "lru", "best-no-prefetch", "best", "accelerate")
 BOUNDS = ("inmemory", "resident")
 #: The same checkpoint converted to int8 and int4 (no zstd, no delta): their experts held
 #: quantized and multiplied in place (compute/quant_kernels.py). Resident: every expert in L1;
-#: best-no-prefetch-int4: what generate ships, under the same budget and limit as the bf16 systems.
+#: best-no-prefetch-int4: what generate ships, under the same budget and limit as the bf16 systems;
+#: best-int4: the same with best's simulated next-layer prefetch.
 #: resident-int4-dense-int4: the int4 store with its dense layers in int4 too, the bits of
 #: llama.cpp's Q4_0 file (attention in Q4_0; its output matrix in Q6_K), beside the default int8
 #: dense layers, which cost half the KL (docs/BENCHMARKS.md, "Quantized experts: accuracy")
 QUANT_BOUNDS = ("resident-int8", "resident-int4", "resident-int4-dense-int4")
-QUANT_SYSTEMS = ("best-no-prefetch-int4",)
+QUANT_SYSTEMS = ("best-no-prefetch-int4", "best-int4")
 #: llama.cpp on the same checkpoint as GGUF (bench/llama_cpp.py): in RAM (no limit, its default
 #: repack) and, for Q4_0, under the shared limit (--repack 0: the repack copies the weights into
 #: anonymous memory and is OOM-killed under a tight limit)
@@ -74,7 +75,7 @@ LLAMA_BOUNDS = ("llama.cpp-bf16", "llama.cpp-q8_0", "llama.cpp-q4_0")
 LLAMA_SYSTEMS = ("llama.cpp-q4_0",)
 #: the store each of our systems runs on (default: the bf16 one)
 SYSTEM_QUANT = {"resident-int8": "int8", "resident-int4": "int4", "resident-int4-dense-int4": "int4",
-                "best-no-prefetch-int4": "int4"}
+                "best-no-prefetch-int4": "int4", "best-int4": "int4"}
 #: load_model's dense_quant of each system (default "auto": int8 for int stores)
 SYSTEM_DENSE_QUANT = {"resident-int4-dense-int4": "int4"}
 #: On CUDA, `best` twice more, reaching device memory two ways: io_uring into pinned host memory
@@ -551,7 +552,7 @@ def system_spec(base: dict[str, Any], system: str, budget: int,
         spec.update(policy="lru")
     elif system in ("best-no-prefetch", "best-no-prefetch-int4"):
         spec.update(policy="next-use")
-    elif system == "best":
+    elif system in ("best", "best-int4"):
         spec.update(policy="next-use", prefetch_accuracy=prefetch_accuracy)
     return spec
 
@@ -856,6 +857,7 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
         "int4_dense_int4_resident_vs_bf16_resident": ratio(res44, res, "int4_dense_int4_resident_vs_bf16_resident"),
         "int4_dense_int4_vs_llama_cpp_q4_0_resident": ratio(res44, ll["q4_0"], "int4_dense_int4_vs_llama_cpp_q4_0_resident"),
         "int4_vs_llama_cpp_q4_0_limited": ratio(int4_lim, ll4_lim, "int4_vs_llama_cpp_q4_0_limited"),
+        "best_int4_vs_llama_cpp_q4_0_limited": ratio(find("best-int4", at), ll4_lim, "best_int4_vs_llama_cpp_q4_0_limited"),
         # experts the L1 holds at the same budget: the int4 store's against the bf16 store's
         "int4_l1_experts_vs_bf16": int4_lim["expert_slots"] / nopf["expert_slots"] if int4_lim and nopf else None,
         "l1_experts": {"bf16": nopf and nopf["expert_slots"], "int4": int4_lim and int4_lim["expert_slots"]},

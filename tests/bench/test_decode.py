@@ -40,7 +40,8 @@ def test_bench_decode_runs_every_system(tmp_path):
     assert rows["resident"]["hits_l1"] == rows["resident"]["requests"] and rows["resident"]["bytes_read"] == 0
     assert rows["naive"]["hits_l1"] <= rows["lru"]["hits_l1"]
     assert rows["naive"]["bytes_read"] == rows["naive"]["misses"] * d["model"]["extent_bytes"]
-    assert rows["best"]["prefetch_issued"] > 0
+    assert rows["best"]["prefetch_issued"] > 0 and rows["best-int4"]["prefetch_issued"] > 0
+    assert rows["best-no-prefetch-int4"]["prefetch_issued"] == 0
     # accelerate streams from its own offload folder: half the expert bytes is one layer's,
     # kept free for the layer loaded at each forward, so both layers' experts stay on disk
     acc = rows["accelerate"]
