@@ -9,7 +9,7 @@ import torch
 from ..errors import FormatError, MoestreamError, UsageError
 from ..formats.families import FAMILIES, check_config
 from ..formats.codecs import TORCH_DTYPES
-from ..formats.constants import INT_QUANTS, MIXED_QUANT
+from ..formats.constants import FLOAT8_QUANTS, INT_QUANTS, MIXED_QUANT
 from ..storage.store import Store, parse_device
 from .dequant import dequantize, store_dequant
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
@@ -51,8 +51,8 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     matmuls). Lossless stores are the same either way.
     dense_quant: the dense linear layers (attention, shared experts, dense MLPs, lm_head; not the
     routers) quantized once at load and multiplied by the same kernels: "int8" or "int4" (group
-    of the store's, else 64), None to keep them in `dtype`, "auto" (default): int8 on a CPU for an
-    int8/int4/mixed store computed quantized, None otherwise.
+    of an int store's, else 64), None to keep them in `dtype`, "auto" (default): int8 on a CPU for an
+    int8/int4/mixed/float8 store computed quantized, None otherwise.
     At decode they are the largest read of a token after the experts (2 layers of Qwen3-30B-A3B's
     shapes: 88 MB of bf16 against 42 MB of int4 experts). `model(input_ids [B, T]) -> logits float32 [B, T, V]`;
     `model.generate(...)`; `model.store.stats()`. Close with `model.store.close()`."""
@@ -106,7 +106,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             return name in routers or name.endswith("shared_expert_gate")
         if dense_quant is not None:
             model.dense_quant = dense_quant
-            quantize_linears(model, dense_quant, idx.group_size or 64, skip=kept)
+            # the store's group where it is an int store's (a float8 store's follows its checkpoint's blocks)
+            quantize_linears(model, dense_quant, idx.group_size if idx.quant in (*INT_QUANTS, MIXED_QUANT) else 64,
+                             skip=kept)
         elif dev.type == "cpu" and dtype == torch.bfloat16:
             bf16_decode_linears(model, skip=kept)
         for module in model.modules():    # q, k, v in one call (in their final form: after the above)
@@ -156,10 +158,13 @@ def _parse_dtype(dtype) -> Optional[torch.dtype]:
 
 def _dense_quant(choice: Optional[str], idx, dev: torch.device, expert_compute: str) -> Optional[str]:
     if choice == "auto":
-        if dev.type != "cpu" or expert_compute != "quantized" or idx.quant not in (*INT_QUANTS, MIXED_QUANT):
+        if dev.type != "cpu" or expert_compute != "quantized" or idx.quant not in (*INT_QUANTS, *FLOAT8_QUANTS,
+                                                                                   MIXED_QUANT):
             return None
         # int8 for int4 stores too: on the trained routing model int8 dense layers add 0.0004
-        # nats/token of KL to int4 experts' 0.0074, int4 ones 0.012 (bench/mixed_precision.py)
+        # nats/token of KL to int4 experts' 0.0074, int4 ones 0.012 (bench/mixed_precision.py);
+        # and for float8 stores, whose dense weights came from FP8 (bench decode's 2-layer model:
+        # 127 tok/s against 103 with them in bf16, 3 alternating rounds)
         return DEFAULT_DENSE_QUANT
     if choice is not None and choice not in INT_QUANTS:
         raise UsageError(f"dense_quant={choice!r}: choose one of auto, {', '.join(INT_QUANTS)} or None")

@@ -38,11 +38,12 @@ from numba import carray, njit, prange
 
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
-from .row_dots import (DOT_CHUNK, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_e4m3_f32, _dot_e5m2_f32, _dot_s8_f32,
-                       _dot_u4, _f16, _f32_ptr, _fp8_f32, _i8_ptr, _prefetch, _u8_ptr, _u16_ptr, row_dot_bf16)
+from .row_dots import (DOT_CHUNK, ROW_FLOAT8, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16,
+                       _f32_ptr, _fp8_f32, _i8_ptr, _prefetch, _u8_ptr, _u16_ptr, row_dot_bf16)
 
-# Numba calls an intrinsic by its global name: one per group size of row_dots.ROW_DOT_GROUPS
+# Numba calls an intrinsic by its global name: one per group size of row_dots.ROW_DOT_GROUPS, one per float8 type
 _s8_g32, _s8_g64, _u4_g32, _u4_g64 = ROW_S8_DOTS[32], ROW_S8_DOTS[64], ROW_U4[32], ROW_U4[64]
+_f8_e4m3, _f8_e5m2 = ROW_FLOAT8[3], ROW_FLOAT8[4]
 
 #: how far ahead of the codes being multiplied the kernels ask for the weights (bytes, in the same
 #: matrix). The hardware prefetcher alone kept a core's loads short of memory's bandwidth: on the
@@ -127,27 +128,20 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
     ng = cols // group
     if kind == 3 or kind == 4:
         # float8 codes (an FP8 checkpoint's own bytes) times the float32 activations, each group's
-        # float32 scale once; 64 at a time where the group is a multiple of 64, else one by one
-        sc32 = carray(_f32_ptr(scales_addr + 4 * row * ng), ng)
+        # float32 scale once: the whole-row dot where the group is a multiple of 64, else one by one
         w_addr, x_addr = codes_addr + row * cols, xf.ctypes.data + 4 * t * cols
-        chunks = group // DOT_CHUNK if group % DOT_CHUNK == 0 else 0
+        if group % DOT_CHUNK == 0:
+            if kind == 3:
+                return _f8_e4m3(w_addr, scales_addr + 4 * row * ng, x_addr, ng, group // DOT_CHUNK, pf)
+            return _f8_e5m2(w_addr, scales_addr + 4 * row * ng, x_addr, ng, group // DOT_CHUNK, pf)
+        sc32 = carray(_f32_ptr(scales_addr + 4 * row * ng), ng)
+        wb = carray(_u8_ptr(w_addr), cols)
+        xrow = xf[t]
         acc = np.float32(0)
         for g in range(ng):
             s = np.float32(0)
-            if chunks:
-                for c in range(chunks):
-                    off = g * group + c * DOT_CHUNK
-                    if pf:
-                        _prefetch(w_addr + off + pf)
-                    if kind == 3:
-                        s += _dot_e4m3_f32(w_addr + off, x_addr + 4 * off)
-                    else:
-                        s += _dot_e5m2_f32(w_addr + off, x_addr + 4 * off)
-            else:
-                wb = carray(_u8_ptr(w_addr), cols)
-                xrow = xf[t]
-                for j in range(g * group, (g + 1) * group):
-                    s += _fp8_f32(wb[j], kind) * xrow[j]
+            for j in range(g * group, (g + 1) * group):
+                s += _fp8_f32(wb[j], kind) * xrow[j]
             acc += s * sc32[g]
         return acc
     if group == 64 or group == 32:      # the whole-row dots (row_dots.py)

@@ -51,16 +51,12 @@ def _bits_to_f32(typingctx, bits):
     return sig, codegen
 
 
-#: float8 -> float32 by bits: the 7 bits below the sign land in float32's exponent and mantissa
-#: (shifted 20 places for E4M3, 21 for E5M2), and one multiply moves the exponent bias (7 -> 127:
-#: 2**120; 15 -> 127: 2**112); subnormal codes come out right the same way (a float32 subnormal
-#: times the power of two). NaN codes are refused when a checkpoint is converted.
-FLOAT8_SHIFT_SCALE = {3: (20, 2.0 ** 120), 4: (21, 2.0 ** 112)}     # kind (quant_kernels) -> (shift, scale)
-
-
 @njit(inline="always")
 def _fp8_f32(b, kind):
-    """One float8 byte (kind 3: E4M3FN, 4: E5M2) -> float32, branch-free but for the sign."""
+    """One float8 byte (kind 3: E4M3FN, 4: E5M2) -> float32, branch-free but for the sign: the 7
+    bits below the sign land in float32's exponent and mantissa (shifted 20 places for E4M3, 21 for
+    E5M2), and one multiply moves the exponent bias (7 -> 127: 2**120; 15 -> 127: 2**112);
+    subnormal codes come out right the same way. NaN codes are refused when a checkpoint is converted."""
     if kind == 3:
         mag = _bits_to_f32((np.uint32(b) & np.uint32(0x7F)) << np.uint32(20)) * np.float32(2.0 ** 120)
     else:
@@ -135,23 +131,52 @@ def _widen_bf16(builder, addr, vf):
 _dot_s8_f32 = _float_dot_intrinsic(_widen_s8)
 
 
-def _widen_fp8(kind: int):
-    """widen for _float_dot_intrinsic: 64 float8 bytes of `kind` -> <64 x float> (the bit moves of _fp8_f32)."""
-    shift, scale = FLOAT8_SHIFT_SCALE[kind]
+def _widen_float8(builder, kind: int, addr):
+    """64 float8 bytes of `kind` (3: E4M3FN, 4: E5M2) at addr -> <64 x float>, E4M3 at 2^-8 of its
+    value. The codes become fp16 bit patterns in 16-bit lanes, widened by the fp16 conversion
+    (vcvtph2ps): an E5M2 byte is the top half of its fp16; an E4M3 one's 7 bits below the sign are
+    an fp16 exponent and mantissa at 2^-8 of its value (subnormals too), so callers scale the sum
+    by 2^8 once, not each weight."""
+    vh = ir.VectorType(_I16, DOT_CHUNK)
+    b = builder.zext(_load(builder, addr, DOT_CHUNK), vh)
+    if kind == 4:
+        h = builder.shl(b, ir.Constant(vh, [8] * DOT_CHUNK))
+    else:
+        mag = builder.shl(builder.and_(b, ir.Constant(vh, [0x7F] * DOT_CHUNK)), ir.Constant(vh, [7] * DOT_CHUNK))
+        sign = builder.shl(builder.and_(b, ir.Constant(vh, [0x80] * DOT_CHUNK)), ir.Constant(vh, [8] * DOT_CHUNK))
+        h = builder.or_(mag, sign)
+    return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), DOT_CHUNK)), _V64F)
 
-    def widen(builder, addr, vf):
-        vi = ir.VectorType(ir.IntType(32), DOT_CHUNK)
-        b = builder.zext(_load(builder, addr, DOT_CHUNK), vi)
-        mag = builder.shl(builder.and_(b, ir.Constant(vi, [0x7F] * DOT_CHUNK)), ir.Constant(vi, [shift] * DOT_CHUNK))
-        mag = builder.fmul(builder.bitcast(mag, vf), ir.Constant(vf, [scale] * DOT_CHUNK))
-        sign = builder.shl(builder.and_(b, ir.Constant(vi, [0x80] * DOT_CHUNK)), ir.Constant(vi, [24] * DOT_CHUNK))
-        return builder.bitcast(builder.or_(builder.bitcast(mag, vi), sign), vf)
-    return widen
+
+def _row_float8_intrinsic(kind: int):
+    @intrinsic
+    def row_dot_float8(typingctx, w_addr, scales_addr, x_addr, ng, chunks, pf):
+        """Σ_g scale[g] · Σ_{j in g} w[j]·x[j] over one row of ng groups of `chunks` 64-weight
+        chunks: float8 codes at w_addr, float32 scales at scales_addr, float32 activations at
+        x_addr; the weights `pf` bytes ahead prefetched. Each group's products stay in a 64-lane
+        vector times its scale: one horizontal sum a row (a sum per chunk cost as much as the
+        chunk's weights). float32."""
+        sig = types.float32(*([types.intp] * 6))
+
+        def codegen(context, builder, signature, args):
+            w, sc, x, ng, chunks, pf = args
+            loop, c, acc = _loop_head(builder, "chunk", _V64F)
+            off = builder.mul(c, _const(DOT_CHUNK))
+            wa = builder.add(w, off)
+            _prefetch_ir(builder, builder.add(wa, pf))
+            s = _at(builder, builder.add(sc, builder.mul(builder.sdiv(c, chunks), _const(4))), _F32, 4)
+            p = builder.fmul(_widen_float8(builder, kind, wa), _at(builder, builder.add(x, builder.mul(off, _const(4))),
+                                                                   _V64F, 4), flags=_FAST)
+            acc1 = builder.fadd(acc, builder.fmul(p, _splat(builder, s, DOT_CHUNK), flags=_FAST), flags=_FAST)
+            _loop_tail(builder, loop, c, acc, acc1, builder.mul(ng, chunks), "chunks_end")
+            total = _sum_lanes(builder, acc1, DOT_CHUNK)
+            return total if kind == 4 else builder.fmul(total, ir.Constant(_F32, 256.0), flags=_FAST)
+        return sig, codegen
+    return row_dot_float8
 
 
-#: float8 weights (E4M3FN, E5M2) times float32 activations: 64 at a time
-_dot_e4m3_f32 = _float_dot_intrinsic(_widen_fp8(3))
-_dot_e5m2_f32 = _float_dot_intrinsic(_widen_fp8(4))
+#: the whole-row float8 dots (groups a multiple of 64): E4M3FN, E5M2
+ROW_FLOAT8 = {3: _row_float8_intrinsic(3), 4: _row_float8_intrinsic(4)}
 
 
 def _u4_intrinsic(isa: str):

@@ -175,7 +175,8 @@ def test_fp8_experts_are_kept_as_the_checkpoints_bytes_and_run_as_transformers_r
     assert weights <= stored <= weights * (1 + 4 / group) + 4096 * len(r.index.extents)   # 1 byte a weight + scales
     ref = AutoModelForCausalLM.from_pretrained(fp8 if inter == 256 else twin, dtype=torch.bfloat16).eval()
     if family == "qwen3_moe":
-        model = load_model(store, device_budget="64MiB", host_budget=0)
+        # dense layers as stored (bf16): load_model's default holds them in int8 on a CPU, its own rounding
+        model = load_model(store, device_budget="64MiB", host_budget=0, dense_quant=None)
         forward, close = model, model.store.close
         generate = lambda prompt, n: model.generate(prompt, n)                          # noqa: E731
         assert model.store.holds_quantized(model.store.index.extents[(0, 0)])   # the kernels read fp8 in place
@@ -197,6 +198,16 @@ def test_fp8_experts_are_kept_as_the_checkpoints_bytes_and_run_as_transformers_r
     # 0.008 (Qwen3) and 0.013 (DeepSeek), where transformers' own bf16 against float32 is 0.14
     assert (got - want).abs().max().item() < 0.02
     assert torch.equal(got_tokens, want_tokens)
+
+
+def test_an_fp8_store_computes_its_dense_layers_in_int8_on_a_cpu_by_default(fp8_pair, tmp_path):
+    store = moestream.convert(fp8_pair[0], tmp_path / "keep", progress=False)
+    model = load_model(store, device_budget="64MiB", host_budget=0)
+    try:
+        assert model.dense_quant == "int8"                     # as for int stores: the float8 experts' peers
+        assert type(model.layers[0].self_attn.o_proj).__name__ == "QuantLinear"
+    finally:
+        model.store.close()
 
 
 def _broken(fp8_pair, tmp_path, edit_state=None, edit_config=None):
