@@ -26,9 +26,11 @@ device (compute/dequant.py's Numba-CUDA kernel) and multiplied by torch: held qu
 still keeps 3.6x (int4) more experts in the same bytes."""
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -276,6 +278,28 @@ def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
             for t in range(n):
                 out[t, r] = _row_dot(kind, codes_addr, scales_addr, mins_addr, r, cols, group, x,
                                      xe, xo, xs, xsum, t, sums, pf)
+
+
+def _drop_kernels_cached_on_other_intrinsics() -> None:
+    """Numba's disk cache keys a kernel by its own file's timestamp and bytecode, not by the
+    intrinsics it inlines from row_dots.py: an update that changes row_dots.py alone would run
+    these kernels as compiled before it. A hash of row_dots.py is kept beside their cache, and
+    where it differs their cached code is dropped (compiled again on first use)."""
+    from . import row_dots
+    kernels = (_moe_layer, _linear)
+    marker = Path(kernels[0]._cache._cache_path) / "quant_kernels.row_dots.sha256"
+    digest = hashlib.sha256(Path(row_dots.__file__).read_bytes()).hexdigest()
+    try:
+        if marker.exists() and marker.read_text() == digest:
+            return
+        for k in kernels:
+            k._cache.flush()
+        marker.write_text(digest)
+    except OSError:    # a cache directory we cannot write: Numba caches nothing there either
+        pass
+
+
+_drop_kernels_cached_on_other_intrinsics()
 
 
 # ---- the table --------------------------------------------------------------------------------
