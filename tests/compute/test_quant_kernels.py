@@ -380,3 +380,20 @@ def test_fuse_rows_refuses_parts_that_differ():
     assert fuse_rows([torch.nn.Linear(128, 64), torch.nn.Linear(64, 64)]) is None
     assert fuse_rows([torch.nn.Linear(128, 64), torch.nn.Linear(128, 64).to(torch.bfloat16)]) is None
     assert fuse_rows([torch.nn.Linear(128, 64), QuantLinear(quantize_matrix(w, "int8"), None)]) is None
+
+
+def test_kernels_cached_before_row_dots_changed_are_dropped(monkeypatch):
+    """Numba's disk cache keys a kernel by its own file: a changed row_dots.py (the intrinsics the
+    kernels inline) must drop their cached code, and an unchanged one must not."""
+    from pathlib import Path
+    from moestream.compute import quant_kernels as qk
+    marker = Path(qk._moe_layer._cache._cache_path) / "quant_kernels.row_dots.sha256"
+    flushed = []
+    for k in (qk._moe_layer, qk._linear):
+        monkeypatch.setattr(k._cache, "flush", lambda k=k: flushed.append(k))
+    qk._drop_kernels_cached_on_other_intrinsics()
+    assert flushed == [] and marker.exists()             # the hash recorded at import matches
+    current = marker.read_text()
+    marker.write_text("0" * 64)                          # as if cached under another row_dots.py
+    qk._drop_kernels_cached_on_other_intrinsics()
+    assert flushed == [qk._moe_layer, qk._linear] and marker.read_text() == current
