@@ -122,10 +122,27 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             given = isinstance(predictor, NextLayerProbes)
             probes = predictor if given else NextLayerProbes.load(predictor)
             model.use_probes(probes, "predictor" if given else f"{predictor}: does not fit {path}")
+        del dense, state
+        trim_heap()
         return model.eval()
     except BaseException:
         store.close()
         raise
+
+
+def trim_heap() -> bool:
+    """Give the heap memory that loading freed back to the OS (glibc's malloc_trim; False where
+    there is none). Loading reads the dense weights in the store's dtype and quantizes them
+    through float32 copies; glibc keeps what that frees in its heap (its mmap threshold grows
+    with every large block freed), and a process under a memory limit pays for it as if it were
+    cache: 8 layers of bench decode's model held 400 MB more RSS after load without this."""
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library("c")
+    try:
+        return bool(name) and bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):   # not glibc (musl, macOS): nothing to trim this way
+        return False
 
 
 def open_compute_store(path: str | os.PathLike, *, device, expert_compute: str = "quantized",

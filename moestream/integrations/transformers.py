@@ -120,7 +120,7 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
     bfloat16 on CUDA. Budgets as in `moestream.open`. expert_compute as in `moestream.load_model`:
     "quantized" holds int8/int4 experts as stored and multiplies them in place, "dequantized"
     decodes them on load."""
-    from ..compute.loader import open_compute_store
+    from ..compute.loader import open_compute_store, trim_heap
     dev = parse_device(device)
     store = open_compute_store(path, device=dev, expert_compute=expert_compute, device_budget=device_budget,
                                host_budget=host_budget, **store_options)
@@ -147,6 +147,8 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
         model.load_state_dict(state, strict=False, assign=True)
         _rebuild_rotary(model, dev)
         model.moestream_store = store
+        del dense, state
+        trim_heap()
         return model.eval()
     except BaseException:
         store.close()

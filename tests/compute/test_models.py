@@ -1,5 +1,6 @@
 """End to end: transformers checkpoint -> convert -> stream with a budget below the experts'
 size -> logits and greedy tokens against the same model in transformers."""
+import platform
 import subprocess
 import sys
 
@@ -212,3 +213,33 @@ def test_loading_and_decoding_do_not_import_torch_dynamo(lossless):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "False"
+
+
+
+def _rss_anon() -> int:
+    return next(int(l.split()[1]) << 10 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_trim_heap_gives_freed_heap_memory_back():
+    """What glibc keeps after a load's transient copies are freed (holes in its heap, once its
+    mmap threshold has grown) goes back to the OS (compute/loader.py: trim_heap)."""
+    from moestream.compute.loader import trim_heap
+    first = torch.empty(16 << 20, dtype=torch.uint8)
+    del first                                            # a freed mmap: glibc's threshold grows to 16 MiB
+    blocks = [torch.ones(4 << 20, dtype=torch.uint8) for _ in range(64)]     # from the heap now
+    kept = blocks[1::2]
+    del blocks                                           # 128 MiB of holes between the kept blocks
+    before = _rss_anon()
+    assert trim_heap()
+    assert before - _rss_anon() > (64 << 20)
+    del kept
+
+
+def test_load_model_trims_the_heap(lossless, monkeypatch):
+    from moestream.compute import loader
+    calls = []
+    monkeypatch.setattr(loader, "trim_heap", lambda: calls.append(1) or True)
+    model = load_model(lossless["qwen3_moe"], device_budget="64MiB", host_budget=0)
+    model.store.close()
+    assert calls == [1]
