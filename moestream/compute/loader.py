@@ -87,6 +87,9 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
                                  + "; ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""))
         state = _dense_state(dense, cfg, getattr(family, "CHECKPOINT_RENAMES", {}), dtype)
         model.load_state_dict(state, strict=False, assign=True)
+        # the model now holds the only references: each weight quantized below is freed as its
+        # module is replaced
+        del dense, state
         model.rotary = Rotary(cfg)
         model.to(device=dev, dtype=dtype)
         model.rotary.inv_freq = Rotary(cfg).inv_freq.to(dev)  # keep the frequencies in float32
@@ -122,7 +125,6 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             given = isinstance(predictor, NextLayerProbes)
             probes = predictor if given else NextLayerProbes.load(predictor)
             model.use_probes(probes, "predictor" if given else f"{predictor}: does not fit {path}")
-        del dense, state
         trim_heap()
         return model.eval()
     except BaseException:
