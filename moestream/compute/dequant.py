@@ -49,58 +49,40 @@ _half_to_float_cpu = njit(cache=True)(_half_to_float)
 
 
 @njit(parallel=True, cache=True)
-def _dequant_cpu(codes, scales, mins, base, out_f32, out_bits, numel, group, is_int4, has_base, to_bf16):
+def _dequant_cpu(codes, scales, mins, scales_f32, values, base, out_f32, out_bits, numel, group, kind, has_base,
+                 to_bf16):
     # Each group is dequantized into a float32 scratch row, then stored (as fp32, or rounded to
     # bf16 through the row's uint32 view): the inner loops stay branch-free and vectorize.
+    # kind 0: int8, 1: int4 (fp16 scales and minimums, read as bytes); 2: float8, a code's value
+    # from the type's table `values` times its group's float32 scale (scales_f32)
     groups = (numel + group - 1) // group
     nchunks = (groups + _CHUNK_GROUPS - 1) // _CHUNK_GROUPS
     for c in prange(nchunks):
         row = np.empty(group, np.float32)
         row_bits = row.view(np.uint32)
         for g in range(c * _CHUNK_GROUPS, min(groups, (c + 1) * _CHUNK_GROUPS)):
-            s = np.float32(_half_to_float_cpu(np.int64(scales[2 * g]) | (np.int64(scales[2 * g + 1]) << 8)))
             start = g * group
             n = min(group, numel - start)
-            if is_int4:  # codes cover whole groups (the last one padded), two per byte, low nibble first
-                m = np.float32(_half_to_float_cpu(np.int64(mins[2 * g]) | (np.int64(mins[2 * g + 1]) << 8)))
-                first = start >> 1
-                for j in range(group // 2):
-                    b = codes[first + j]
-                    row[2 * j] = np.float32(b & 15) * s + m
-                    row[2 * j + 1] = np.float32(b >> 4) * s + m
+            if kind == 2:
+                s = scales_f32[g]
+                for j in range(n):
+                    row[j] = values[codes[start + j]] * s
             else:
-                for j in range(group):
-                    row[j] = np.float32(np.int8(codes[start + j])) * s
+                s = np.float32(_half_to_float_cpu(np.int64(scales[2 * g]) | (np.int64(scales[2 * g + 1]) << 8)))
+                if kind == 1:  # codes cover whole groups (the last one padded), two per byte, low nibble first
+                    m = np.float32(_half_to_float_cpu(np.int64(mins[2 * g]) | (np.int64(mins[2 * g + 1]) << 8)))
+                    first = start >> 1
+                    for j in range(group // 2):
+                        b = codes[first + j]
+                        row[2 * j] = np.float32(b & 15) * s + m
+                        row[2 * j + 1] = np.float32(b >> 4) * s + m
+                else:
+                    for j in range(group):
+                        row[j] = np.float32(np.int8(codes[start + j])) * s
             if has_base:
                 for j in range(n):
                     row[j] += base[start + j]
             if to_bf16:  # round to nearest even (NaN payloads aside, which finite weights never give)
-                for j in range(n):
-                    x = row_bits[j]
-                    out_bits[start + j] = np.uint16((x + 0x7FFF + ((x >> 16) & 1)) >> 16)
-            else:
-                for j in range(n):
-                    out_f32[start + j] = row[j]
-
-
-@njit(parallel=True, cache=True)
-def _dequant_lut_cpu(codes, scales, values, base, out_f32, out_bits, numel, group, has_base, to_bf16):
-    # float8: a code byte's value from the type's table, times its group's float32 scale
-    groups = (numel + group - 1) // group
-    nchunks = (groups + _CHUNK_GROUPS - 1) // _CHUNK_GROUPS
-    for c in prange(nchunks):
-        row = np.empty(group, np.float32)
-        row_bits = row.view(np.uint32)
-        for g in range(c * _CHUNK_GROUPS, min(groups, (c + 1) * _CHUNK_GROUPS)):
-            s = scales[g]
-            start = g * group
-            n = min(group, numel - start)
-            for j in range(n):
-                row[j] = values[codes[start + j]] * s
-            if has_base:
-                for j in range(n):
-                    row[j] += base[start + j]
-            if to_bf16:
                 for j in range(n):
                     x = row_bits[j]
                     out_bits[start + j] = np.uint16((x + 0x7FFF + ((x >> 16) & 1)) >> 16)
@@ -117,15 +99,15 @@ def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[
     empty_f = np.empty(1, np.float32)
     out_f32, out_bits = empty_f if to_bf16 else out, out if to_bf16 else np.empty(1, np.uint16)
     b = base if base is not None else empty_f
-    qtype = QUANT_TYPES[quant]
+    if QUANT_TYPES[quant].float_codes:
+        kind, values = 2, _float8_table(quant)
+        sc = scales if scales.ctypes.data % 4 == 0 else scales.copy()   # a float32 view needs 4-byte alignment
+        scales_f32 = sc.view(np.float32)
+    else:
+        kind, values, scales_f32 = int(quant == "int4"), empty_f, empty_f
     with _PARALLEL_LOCK:
-        if qtype.float_codes:
-            sc = scales if scales.ctypes.data % 4 == 0 else scales.copy()   # a float32 view needs 4-byte alignment
-            _dequant_lut_cpu(codes, sc.view(np.float32), _float8_table(quant), b, out_f32, out_bits, numel,
-                             group_size, base is not None, to_bf16)
-        else:
-            _dequant_cpu(codes, scales, mins if mins is not None else scales, b, out_f32, out_bits, numel,
-                         group_size, quant == "int4", base is not None, to_bf16)
+        _dequant_cpu(codes, scales, mins if mins is not None else scales, scales_f32, values, b, out_f32, out_bits,
+                     numel, group_size, kind, base is not None, to_bf16)
 
 
 @functools.lru_cache(maxsize=None)
