@@ -143,7 +143,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     if quant == "keep" and ckpt.fp8_block is not None:
         formats = {ckpt.info(n).fp8.fmt if ckpt.info(n).fp8 is not None else None for n in expert_names}
         group = fp8_row_group({ckpt.info(n).shape[-1] for n in expert_names}, ckpt.fp8_block)
-        if formats == {None} or None in formats or len(formats) > 1:
+        if None in formats or len(formats) > 1:
             fp8_why = "its experts are not all float8 of one format"
         elif group is None:
             fp8_why = f"an expert width and the {ckpt.fp8_block[1]}-column blocks leave no even group along rows"
@@ -167,7 +167,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS, *FLOAT8_QUANTS) else quant
 
     def expert_dtype(info: TensorInfo) -> str:
-        # an FP8 weight reads as its exact float32 values: those are quantized, and `keep` stores bf16
+        # an FP8 weight not kept as FP8 reads as its exact float32 values: those are quantized, and `keep` stores bf16
         return raw_dtype or (info.keep_dtype if quant == "keep" else info.dtype)
     z = dict(zstd_level=zstd_level, zstd_min_saving=zstd_min_saving)
     opts = EncodeOptions(quant=quant if quant in (*INT_QUANTS, *FLOAT8_QUANTS) else None, group_size=group_size,

@@ -17,10 +17,10 @@ import torch
 
 from .codecs import TORCH_PLANE_DTYPES
 from .constants import QUANT_TYPES, STAGE_DELTA, QuantSpec
+from .index import Region, TensorSlice
 
 #: the torch dtype of each float8 type's codes
 FLOAT8_TORCH = {"fp8e4m3": torch.float8_e4m3fn, "fp8e5m2": torch.float8_e5m2}
-from .index import Region, TensorSlice
 
 
 class QuantizedTensor:
