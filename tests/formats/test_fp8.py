@@ -228,6 +228,18 @@ def _broken(fp8_pair, tmp_path, edit_state=None, edit_config=None):
 NAME = "model.layers.0.mlp.experts.2.up_proj.weight"
 
 
+def test_an_fp8_checkpoint_with_a_float_expert_keeps_its_experts_as_bf16_and_says_why(fp8_pair, tmp_path, capsys):
+    def state(s):           # one expert tensor in bf16: the layer is no longer all float8
+        s[NAME] = (s[NAME].float() * s.pop(NAME + "_scale_inv").repeat_interleave(32, 0)[:48].repeat_interleave(
+            32, 1)[:, :64]).bfloat16()
+    bad = _broken(fp8_pair, tmp_path, state)
+    store = moestream.convert(bad, tmp_path / "keep", progress=True)
+    said = capsys.readouterr()
+    assert "experts dequantized to bf16 (its experts are not all float8 of one format)" in said.out + said.err
+    with StoreReader(store) as r:
+        assert r.index.quant == "keep" and r.index.extents[(0, 2)].chain == ()
+
+
 @pytest.mark.parametrize("case,needle", [
     ("no scale", f"no {NAME}_scale_inv"),
     ("scale shape", f"{NAME}_scale_inv has shape [1, 1]"),
