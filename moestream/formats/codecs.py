@@ -226,6 +226,9 @@ class EncodedRegion:
     chain: tuple[str, ...]
     tensors: tuple[TensorSlice, ...]
     rel_error: float                  # max over tensors of ||w - decode(w)|| / ||w|| (0 for lossless)
+    #: the xxh3 of `stored` where the encoder took it (encode_region, on the converter's encoder
+    #: threads; the writer takes it where it is empty)
+    xxh3: str = ""
 
 
 def _rel_error(ref: np.ndarray, got: np.ndarray) -> float:
@@ -290,7 +293,7 @@ def encode_region(tensors: list[tuple[str, str, tuple[int, ...], np.ndarray]], o
             if best is None or _rank(cand) < _rank(best):
                 best = cand
     assert best is not None
-    return best
+    return replace(best, xxh3=checksum(best.stored))
 
 
 def _fp16_scales_lose_precision(x: np.ndarray, err: float, quant: str, group: int) -> bool:

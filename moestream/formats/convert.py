@@ -190,6 +190,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     workers = encode_workers()
     # one thread more than cores: at any time one of them is usually waiting on its read
     encoders = ThreadPoolExecutor(max_workers=workers + 1, thread_name_prefix="moestream-encode")
+    # the kernel read-ahead and each layer's delta probe (reads: a thread of their own, off this one,
+    # which writes every extent in order: on 2 cores this thread was the pipeline's bound, a third
+    # of its time in read-ahead calls, checksums and the probes, py-spy)
+    helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moestream-readahead")
     # experts submitted and not yet written: enough that the encoders stay busy while this thread
     # writes and fsyncs; each holds its encoded bytes once done (a bound of the converter's memory)
     in_flight = 2 * workers
@@ -232,16 +236,29 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
             writer.checkpoint("dense")
         else:
             bar.update(sum(ckpt.info(n).length for n in dense_names))
+        def layer_infos(layer: int) -> list:
+            return [_expert_info(ckpt, fam, layer, 0, t) for t in fam.expert_tensors]
+
+        def probe(layer: int):
+            # the delta probe of `layer` (a few MiB of reads), on the helper thread
+            infos = layer_infos(layer)
+            return helper.submit(_delta_may_pay, ckpt, fam, layer, n_experts, opts, [expert_dtype(i) for i in infos],
+                                 infos) if delta else None
+        todo = [l for l in moe_layers if not writer.done(f"layer{l}")]
+        probes = {todo[0]: probe(todo[0])} if todo else {}
         for layer in moe_layers:
             layer_bytes = sum(_expert_info(ckpt, fam, layer, e, t).length
                               for e in range(n_experts) for t in fam.expert_tensors)
             if writer.done(f"layer{layer}"):
                 bar.update(layer_bytes)
                 continue
-            infos = [_expert_info(ckpt, fam, layer, 0, t) for t in fam.expert_tensors]
+            nxt = todo.index(layer) + 1
+            if nxt < len(todo):             # probed while this layer is encoded
+                probes[todo[nxt]] = probe(todo[nxt])
+            infos = layer_infos(layer)
             store_dtypes = [expert_dtype(i) for i in infos]
             base = base_dtype = None
-            if delta and _delta_may_pay(ckpt, fam, layer, n_experts, opts, store_dtypes, infos):
+            if delta and probes.pop(layer).result():
                 base, base_dtype = _layer_base(ckpt, fam, layer, n_experts, opts, store_dtypes, infos, encoders,
                                                workers)
             uses_base = False
@@ -279,7 +296,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 for ahead in (range(pos, pos + in_flight + 1) if e == 0 else (pos + in_flight,)):
                     if ahead < len(moe_layers) * n_experts:
                         l, x = moe_layers[ahead // n_experts], ahead % n_experts
-                        _read_ahead(_expert_info(ckpt, fam, l, x, t) for t in fam.expert_tensors)
+                        helper.submit(_read_ahead, [_expert_info(ckpt, fam, l, x, t) for t in fam.expert_tensors])
                 expert_opts = hot_opts if mixed is not None and (layer, e) in mixed[0] else opts
                 pending.append((e, src_len, encoders.submit(read_and_encode, e, expert_infos, expert_opts)))
                 while len(pending) > in_flight:
@@ -302,6 +319,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         raise
     finally:
         encoders.shutdown(wait=True, cancel_futures=True)
+        helper.shutdown(wait=True, cancel_futures=True)
         bar.close()
     return path
 

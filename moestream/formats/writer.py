@@ -248,7 +248,7 @@ class StoreWriter:
         self._fh.write(enc.stored)
         self._fh.write(bytes(padded - len(enc.stored)))
         self.file_sizes[-1] = pos + padded
-        return Region(len(self.file_sizes) - 1, pos, len(enc.stored), enc.raw_length, checksum(enc.stored),
+        return Region(len(self.file_sizes) - 1, pos, len(enc.stored), enc.raw_length, enc.xxh3 or checksum(enc.stored),
                       enc.chain, enc.tensors, source_length)
 
     def add_dense(self, name: str, enc: EncodedRegion, source_length: int) -> None:
