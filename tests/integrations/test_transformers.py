@@ -89,9 +89,16 @@ def test_engines_agree_on_the_cli_path(stores):
         out, err = io.StringIO(), io.StringIO()
         report = generate_text(str(stores["qwen3_moe"]), "Experts stream", max_new_tokens=10,
                                device_budget=3 * EXPERT_BYTES, host_budget=0, engine=engine, out=out, err=err)
-        texts[engine] = (out.getvalue(), report["stats"]["misses"], report["stats"]["hits_l1"])
+        texts[engine] = (out.getvalue(), report["stats"]["misses"], report["stats"]["hits_l1"],
+                         report["stats"]["requests"])
         assert f"engine {engine}" in err.getvalue()
-    assert texts["native"] == texts["transformers"]      # same text, same reads and hits
+    (text_n, misses_n, hits_n, asked_n), (text_t, misses_t, hits_t, asked_t) = texts["native"], texts["transformers"]
+    assert text_n == text_t and asked_n == asked_t          # same text, the same experts asked for
+    # ... and the same reads but for the prefill's timing: with 3 slots for a layer's 8 routed
+    # experts, how many misses have landed when the loop next fetches (and so which slots are
+    # pinned when the store evicts) depends on the threads' timing, in either engine: 45 or 46
+    # reads of 50 requests, seen for the same engine run after run
+    assert abs(misses_n - misses_t) <= 2 and misses_n + hits_n == misses_t + hits_t
 
 
 def test_a_family_without_a_native_forward_runs_through_transformers(stores):
