@@ -349,13 +349,21 @@ def _addresses(w: KernelWeight) -> tuple[int, int, int]:
     return w.addresses() if isinstance(w, QuantizedTensor) else (w.data_ptr(), 0, 0)
 
 
+def _kernel_type(w: KernelWeight) -> Optional[tuple[str, Optional[int]]]:
+    """(type name, group size; None for bf16) of a matrix the CPU kernels read in place
+    (cpu_kernel_fits, any group), else None."""
+    if isinstance(w, QuantizedTensor):
+        return (w.spec.kind, w.spec.group) if w.spec.kind in QUANT_KERNELS and w.is_cpu and w.contiguous else None
+    if w.dtype == torch.bfloat16 and w.is_cpu and w.dim() == 2 and w.is_contiguous():
+        return "bf16", None
+    return None
+
+
 def cpu_kernel_fits(w: KernelWeight, group: Optional[int] = None) -> bool:
     """Whether the CPU kernels read `w` in place: on the CPU, a type of the table, contiguous
     rows (the stored layout always is), and for a quantized `w` (when given) the batch's group size."""
-    if not isinstance(w, QuantizedTensor):
-        return w.device.type == "cpu" and _kind(w) in QUANT_KERNELS and w.dim() == 2 and w.is_contiguous()
-    return (w.device.type == "cpu" and w.spec.kind in QUANT_KERNELS and w.contiguous
-            and (group is None or w.spec.group == group))
+    t = _kernel_type(w)
+    return t is not None and (group is None or t[1] is None or t[1] == group)
 
 
 def kernel_takes(w: KernelWeight, rows: int) -> bool:
@@ -383,16 +391,6 @@ def _kernel_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
     with _PARALLEL_LOCK:
         _linear(xf.numpy(), QUANT_KERNELS[_kind(w)].code, *_addresses(w), rows, group, out, PREFETCH_BYTES)
     return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], rows)
-
-
-def _kernel_type(w: KernelWeight) -> Optional[tuple[str, Optional[int]]]:
-    """(type name, group size; None for bf16) of a matrix the CPU kernels read in place
-    (cpu_kernel_fits, any group), else None."""
-    if isinstance(w, QuantizedTensor):
-        return (w.spec.kind, w.spec.group) if w.spec.kind in QUANT_KERNELS and w.is_cpu and w.contiguous else None
-    if w.dtype == torch.bfloat16 and w.is_cpu and w.dim() == 2 and w.is_contiguous():
-        return "bf16", None
-    return None
 
 
 #: what the layer kernel needs to know of one SwiGLU expert: (type name, group size or None
