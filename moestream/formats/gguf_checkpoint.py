@@ -7,6 +7,9 @@ One record per GGUF architecture (`GGUF_ARCHITECTURES`) holds what differs: the 
 the metadata keys of its config, its router and shared-expert names, and whether llama.cpp's
 converter permuted its q/k rows for rotary (it does so for `llama`, whose GGML rotary pairs
 neighbouring elements where Hugging Face pairs the two halves; Qwen's "NEOX" rotary is left alone).
+`deepseek2` (DeepSeek-V3/R1, Kimi-K2) also undoes llama.cpp's MLA rewrite: its metadata describes
+the attention as MQA (one kv head, keys kv_lora_rank + rope wide) with the real sizes under
+`*_mla` keys, and `kv_b_proj` is split into `attn_k_b` (transposed) and `attn_v_b`, joined here.
 
 Quantized tensors (Q8_0, Q4_0, the K-quants, IQ types, ...) are dequantized to float32 by gguf-py's
 reference `gguf.quants.dequantize` (numpy) one tensor, or one expert, at a time: the converter then
@@ -21,7 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -56,6 +59,11 @@ class GgufArch:
     layer_tensors: tuple[tuple[str, str], ...] = ()
     #: llama.cpp permuted q_proj / k_proj rows for GGML's rotary: undone on read
     permuted_qk: bool = False
+    #: the config fields that are arithmetic on the metadata, not a copy of one key:
+    #: (metadata getter by key without the "ARCH." prefix, config so far, where) -> None, filling config
+    derive: Optional[Callable[[Callable[[str], Any], dict, str], None]] = None
+    #: llama.cpp split each layer's kv_b_proj into attn_k_b and attn_v_b (deepseek2): joined on read
+    split_kv_b: bool = False
 
 
 _COMMON_CONFIG = (("hidden_size", "embedding_length"), ("num_hidden_layers", "block_count"),
@@ -70,6 +78,56 @@ _ATTENTION = (("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight"
 _QWEN_MOE = (("ffn_gate_inp.weight", "mlp.gate.weight"),
              ("ffn_gate_inp_shexp.weight", "mlp.shared_expert_gate.weight"),
              *((f"ffn_{p}_shexp.weight", f"mlp.shared_expert.{p}_proj.weight") for p in ("gate", "up", "down")))
+
+_DEEPSEEK2_TENSORS = (
+    ("attn_norm.weight", "input_layernorm.weight"), ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    ("attn_q.weight", "self_attn.q_proj.weight"),                         # models without q_lora_rank
+    ("attn_q_a.weight", "self_attn.q_a_proj.weight"), ("attn_q_a_norm.weight", "self_attn.q_a_layernorm.weight"),
+    ("attn_q_b.weight", "self_attn.q_b_proj.weight"),
+    ("attn_kv_a_mqa.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+    ("attn_kv_a_norm.weight", "self_attn.kv_a_layernorm.weight"),
+    ("attn_kv_b.weight", "self_attn.kv_b_proj.weight"),                   # GGUFs made before the split
+    ("attn_output.weight", "self_attn.o_proj.weight"),
+    ("ffn_gate_inp.weight", "mlp.gate.weight"), ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
+    *((f"ffn_{p}.weight", f"mlp.{p}_proj.weight") for p in ("gate", "up", "down")),          # leading dense layers
+    *((f"ffn_{p}_shexp.weight", f"mlp.shared_experts.{p}_proj.weight") for p in ("gate", "up", "down")))
+#: attn_k_b / attn_v_b -> the kv_b_proj they were split from (GgufArch.split_kv_b)
+_KV_B_PARTS = ("attn_k_b.weight", "attn_v_b.weight")
+_KV_B = "self_attn.kv_b_proj.weight"
+
+
+def _deepseek2_config(meta: Callable[[str], Any], cfg: dict, where: str) -> None:
+    """DeepSeek-V3's config from a deepseek2 GGUF: the MLA sizes llama.cpp rewrote for its MQA form
+    (convert_hf_to_gguf's DeepseekV2Model), and the fields transformers' DeepseekV3Config would
+    otherwise default to another model's values (8 expert groups, a 2.5 routed scale, ...)."""
+    gating = meta("expert_gating_func")
+    if gating != 2:      # gguf.ExpertGatingFuncType.SIGMOID; llama.cpp reads a missing one as softmax
+        raise ConvertError(f"{where}: a deepseek2 GGUF with {'softmax' if gating in (None, 1) else f'type {gating!r}'} expert "
+                           "gating (deepseek2.expert_gating_func) is DeepSeek-V2/V2.5, which moestream does not "
+                           "convert (it converts the sigmoid-gated DeepSeek-V3 layout: V3, R1, Kimi-K2)")
+    rope = meta("rope.dimension_count")
+    kv_rank = meta("attention.kv_lora_rank")
+    if rope is None or kv_rank is None:
+        raise ConvertError(f"{where}: GGUF metadata lacks deepseek2."
+                           + ("rope.dimension_count" if rope is None else "attention.kv_lora_rank"))
+    # GGUFs made since llama.cpp's MLA rewrite keep the real key/value widths under *_mla; older ones
+    # under key_length / value_length
+    key = meta("attention.key_length_mla") or meta("attention.key_length")
+    value = meta("attention.value_length_mla") or meta("attention.value_length")
+    if key is None or value is None or key <= rope:
+        raise ConvertError(f"{where}: GGUF metadata has no usable deepseek2.attention.key_length_mla / "
+                           f"value_length_mla (got {key!r}, {value!r} with {rope} rotary dimensions)")
+    cfg.update(qk_rope_head_dim=rope, qk_nope_head_dim=key - rope, v_head_dim=value, head_dim=rope,
+               kv_lora_rank=kv_rank, q_lora_rank=meta("attention.q_lora_rank"),
+               # MLA has as many key/value heads as query heads; the GGUF says 1 (its MQA form)
+               num_key_value_heads=cfg["num_attention_heads"],
+               first_k_dense_replace=meta("leading_dense_block_count") or 0,
+               n_shared_experts=meta("expert_shared_count") or 0,
+               routed_scaling_factor=float(meta("expert_weights_scale") or 1.0),
+               norm_topk_prob=bool(meta("expert_weights_norm")),
+               n_group=meta("expert_group_count") or 1, topk_group=meta("expert_group_used_count") or 1,
+               rope_interleave=True)         # llama.cpp's deepseek2 rotary pairs neighbours, as this flag does
+
 
 #: One record per GGUF architecture moestream converts.
 GGUF_ARCHITECTURES: dict[str, GgufArch] = {
@@ -92,6 +150,11 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {
                        ("intermediate_size", "feed_forward_length")),
                       layer_tensors=(*_ATTENTION, ("ffn_gate_inp.weight", "block_sparse_moe.gate.weight")),
                       permuted_qk=True),
+    "deepseek2": GgufArch("deepseek2", "deepseek_v3",
+                          (*_COMMON_CONFIG, ("n_routed_experts", "expert_count"),
+                           ("moe_intermediate_size", "expert_feed_forward_length"),
+                           ("intermediate_size", "feed_forward_length")),
+                          layer_tensors=_DEEPSEEK2_TENSORS, derive=_deepseek2_config, split_kv_b=True),
 }
 
 #: whole-model tensors
@@ -100,11 +163,14 @@ MODEL_TENSORS = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.
 #: stacked expert tensors -> the role (gate, up, down) of the family's per-expert tensor
 _EXPERT_ROLES = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1, "ffn_down_exps.weight": 2}
 
-#: pre-tokenizer regexes by `tokenizer.ggml.pre` (llama.cpp's names), as in the tokenizer.json of
-#: the models they come from
+#: pre-tokenizer regexes by `tokenizer.ggml.pre` (llama.cpp's names; its llama-vocab.cpp lists the same),
+#: applied in order as the tokenizer.json of the models they come from applies them
 PRE_TOKENIZER_REGEX = {
-    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    "gpt-2": r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
+    "gpt-2": (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",),
+    "deepseek-v3": (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+                    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+                    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"),
 }
 
 
@@ -173,8 +239,17 @@ class GgufCheckpoint(TensorTable):
         self.config = self._config(raw)
         self.tensors: dict[str, TensorInfo] = {}
         self._types: dict[str, str] = {}          # Hugging Face name -> GGML type name
+        #: kv_b_proj joined from attn_k_b and attn_v_b (GgufArch.split_kv_b): name -> the two parts
+        self._joined: dict[str, tuple[TensorInfo, TensorInfo]] = {}
+        parts: dict[str, dict[str, tuple[Path, Any]]] = {}
         for gname, (f, t) in raw.items():
-            self._add(gname, f, t)
+            m = re.fullmatch(r"blk\.(\d+)\.(.+)", gname)
+            if self.arch.split_kv_b and m and m[2] in _KV_B_PARTS:
+                parts.setdefault(m[1], {})[m[2]] = (f, t)
+            else:
+                self._add(gname, f, t)
+        for layer, got in parts.items():
+            self._join_kv_b(int(layer), got)
 
     # ---- metadata -------------------------------------------------------------------------
 
@@ -210,12 +285,9 @@ class GgufCheckpoint(TensorTable):
             raise ConvertError(f"{self.root}: a {a.name} GGUF without {a.name}.expert_count is not a mixture of "
                                "experts (moestream converts MoE models)")
         cfg.update(dict(a.fixed))
-        # transformers 5 keeps rotary settings under rope_parameters
-        cfg["rope_parameters"] = {"rope_theta": float(cfg.pop("rope_theta", 10000.0)), "rope_type": "default"}
-        scaling = self.meta.get(f"{a.name}.rope.scaling.type")
-        if scaling not in (None, "none"):
-            raise ConvertError(f"{self.root}: rope scaling {scaling!r} ({a.name}.rope.scaling.type) is not "
-                               "converted yet")
+        if a.derive is not None:
+            a.derive(lambda key: self.meta.get(f"{a.name}.{key}"), cfg, str(self.root))
+        cfg["rope_parameters"] = self._rope(cfg.pop("rope_theta", 10000.0))
         # the embedding's rows are the model's vocabulary (a token list may be longer or shorter)
         tokens = self.meta.get("tokenizer.ggml.tokens")
         vocab = int(raw["token_embd.weight"][1].shape[1]) if "token_embd.weight" in raw else (
@@ -231,6 +303,44 @@ class GgufCheckpoint(TensorTable):
                 cfg[key] = v
         cfg.setdefault("num_key_value_heads", cfg["num_attention_heads"])
         return cfg
+
+    def _rope(self, theta: float) -> dict[str, Any]:
+        """transformers 5's rope_parameters from rope.* (rope.scaling.type none, linear or yarn);
+        ConvertError naming the key for a scaling moestream does not map."""
+        a = self.arch.name
+
+        def meta(key: str) -> Any:
+            return self.meta.get(f"{a}.rope.scaling.{key}")
+        params: dict[str, Any] = {"rope_theta": float(theta), "rope_type": "default"}
+        kind = meta("type")
+        if kind in (None, "none"):
+            return params
+        factor = meta("factor")
+        if kind not in ("linear", "yarn") or not isinstance(factor, (int, float)) or factor <= 0:
+            raise ConvertError(f"{self.root}: rope scaling {kind!r} with factor {factor!r} ({a}.rope.scaling.type, "
+                               f"{a}.rope.scaling.factor) is not converted (moestream maps linear and yarn)")
+        params.update(rope_type=kind, factor=float(factor))
+        if kind == "linear":
+            return params
+        orig = meta("original_context_length")
+        if not isinstance(orig, int) or orig <= 0:
+            raise ConvertError(f"{self.root}: yarn rope scaling without {a}.rope.scaling.original_context_length")
+        params["original_max_position_embeddings"] = orig
+        for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if meta(key) is not None:
+                params[hf] = float(meta(key))
+        for key in ("attn_factor", "yarn_attn_factor", "yarn_ext_factor"):
+            if meta(key) not in (None, 1.0, 1):
+                raise ConvertError(f"{self.root}: {a}.rope.scaling.{key} = {meta(key)!r} is not converted yet")
+        log_mul = meta("yarn_log_multiplier")
+        if log_mul is not None:
+            if not self.arch.split_kv_b:
+                raise ConvertError(f"{self.root}: {a}.rope.scaling.yarn_log_multiplier is not converted for {a}")
+            # llama.cpp writes DeepSeek's 0.1 * mscale_all_dim here (its TAG_DEEPSEEK2_YARN_LOG_MUL_FIX);
+            # V3, R1 and Kimi-K2 have mscale == mscale_all_dim, which makes the yarn attention factor 1
+            # (a float32 key: the quotient is rounded back to float32's precision, 1.0 stays 1.0)
+            params["mscale"] = params["mscale_all_dim"] = float(np.float32(float(log_mul) / 0.1))
+        return params
 
     # ---- tensors --------------------------------------------------------------------------
 
@@ -277,6 +387,37 @@ class GgufCheckpoint(TensorTable):
                                         ggml_type=None if qtype in RAW_TYPES else qtype)
         self._types[name] = qtype
 
+    def _info(self, gname: str, path: Path, t) -> TensorInfo:
+        """A GGUF tensor under its own name (a part of a joined tensor), its type noted."""
+        qtype = self.gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        self._types[gname] = qtype
+        return TensorInfo(gname, path, RAW_TYPES[qtype][0] if qtype in RAW_TYPES else "fp32", shape,
+                          int(t.data_offset), int(t.n_bytes), ggml_type=None if qtype in RAW_TYPES else qtype)
+
+    def _join_kv_b(self, layer: int, got: dict[str, tuple[Path, Any]]) -> None:
+        """kv_b_proj [H * (nope + v), kv_lora_rank] of `layer` from llama.cpp's attn_k_b
+        [H, kv_lora_rank, nope] (each head's key rows, transposed) and attn_v_b [H, v, kv_lora_rank]."""
+        missing = [p for p in _KV_B_PARTS if p not in got]
+        if missing:
+            f = next(iter(got.values()))[0]
+            raise ConvertError(f"{f}: blk.{layer}.{missing[0]} is missing (llama.cpp splits kv_b_proj into "
+                               f"blk.{layer}.{_KV_B_PARTS[0]} and blk.{layer}.{_KV_B_PARTS[1]})")
+        k_b, v_b = (self._info(f"blk.{layer}.{p}", *got[p]) for p in _KV_B_PARTS)
+        c = self.config
+        heads, nope, v, rank = (c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"], c["kv_lora_rank"])
+        for part, want in ((k_b, (heads, rank, nope)), (v_b, (heads, v, rank))):
+            if part.shape != want:
+                raise ConvertError(f"{part.path}: {part.name} has shape {list(part.shape)}; the metadata's MLA "
+                                   f"sizes make it {list(want)}")
+        name = f"model.layers.{layer}.{_KV_B}"
+        raw = self._types[k_b.name] == self._types[v_b.name] and self._types[k_b.name] in RAW_TYPES
+        self.tensors[name] = TensorInfo(name, k_b.path, k_b.dtype if raw else "fp32", (heads * (nope + v), rank),
+                                        k_b.offset, k_b.length + v_b.length,
+                                        ggml_type=None if raw else self._types[k_b.name])
+        self._types[name] = self._types[k_b.name] if raw else "joined"
+        self._joined[name] = (k_b, v_b)
+
     def row(self, name: str, index: int) -> TensorInfo:
         raise ConvertError(f"{self.root}: {name}: GGUF experts are split on read; no fused rows")
 
@@ -288,6 +429,8 @@ class GgufCheckpoint(TensorTable):
         dequantized to float32 (gguf-py's reference dequantizer), q/k rows un-permuted where
         llama.cpp permuted them."""
         qtype = self._types[t.name]
+        if t.name in self._joined:
+            return self._read_joined(t)
         data = self._read_raw(t)
         if qtype in RAW_TYPES:
             bits = data.view(RAW_TYPES[qtype][1])
@@ -302,6 +445,16 @@ class GgufCheckpoint(TensorTable):
         if heads:
             bits = _unpermute_rows(bits.reshape(t.shape), heads).reshape(-1)
         return bits
+
+    def _read_joined(self, t: TensorInfo) -> np.ndarray:
+        """kv_b_proj's bits (t.dtype) from its two parts: per head, the key rows (attn_k_b transposed
+        back) then the value rows, as Hugging Face's kv_b_proj holds them."""
+        k_b, v_b = self._joined[t.name]
+        k, v = (self.read_info(p).reshape(p.shape) for p in (k_b, v_b))
+        if k.dtype != v.dtype or t.dtype != k_b.dtype:      # parts of different types: as float32
+            from .codecs import bits_to_float32
+            k, v = (bits_to_float32(x, p.dtype).view(np.uint32) for x, p in ((k, k_b), (v, v_b)))
+        return np.ascontiguousarray(np.concatenate([k.swapaxes(1, 2), v], axis=1)).reshape(-1)
 
     def read_planes(self, t: TensorInfo, group: int) -> bytes:
         """Tensor `t` (a NATIVE_TYPES block type) as the payload of our group-wise type: codes,
@@ -379,6 +532,11 @@ class GgufCheckpoint(TensorTable):
         if model is None:
             return None, "the GGUF carries no tokenizer"
         if model == "gpt2":
+            pre = self.meta.get("tokenizer.ggml.pre", "gpt-2")
+            if pre not in PRE_TOKENIZER_REGEX:
+                # another split would tokenize some text differently from the model's own tokenizer
+                return None, (f"its pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not one moestream maps "
+                              f"({', '.join(PRE_TOKENIZER_REGEX)}); give the store the model's tokenizer.json")
             return self._byte_level_bpe(), None
         try:
             from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
@@ -400,9 +558,9 @@ class GgufCheckpoint(TensorTable):
         types = self.meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
         tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False,
                                    byte_fallback=False))
-        pattern = PRE_TOKENIZER_REGEX.get(self.meta.get("tokenizer.ggml.pre", "gpt-2"), PRE_TOKENIZER_REGEX["gpt-2"])
+        patterns = PRE_TOKENIZER_REGEX[self.meta.get("tokenizer.ggml.pre", "gpt-2")]
         tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+            *(pre_tokenizers.Split(Regex(p), behavior="isolated", invert=False) for p in patterns),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False)

@@ -363,3 +363,188 @@ def test_the_cli_converts_a_gguf_and_says_what_it_did(ckpts, tmp_path, capsys):
     said = "".join(capsys.readouterr())
     assert "Q8_0" in said and "no tokenizer.json" in said
     assert not (tmp_path / "m.moe" / "tokenizer.json").exists()
+
+
+# ---- deepseek2 (DeepSeek-V3/R1, Kimi-K2 GGUFs) ---------------------------------------------------
+
+def write_deepseek2_gguf(ckpt, out, qtype=Q.F32, *, split_kv_b=True, gating=gguf.ExpertGatingFuncType.SIGMOID,
+                         yarn_log_mul=None, pre="deepseek-v3"):
+    """A DeepSeek-V3 checkpoint as llama.cpp's convert_hf_to_gguf.py (DeepseekV2Model) writes it:
+    metadata in its MQA form (one kv head, key_length kv_lora_rank + rope, the real widths under
+    *_mla), kv_b_proj split into attn_k_b (transposed per head) and attn_v_b (split_kv_b; before
+    that split, one attn_kv_b), stacked experts, exp_probs_b, sigmoid gating."""
+    from safetensors.numpy import load_file
+    cfg = json.loads((ckpt / "config.json").read_text())
+    t = load_file(ckpt / "model.safetensors")
+    heads, rope, nope, v = (cfg["num_attention_heads"], cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"],
+                            cfg["v_head_dim"])
+    rank = cfg["kv_lora_rank"]
+    w = gguf.GGUFWriter(str(out), "deepseek2")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(1)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_expert_count(cfg["n_routed_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_q_lora_rank(cfg["q_lora_rank"])
+    w.add_kv_lora_rank(rank)
+    if split_kv_b:
+        w.add_key_length(rank + rope)
+        w.add_value_length(rank)
+        w.add_key_length_mla(nope + rope)
+        w.add_value_length_mla(v)
+    else:                       # GGUFs from before llama.cpp's MLA rewrite
+        w.add_key_length(nope + rope)
+        w.add_value_length(v)
+    w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    w.add_expert_shared_count(cfg["n_shared_experts"])
+    w.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg["norm_topk_prob"]:
+        w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(gating)
+    w.add_expert_group_count(cfg["n_group"])
+    w.add_expert_group_used_count(cfg["topk_group"])
+    w.add_rope_dimension_count(rope)
+    rp = cfg["rope_parameters"]
+    if rp.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(rp["factor"])
+        w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+        w.add_rope_scaling_yarn_log_mul(0.1 * rp["mscale_all_dim"] if yarn_log_mul is None else yarn_log_mul)
+
+    def add(name, arr, small=False):
+        if small or arr.ndim == 1 or qtype == Q.F32 or arr.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
+        else:
+            w.add_tensor(name, gguf.quants.quantize(np.ascontiguousarray(arr, np.float32), qtype), raw_dtype=qtype)
+    add("token_embd.weight", t["model.embed_tokens.weight"], small=True)
+    add("output_norm.weight", t["model.norm.weight"])
+    add("output.weight", t["lm_head.weight"])
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for g, h in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                     ("attn_q_a", "self_attn.q_a_proj"), ("attn_q_a_norm", "self_attn.q_a_layernorm"),
+                     ("attn_q_b", "self_attn.q_b_proj"), ("attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"),
+                     ("attn_kv_a_norm", "self_attn.kv_a_layernorm"), ("attn_output", "self_attn.o_proj"),
+                     ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj"),
+                     *((f"ffn_{x}_shexp", f"mlp.shared_experts.{x}_proj") for x in ("gate", "up", "down"))):
+            if p + h + ".weight" in t:
+                add(f"blk.{layer}.{g}.weight", t[p + h + ".weight"])
+        kv_b = t[p + "self_attn.kv_b_proj.weight"]
+        if split_kv_b:       # DeepseekV2Model.modify_tensors
+            k_b, v_b = np.split(kv_b.reshape(heads, nope + v, rank), [nope], axis=1)
+            add(f"blk.{layer}.attn_k_b.weight", k_b.swapaxes(1, 2))
+            add(f"blk.{layer}.attn_v_b.weight", v_b)
+        else:
+            add(f"blk.{layer}.attn_kv_b.weight", kv_b)
+        if p + "mlp.gate.weight" in t:
+            add(f"blk.{layer}.ffn_gate_inp.weight", t[p + "mlp.gate.weight"], small=True)
+            add(f"blk.{layer}.exp_probs_b.bias", t[p + "mlp.gate.e_score_correction_bias"])
+            for g, role in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
+                add(f"blk.{layer}.{g}.weight",
+                    np.stack([t[f"{p}mlp.experts.{e}.{role}.weight"] for e in range(cfg["n_routed_experts"])]))
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    tokens = [k for k, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+#: DeepSeek-V3's own values where the demo config differs from what transformers defaults to: a
+#: GGUF that left them out would otherwise get 8 groups, a 2.5 routed scale, ...
+_DS = dict(moe_intermediate_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+           n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=True)
+
+
+def _transformers_store_logits(store, ids):
+    """Logits of `store` run by transformers' own DeepSeek-V3 classes (moestream has no native
+    forward for it), in float32, the store closed after."""
+    tf = moestream.from_pretrained(store, device_budget="64MiB", host_budget=0, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            return tf(ids).logits
+    finally:
+        tf.moestream_store.close()
+
+
+@pytest.fixture(scope="module")
+def deepseek(tmp_path_factory):
+    return build_checkpoint("deepseek_v3", tmp_path_factory.mktemp("ds") / "ds", seed=21, **_DS)
+
+
+@pytest.mark.parametrize("split_kv_b", [True, False], ids=["k_b+v_b", "kv_b"])
+def test_a_deepseek2_gguf_converts_to_the_checkpoint_it_was_made_from(deepseek, tmp_path, split_kv_b):
+    """llama.cpp's MLA rewrite undone: the widths from the *_mla keys, kv_b_proj joined from attn_k_b
+    (transposed back) and attn_v_b, one kv head read as MLA's many; an F32 GGUF's store computes
+    what transformers computes on the original DeepSeek-V3 checkpoint."""
+    src = write_deepseek2_gguf(deepseek, tmp_path / "m.gguf", split_kv_b=split_kv_b)
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    cfg = json.loads((store / "config.json").read_text())
+    orig = json.loads((deepseek / "config.json").read_text())
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+              "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "intermediate_size", "q_lora_rank",
+              "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "head_dim", "n_group",
+              "topk_group", "first_k_dense_replace", "n_shared_experts", "norm_topk_prob", "rope_parameters"):
+        assert cfg[k] == orig[k], k
+    assert cfg["routed_scaling_factor"] == pytest.approx(orig["routed_scaling_factor"])
+    ids = torch.randint(0, orig["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(3))
+    err = _rel(_transformers_store_logits(store, ids), _logits(deepseek, ids))
+    print(f"deepseek2 F32 GGUF ({'split' if split_kv_b else 'joined'} kv_b): max |logit diff| / max |logit| = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_a_q8_0_deepseek2_gguf_keeps_its_expert_blocks(deepseek, tmp_path):
+    src = write_deepseek2_gguf(deepseek, tmp_path / "m.gguf", Q.Q8_0)
+    store = moestream.convert(src, tmp_path / "m.moe", progress=False)
+    assert _kept_experts_against_gguf_py(src, store, "int8:32") == 0.0
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(5))
+    drift = _rel(_transformers_store_logits(store, ids), _logits(deepseek, ids))
+    print(f"deepseek2 Q8_0 GGUF kept: against the unquantized checkpoint {drift:.4f}")
+    assert drift < 0.02
+
+
+def test_deepseek2_yarn_rope_scaling_is_read_as_deepseek_writes_it(tmp_path):
+    """DeepSeek-V3's kind of rope scaling (yarn, there factor 40 over 4096 positions, mscale =
+    mscale_all_dim = 1) as llama.cpp keeps it (factor, original context, 0.1 * mscale_all_dim as the
+    log multiplier) comes back as the rope_parameters transformers computes the same logits from."""
+    rp = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 16.0, "original_max_position_embeddings": 16,
+          "mscale": 1.0, "mscale_all_dim": 1.0}
+    ckpt = build_checkpoint("deepseek_v3", tmp_path / "ds", seed=4, rope_parameters=rp, **_DS)
+    store = moestream.convert(write_deepseek2_gguf(ckpt, tmp_path / "m.gguf"), tmp_path / "m.moe", progress=False)
+    assert json.loads((store / "config.json").read_text())["rope_parameters"] == rp
+    ids = torch.randint(0, 200, (1, 40), generator=torch.Generator().manual_seed(6))     # beyond 16 positions
+    assert _rel(_transformers_store_logits(store, ids), _logits(ckpt, ids)) < 1e-4
+
+
+def test_a_softmax_gated_deepseek2_gguf_is_refused_as_deepseek_v2(deepseek, tmp_path):
+    src = write_deepseek2_gguf(deepseek, tmp_path / "m.gguf", gating=gguf.ExpertGatingFuncType.SOFTMAX)
+    with pytest.raises(ConvertError, match=r"m\.gguf: .*softmax expert gating .*DeepSeek-V2"):
+        moestream.convert(src, tmp_path / "m.moe", progress=False)
+    assert not (tmp_path / "m.moe").exists()
+
+
+def test_the_deepseek_v3_pre_tokenizer_splits_as_llama_cpp_does(deepseek, tmp_path):
+    """tokenizer.ggml.pre "deepseek-v3": digits in threes, CJK runs apart, punctuation glued to the
+    letters after it (llama.cpp's three regexes); an unknown pre-tokenizer gives no tokenizer.json
+    and says why, rather than splitting text another way than the model's own tokenizer."""
+    from tokenizers import Tokenizer
+    from moestream.formats.gguf_checkpoint import GgufCheckpoint
+    ck = GgufCheckpoint(write_deepseek2_gguf(deepseek, tmp_path / "m.gguf"))
+    tok = Tokenizer.from_str(ck.tokenizer_json().decode())
+    pieces = [p for p, _ in tok.pre_tokenizer.pre_tokenize_str("abc 1234567 世界x.Hello")]
+    assert pieces == ["abc", "Ġ", "123", "456", "7", "Ġ", "ä¸ĸçķĮ", "x", ".Hello"]     # byte-level forms
+    ck = GgufCheckpoint(write_deepseek2_gguf(deepseek, tmp_path / "odd.gguf", pre="some-new-model"))
+    assert ck.tokenizer_json() is None and "'some-new-model'" in ck.tokenizer_note()
+
