@@ -229,7 +229,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 writer.add_dense(name, encode_region([(name, dt, info.shape, bits)], lossless), info.length)
                 bar.update(info.length)
             if isinstance(ckpt, GgufCheckpoint):
-                _note_gguf(ckpt, quant, native, bar.write)
+                _note_gguf(ckpt, quant, native, expert_names, bar.write)
             for name, blob in copies.items():
                 if name != "config.json":
                     writer.add_blob(name, _blob(np.frombuffer(blob, np.uint8), zstd_level))
@@ -339,7 +339,7 @@ def open_checkpoint(src: str | os.PathLike) -> "HFCheckpoint | GgufCheckpoint":
     return HFCheckpoint(src)
 
 
-def _note_gguf(ckpt: GgufCheckpoint, quant: str, native: Optional[str], write) -> None:
+def _note_gguf(ckpt: GgufCheckpoint, quant: str, native: Optional[str], expert_names: set, write) -> None:
     """What the conversion of a GGUF does with its quantized tensors and its tokenizer."""
     counts = Counter(t.ggml_type for t in ckpt.tensors.values() if t.ggml_type is not None)
     if counts:
@@ -349,12 +349,14 @@ def _note_gguf(ckpt: GgufCheckpoint, quant: str, native: Optional[str], write) -
             experts = (f"{native} experts kept as {kind} in groups of {group} ("
                        + ("the same codes and scales" if exact else "the same codes; scale products rounded to fp16")
                        + ")")
+        elif quant == "keep" and {ckpt.info(n).ggml_type for n in expert_names} - {None} == {"MXFP4"}:
+            experts = "MXFP4 experts decoded exactly to bf16 (every MXFP4 value is one)"
         elif quant == "keep":
             experts = f"--quant keep experts as bf16 (only experts all of one of {', '.join(NATIVE_TYPES)} keep their blocks)"
         else:
             experts = f"experts as {quant}"
-        write(f"GGUF {ckpt.arch.name}: quantized dense tensors dequantized by gguf-py's reference dequantizer and "
-              f"stored as bf16 ({kinds} in all); {experts}")
+        write(f"GGUF {ckpt.arch.name} ({kinds} tensors): quantized dense tensors dequantized by gguf-py's reference "
+              f"dequantizer and stored as bf16; {experts}")
     note = ckpt.tokenizer_note()
     if note is not None:
         write(f"no tokenizer.json in the store: {note} (generate and serve need token ids or a tokenizer)")

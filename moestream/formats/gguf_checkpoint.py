@@ -10,6 +10,9 @@ neighbouring elements where Hugging Face pairs the two halves; Qwen's "NEOX" rot
 `deepseek2` (DeepSeek-V3/R1, Kimi-K2) also undoes llama.cpp's MLA rewrite: its metadata describes
 the attention as MQA (one kv head, keys kv_lora_rank + rope wide) with the real sizes under
 `*_mla` keys, and `kv_b_proj` is split into `attn_k_b` (transposed) and `attn_v_b`, joined here.
+`gpt-oss` has its fused experts split by llama.cpp into gate / up / down stacks in nn.Linear
+orientation: joined, transposed and interleaved back into the family's `gate_up_proj [E, H, 2I]`
+(GgufArch.joined, JOINS).
 
 Quantized tensors (Q8_0, Q4_0, the K-quants, IQ types, ...) are dequantized to float32 by gguf-py's
 reference `gguf.quants.dequantize` (numpy) one tensor, or one expert, at a time: the converter then
@@ -62,8 +65,13 @@ class GgufArch:
     #: the config fields that are arithmetic on the metadata, not a copy of one key:
     #: (metadata getter by key without the "ARCH." prefix, config so far, where) -> None, filling config
     derive: Optional[Callable[[Callable[[str], Any], dict, str], None]] = None
-    #: llama.cpp split each layer's kv_b_proj into attn_k_b and attn_v_b (deepseek2): joined on read
-    split_kv_b: bool = False
+    #: Hugging Face tensors (after "model.layers.N.") that llama.cpp split or rearranged, rebuilt on
+    #: read from GGUF tensors (after "blk.N."): (name, parts, how; JOINS says what each `how` does)
+    joined: tuple[tuple[str, tuple[str, ...], str], ...] = ()
+    #: yarn rope scaling: rope.scaling.yarn_log_multiplier is DeepSeek's 0.1 * mscale_all_dim
+    yarn_log_mul_is_mscale: bool = False
+    #: yarn rope parameters the family's own config sets and the GGUF does not carry
+    yarn_fixed: tuple[tuple[str, Any], ...] = ()
 
 
 _COMMON_CONFIG = (("hidden_size", "embedding_length"), ("num_hidden_layers", "block_count"),
@@ -91,9 +99,12 @@ _DEEPSEEK2_TENSORS = (
     ("ffn_gate_inp.weight", "mlp.gate.weight"), ("exp_probs_b.bias", "mlp.gate.e_score_correction_bias"),
     *((f"ffn_{p}.weight", f"mlp.{p}_proj.weight") for p in ("gate", "up", "down")),          # leading dense layers
     *((f"ffn_{p}_shexp.weight", f"mlp.shared_experts.{p}_proj.weight") for p in ("gate", "up", "down")))
-#: attn_k_b / attn_v_b -> the kv_b_proj they were split from (GgufArch.split_kv_b)
-_KV_B_PARTS = ("attn_k_b.weight", "attn_v_b.weight")
-_KV_B = "self_attn.kv_b_proj.weight"
+#: How GgufArch.joined rebuilds a tensor from its GGUF parts (each read as a whole or as one expert's row):
+#:   kv_b          attn_k_b [H, rank, nope] (transposed per head) and attn_v_b [H, v, rank] -> [H*(nope+v), rank]
+#:   interleave_t  gate [.., I, H] and up [.., I, H] -> [.., H, 2I], columns g0 u0 g1 u1 ... (GPT-OSS's gate_up_proj)
+#:   interleave    gate bias [.., I] and up bias [.., I] -> [.., 2I], g0 u0 g1 u1 ...
+#:   t             [.., R, C] -> [.., C, R] (GPT-OSS's down_proj, kept [in, out])
+JOINS = ("kv_b", "interleave_t", "interleave", "t")
 
 
 def _deepseek2_config(meta: Callable[[str], Any], cfg: dict, where: str) -> None:
@@ -154,7 +165,30 @@ GGUF_ARCHITECTURES: dict[str, GgufArch] = {
                           (*_COMMON_CONFIG, ("n_routed_experts", "expert_count"),
                            ("moe_intermediate_size", "expert_feed_forward_length"),
                            ("intermediate_size", "feed_forward_length")),
-                          layer_tensors=_DEEPSEEK2_TENSORS, derive=_deepseek2_config, split_kv_b=True),
+                          layer_tensors=_DEEPSEEK2_TENSORS, derive=_deepseek2_config,
+                          joined=(("self_attn.kv_b_proj.weight", ("attn_k_b.weight", "attn_v_b.weight"), "kv_b"),),
+                          yarn_log_mul_is_mscale=True),
+    # the fused, transposed, gate/up-interleaved experts of formats/families.py's gpt_oss, from
+    # llama.cpp's separate gate/up/down stacks (convert_hf_to_gguf's GptOssModel split and transposed them)
+    "gpt-oss": GgufArch("gpt-oss", "gpt_oss",
+                        (*_COMMON_CONFIG, ("num_local_experts", "expert_count"), ("head_dim", "attention.key_length"),
+                         ("intermediate_size", "expert_feed_forward_length"),
+                         ("sliding_window", "attention.sliding_window")),
+                        layer_tensors=(
+                            ("attn_norm.weight", "input_layernorm.weight"),
+                            ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                            *((f"attn_{g}.{p}", f"self_attn.{g}_proj.{p}") for g in "qkv" for p in ("weight", "bias")),
+                            ("attn_output.weight", "self_attn.o_proj.weight"), ("attn_output.bias", "self_attn.o_proj.bias"),
+                            ("attn_sinks.weight", "self_attn.sinks"),
+                            ("ffn_gate_inp.weight", "mlp.router.weight"), ("ffn_gate_inp.bias", "mlp.router.bias"),
+                            ("ffn_down_exps.bias", "mlp.experts.down_proj_bias")),
+                        joined=(("mlp.experts.gate_up_proj", ("ffn_gate_exps.weight", "ffn_up_exps.weight"),
+                                 "interleave_t"),
+                                ("mlp.experts.gate_up_proj_bias", ("ffn_gate_exps.bias", "ffn_up_exps.bias"),
+                                 "interleave"),
+                                ("mlp.experts.down_proj", ("ffn_down_exps.weight",), "t")),
+                        # GPT-OSS's published rope_scaling (yarn over 4096 positions, not truncated)
+                        yarn_fixed=(("truncate", False),)),
 }
 
 #: whole-model tensors
@@ -168,6 +202,9 @@ _EXPERT_ROLES = {"ffn_gate_exps.weight": 0, "ffn_up_exps.weight": 1, "ffn_down_e
 PRE_TOKENIZER_REGEX = {
     "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
     "gpt-2": (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+",),
+    "gpt-4o": (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+               r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",),
     "deepseek-v3": (r"\p{N}{1,3}", "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
                     "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
                     "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+"),
@@ -239,17 +276,20 @@ class GgufCheckpoint(TensorTable):
         self.config = self._config(raw)
         self.tensors: dict[str, TensorInfo] = {}
         self._types: dict[str, str] = {}          # Hugging Face name -> GGML type name
-        #: kv_b_proj joined from attn_k_b and attn_v_b (GgufArch.split_kv_b): name -> the two parts
-        self._joined: dict[str, tuple[TensorInfo, TensorInfo]] = {}
-        parts: dict[str, dict[str, tuple[Path, Any]]] = {}
+        #: tensors rebuilt from GGUF parts (GgufArch.joined): name -> (the parts, how)
+        self._joined: dict[str, tuple[tuple[TensorInfo, ...], str]] = {}
+        part_names = {p for _, parts, _ in self.arch.joined for p in parts}
+        parts: dict[int, dict[str, tuple[Path, Any]]] = {}
         for gname, (f, t) in raw.items():
             m = re.fullmatch(r"blk\.(\d+)\.(.+)", gname)
-            if self.arch.split_kv_b and m and m[2] in _KV_B_PARTS:
-                parts.setdefault(m[1], {})[m[2]] = (f, t)
+            if m and m[2] in part_names:
+                parts.setdefault(int(m[1]), {})[m[2]] = (f, t)
             else:
                 self._add(gname, f, t)
-        for layer, got in parts.items():
-            self._join_kv_b(int(layer), got)
+        for layer, got in sorted(parts.items()):
+            for name, names, how in self.arch.joined:
+                if any(p in got for p in names):
+                    self._join(layer, name, names, how, got)
 
     # ---- metadata -------------------------------------------------------------------------
 
@@ -326,15 +366,18 @@ class GgufCheckpoint(TensorTable):
         if not isinstance(orig, int) or orig <= 0:
             raise ConvertError(f"{self.root}: yarn rope scaling without {a}.rope.scaling.original_context_length")
         params["original_max_position_embeddings"] = orig
-        for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+        params.update(dict(self.arch.yarn_fixed))
+        # (what convert_hf_to_gguf writes from a Hugging Face rope_scaling, mapped back)
+        for key, hf in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                        ("yarn_attn_factor", "attention_factor")):
             if meta(key) is not None:
                 params[hf] = float(meta(key))
-        for key in ("attn_factor", "yarn_attn_factor", "yarn_ext_factor"):
+        for key in ("attn_factor", "yarn_ext_factor"):
             if meta(key) not in (None, 1.0, 1):
                 raise ConvertError(f"{self.root}: {a}.rope.scaling.{key} = {meta(key)!r} is not converted yet")
         log_mul = meta("yarn_log_multiplier")
         if log_mul is not None:
-            if not self.arch.split_kv_b:
+            if not self.arch.yarn_log_mul_is_mscale:
                 raise ConvertError(f"{self.root}: {a}.rope.scaling.yarn_log_multiplier is not converted for {a}")
             # llama.cpp writes DeepSeek's 0.1 * mscale_all_dim here (its TAG_DEEPSEEK2_YARN_LOG_MUL_FIX);
             # V3, R1 and Kimi-K2 have mscale == mscale_all_dim, which makes the yarn attention factor 1
@@ -395,31 +438,79 @@ class GgufCheckpoint(TensorTable):
         return TensorInfo(gname, path, RAW_TYPES[qtype][0] if qtype in RAW_TYPES else "fp32", shape,
                           int(t.data_offset), int(t.n_bytes), ggml_type=None if qtype in RAW_TYPES else qtype)
 
-    def _join_kv_b(self, layer: int, got: dict[str, tuple[Path, Any]]) -> None:
-        """kv_b_proj [H * (nope + v), kv_lora_rank] of `layer` from llama.cpp's attn_k_b
-        [H, kv_lora_rank, nope] (each head's key rows, transposed) and attn_v_b [H, v, kv_lora_rank]."""
-        missing = [p for p in _KV_B_PARTS if p not in got]
+    def _join(self, layer: int, hf: str, names: tuple[str, ...], how: str, got: dict[str, tuple[Path, Any]]) -> None:
+        """Register model.layers.`layer`.`hf`, rebuilt from the GGUF tensors `names` of the layer as
+        JOINS[`how`] says; ConvertError naming the file and tensor for a missing part or a shape the
+        metadata does not give."""
+        missing = [p for p in names if p not in got]
         if missing:
             f = next(iter(got.values()))[0]
-            raise ConvertError(f"{f}: blk.{layer}.{missing[0]} is missing (llama.cpp splits kv_b_proj into "
-                               f"blk.{layer}.{_KV_B_PARTS[0]} and blk.{layer}.{_KV_B_PARTS[1]})")
-        k_b, v_b = (self._info(f"blk.{layer}.{p}", *got[p]) for p in _KV_B_PARTS)
-        c = self.config
-        heads, nope, v, rank = (c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"], c["kv_lora_rank"])
-        for part, want in ((k_b, (heads, rank, nope)), (v_b, (heads, v, rank))):
-            if part.shape != want:
-                raise ConvertError(f"{part.path}: {part.name} has shape {list(part.shape)}; the metadata's MLA "
-                                   f"sizes make it {list(want)}")
-        name = f"model.layers.{layer}.{_KV_B}"
-        raw = self._types[k_b.name] == self._types[v_b.name] and self._types[k_b.name] in RAW_TYPES
-        self.tensors[name] = TensorInfo(name, k_b.path, k_b.dtype if raw else "fp32", (heads * (nope + v), rank),
-                                        k_b.offset, k_b.length + v_b.length,
-                                        ggml_type=None if raw else self._types[k_b.name])
-        self._types[name] = self._types[k_b.name] if raw else "joined"
-        self._joined[name] = (k_b, v_b)
+            raise ConvertError(f"{f}: blk.{layer}.{missing[0]} is missing (llama.cpp writes model.layers.{layer}.{hf} "
+                               f"as {' and '.join(f'blk.{layer}.{p}' for p in names)})")
+        parts = tuple(self._info(f"blk.{layer}.{p}", *got[p]) for p in names)
+        shape = self._joined_shape(parts, how)
+        name = f"model.layers.{layer}.{hf}"
+        types = {self._types[p.name] for p in parts}
+        raw = len(types) == 1 and types <= RAW_TYPES.keys() and len({p.dtype for p in parts}) == 1
+        self.tensors[name] = TensorInfo(name, parts[0].path, parts[0].dtype if raw else "fp32", shape, parts[0].offset,
+                                        sum(p.length for p in parts),
+                                        ggml_type=None if raw else next(t for t in types if t not in RAW_TYPES))
+        self._types[name] = "joined"
+        self._joined[name] = (parts, how)
+
+    def _joined_shape(self, parts: tuple[TensorInfo, ...], how: str) -> tuple[int, ...]:
+        """The shape `how` makes of `parts`; ConvertError naming a part whose shape does not fit."""
+        first = parts[0]
+
+        def bad(part: TensorInfo, want) -> ConvertError:
+            return ConvertError(f"{part.path}: {part.name} has shape {list(part.shape)}; expected {list(want)}")
+        if how == "kv_b":
+            c = self.config
+            heads, nope, v, rank = (c["num_attention_heads"], c["qk_nope_head_dim"], c["v_head_dim"], c["kv_lora_rank"])
+            for part, want in zip(parts, ((heads, rank, nope), (heads, v, rank))):
+                if part.shape != want:
+                    raise bad(part, want)         # the metadata's MLA sizes give `want`
+            return heads * (nope + v), rank
+        for part in parts[1:]:
+            if part.shape != first.shape:
+                raise bad(part, first.shape)
+        if how == "interleave_t":
+            if len(first.shape) != 3:
+                raise bad(first, ("E", "I", "H"))
+            e, i, h = first.shape
+            return e, h, 2 * i
+        if how == "interleave":
+            if len(first.shape) != 2:
+                raise bad(first, ("E", "I"))
+            return first.shape[0], 2 * first.shape[1]
+        assert how == "t", how
+        if len(first.shape) != 3:
+            raise bad(first, ("E", "R", "C"))
+        return first.shape[0], first.shape[2], first.shape[1]
 
     def row(self, name: str, index: int) -> TensorInfo:
-        raise ConvertError(f"{self.root}: {name}: GGUF experts are split on read; no fused rows")
+        """Row `index` (one expert) of a fused [E, ...] tensor: of a GGUF tensor, or of each part of
+        a joined one, which read_info then joins."""
+        t = self.info(name)
+        if not t.shape or not 0 <= index < t.shape[0]:
+            raise ConvertError(f"{t.path}: {name} has shape {list(t.shape)}, no row {index}")
+        if name not in self._joined:
+            return self._row(t, index)
+        parts, how = self._joined[name]
+        rows = tuple(self._row(p, index) for p in parts)
+        out = TensorInfo(f"{name}[{index}]", rows[0].path, t.dtype, t.shape[1:], rows[0].offset,
+                         sum(r.length for r in rows), ggml_type=t.ggml_type)
+        self._types[out.name] = "joined"
+        self._joined[out.name] = (rows, how)
+        return out
+
+    def _row(self, t: TensorInfo, index: int) -> TensorInfo:
+        """Row `index` of GGUF tensor `t` (whole rows are whole blocks: a row holds whole matrix rows)."""
+        size = t.length // t.shape[0]
+        out = TensorInfo(f"{t.name}[{index}]", t.path, t.dtype, t.shape[1:], t.offset + index * size, size,
+                         ggml_type=t.ggml_type)
+        self._types[out.name] = self._types[t.name]
+        return out
 
     def read(self, name: str) -> np.ndarray:
         return self.read_info(self.info(name))
@@ -447,14 +538,23 @@ class GgufCheckpoint(TensorTable):
         return bits
 
     def _read_joined(self, t: TensorInfo) -> np.ndarray:
-        """kv_b_proj's bits (t.dtype) from its two parts: per head, the key rows (attn_k_b transposed
-        back) then the value rows, as Hugging Face's kv_b_proj holds them."""
-        k_b, v_b = self._joined[t.name]
-        k, v = (self.read_info(p).reshape(p.shape) for p in (k_b, v_b))
-        if k.dtype != v.dtype or t.dtype != k_b.dtype:      # parts of different types: as float32
+        """The bits (t.dtype) of a tensor rebuilt from its parts as JOINS says (parts of different
+        types are joined as float32)."""
+        parts, how = self._joined[t.name]
+        xs = [self.read_info(p).reshape(p.shape) for p in parts]
+        if len({x.dtype for x in xs}) > 1 or t.dtype != parts[0].dtype:
             from .codecs import bits_to_float32
-            k, v = (bits_to_float32(x, p.dtype).view(np.uint32) for x, p in ((k, k_b), (v, v_b)))
-        return np.ascontiguousarray(np.concatenate([k.swapaxes(1, 2), v], axis=1)).reshape(-1)
+            xs = [bits_to_float32(x, p.dtype).view(np.uint32) for x, p in zip(xs, parts)]
+        if how == "kv_b":
+            k, v = xs
+            out = np.concatenate([k.swapaxes(1, 2), v], axis=1)
+        elif how == "interleave_t":
+            out = np.stack([x.swapaxes(-1, -2) for x in xs], axis=-1)
+        elif how == "interleave":
+            out = np.stack(xs, axis=-1)
+        else:
+            out = xs[0].swapaxes(-1, -2)
+        return np.ascontiguousarray(out).reshape(-1)
 
     def read_planes(self, t: TensorInfo, group: int) -> bytes:
         """Tensor `t` (a NATIVE_TYPES block type) as the payload of our group-wise type: codes,

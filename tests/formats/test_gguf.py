@@ -548,3 +548,133 @@ def test_the_deepseek_v3_pre_tokenizer_splits_as_llama_cpp_does(deepseek, tmp_pa
     ck = GgufCheckpoint(write_deepseek2_gguf(deepseek, tmp_path / "odd.gguf", pre="some-new-model"))
     assert ck.tokenizer_json() is None and "'some-new-model'" in ck.tokenizer_note()
 
+
+
+# ---- gpt-oss ----------------------------------------------------------------------------------------
+
+def _mxfp4_ggml_blocks(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """A checkpoint's MXFP4 pair (blocks uint8 [..., G, 16]: element 2j in byte j's low nibble,
+    2j+1 in its high one; exponents uint8 [..., G]) as GGML's block_mxfp4 {e, qs[16]}: element j
+    in byte j's low nibble, j+16 in its high one (what convert_hf_to_gguf's repack_mxfp4 writes)."""
+    codes = np.stack([blocks & 15, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)   # in order
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    out = np.concatenate([scales[..., None], qs.astype(np.uint8)], axis=-1)                  # [..., G, 17]
+    return out.reshape(*out.shape[:-2], -1)
+
+
+def write_gpt_oss_gguf(ckpt, out, *, mxfp4_src=None):
+    """A GPT-OSS checkpoint as convert_hf_to_gguf.py's GptOssModel writes it: gate_up_proj [E, H, 2I]
+    transposed and split into ffn_gate_exps / ffn_up_exps [E, I, H] (even / odd columns), down_proj
+    transposed to ffn_down_exps [E, H, I], their biases split alike; F32, or (mxfp4_src: the MXFP4
+    checkpoint's folder) the experts as that checkpoint's MXFP4 blocks, repacked as GGML's."""
+    from safetensors.numpy import load_file
+    cfg = json.loads((ckpt / "config.json").read_text())
+    t = load_file(ckpt / "model.safetensors")
+    q = load_file(mxfp4_src / "model.safetensors") if mxfp4_src else None
+    w = gguf.GGUFWriter(str(out), "gpt-oss")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg["num_key_value_heads"])
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_expert_count(cfg["num_local_experts"])
+    w.add_expert_used_count(cfg["num_experts_per_tok"])
+    w.add_expert_feed_forward_length(cfg["intermediate_size"])
+    w.add_sliding_window(cfg["sliding_window"])
+    rp = cfg["rope_parameters"]
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rp["factor"])
+    w.add_rope_scaling_orig_ctx_len(rp["original_max_position_embeddings"])
+    w.add_rope_scaling_yarn_beta_fast(rp["beta_fast"])          # as TextModel.set_gguf_parameters writes them
+    w.add_rope_scaling_yarn_beta_slow(rp["beta_slow"])
+    f32 = lambda a: np.ascontiguousarray(a, np.float32)      # noqa: E731
+    w.add_tensor("token_embd.weight", f32(t["model.embed_tokens.weight"]))
+    w.add_tensor("output_norm.weight", f32(t["model.norm.weight"]))
+    w.add_tensor("output.weight", f32(t["lm_head.weight"]))
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        for g, h in (("attn_norm.weight", "input_layernorm.weight"),
+                     ("post_attention_norm.weight", "post_attention_layernorm.weight"),
+                     *((f"attn_{x}.{k}", f"self_attn.{x}_proj.{k}") for x in "qkv" for k in ("weight", "bias")),
+                     ("attn_output.weight", "self_attn.o_proj.weight"), ("attn_output.bias", "self_attn.o_proj.bias"),
+                     ("attn_sinks.weight", "self_attn.sinks"), ("ffn_gate_inp.weight", "mlp.router.weight"),
+                     ("ffn_gate_inp.bias", "mlp.router.bias"), ("ffn_down_exps.bias", "mlp.experts.down_proj_bias")):
+            w.add_tensor(f"blk.{layer}.{g}", f32(t[p + h]))
+        e = p + "mlp.experts."
+        bias = t[e + "gate_up_proj_bias"]
+        w.add_tensor(f"blk.{layer}.ffn_gate_exps.bias", f32(bias[..., 0::2]))
+        w.add_tensor(f"blk.{layer}.ffn_up_exps.bias", f32(bias[..., 1::2]))
+        if q is None:
+            gu = t[e + "gate_up_proj"].swapaxes(1, 2)                          # [E, 2I, H]
+            w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", f32(gu[:, 0::2]))
+            w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", f32(gu[:, 1::2]))
+            w.add_tensor(f"blk.{layer}.ffn_down_exps.weight", f32(t[e + "down_proj"].swapaxes(1, 2)))
+        else:                # the pairs hold rows [E, R, ...] of the transposed matrices already
+            b, s = q[e + "gate_up_proj_blocks"], q[e + "gate_up_proj_scales"]
+            for g, rows in (("gate", slice(0, None, 2)), ("up", slice(1, None, 2))):
+                w.add_tensor(f"blk.{layer}.ffn_{g}_exps.weight", _mxfp4_ggml_blocks(b[:, rows], s[:, rows]),
+                             raw_dtype=Q.MXFP4)
+            w.add_tensor(f"blk.{layer}.ffn_down_exps.weight",
+                         _mxfp4_ggml_blocks(q[e + "down_proj_blocks"], q[e + "down_proj_scales"]), raw_dtype=Q.MXFP4)
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-4o")
+    w.add_token_list([k for k, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory):
+    from .test_mxfp4 import mxfp4_twins
+    root = tmp_path_factory.mktemp("gpt-oss")
+    src = build_checkpoint("gpt_oss", root / "src", seed=13, moe_intermediate_size=64)
+    return (src, *mxfp4_twins(src, root))
+
+
+def test_a_gpt_oss_gguf_converts_to_the_checkpoint_it_was_made_from(gpt_oss, tmp_path):
+    """llama.cpp's split and transposed experts joined back into GPT-OSS's fused, transposed,
+    gate/up-interleaved layout (with their biases), the config (yarn rope, sliding window, head
+    width) from the metadata: an F32 GGUF's store computes what transformers computes on the
+    original checkpoint."""
+    src, _, _, _ = gpt_oss
+    store = moestream.convert(write_gpt_oss_gguf(src, tmp_path / "m.gguf"), tmp_path / "m.moe", progress=False)
+    cfg = json.loads((store / "config.json").read_text())
+    orig = json.loads((src / "config.json").read_text())
+    for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+              "num_local_experts", "num_experts_per_tok", "intermediate_size", "sliding_window", "rope_parameters"):
+        assert cfg[k] == orig[k], k
+    ids = torch.randint(0, orig["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(3))
+    err = _rel(_transformers_store_logits(store, ids), _logits(src, ids))
+    print(f"gpt-oss F32 GGUF: max |logit diff| / max |logit| = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_mxfp4_gguf_experts_equal_the_mxfp4_checkpoints(gpt_oss, tmp_path):
+    """A GGUF of a GPT-OSS MXFP4 checkpoint (the experts' blocks repacked as GGML's MXFP4): its
+    store's experts are bit for bit those of the store converted from the safetensors checkpoint,
+    i.e. transformers' own MXFP4 decoding (tests/formats/test_mxfp4.py), and its logits match
+    transformers on those decoded weights."""
+    _, q, ref, _ = gpt_oss
+    a = moestream.convert(write_gpt_oss_gguf(ref, tmp_path / "m.gguf", mxfp4_src=q), tmp_path / "a.moe",
+                          progress=False)
+    b = moestream.convert(q, tmp_path / "b.moe", progress=False)
+    with StoreReader(a) as ra, StoreReader(b) as rb:
+        assert ra.layers == rb.layers
+        for layer in ra.layers:
+            for e in range(ra.experts_per_layer):
+                wa, wb = ra.expert(layer, e), rb.expert(layer, e)
+                assert wa.keys() == wb.keys()
+                for t in wa:
+                    assert torch.equal(wa[t], wb[t]), (layer, e, t)
+                assert wa["gate_up_proj"].dtype == wa["down_proj"].dtype == torch.bfloat16     # exact there
+    ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(8))
+    assert _rel(_transformers_store_logits(a, ids), _logits(ref, ids)) < 1e-4

@@ -33,12 +33,9 @@ def _to_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return packed, (exp + 127).to(torch.uint8)
 
 
-@pytest.fixture(scope="module")
-def mxfp4_pair(tmp_path_factory):
-    from moestream.demo import build_checkpoint
-    root = tmp_path_factory.mktemp("mxfp4")
-    src = build_checkpoint("gpt_oss", root / "src", seed=3, moe_intermediate_size=64)   # blocks of 32 along each width
-
+def mxfp4_twins(src, root):
+    """(q, ref, deq): GPT-OSS checkpoint `src` with its experts MXFP4-quantized as the published one
+    is (q), and a plain checkpoint of their values as transformers decodes them (ref, deq)."""
     def quantize(name, t):
         if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             return None
@@ -47,6 +44,14 @@ def mxfp4_pair(tmp_path_factory):
                 convert_moe_packed_tensors(blocks, scales, dtype=torch.float32))      # transformers' decode
     return quantized_twins(src, root, quantize, {"quant_method": "mxfp4",
                                                  "modules_to_not_convert": ["router", "self_attn", "lm_head"]})
+
+
+@pytest.fixture(scope="module")
+def mxfp4_pair(tmp_path_factory):
+    from moestream.demo import build_checkpoint
+    root = tmp_path_factory.mktemp("mxfp4")
+    src = build_checkpoint("gpt_oss", root / "src", seed=3, moe_intermediate_size=64)   # blocks of 32 along each width
+    return mxfp4_twins(src, root)
 
 
 def test_mxfp4_experts_decode_exactly_as_transformers_and_the_model_matches(mxfp4_pair, tmp_path):
