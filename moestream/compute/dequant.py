@@ -23,9 +23,8 @@ import numpy as np
 import torch
 from numba import cuda, njit, prange
 
-from ..formats.codecs import dequantize_torch, view_plane
+from ..formats.codecs import code_values, dequantize_torch, scale_values, view_plane
 from ..formats.constants import MIXED_QUANT, QUANT_TYPES
-from ..formats.fp8 import fp8_values
 
 _CHUNK_GROUPS = 256
 # Numba's default (workqueue) threading layer must not be entered from two threads at once;
@@ -54,7 +53,8 @@ def _dequant_cpu(codes, scales, mins, scales_f32, values, base, out_f32, out_bit
     # Each group is dequantized into a float32 scratch row, then stored (as fp32, or rounded to
     # bf16 through the row's uint32 view): the inner loops stay branch-free and vectorize.
     # kind 0: int8, 1: int4 (fp16 scales and minimums, read as bytes); 2: float8, a code's value
-    # from the type's table `values` times its group's float32 scale (scales_f32)
+    # from the type's table `values` times its group's float32 scale (scales_f32); 3: the same for
+    # two table codes a byte, low nibble first (mxfp4)
     groups = (numel + group - 1) // group
     nchunks = (groups + _CHUNK_GROUPS - 1) // _CHUNK_GROUPS
     for c in prange(nchunks):
@@ -67,6 +67,13 @@ def _dequant_cpu(codes, scales, mins, scales_f32, values, base, out_f32, out_bit
                 s = scales_f32[g]
                 for j in range(n):
                     row[j] = values[codes[start + j]] * s
+            elif kind == 3:  # codes cover whole groups, as int4's
+                s = scales_f32[g]
+                first = start >> 1
+                for j in range(group // 2):
+                    b = codes[first + j]
+                    row[2 * j] = values[b & 15] * s
+                    row[2 * j + 1] = values[b >> 4] * s
             else:
                 s = np.float32(_half_to_float_cpu(np.int64(scales[2 * g]) | (np.int64(scales[2 * g + 1]) << 8)))
                 if kind == 1:  # codes cover whole groups (the last one padded), two per byte, low nibble first
@@ -99,10 +106,15 @@ def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[
     empty_f = np.empty(1, np.float32)
     out_f32, out_bits = empty_f if to_bf16 else out, out if to_bf16 else np.empty(1, np.uint16)
     b = base if base is not None else empty_f
-    if QUANT_TYPES[quant].float_codes:
-        kind, values = 2, _float8_table(quant)
-        sc = scales if scales.ctypes.data % 4 == 0 else scales.copy()   # a float32 view needs 4-byte alignment
-        scales_f32 = sc.view(np.float32)
+    qtype = QUANT_TYPES[quant]
+    if qtype.float_codes:
+        kind, values = (3 if qtype.bits == 4 else 2), _code_table(quant)
+        if qtype.e8m0_scales:      # 2^(e - 127), NaN for 255: 1/32 of the output, in numpy
+            scales_f32 = np.where(scales == 255, np.float32(np.nan),
+                                  np.ldexp(np.float32(1), scales.astype(np.int32) - 127)).astype(np.float32)
+        else:
+            sc = scales if scales.ctypes.data % 4 == 0 else scales.copy()   # a float32 view needs 4-byte alignment
+            scales_f32 = sc.view(np.float32)
     else:
         kind, values, scales_f32 = int(quant == "int4"), empty_f, empty_f
     with _PARALLEL_LOCK:
@@ -111,8 +123,8 @@ def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[
 
 
 @functools.lru_cache(maxsize=None)
-def _float8_table(kind: str) -> np.ndarray:
-    return fp8_values(kind)
+def _code_table(kind: str) -> np.ndarray:
+    return code_values(kind)
 
 
 # ---- CUDA ------------------------------------------------------------------------------------
@@ -170,7 +182,19 @@ def _cuda():
                     v += base[i]
                 out[i] = v
                 i += stride
-        _cuda_kernels = (int8_kernel, int4_kernel, lut_kernel)
+        @cuda.jit
+        def lut4_kernel(codes, values, scales, base, out, numel, group, has_base):
+            i = cuda.grid(1)            # mxfp4: two table codes a byte, low nibble first
+            stride = cuda.gridsize(1)
+            while i < numel:
+                b = codes[i // 2]
+                c = b & 15 if i % 2 == 0 else b >> 4
+                v = values[c] * scales[i // group]
+                if has_base:
+                    v += base[i]
+                out[i] = v
+                i += stride
+        _cuda_kernels = (int8_kernel, int4_kernel, lut_kernel, lut4_kernel)
     return _cuda_kernels
 
 
@@ -180,11 +204,15 @@ def dequantize_cuda_arrays(codes, scales, mins, base, out, numel: int, group_siz
     group), `base` float32 or None, `out` float32; CUDA device arrays (anything with
     __cuda_array_interface__, or numpy arrays under the simulator). The kernel is queued on
     `stream` (a Numba stream; 0: the default stream) and not waited for."""
-    int8_kernel, int4_kernel, lut_kernel = _cuda()
+    int8_kernel, int4_kernel, lut_kernel, lut4_kernel = _cuda()
     work = (numel + 1) // 2 if quant == "int4" else numel
     blocks = max(1, min(65535, (work + threads - 1) // threads))
     dummy = base if base is not None else out
-    if QUANT_TYPES[quant].float_codes:
+    qtype = QUANT_TYPES[quant]
+    if qtype.float_codes and qtype.bits == 4:
+        lut4_kernel[blocks, threads, stream](codes, _device_table(quant), scales, dummy, out, numel, group_size,
+                                             base is not None)
+    elif qtype.float_codes:
         lut_kernel[blocks, threads, stream](codes, _device_table(quant), scales, dummy, out, numel, group_size,
                                             base is not None)
     elif quant == "int8":
@@ -197,10 +225,10 @@ _DEVICE_TABLES: dict = {}
 
 
 def _device_table(kind: str):
-    """A float8 type's value table (1 KiB) on the current CUDA device, copied there once."""
+    """A table type's values (at most 1 KiB) on the current CUDA device, copied there once."""
     key = (kind, cuda.current_context().device.uuid)     # uuid: the simulator's devices have no id
     if key not in _DEVICE_TABLES:
-        _DEVICE_TABLES[key] = cuda.to_device(_float8_table(kind))    # synchronous: ready for any stream
+        _DEVICE_TABLES[key] = cuda.to_device(_code_table(kind))    # synchronous: ready for any stream
     return _DEVICE_TABLES[key]
 
 
@@ -303,7 +331,7 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.T
     if dev.type == "cuda" and cuda_kernels_usable():
         res = torch.empty(numel, dtype=torch.float32, device=dev)
         plane = QUANT_TYPES[quant].plane_dtype
-        sf = view_plane(scales, plane).float()
+        sf = scale_values(scales, quant)
         mf = view_plane(mins, plane).float() if mins is not None else None
         with torch.cuda.device(dev):
             dequantize_cuda_arrays(_device_array(codes.contiguous()), _device_array(sf),

@@ -305,6 +305,10 @@ _drop_kernels_cached_on_other_intrinsics()
 # ---- the table --------------------------------------------------------------------------------
 
 
+#: QuantKernel.code of a type the CPU layer kernel does not read in place
+NO_KERNEL = -1
+
+
 @dataclass(frozen=True)
 class QuantKernel:
     """What compute does with one weight type (formats.constants.QUANT_TYPES has the quantized
@@ -333,6 +337,10 @@ QUANT_KERNELS = {
     # int8's (the crossover taken as int8's, whose dequantization costs the same pass)
     "fp8e4m3": QuantKernel("fp8e4m3", 3, dequantize, gemm_rows=32),
     "fp8e5m2": QuantKernel("fp8e5m2", 4, dequantize, gemm_rows=32),
+    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: held as stored in every tier (3.8x
+    # the experts of bf16 in the same bytes), but no branch of the layer kernel reads them yet
+    # (code -1): each use dequantizes the expert (compute/dequant.py) and multiplies it by torch
+    "mxfp4": QuantKernel("mxfp4", NO_KERNEL, dequantize, gemm_rows=0),
 }
 
 #: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix
@@ -353,7 +361,9 @@ def _kernel_type(w: KernelWeight) -> Optional[tuple[str, Optional[int]]]:
     """(type name, group size; None for bf16) of a matrix the CPU kernels read in place
     (cpu_kernel_fits, any group), else None."""
     if isinstance(w, QuantizedTensor):
-        return (w.spec.kind, w.spec.group) if w.spec.kind in QUANT_KERNELS and w.is_cpu and w.contiguous else None
+        kernel = QUANT_KERNELS.get(w.spec.kind)
+        return ((w.spec.kind, w.spec.group) if kernel is not None and kernel.code != NO_KERNEL and w.is_cpu
+                and w.contiguous else None)
     if w.dtype == torch.bfloat16 and w.is_cpu and w.dim() == 2 and w.is_contiguous():
         return "bf16", None
     return None

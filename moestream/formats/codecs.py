@@ -20,6 +20,7 @@ from .constants import (DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_MAX_E
                         ZSTD_PROBE_BYTES, ZSTD_PROBE_MARGIN, ZSTD_PROBES,
                         STAGE_SHUFFLE, STAGE_XOR_DELTA, STAGE_ZSTD, QUANT_TYPES, QuantSpec, align_up)
 from .fp8 import fp8_values
+from .mxfp4 import FP4_VALUES
 from .index import Region, TensorSlice, payload_length
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -115,9 +116,12 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[t
     with `base` (same numel, any float dtype) added first when given: a new one owned by the
     caller, or `out` (numel elements of out_dtype) filled in place."""
     qtype = QUANT_TYPES[quant]
-    s = view_plane(scales, qtype.plane_dtype).float()[:, None]
-    if qtype.float_codes:
-        vals = float8_values(quant, codes.device)[codes.long()].view(-1, group_size) * s
+    s = scale_values(scales, quant)[:, None]
+    if qtype.float_codes and qtype.bits == 4:       # two table codes a byte, low nibble first
+        table = code_table(quant, codes.device)
+        vals = torch.stack([table[(codes & 0x0F).long()], table[(codes >> 4).long()]], dim=1).view(-1, group_size) * s
+    elif qtype.float_codes:
+        vals = code_table(quant, codes.device)[codes.long()].view(-1, group_size) * s
     elif quant == "int8":
         vals = codes.view(torch.int8).float().view(-1, group_size) * s
     else:
@@ -134,7 +138,17 @@ def dequantize_torch(codes: torch.Tensor, scales: torch.Tensor, mins: Optional[t
 
 
 #: a plane's numpy dtype (QuantType.plane_dtype) as torch's
-TORCH_PLANE_DTYPES = {np.float16: torch.float16, np.float32: torch.float32}
+TORCH_PLANE_DTYPES = {np.float16: torch.float16, np.float32: torch.float32, np.uint8: torch.uint8}
+
+
+def scale_values(scales: torch.Tensor, quant: str) -> torch.Tensor:
+    """float32 [groups]: the scale of each group from a tensor's scale plane (uint8 bytes): the
+    plane's floats, or 2^(e - 127) for E8M0 exponents (e = 255, NaN in the format, gives NaN)."""
+    qtype = QUANT_TYPES[quant]
+    if qtype.e8m0_scales:
+        e = scales.float()
+        return torch.where(e == 255, torch.nan, torch.exp2(e - 127))
+    return view_plane(scales, qtype.plane_dtype).float()
 
 
 def view_plane(b: torch.Tensor, dtype=np.float16) -> torch.Tensor:
@@ -145,15 +159,21 @@ def view_plane(b: torch.Tensor, dtype=np.float16) -> torch.Tensor:
     return (b if b.storage_offset() % t.itemsize == 0 else b.clone()).view(t)
 
 
-_FLOAT8_VALUES: dict[tuple[str, torch.device], torch.Tensor] = {}
+def code_values(kind: str) -> np.ndarray:
+    """float32 [2^bits]: the value of each code of a table type (QuantType.float_codes): a float8
+    byte (formats/fp8.py) or an e2m1 nibble (formats/mxfp4.py)."""
+    return FP4_VALUES if kind == "mxfp4" else fp8_values(kind)
 
 
-def float8_values(kind: str, device: torch.device) -> torch.Tensor:
-    """float32 [256] on `device`: the value of each byte of float8 type `kind` (formats/fp8.py)."""
+_CODE_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def code_table(kind: str, device: torch.device) -> torch.Tensor:
+    """code_values(kind) as a float32 tensor on `device` (made once per device)."""
     key = (kind, torch.device(device))
-    lut = _FLOAT8_VALUES.get(key)
+    lut = _CODE_TABLES.get(key)
     if lut is None:
-        lut = _FLOAT8_VALUES[key] = torch.from_numpy(fp8_values(kind)).to(device)
+        lut = _CODE_TABLES[key] = torch.from_numpy(code_values(kind)).to(device)
     return lut
 
 
@@ -204,6 +224,8 @@ class EncodedPlanes:
     not quantized again (its error is the source's own, 0 here)."""
     stage: str          # QuantSpec.stage, e.g. "int4:32"
     payload: bytes
+    #: the payload holds the tensor's [cols, rows] transpose (TensorSlice.transposed)
+    transposed: bool = False
 
 
 @dataclass(frozen=True)
@@ -380,13 +402,19 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
         chain = (spec.stage,)
     if base is not None:
         chain += (STAGE_DELTA,) if opts.quant else (STAGE_XOR_DELTA,)
+    # planes given as they are: the region's other tensors (a GPT-OSS expert's biases) are stored
+    # as their own bytes beside them (TensorSlice.raw), not quantized
+    given = any(isinstance(t[3], EncodedPlanes) for t in tensors)
     for name, dtype, shape, bits in tensors:
         numel = math.prod(shape)
+        raw = transposed = False
         if isinstance(bits, EncodedPlanes):
             if spec is None or bits.stage != spec.stage or base is not None:
                 raise ConvertError(f"tensor {name}: its {bits.stage} planes cannot be stored as "
                                    f"{spec.stage if spec else 'raw'}{' with a delta' if base is not None else ''}")
-            plane, out_dtype = bits.payload, "bf16"
+            plane, out_dtype, transposed = bits.payload, "bf16", bits.transposed
+        elif given and spec is not None:
+            plane, out_dtype, raw = np.ascontiguousarray(bits).tobytes(), dtype, True
         elif opts.quant is None:
             b = bits
             if base is not None:
@@ -410,9 +438,9 @@ def _encode_planes(tensors, opts: EncodeOptions, base, base_dtype):
             scale_loss = scale_loss or (base is None and _fp16_scales_lose_precision(x, tensor_err, opts.quant,
                                                                                       opts.group_size))
             out_dtype = "bf16"
-        assert len(plane) == payload_length(numel, out_dtype, spec)
+        assert len(plane) == payload_length(numel, out_dtype, None if raw else spec)
         planes.append(plane)
-        slices.append(TensorSlice(name, out_dtype, tuple(shape), pos, len(plane)))
+        slices.append(TensorSlice(name, out_dtype, tuple(shape), pos, len(plane), raw, transposed))
         pos += len(plane)
     return planes, chain, tuple(slices), err, scale_loss
 
@@ -426,13 +454,20 @@ def nonfinite_scales(region: Region, payload: np.ndarray) -> list[str]:
     if q is None:
         return []
     bad = []
-    finite_code = np.isfinite(fp8_values(q.kind)) if q.type.float_codes else None
+    finite_code = np.isfinite(code_values(q.kind)) if q.type.float_codes else None
+    if finite_code is not None and finite_code.all():
+        finite_code = None                                 # e2m1: every code is a number
     for t in region.tensors:
+        if t.raw:
+            continue
         buf = payload[t.offset:t.offset + t.length]
         codes, scales, mins = split_quantized(buf, t.numel, q.kind, q.group)
-        planes = [scales] + ([mins] if mins is not None else [])
-        if not all(np.isfinite(np.frombuffer(p.tobytes(), q.type.plane_dtype)).all() for p in planes) or (
-                finite_code is not None and not finite_code[np.asarray(codes)].all()):
+        if q.type.e8m0_scales:
+            ok = bool((np.asarray(scales) != 255).all())
+        else:
+            ok = all(np.isfinite(np.frombuffer(p.tobytes(), q.type.plane_dtype)).all()
+                     for p in [scales] + ([mins] if mins is not None else []))
+        if not ok or (finite_code is not None and not finite_code[np.asarray(codes)].all()):
             bad.append(t.name)
     return bad
 
@@ -533,7 +568,7 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
             n = t.numel * dtype.itemsize
             dst = out[pos:pos + n].view(dtype)
             pos += n
-        if q is None:
+        if q is None or t.raw:
             bits = buf.view(TORCH_BITS[t.dtype])
             on_device = bits.device.type == torch.device(device).type
             if dst is None and alias and on_device and not need_base:
@@ -549,6 +584,11 @@ def materialize(region: Region, payload: np.ndarray | torch.Tensor, base: Option
         else:
             codes, scales, mins = split_quantized(buf, t.numel, q.kind, q.group)
             b = base[t.name].to(device) if need_base else None
+            if t.transposed:     # decoded as stored, then turned into the tensor's own layout
+                w = dequantize(codes, scales, mins, quant=q.kind, group_size=q.group, numel=t.numel,
+                               out_dtype=dtype).view(t.stored_shape).t()
+                tensors[t.name] = dst.view(t.shape).copy_(w) if dst is not None else w.contiguous()
+                continue
             kw = {"out": dst} if dst is not None else {}
             tensors[t.name] = dequantize(codes, scales, mins, quant=q.kind, group_size=q.group, numel=t.numel,
                                          base=b, out_dtype=dtype, **kw).view(t.shape)

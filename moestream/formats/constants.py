@@ -116,9 +116,12 @@ class QuantType:
     planes: tuple[str, ...]       # planes after the codes, one value per group each
     formula: str                  # what a weight is, for docs and error messages
     plane_dtype: type = np.float16
-    #: codes are float8 bytes, worth formats/fp8.fp8_values(name)[code] before their scale (the
-    #: integer types' codes are their own values)
+    #: codes index a table of values (formats/codecs.code_values: float8 bytes, e2m1 nibbles), worth
+    #: that value before their scale (the integer types' codes are their own values)
     float_codes: bool = False
+    #: the scale plane holds E8M0 exponents (uint8 e: the scale is 2^(e - 127), 255 is NaN), as the
+    #: OCP microscaling formats keep them
+    e8m0_scales: bool = False
 
     @property
     def plane_bytes(self) -> int:
@@ -143,10 +146,16 @@ QUANT_TYPES = {
                          np.float32, float_codes=True),
     "fp8e5m2": QuantType("fp8e5m2", 8, ("scales",), "w = e5m2(code) * scale (an OCP E5M2 byte, fp32 scale)",
                          np.float32, float_codes=True),
+    # an MXFP4 checkpoint's own bytes (GPT-OSS): e2m1 codes two a byte (low nibble first), one E8M0
+    # exponent per group of 32 (formats/mxfp4.py): 17 bytes per 32 weights
+    "mxfp4": QuantType("mxfp4", 4, ("scales",), "w = e2m1(code) * 2^(scale - 127) (two codes a byte, low nibble first)",
+                       np.uint8, float_codes=True, e8m0_scales=True),
 }
 #: the float8 types: kept as an FP8 checkpoint holds them (convert --quant keep), never produced by
 #: quantizing (convert --quant takes INT_QUANTS)
 FLOAT8_QUANTS = ("fp8e4m3", "fp8e5m2")
+#: every type a checkpoint's own bytes are kept in (convert --quant keep), never made by quantizing
+KEPT_QUANTS = (*FLOAT8_QUANTS, "mxfp4")
 
 
 @dataclass(frozen=True)
@@ -155,9 +164,9 @@ class QuantSpec:
     QUANT_TYPES, `group` elements per group over the flattened tensor (even, 2..65536).
 
     Payload of a tensor of n elements, in this order: codes for whole groups (the last group
-    padded) — int8 one signed byte per element, int4 two per byte, low nibble first, float8 one
-    byte per element — then one scale per group (fp16; float8: fp32), then (int4 only) one fp16
-    minimum per group. Every reader and writer of these bytes takes the sizes from here."""
+    padded) — int8 one signed byte per element, int4 and mxfp4 two per byte, low nibble first,
+    float8 one byte per element — then one scale per group (fp16; float8: fp32; mxfp4: a uint8
+    E8M0 exponent), then (int4 only) one fp16 minimum per group. Every reader and writer of these bytes takes the sizes from here."""
     kind: str
     group: int
 

@@ -22,10 +22,11 @@ from ..errors import ConvertError
 from .codecs import (EncodedPlanes, EncodedRegion, EncodeOptions, bits_to_float32, cast_bits,
                      delta_amplitude_may_win, encode_region, float32_to_bits, shuffle, zstd_sample_may_pay)
 from .constants import (DEFAULT_GROUP_SIZE, DEFAULT_ZSTD_LEVEL, DEFAULT_ZSTD_MIN_SAVING, DELTA_PROBE_ELEMENTS,
-                        DELTA_PROBE_EXPERTS, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, FLOAT8_QUANTS, INT_QUANTS,
+                        DELTA_PROBE_EXPERTS, DTYPE_BITS_NUMPY, DTYPE_ITEMSIZE, FLOAT8_QUANTS, INT_QUANTS, KEPT_QUANTS,
                         MIXED_QUANT, QUANT_CHOICES)
 from .families import DeriveFamily, check_config, family_for
 from .fp8 import row_group as fp8_row_group
+from .mxfp4 import BLOCK as MXFP4_BLOCK
 from .gguf_checkpoint import NATIVE_TYPES, GgufCheckpoint, is_gguf
 from .hf_checkpoint import HFCheckpoint, TensorInfo
 from .writer import ConversionLock, StoreWriter, is_store
@@ -132,7 +133,8 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
     # `keep` stores those blocks re-laid out as our group-wise type, without going through floats
     native = None
     if quant == "keep" and isinstance(ckpt, GgufCheckpoint):
-        types = {ckpt.info(n).ggml_type for n in expert_names}
+        # the experts' matrices (a fused layout's [E, ...] tensors one dimension more; biases stay as they are)
+        types = {ckpt.info(n).ggml_type for n in expert_names if len(ckpt.info(n).shape) >= 2 + fam.fused}
         native = types.pop() if len(types) == 1 and types <= NATIVE_TYPES.keys() else None
         if native is not None:
             quant, group_size, _ = NATIVE_TYPES[native]
@@ -150,6 +152,11 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         else:
             native = quant = formats.pop()
             group_size, delta = group, False
+    # an MXFP4 checkpoint (GPT-OSS): `keep` stores its experts' blocks and exponents as they are
+    # (formats/mxfp4.py: the [out, in] rows of the model's [in, out] matrices, TensorSlice.transposed)
+    if quant == "keep" and ckpt.mxfp4:
+        native = quant = "mxfp4"
+        group_size, delta = MXFP4_BLOCK, False
     dense_names = [n for n in ckpt.tensors if n not in expert_names]
     if dense_check is not None:
         problems = dense_check(fam.name, config, tuple(moe_layers), n_experts,
@@ -164,13 +171,13 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         if unknown:
             raise ConvertError(f"the routing profile names experts this checkpoint lacks, e.g. layer {unknown[0][0]} "
                                f"expert {unknown[0][1]} (it has MoE layers {moe_layers} x {n_experts} experts)")
-    raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS, *FLOAT8_QUANTS) else quant
+    raw_dtype = None if quant in ("keep", MIXED_QUANT, *INT_QUANTS, *KEPT_QUANTS) else quant
 
     def expert_dtype(info: TensorInfo) -> str:
         # an FP8 weight not kept as FP8 reads as its exact float32 values: those are quantized, and `keep` stores bf16
         return raw_dtype or (info.keep_dtype if quant == "keep" else info.dtype)
     z = dict(zstd_level=zstd_level, zstd_min_saving=zstd_min_saving)
-    opts = EncodeOptions(quant=quant if quant in (*INT_QUANTS, *FLOAT8_QUANTS) else None, group_size=group_size,
+    opts = EncodeOptions(quant=quant if quant in (*INT_QUANTS, *KEPT_QUANTS) else None, group_size=group_size,
                          delta=delta, **z)
     if mixed is not None:
         hot_opts = EncodeOptions(quant=mixed[1], group_size=group_size, delta=delta, **z)
@@ -219,9 +226,10 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 bar.write(f"FP8 checkpoint ({b[0]}x{b[1]} blocks): {experts}; dense weights dequantized to "
                           + ("bf16" if raw_dtype is None else raw_dtype))
             if ckpt.mxfp4:
-                bar.write("MXFP4 checkpoint: experts decoded exactly to bf16"
-                          + (f", then stored as {quant}" if quant not in ("keep", "bf16") else "")
-                          + " (MXFP4 kept as MXFP4 is not implemented yet)")
+                bar.write("MXFP4 checkpoint: " + (
+                    "experts kept as mxfp4: their blocks and exponents as they are (17 bytes per 32 weights)"
+                    if quant == "mxfp4" else "experts decoded exactly to bf16"
+                    + (f", then stored as {quant}" if quant not in ("keep", "bf16") else "")))
             for name in dense_names:
                 info = ckpt.info(name)
                 dt = raw_dtype or info.keep_dtype
@@ -278,9 +286,11 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
                 tensors = []
                 for t, info in zip(fam.expert_tensors, expert_infos):
                     dt = expert_dtype(info)
+                    # a native store's weights as their own planes; the tensors beside them (biases) as they are
                     tensors.append((t, dt, info.shape, EncodedPlanes(f"{quant}:{group_size}",
-                                                                     ckpt.read_planes(info, group_size))
-                                    if native else cast_bits(ckpt.read_info(info), info.dtype, dt)))
+                                                                     ckpt.read_planes(info, group_size),
+                                                                     transposed=ckpt.planes_transposed(info))
+                                    if native and _has_planes(info) else cast_bits(ckpt.read_info(info), info.dtype, dt)))
                 return encode_region(tensors, expert_opts, base, base_dtype)
 
             for e in range(n_experts):
@@ -312,7 +322,7 @@ def _convert_locked(src, out: Path, *, quant, group_size, zstd_level, zstd_min_s
         path = writer.finish(
             copies, architecture=fam.name, config=config, moe_layers=tuple(moe_layers), experts_per_layer=n_experts,
             expert_tensors=fam.expert_tensors, quant=quant, family=fam if fam.derived else None,
-            group_size=group_size if quant in (*INT_QUANTS, *FLOAT8_QUANTS, MIXED_QUANT) else 0,
+            group_size=group_size if quant in (*INT_QUANTS, *KEPT_QUANTS, MIXED_QUANT) else 0,
             source_bytes=total)
     except BaseException:
         writer.abandon()
@@ -360,6 +370,11 @@ def _note_gguf(ckpt: GgufCheckpoint, quant: str, native: Optional[str], expert_n
     note = ckpt.tokenizer_note()
     if note is not None:
         write(f"no tokenizer.json in the store: {note} (generate and serve need token ids or a tokenizer)")
+
+
+def _has_planes(info: TensorInfo) -> bool:
+    """Whether a checkpoint tensor is quantized in a form a native store keeps (FP8, MXFP4, a GGUF block type)."""
+    return info.fp8 is not None or info.mxfp4 is not None or info.ggml_type is not None
 
 
 def _expert_info(ckpt: HFCheckpoint, fam, layer: int, expert: int, tensor: str) -> TensorInfo:

@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ConvertError
 from .families import FAMILIES
+from .constants import QuantSpec
 from .hf_checkpoint import TensorInfo, TensorTable
 
 #: a split GGUF's file names (llama.cpp's gguf-split): NAME-00001-of-00003.gguf
@@ -46,7 +47,9 @@ RAW_TYPES = {"F32": ("fp32", np.uint32), "F16": ("fp16", np.uint16), "BF16": ("b
 #: Q8_0 is int8 in groups of 32 (one fp16 scale); Q4_0 is int4 in groups of 32 with the minimum
 #: -8·scale; Q4_K's sub-blocks of 32 have a 6-bit scale and minimum under the super-block's fp16
 #: d and dmin, whose products are rounded to fp16 here (relative 2^-11 of a group's range).
-NATIVE_TYPES = {"Q8_0": ("int8", 32, True), "Q4_0": ("int4", 32, True), "Q4_K": ("int4", 32, False)}
+#: MXFP4 (GPT-OSS) is our mxfp4 with its nibbles reordered.
+NATIVE_TYPES = {"Q8_0": ("int8", 32, True), "Q4_0": ("int4", 32, True), "Q4_K": ("int4", 32, False),
+                "MXFP4": ("mxfp4", 32, True)}
 
 
 @dataclass(frozen=True)
@@ -537,6 +540,23 @@ class GgufCheckpoint(TensorTable):
             bits = _unpermute_rows(bits.reshape(t.shape), heads).reshape(-1)
         return bits
 
+    def _joined_planes(self, t: TensorInfo, group: int) -> bytes:
+        """read_planes of a joined GPT-OSS expert matrix (one expert's row): down_proj's part as it
+        is; gate_up_proj's two parts with their rows interleaved (gate row i -> 2i, up row i -> 2i + 1:
+        whole rows, so whole groups)."""
+        parts, how = self._joined[t.name]
+        if how not in ("interleave_t", "t"):
+            raise ConvertError(f"{t.path}: {t.name} is not stored as its own blocks")
+        planes = []
+        for p in parts:
+            rows = p.shape[0]
+            payload = np.frombuffer(self.read_planes(p, group), np.uint8)
+            codes_len = QuantSpec(NATIVE_TYPES[self._types[p.name]][0], group).code_bytes(int(np.prod(p.shape)))
+            planes.append((payload[:codes_len].reshape(rows, -1), payload[codes_len:].reshape(rows, -1)))
+        if len(planes) == 1:
+            return b"".join(x.tobytes() for x in planes[0])
+        return b"".join(np.stack([a[i] for a in planes], axis=1).reshape(-1).tobytes() for i in (0, 1))
+
     def _read_joined(self, t: TensorInfo) -> np.ndarray:
         """The bits (t.dtype) of a tensor rebuilt from its parts as JOINS says (parts of different
         types are joined as float32)."""
@@ -556,10 +576,17 @@ class GgufCheckpoint(TensorTable):
             out = xs[0].swapaxes(-1, -2)
         return np.ascontiguousarray(out).reshape(-1)
 
+    def planes_transposed(self, t: TensorInfo) -> bool:
+        """Whether read_planes(t) holds t's transpose: a tensor llama.cpp transposed (GPT-OSS's experts)."""
+        return t.name in self._joined and self._joined[t.name][1] in ("interleave_t", "t")
+
     def read_planes(self, t: TensorInfo, group: int) -> bytes:
         """Tensor `t` (a NATIVE_TYPES block type) as the payload of our group-wise type: codes,
         fp16 scales, fp16 minimums (int4), in QuantSpec's layout (formats/constants.py); `group`
-        must be its type's."""
+        must be its type's. A joined GPT-OSS expert matrix: the matrix llama.cpp stored (its parts'
+        rows, gate and up interleaved), i.e. t's transpose (planes_transposed)."""
+        if t.name in self._joined:
+            return self._joined_planes(t, group)
         qtype = self._types[t.name]
         if qtype not in NATIVE_TYPES or self._permuted_heads(t.name) or NATIVE_TYPES[qtype][1] != group:
             raise ConvertError(f"{t.path}: {t.name} is {qtype}, which is not stored as its own blocks"
@@ -567,6 +594,9 @@ class GgufCheckpoint(TensorTable):
         bsize, bbytes = self.gguf.GGML_QUANT_SIZES[self.gguf.GGMLQuantizationType[qtype]]
         blocks = self._read_raw(t).reshape(-1, bbytes)
         f16 = np.float16
+        if qtype == "MXFP4":         # {e8m0 e, qs[16]}: element j in byte j's low nibble, j+16 in its high one
+            qs = blocks[:, 1:]
+            return _pack_nibbles(np.concatenate([qs & 15, qs >> 4], axis=1)) + blocks[:, 0].tobytes()
         if qtype == "Q8_0":          # {fp16 d, int8 q[32]}: w = d·q
             return blocks[:, 2:].tobytes() + blocks[:, :2].copy().view(f16).tobytes()
         if qtype == "Q4_0":          # {fp16 d, q[16]}: element j in byte j's low nibble, j+16 in its high one

@@ -24,6 +24,13 @@ from .fp8 import (FP8_DTYPES, FP8_FORMATS, SCALE_SUFFIX, block_size, dequantize 
 #: Files copied into the store so that `generate` needs nothing else.
 
 
+def _check_exponents(exps: np.ndarray, t: "TensorInfo") -> None:
+    """ConvertError naming the tensor and file for an E8M0 exponent 255 (NaN in the MX formats)."""
+    bad = np.flatnonzero(exps == 255)
+    if bad.size:
+        raise ConvertError(f"{t.path}: {t.name}{mxfp4.SCALES_SUFFIX} holds the NaN exponent 255 (block {int(bad[0])})")
+
+
 def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 48
 
@@ -71,6 +78,11 @@ class TensorTable:
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
+
+    def planes_transposed(self, t: TensorInfo) -> bool:
+        """Whether read_planes(t) holds t's transpose (TensorSlice.transposed): an MXFP4 tensor's
+        blocks run along the rows of the [out, in] matrix the model holds as [in, out]."""
+        return t.mxfp4 is not None
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -297,7 +309,9 @@ class HFCheckpoint(TensorTable):
         the float32 bits of its dequantized values."""
         if t.mxfp4 is not None:
             b, sc = t.mxfp4.blocks, t.mxfp4.scales
-            vals = mxfp4.dequantize(self._read_bytes(b).reshape(b.shape), self._read_bytes(sc).reshape(sc.shape))
+            exps = self._read_bytes(sc)
+            _check_exponents(exps, t)
+            vals = mxfp4.dequantize(self._read_bytes(b).reshape(b.shape), exps.reshape(sc.shape))
             return float32_to_bits(vals.reshape(-1), "bf16")     # exact: every MXFP4 value is a bf16
         if t.fp8 is not None:
             s = t.fp8.scales
@@ -308,7 +322,16 @@ class HFCheckpoint(TensorTable):
 
     def read_planes(self, t: TensorInfo, group: int) -> bytes:
         """An FP8 weight as the payload of its float8 store type in groups of `group` along its
-        rows (fp8.row_planes: its codes as they are, its block multipliers per group)."""
+        rows (fp8.row_planes: its codes as they are, its block multipliers per group); an MXFP4
+        tensor (one expert's row) as the mxfp4 payload of its transpose, the matrix whose rows its
+        blocks run along: the blocks' bytes, then the exponents' bytes, as the checkpoint has them."""
+        if t.mxfp4 is not None:
+            if group != mxfp4.BLOCK or len(t.shape) != 2:
+                raise ConvertError(f"{t.path}: {t.name} is MXFP4: its planes are one expert's matrix in groups of "
+                                   f"{mxfp4.BLOCK}")
+            blocks, exps = (self._read_bytes(p) for p in (t.mxfp4.blocks, t.mxfp4.scales))
+            _check_exponents(exps, t)
+            return blocks.tobytes() + exps.tobytes()
         if t.fp8 is None:
             raise ConvertError(f"{t.path}: {t.name} is {t.dtype}, not float8: it has no planes of its own")
         s = t.fp8.scales

@@ -25,6 +25,17 @@ class TensorSlice:
     shape: tuple[int, ...]
     offset: int                # bytes from the start of the decoded payload
     length: int                # bytes in the decoded payload (quantized planes + scales)
+    #: in a quantized region: stored as its dtype's bytes, not quantized (a GPT-OSS expert's biases
+    #: beside its MXFP4 matrices)
+    raw: bool = False
+    #: quantized, 2-D: the payload holds the [shape[1], shape[0]] transpose, whose rows the groups
+    #: run along (a GPT-OSS expert's [in, out] matrices kept as the checkpoint's [out, in] blocks)
+    transposed: bool = False
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape of the matrix the payload holds (the transpose of `shape` when transposed)."""
+        return (self.shape[1], self.shape[0]) if self.transposed else self.shape
 
     @property
     def numel(self) -> int:
@@ -85,8 +96,9 @@ class Region:
         if self.source_length:
             d["source_length"] = self.source_length
         if self.tensors:
-            d["tensors"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
-                             "offset": t.offset, "length": t.length} for t in self.tensors]
+            d["tensors"] = [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape), "offset": t.offset,
+                             "length": t.length, **({"raw": True} if t.raw else {}),
+                             **({"transposed": True} if t.transposed else {})} for t in self.tensors]
         return d
 
 
@@ -295,11 +307,17 @@ class _IndexParser:
             t_len = self.nonneg(t, "length", tw)
             if t_off != pos:
                 raise self.fail(f"{tw}: offset {t_off}, expected {pos} (tensors are packed in order)", extent)
-            want = payload_length(math.prod(shape), dtype, quant)
+            raw, transposed = (self.get(t, k, bool, tw) if k in t else False for k in ("raw", "transposed"))
+            if (raw or transposed) and quant is None:
+                raise self.fail(f"{tw}: '{'raw' if raw else 'transposed'}' is for a tensor of a quantized region", extent)
+            if transposed and (raw or len(shape) != 2 or shape[0] % quant.group):
+                raise self.fail(f"{tw}: a transposed tensor is a quantized matrix whose first dimension is a "
+                                f"multiple of the group ({quant.group}); got shape {shape}", extent)
+            want = payload_length(math.prod(shape), dtype, None if raw else quant)
             if t_len != want:
                 raise self.fail(f"{tw}: length {t_len} does not match shape {shape} ({want} bytes)", extent)
             pos += t_len
-            tensors.append(TensorSlice(name, dtype, tuple(shape), t_off, t_len))
+            tensors.append(TensorSlice(name, dtype, tuple(shape), t_off, t_len, raw, transposed))
         if not tensors and raw_length > MAX_BLOB_LENGTH:
             raise self.fail(f"{where}: raw_length {raw_length} exceeds the {MAX_BLOB_LENGTH}-byte limit of a "
                             "carried file", extent)

@@ -11,11 +11,12 @@ makes an extent smaller, i.e. for upcycled experts; random and trained experts n
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional
 
 import torch
 
-from .codecs import TORCH_PLANE_DTYPES
+from .codecs import TORCH_DTYPES, TORCH_PLANE_DTYPES
 from .constants import QUANT_TYPES, STAGE_DELTA, QuantSpec
 from .index import Region, TensorSlice
 
@@ -31,22 +32,26 @@ class QuantizedTensor:
 
     Made from its three views, or (`in_payload`, what the tiers hand out for every expert of every
     token) from one uint8 payload and the planes' byte offsets in it: the views are then made
-    only when asked for, and a kernel that reads by address (`addresses`) never makes them."""
-    __slots__ = ("spec", "shape", "_payload", "_offsets", "_codes", "_scales", "_mins")
+    only when asked for, and a kernel that reads by address (`addresses`) never makes them.
+
+    `transposed`: the model's tensor is this matrix's transpose ([in, out], as GPT-OSS keeps its
+    experts; TensorSlice.transposed): `shape`, the codes and `dequantize` are still the stored
+    [out, in] matrix, which is what y = x · Wᵀ multiplies."""
+    __slots__ = ("spec", "shape", "transposed", "_payload", "_offsets", "_codes", "_scales", "_mins")
 
     def __init__(self, spec: QuantSpec, shape: tuple[int, int], codes: torch.Tensor, scales: torch.Tensor,
                  mins: Optional[torch.Tensor]):
-        self.spec, self.shape = spec, tuple(shape)
+        self.spec, self.shape, self.transposed = spec, tuple(shape), False
         self._payload = self._offsets = None
         self._codes, self._scales, self._mins = codes, scales, mins
 
     @classmethod
     def in_payload(cls, spec: QuantSpec, shape: tuple[int, int], payload: torch.Tensor,
-                   offsets: tuple[int, int, Optional[int]]) -> "QuantizedTensor":
+                   offsets: tuple[int, int, Optional[int]], transposed: bool = False) -> "QuantizedTensor":
         """The tensor whose codes, scales and mins start at byte `offsets` of `payload` (uint8, 1-D,
         kept alive by the result)."""
         self = cls.__new__(cls)
-        self.spec, self.shape = spec, tuple(shape)
+        self.spec, self.shape, self.transposed = spec, tuple(shape), transposed
         self._payload, self._offsets = payload, offsets
         self._codes = self._scales = self._mins = None
         return self
@@ -122,22 +127,31 @@ class QuantizedTensor:
 @functools.lru_cache(maxsize=4096)
 def holds_quantized(region: Region) -> bool:
     """Whether the tiers may hold `region` in its stored (quantized) form: a quantized extent, not
-    a delta, every tensor a matrix whose groups lie inside its rows and whose planes start on a
-    multiple of their item size (they are viewed as float16 / float32 in place)."""
+    a delta, every quantized tensor a matrix whose groups lie inside its (stored) rows and whose
+    planes start on a multiple of their item size (they are viewed as float16 / float32 in place);
+    its raw tensors (TensorSlice.raw) start on a multiple of theirs."""
     q = region.quant
     if q is None:
         return False
     size = q.type.plane_bytes
-    return (not region.has(STAGE_DELTA) and bool(region.tensors)
-            and all(len(t.shape) == 2 and q.row_aligned(t.shape) and t.offset % size == 0
-                    and q.code_bytes(t.numel) % size == 0 for t in region.tensors))
+    return (not region.has(STAGE_DELTA) and any(not t.raw for t in region.tensors)
+            and all((t.offset % TORCH_DTYPES[t.dtype].itemsize == 0) if t.raw else
+                    (len(t.shape) == 2 and q.row_aligned(t.stored_shape) and t.offset % size == 0
+                     and q.code_bytes(t.numel) % size == 0) for t in region.tensors))
 
 
-def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, QuantizedTensor]:
+def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, "QuantizedTensor | torch.Tensor"]:
     """The tensors of a region that `holds_quantized`, over its decoded payload (uint8, 1-D, at
-    least raw_length bytes; on any device). Nothing is copied; the results keep `payload` alive."""
-    return {name: QuantizedTensor.in_payload(spec, shape, payload, offsets)
-            for name, spec, shape, offsets in _layout(region)}
+    least raw_length bytes; on any device): QuantizedTensors, and plain tensors for its raw ones.
+    Nothing is copied; the results keep `payload` alive."""
+    out: dict[str, QuantizedTensor | torch.Tensor] = {}
+    for name, spec, shape, offsets, transposed, dtype in _layout(region):
+        if spec is None:
+            n = math.prod(shape) * dtype.itemsize
+            out[name] = payload[offsets:offsets + n].view(dtype).view(shape)
+        else:
+            out[name] = QuantizedTensor.in_payload(spec, shape, payload, offsets, transposed)
+    return out
 
 
 @functools.lru_cache(maxsize=4096)
@@ -148,9 +162,13 @@ def _layout(region: Region) -> tuple:
     assert q is not None
     out = []
     for t in region.tensors:
+        if t.raw:
+            out.append((t.name, None, tuple(t.shape), t.offset, False, TORCH_DTYPES[t.dtype]))
+            continue
         codes, scales, mins = q.planes(t.numel)
-        out.append((t.name, q, tuple(t.shape),
-                    (t.offset + codes[0], t.offset + scales[0], t.offset + mins[0] if mins else None)))
+        out.append((t.name, q, tuple(t.stored_shape),
+                    (t.offset + codes[0], t.offset + scales[0], t.offset + mins[0] if mins else None),
+                    t.transposed, None))
     return tuple(out)
 
 
@@ -161,6 +179,8 @@ def quantize_matrix(w: torch.Tensor, kind: str, group: int = 64) -> QuantizedTen
     to the format's largest finite value, then rounded to float8 by torch."""
     from .codecs import quantize
     rows, cols = w.shape
+    if QUANT_TYPES[kind].e8m0_scales:
+        raise ValueError(f"{kind} is kept from checkpoints as they are; quantize_matrix does not make it")
     if QUANT_TYPES[kind].float_codes:
         g = w.float().reshape(-1, group)
         top = torch.finfo(FLOAT8_TORCH[kind]).max

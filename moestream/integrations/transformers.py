@@ -66,7 +66,19 @@ def _expert_output(module, h: torch.Tensor, w: dict, names: tuple[str, str, str]
 
     def weight(name: str) -> torch.Tensor:
         t = w[name]
-        return t.dequantize(dequantize, dtype) if isinstance(t, QuantizedTensor) else t.to(dtype)
+        if isinstance(t, QuantizedTensor):     # the module's own orientation (a transposed one's [in, out])
+            d = t.dequantize(dequantize, dtype)
+            return d.t() if t.transposed else d
+        return t.to(dtype)
+
+    def fused_matmul(x: torch.Tensor, name: str) -> torch.Tensor:
+        t = w[name]
+        if isinstance(t, QuantizedTensor) and t.transposed and module.is_transposed:
+            # held as the checkpoint's [out, in] rows (GPT-OSS's MXFP4): x · param = x · Wᵀ
+            y = quant_linear(x, t)
+            b = bias(name)
+            return y + b if b is not None else y
+        return _matmul(x, weight(name), module.is_transposed, bias(name))
 
     def linear(x: torch.Tensor, name: str) -> torch.Tensor:
         # a quantized [out, in] matrix is multiplied where it lies (compute/quant_kernels.py)
@@ -78,9 +90,9 @@ def _expert_output(module, h: torch.Tensor, w: dict, names: tuple[str, str, str]
 
     if fused:                                    # the module's own row layout (GPT-OSS, GraniteMoE)
         first = "gate_up_proj" if module.has_gate else "up_proj"
-        gu = _matmul(h, weight(first), module.is_transposed, bias(first))                    # [n, 2I] or [n, I]
+        gu = fused_matmul(h, first)                                                          # [n, 2I] or [n, I]
         act = module._apply_gate(gu) if module.has_gate else module.act_fn(gu)
-        return _matmul(act, weight("down_proj"), module.is_transposed, bias("down_proj"))
+        return fused_matmul(act, "down_proj")
     gate_name, up_name, down_name = names
     up = linear(h, up_name)                                                      # [n, I]
     if module.has_gate:

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from moestream.compute.dequant import dequantize
-from moestream.formats.codecs import quantize, split_quantized
+from moestream.formats.codecs import dequantize_torch, quantize, split_quantized
 
 
 def numpy_reference(buf: bytes, numel: int, quant: str, g: int, base=None) -> np.ndarray:
@@ -96,6 +96,30 @@ def test_cpu_kernel_decodes_float8_as_torch_does(numel, kind, g, out_dtype, seed
     assert torch.equal(got, want.to(out_dtype))       # one float32 product, then one rounding
 
 
+def mxfp4_payload(rows: int, groups: int, seed: int):
+    """A random mxfp4 payload of a [rows, groups * 32] matrix laid out as an MXFP4 checkpoint's blocks
+    and exponents, and its values as formats/mxfp4.dequantize (the reference) decodes them."""
+    from moestream.formats import mxfp4
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (rows, groups, 16), dtype=np.uint8)
+    exps = rng.integers(100, 140, (rows, groups), dtype=np.uint8)
+    want = torch.from_numpy(mxfp4.dequantize(blocks, exps)).t()          # [rows, groups * 32]
+    return blocks.tobytes() + exps.tobytes(), want
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 40), groups=st.integers(1, 6), out_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_cpu_kernel_decodes_mxfp4_as_the_checkpoint_reference_does(rows, groups, out_dtype, seed):
+    buf, want = mxfp4_payload(rows, groups, seed)
+    numel = rows * groups * 32
+    codes, scales, mins = split_quantized(torch.frombuffer(bytearray(buf), dtype=torch.uint8), numel, "mxfp4", 32)
+    got = dequantize(codes, scales, mins, quant="mxfp4", group_size=32, numel=numel, out_dtype=out_dtype)
+    assert torch.equal(got.view(rows, -1), want.to(out_dtype))     # every MXFP4 value is exact in bf16
+    ref = dequantize_torch(codes, scales, mins, quant="mxfp4", group_size=32, numel=numel, out_dtype=out_dtype)
+    assert torch.equal(ref.view(rows, -1), want.to(out_dtype))
+
+
 CUDASIM_SCRIPT = textwrap.dedent("""
     import numpy as np
     from numba import cuda
@@ -123,6 +147,13 @@ CUDASIM_SCRIPT = textwrap.dedent("""
         out = np.full(numel, np.nan, np.float32)
         dequantize_cuda_arrays(codes.copy(), scales.view(np.float32).copy(), None, None, out, numel, g, kind, threads=32)
         assert np.array_equal(out, want.numpy()), kind
+    from tests.compute.test_dequant import mxfp4_payload
+    buf, want = mxfp4_payload(3, 2, 5)
+    codes, scales, _ = split_quantized(np.frombuffer(buf, np.uint8), 192, "mxfp4", 32)
+    out = np.full(192, np.nan, np.float32)
+    dequantize_cuda_arrays(codes.copy(), np.ldexp(np.float32(1), scales.astype(np.int32) - 127).astype(np.float32),
+                           None, None, out, 192, 32, "mxfp4", threads=32)
+    assert np.array_equal(out.reshape(3, -1), want.numpy()), "mxfp4"
     print("cudasim ok")
 """)
 

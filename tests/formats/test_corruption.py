@@ -324,3 +324,21 @@ def test_trailing_frames_are_refused_and_verify_decodes(pristine, tmp_path):
     with StoreReader(tmp_path / "s") as r:
         bad = r.verify_all()
     assert len(bad) == 1 and "tokenizer.json" in bad[0] and "not valid JSON" in bad[0]
+
+
+@pytest.mark.parametrize("store,flags,message", [
+    ("raw", {"raw": True}, "'raw' is for a tensor of a quantized region"),
+    ("raw", {"transposed": True}, "'transposed' is for a tensor of a quantized region"),
+    ("int4", {"transposed": "yes"}, "field 'transposed' has type str"),
+    ("int4", {"raw": True}, "does not match shape"),                       # its bytes are int4 planes, not raw
+    ("int4", {"raw": True, "transposed": True}, "a transposed tensor is a quantized matrix"),
+])
+def test_tensor_flags_that_do_not_fit_their_region_are_refused(pristine, tmp_path, store, flags, message):
+    """TensorSlice.raw / .transposed (a GPT-OSS MXFP4 expert's biases and matrices): only in a
+    quantized region, booleans, and a raw tensor's length must be its dtype's bytes."""
+    src, _ = pristine[store]
+    f = copy_store(src, tmp_path / "s")
+    repack_index(f, lambda d: d["extents"][2]["tensors"][0].update(flags))
+    with pytest.raises(FormatError, match=message) as e:
+        open_and_read(tmp_path / "s")
+    assert str(f) in str(e.value)

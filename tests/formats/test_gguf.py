@@ -659,18 +659,21 @@ def test_a_gpt_oss_gguf_converts_to_the_checkpoint_it_was_made_from(gpt_oss, tmp
 
 
 def test_mxfp4_gguf_experts_equal_the_mxfp4_checkpoints(gpt_oss, tmp_path):
-    """A GGUF of a GPT-OSS MXFP4 checkpoint (the experts' blocks repacked as GGML's MXFP4): its
-    store's experts are bit for bit those of the store converted from the safetensors checkpoint,
-    i.e. transformers' own MXFP4 decoding (tests/formats/test_mxfp4.py), and its logits match
-    transformers on those decoded weights."""
+    """A GGUF of a GPT-OSS MXFP4 checkpoint (the experts' blocks repacked as GGML's MXFP4, gate and
+    up split): `--quant keep` stores the same mxfp4 extents, byte for byte, as the store converted
+    from the safetensors checkpoint (its own blocks: tests/formats/test_mxfp4.py), which decode to
+    transformers' own MXFP4 values; its logits match transformers on those decoded weights."""
     _, q, ref, _ = gpt_oss
     a = moestream.convert(write_gpt_oss_gguf(ref, tmp_path / "m.gguf", mxfp4_src=q), tmp_path / "a.moe",
                           progress=False)
     b = moestream.convert(q, tmp_path / "b.moe", progress=False)
     with StoreReader(a) as ra, StoreReader(b) as rb:
-        assert ra.layers == rb.layers
+        assert ra.layers == rb.layers and ra.index.quant == rb.index.quant == "mxfp4"
         for layer in ra.layers:
             for e in range(ra.experts_per_layer):
+                xa, xb = ra.extent(layer, e), rb.extent(layer, e)
+                assert xa.chain == xb.chain and xa.tensors == xb.tensors
+                assert ra.read_region(xa, (layer, e)) == rb.read_region(xb, (layer, e))
                 wa, wb = ra.expert(layer, e), rb.expert(layer, e)
                 assert wa.keys() == wb.keys()
                 for t in wa:
