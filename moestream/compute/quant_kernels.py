@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from numba import carray, njit, prange
 
+from ..formats.mxfp4 import FP4_VALUES
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
 from .row_dots import (DOT_CHUNK, ROW_FLOAT8, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16,
@@ -110,7 +111,17 @@ def _quantized_activations(x, group, needed=True):
 # ---- one row of W against one row of activations ---------------------------------------------
 # kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales,
 # mins); kind 2: bf16 (the weights themselves at the codes' address; no planes, no groups);
-# kinds 3 and 4: float8 E4M3FN and E5M2 (one code a byte, float32 scales)
+# kinds 3 and 4: float8 E4M3FN and E5M2 (one code a byte, float32 scales); kind 5: mxfp4 (two
+# e2m1 codes a byte, low nibble first; one uint8 E8M0 exponent a group)
+
+#: e2m1's values by code (formats/mxfp4.py): a constant of the compiled kernels
+_E2M1 = FP4_VALUES.astype(np.float32)
+
+
+@njit(inline="always")
+def _e8m0(e):
+    # 2^(e - 127) as float32 bits: the exponent field itself, or for e = 0 the subnormal 2^-127
+    return _bits_to_f32(np.uint32(e) << np.uint32(23)) if e > 0 else _bits_to_f32(np.uint32(1) << np.uint32(22))
 
 @njit(inline="always")
 def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
@@ -145,6 +156,21 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
             for j in range(g * group, (g + 1) * group):
                 s += _fp8_f32(wb[j], kind) * xrow[j]
             acc += s * sc32[g]
+        return acc
+    if kind == 5:
+        # mxfp4 codes looked up and multiplied by the float32 activations, each group's power of
+        # two once (a scalar loop: no whole-row dot for it yet)
+        half = group // 2
+        wb = carray(_u8_ptr(codes_addr + row * (cols // 2)), cols // 2)
+        eb = carray(_u8_ptr(scales_addr + row * ng), ng)
+        xrow = xf[t]
+        acc = np.float32(0)
+        for g in range(ng):
+            s = np.float32(0)
+            for j in range(half):
+                b = wb[g * half + j]
+                s += _E2M1[b & 15] * xrow[g * group + 2 * j] + _E2M1[b >> 4] * xrow[g * group + 2 * j + 1]
+            acc += s * _e8m0(eb[g])
         return acc
     if group == 64 or group == 32:      # the whole-row dots (row_dots.py)
         s_addr, m_addr = scales_addr + 2 * row * ng, mins_addr + 2 * row * ng
@@ -337,10 +363,9 @@ QUANT_KERNELS = {
     # int8's (the crossover taken as int8's, whose dequantization costs the same pass)
     "fp8e4m3": QuantKernel("fp8e4m3", 3, dequantize, gemm_rows=32),
     "fp8e5m2": QuantKernel("fp8e5m2", 4, dequantize, gemm_rows=32),
-    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: held as stored in every tier (3.8x
-    # the experts of bf16 in the same bytes), but no branch of the layer kernel reads them yet
-    # (code -1): each use dequantizes the expert (compute/dequant.py) and multiplies it by torch
-    "mxfp4": QuantKernel("mxfp4", NO_KERNEL, dequantize, gemm_rows=0),
+    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: a table lookup per code times
+    # the float activations (the crossover taken as int8's)
+    "mxfp4": QuantKernel("mxfp4", 5, dequantize, gemm_rows=32),
 }
 
 #: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix

@@ -172,16 +172,30 @@ def _layout(region: Region) -> tuple:
     return tuple(out)
 
 
+def _mxfp4_payload(g: torch.Tensor) -> bytes:
+    """Groups [n, G] as MXFP4 checkpoints are made: each group's exponent the smallest power of two
+    that brings its largest magnitude to e2m1's 6 or below, each weight the nearest e2m1 value."""
+    from .mxfp4 import FP4_VALUES
+    magnitudes = torch.from_numpy(FP4_VALUES[:8])
+    amax = g.abs().amax(1).clamp(min=2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(exp)[:, None]
+    code = (scaled.abs()[..., None] - magnitudes).abs().argmin(-1) | ((scaled < 0).long() << 3)
+    packed = (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
+    return packed.numpy().tobytes() + (exp + 127).to(torch.uint8).numpy().tobytes()
+
+
 def quantize_matrix(w: torch.Tensor, kind: str, group: int = 64) -> QuantizedTensor:
     """A float matrix [out, in] quantized the way the converter does (codecs.quantize), as a
     QuantizedTensor over a new buffer owned by the result (for tests and benchmarks). A float8
     kind, which the converter only keeps, is made the way FP8 checkpoints are: each group scaled
-    to the format's largest finite value, then rounded to float8 by torch."""
+    to the format's largest finite value, then rounded to float8 by torch; mxfp4 the way MXFP4
+    checkpoints are (_mxfp4_payload)."""
     from .codecs import quantize
     rows, cols = w.shape
-    if QUANT_TYPES[kind].e8m0_scales:
-        raise ValueError(f"{kind} is kept from checkpoints as they are; quantize_matrix does not make it")
-    if QUANT_TYPES[kind].float_codes:
+    if kind == "mxfp4":
+        payload = _mxfp4_payload(w.float().reshape(-1, group))
+    elif QUANT_TYPES[kind].float_codes:
         g = w.float().reshape(-1, group)
         top = torch.finfo(FLOAT8_TORCH[kind]).max
         scale = (g.abs().amax(1, keepdim=True) / top).clamp(min=1e-30)

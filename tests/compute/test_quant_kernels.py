@@ -37,7 +37,7 @@ def test_every_quant_type_has_a_kernel():
     assert len({k.code for k in QUANT_KERNELS.values()}) == len(QUANT_KERNELS)
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4", "fp8e4m3", "fp8e5m2"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8e4m3", "fp8e5m2", "mxfp4"])
 @pytest.mark.parametrize("group", [16, 32, 64, 128])    # the scalar loops; one and two vector chunks a group
 def test_quant_linear_matches_dequantized_matmul(kind, group):
     torch.manual_seed(0)
@@ -46,8 +46,26 @@ def test_quant_linear_matches_dequantized_matmul(kind, group):
     want = x @ w.dequantize(dequantize, torch.float32).T
     got = quant_linear(x, w)
     assert got.shape == (3, 80) and got.dtype == torch.float32
-    # int8 and float8 codes meet the float activations: only float rounding; int4's activations are int8
+    # int8, float8 and mxfp4 codes meet the float activations: only float rounding; int4's activations are int8
     assert rel(got, want) < (KERNEL_TOLERANCE if kind == "int4" else 1e-5)
+
+
+def test_every_mxfp4_code_and_exponent_is_multiplied_at_its_value():
+    """Row r of a [16, 64] matrix holds e2m1 code r everywhere; its two groups' exponents run over
+    every E8M0 value but NaN's 255 (0: the subnormal 2^-127), times one-hot activations: each
+    product is code value * 2^(e - 127) exactly, as formats/mxfp4.py decodes it."""
+    from moestream.formats.mxfp4 import FP4_VALUES
+    values = torch.from_numpy(FP4_VALUES).double()
+    for first in range(0, 255, 2):
+        w = quantize_matrix(torch.zeros(16, 64), "mxfp4", 32)
+        w.codes.copy_(torch.arange(16, dtype=torch.uint8)[:, None].expand(16, 32) * 17)    # both nibbles r
+        exps = torch.tensor([first, min(first + 1, 254)], dtype=torch.uint8)
+        w.scales.copy_(exps.expand(16, 2))
+        x = torch.zeros(2, 64)
+        x[0, 5], x[1, 40] = 1.0, 1.0                    # one weight of each group
+        got = quant_linear(x, w).double()
+        want = values[None, :] * torch.exp2(exps.double() - 127)[:, None]
+        assert torch.equal(got, want.float().double()), first
 
 
 @pytest.mark.parametrize("kind,dtype", [("fp8e4m3", torch.float8_e4m3fn), ("fp8e5m2", torch.float8_e5m2)])
