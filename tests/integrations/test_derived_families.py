@@ -30,7 +30,8 @@ DERIVED = {
     "afmoe": {}, "axk2": dict(num_key_value_heads=4), "cohere2_moe": {}, "deepseek_v2": {}, "dots1": {},
     "ernie4_5_moe": {}, "exaone_moe": {}, "flex_olmo": dict(pad_token_id=0), "glm4_moe_lite": {}, "granitemoe": {},
     "granitemoe_swa": {}, "granitemoeshared": {}, "hunyuan_v1_moe": {}, "hy_v3": {}, "hy_v4": dict(pad_token_id=0),
-    "kolibri1": {}, "laguna": {}, "mellum": {}, "mimo_v2_flash": {}, "minimax": {}, "minimax_m2": {}, "phimoe": {},
+    "kolibri1": {}, "laguna": {}, "mellum": {}, "mimo_v2_flash": {}, "minicpm5_moe": {}, "minimax": {}, "minimax_m2": {},
+    "phimoe": {},
     "solar_open": {}, "zaya": dict(num_experts_per_tok=1),
 }
 
