@@ -31,8 +31,7 @@ DERIVED = {
     "ernie4_5_moe": {}, "exaone_moe": {}, "flex_olmo": dict(pad_token_id=0), "glm4_moe_lite": {}, "granitemoe": {},
     "granitemoe_swa": {}, "granitemoeshared": {}, "hunyuan_v1_moe": {}, "hy_v3": {}, "hy_v4": dict(pad_token_id=0),
     "kolibri1": {}, "laguna": {}, "mellum": {}, "mimo_v2_flash": {}, "minicpm5_moe": {}, "minimax": {}, "minimax_m2": {},
-    "phimoe": {},
-    "solar_open": {}, "zaya": dict(num_experts_per_tok=1),
+    "phimoe": {}, "solar_open": {}, "zaya": dict(num_experts_per_tok=1),
 }
 
 
