@@ -74,13 +74,7 @@ def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int
     arch = ARCH[cfg["model_type"]]
     t = load_file(ckpt / "model.safetensors")
     w = gguf.GGUFWriter(str(out), arch, split_max_tensors=split_max_tensors)
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    add_sizes(w, cfg, cfg["num_key_value_heads"])
     w.add_expert_count(fam.num_experts(cfg))
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     if arch == "llama":
@@ -153,6 +147,32 @@ def write_gguf(ckpt, out, qtype=Q.F32, *, tokenizer=True, split_max_tensors: int
             add(f"blk.{layer}.ffn_gate_inp_shexp.weight", t[p + "mlp.shared_expert_gate.weight"][0], small=True)
             for g in ("gate", "up", "down"):
                 add(f"blk.{layer}.ffn_{g}_shexp.weight", t[f"{p}mlp.shared_expert.{g}_proj.weight"])
+    return finish(w, out)
+
+
+def add_sizes(w, cfg, kv_heads: int) -> None:
+    """The metadata every architecture's GGUF carries, from a Hugging Face config (`kv_heads` as
+    written: deepseek2's MQA form says 1)."""
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+
+
+def add_bpe_tokenizer(w, ckpt, pre: str) -> None:
+    """The checkpoint's byte-level BPE as tokenizer.ggml.* with pre-tokenizer name `pre`."""
+    tok = json.loads((ckpt / "tokenizer.json").read_text())
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list([k for k, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])])
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+
+
+def finish(w, out):
+    """Write everything added to GGUFWriter `w` and close it; returns `out`."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -380,13 +400,7 @@ def write_deepseek2_gguf(ckpt, out, qtype=Q.F32, *, split_kv_b=True, gating=gguf
                             cfg["v_head_dim"])
     rank = cfg["kv_lora_rank"]
     w = gguf.GGUFWriter(str(out), "deepseek2")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_head_count(heads)
-    w.add_head_count_kv(1)
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    add_sizes(w, cfg, 1)
     w.add_feed_forward_length(cfg["intermediate_size"])
     w.add_expert_count(cfg["n_routed_experts"])
     w.add_expert_used_count(cfg["num_experts_per_tok"])
@@ -449,17 +463,8 @@ def write_deepseek2_gguf(ckpt, out, qtype=Q.F32, *, split_kv_b=True, gating=gguf
             for g, role in (("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")):
                 add(f"blk.{layer}.{g}.weight",
                     np.stack([t[f"{p}mlp.experts.{e}.{role}.weight"] for e in range(cfg["n_routed_experts"])]))
-    tok = json.loads((ckpt / "tokenizer.json").read_text())
-    tokens = [k for k, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    add_bpe_tokenizer(w, ckpt, pre)
+    return finish(w, out)
 
 
 #: DeepSeek-V3's own values where the demo config differs from what transformers defaults to: a
@@ -572,15 +577,9 @@ def write_gpt_oss_gguf(ckpt, out, *, mxfp4_src=None):
     t = load_file(ckpt / "model.safetensors")
     q = load_file(mxfp4_src / "model.safetensors") if mxfp4_src else None
     w = gguf.GGUFWriter(str(out), "gpt-oss")
-    w.add_context_length(cfg["max_position_embeddings"])
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg["num_key_value_heads"])
+    add_sizes(w, cfg, cfg["num_key_value_heads"])
     w.add_key_length(cfg["head_dim"])
     w.add_value_length(cfg["head_dim"])
-    w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_expert_count(cfg["num_local_experts"])
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_expert_feed_forward_length(cfg["intermediate_size"])
@@ -620,16 +619,8 @@ def write_gpt_oss_gguf(ckpt, out, *, mxfp4_src=None):
                              raw_dtype=Q.MXFP4)
             w.add_tensor(f"blk.{layer}.ffn_down_exps.weight",
                          _mxfp4_ggml_blocks(q[e + "down_proj_blocks"], q[e + "down_proj_scales"]), raw_dtype=Q.MXFP4)
-    tok = json.loads((ckpt / "tokenizer.json").read_text())
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-4o")
-    w.add_token_list([k for k, _ in sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])])
-    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    add_bpe_tokenizer(w, ckpt, "gpt-4o")
+    return finish(w, out)
 
 
 @pytest.fixture(scope="module")
