@@ -331,10 +331,6 @@ _drop_kernels_cached_on_other_intrinsics()
 # ---- the table --------------------------------------------------------------------------------
 
 
-#: QuantKernel.code of a type the CPU layer kernel does not read in place
-NO_KERNEL = -1
-
-
 @dataclass(frozen=True)
 class QuantKernel:
     """What compute does with one weight type (formats.constants.QUANT_TYPES has the quantized
@@ -386,9 +382,7 @@ def _kernel_type(w: KernelWeight) -> Optional[tuple[str, Optional[int]]]:
     """(type name, group size; None for bf16) of a matrix the CPU kernels read in place
     (cpu_kernel_fits, any group), else None."""
     if isinstance(w, QuantizedTensor):
-        kernel = QUANT_KERNELS.get(w.spec.kind)
-        return ((w.spec.kind, w.spec.group) if kernel is not None and kernel.code != NO_KERNEL and w.is_cpu
-                and w.contiguous else None)
+        return (w.spec.kind, w.spec.group) if w.spec.kind in QUANT_KERNELS and w.is_cpu and w.contiguous else None
     if w.dtype == torch.bfloat16 and w.is_cpu and w.dim() == 2 and w.is_contiguous():
         return "bf16", None
     return None
