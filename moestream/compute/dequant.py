@@ -47,7 +47,7 @@ def _half_to_float(h):
 _half_to_float_cpu = njit(cache=True)(_half_to_float)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _dequant_cpu(codes, scales, mins, scales_f32, values, base, out_f32, out_bits, numel, group, kind, has_base,
                  to_bf16):
     # Each group is dequantized into a float32 scratch row, then stored (as fp32, or rounded to

@@ -253,7 +253,7 @@ _ROWS_PER_TASK = 16
 _DOWN_ROWS_PER_TASK = 128
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group, out, pf):
     """out [N, H] += the routed experts' SwiGLU outputs for tokens x [N, H] (float32).
     Expert k (of K) has kind kinds[k] and its gate, up, down planes at addrs[k, tensor, plane]
@@ -292,7 +292,7 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
                     out[pair_token[p], r] += pair_weight[p] * y
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
     """out [N, rows] = x [N, cols] · Wᵀ for one quantized W [rows, cols] (float32 in and out)."""
     n, cols = x.shape

@@ -51,6 +51,17 @@ def _bits_to_f32(typingctx, bits):
     return sig, codegen
 
 
+@intrinsic
+def _f32_to_bits(typingctx, value):
+    if not isinstance(value, types.Float) or value.bitwidth != 32:
+        return None
+    sig = types.uint32(value)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+    return sig, codegen
+
+
 @njit(inline="always")
 def _fp8_f32(b, kind):
     """One float8 byte (kind 3: E4M3FN, 4: E5M2) -> float32, branch-free but for the sign: the 7

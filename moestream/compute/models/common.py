@@ -15,6 +15,7 @@ from torch import nn
 
 from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
+from .. import decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
 from ..quant_kernels import RoutedExpert, fuse_rows, moe_layer, moe_layer_fits, quant_linear
@@ -73,6 +74,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = decode_ops.rms_norm(x, self.weight, self.eps)     # a decode step's bf16 rows: one call
+        if fused is not None:
+            return fused
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -121,6 +125,9 @@ class Rotary(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, heads, T, D] rotated by the half-split convention of the HF checkpoints."""
+    fused = decode_ops.rotary(x, cos, sin)                        # a decode step's bf16 heads: one call
+    if fused is not None:
+        return fused
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
