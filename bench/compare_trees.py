@@ -10,8 +10,9 @@ a device budget of 25 % of the experts and no host tier, and each tree's own def
 compute dtype). Only APIs both trees have: load_model, generate, StreamingMoE.route, store.stats.
 
 With --systems (e.g. naive,lru,best-no-prefetch,best) each tree's own `bench decode` child runs
-those systems instead (same store, trace, budget and cgroup limit as `bench decode`; --layers
-picks the store), taking turns tree by tree and system by system:
+those systems instead (same store, trace, budget and cgroup limit as `bench decode`, the int8 and
+int4 systems on their own stores; --layers picks the store), taking turns tree by tree and system
+by system:
 
     sudo .venv/bin/python bench/compare_trees.py --old /tmp/oldtree --new . --systems naive,lru,best --layers 4"""
 from __future__ import annotations
@@ -115,12 +116,29 @@ def compare_systems(a: argparse.Namespace) -> None:
     work.mkdir(parents=True, exist_ok=True)
     base, expert_bytes = D.common_spec(work, a.layers)
     budget = expert_bytes // 4
+    quant_store: dict[str, tuple[str, int]] = {}     # int8/int4: the store bench decode builds, its extent bytes
+    for q in sorted({D.SYSTEM_QUANT[x] for x in a.systems.split(",") if x in D.SYSTEM_QUANT}):
+        from moestream.formats.reader import StoreReader
+        qs = D.build_store(work, a.layers, print, base["shape"], quant=q)[1]
+        with StoreReader(qs) as r:
+            quant_store[q] = (str(qs), max(x.padded_length for x in r.index.extents.values()))
+
+    def spec_of(system: str) -> dict:
+        # as bench decode's own_spec: a quantized system runs its own store and dense type
+        spec = D.system_spec(base, system, budget)
+        if system in D.BOUNDS + D.QUANT_BOUNDS:     # every expert in memory, as bench decode runs them
+            spec.update(device_budget=int(expert_bytes * 1.05) + 64 * base["extent_bytes"])
+        if system in D.SYSTEM_QUANT:
+            store, extent = quant_store[D.SYSTEM_QUANT[system]]
+            spec.update(store=store, extent_bytes=extent, dense_quant=D.SYSTEM_DENSE_QUANT.get(system, "auto"))
+        return spec
     limit = None if a.no_limit or not D.cgroup_available()[0] else budget + D.GiB
     rows: dict[tuple[str, str], list[float]] = {}
     for rnd in range(a.rounds):
         for name, tree in (("old", a.old), ("new", a.new)):
             for system in a.systems.split(","):
-                r = D.run_child(D.system_spec(base, system, budget), limit, tree=tree)
+                bound = system in D.BOUNDS + D.QUANT_BOUNDS       # no limit: they need every expert
+                r = D.run_child(spec_of(system), None if bound else limit, tree=tree)
                 if "error" not in r:
                     rows.setdefault((name, system), []).append(r["tokens_per_s"])
                 print(f"round {rnd + 1} {name} {system}: " + (r["error"] if "error" in r else

@@ -487,10 +487,9 @@ def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tenso
     kinds = np.fromiter((QUANT_KERNELS[e.layout[0]].code for e in experts), np.int64, k)
     addrs = np.fromiter(itertools.chain.from_iterable(_addresses(m) for e in experts for m in (e.gate, e.up, e.down)),
                         np.int64, 9 * k).reshape(k, 3, 3)
-    pair_ptr = np.zeros(k + 1, np.int64)
-    np.cumsum([len(e.rows) for e in experts], out=pair_ptr[1:])
-    pair_token = np.fromiter((r for e in experts for r in e.rows), np.int64, pair_ptr[-1])
-    pair_weight = np.fromiter((w for e in experts for w in e.weights), np.float32, pair_ptr[-1])
+    pair_ptr = np.array([0, *itertools.accumulate(len(e.rows) for e in experts)], np.int64)
+    pair_token = np.array([r for e in experts for r in e.rows], np.int64)
+    pair_weight = np.array([w for e in experts for w in e.weights], np.float32)
     xf = x.detach().float().contiguous()
     with _PARALLEL_LOCK:
         _moe_layer(xf.numpy(), kinds, addrs, pair_ptr, pair_token, pair_weight, experts[0].layout[2],

@@ -315,8 +315,10 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
     and the vLLM plug (integrations/vllm.py). then_prefetch as in stream_experts."""
     gate_name, up_name, down_name = names
     weights = weights.to(x.dtype)                                                # [N, A]
-    out = torch.zeros_like(x)                                                    # [N, H]
-    acc: list[torch.Tensor] = []     # float32 [N, H] of the quantized experts, made on first use
+    # both made on first use: at decode the layer kernel takes every expert, and its float32 sum
+    # rounded once is the output (no bf16 zeros to add it to)
+    outs: list[torch.Tensor] = []    # x.dtype [N, H] of the experts torch computes
+    acc: list[torch.Tensor] = []     # float32 [N, H] of the experts the layer kernel computes
     seconds = 0.0
 
     def linear(h: torch.Tensor, w) -> torch.Tensor:
@@ -329,6 +331,9 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
             rows = torch.tensor(rows_l, device=x.device)
             h, slot = x[rows], torch.tensor(slots_l, device=x.device)           # [n, H]
         y = linear(F.silu(linear(h, w[gate_name])) * linear(h, w[up_name]), w[down_name])   # [n, H]
+        if not outs:
+            outs.append(torch.zeros_like(x))                                     # [N, H]
+        out = outs[0]
         if rows is None:
             out.add_(y * weights[0, slot])
         else:
@@ -356,7 +361,9 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         seconds += time.perf_counter() - t0
 
     stream_experts(store, layer, route_on_host(experts), compute_batch=compute_batch, then_prefetch=then_prefetch)
-    return (out.add_(acc[0].to(out.dtype)) if acc else out), seconds
+    if not outs:
+        return (acc[0].to(x.dtype) if acc else torch.zeros_like(x)), seconds
+    return (outs[0].add_(acc[0].to(x.dtype)) if acc else outs[0]), seconds
 
 
 def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
