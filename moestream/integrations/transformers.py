@@ -9,7 +9,9 @@ class the store's config names with its experts never materialised.
 This is the only module that imports transformers at run time (the `hf` extra). The experts of
 each MoE layer keep transformers' own router, gating (`_apply_gate`, e.g. a clamped SwiGLU) and
 post-expert norm; only their weights come from the Store, computed in arrival order by the same
-loop as moestream's own forward (compute/models/common.py: stream_experts)."""
+loop as moestream's own forward (compute/models/common.py: stream_experts). Experts that are a
+plain SwiGLU (plain_swiglu) take moestream's forward's own path, a layer's routed experts in one
+kernel call (routed_experts_output)."""
 from __future__ import annotations
 
 import os
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..compute.dequant import dequantize
-from ..compute.models.common import route_on_host, stream_experts
+from ..compute.models.common import route_on_host, routed_experts_output, stream_experts
 from ..compute.quant_kernels import quant_linear
 from ..formats.quantized import QuantizedTensor
 from ..errors import MoestreamError
@@ -40,7 +42,12 @@ def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
     if binding is None:
         raise MoestreamError(f"{type(self).__name__}: the 'moestream' experts implementation needs a model built by "
                              "moestream.from_pretrained (no store attached to this experts module)")
-    store, layer, names, fused = binding
+    store, layer, names, fused, swiglu = binding
+    if swiglu:
+        # the module computes what moestream's own forward does: the layer's routed experts in
+        # one kernel call (those the kernel cannot read, or prefill rows beyond its gemm_rows,
+        # still take torch per expert inside routed_experts_output)
+        return routed_experts_output(store, layer, names, hidden_states, top_k_weights, top_k_index)[0]
     out = torch.zeros_like(hidden_states)                                        # [N, H]
     dtype = hidden_states.dtype
 
@@ -54,6 +61,22 @@ def moestream_experts_forward(self, hidden_states: torch.Tensor, top_k_index: to
 
     stream_experts(store, layer, route_on_host(top_k_index), compute)
     return out
+
+
+def plain_swiglu(module: torch.nn.Module, fused: bool) -> bool:
+    """Whether the experts `module` compute down(silu(gate(x)) * up(x)) and nothing else, their
+    weights stored one [out, in] matrix per projection: transformers' default `_apply_gate` with a
+    SiLU, no biases, no post-expert norm, not fused (the experts of moestream's own forward;
+    Qwen-, DeepSeek-, Mixtral-like families). Anything else keeps its own gating per expert."""
+    try:
+        from transformers.activations import SiLUActivation
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:            # a transformers without them: the per-expert path is always right
+        return False
+    return (not fused and getattr(module, "has_gate", False) and not getattr(module, "has_bias", True)
+            and not getattr(module, "has_post_expert_norm", True)
+            and getattr(type(module), "_apply_gate", None) is _default_apply_gate
+            and type(getattr(module, "act_fn", None)) in (torch.nn.SiLU, SiLUActivation))
 
 
 def _expert_output(module, h: torch.Tensor, w: dict, names: tuple[str, str, str], fused: bool, dtype) -> torch.Tensor:
@@ -145,7 +168,7 @@ def from_store(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             raise MoestreamError(f"{path}: the store has MoE layers {list(idx.moe_layers)}, transformers' "
                                  f"{type(model).__name__} has experts in {sorted(experts)}")
         for layer, module in experts.items():
-            module._moestream = (store, layer, family.gate_up_down, family.fused)
+            module._moestream = (store, layer, family.gate_up_down, family.fused, plain_swiglu(module, family.fused))
         dense = store.dense()
         problems = _state_problems(model, config, {k: tuple(v.shape) for k, v in dense.items()})
         if problems:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from moestream.bench.decode import (BOUNDS, CUDA_SYSTEMS, QUANT_BOUNDS, QUANT_SYSTEMS, SYSTEMS, bench_decode, coverage,
-                                    format_table, plot, synthetic_trace, system_spec)
+                                    format_table, plot, synthetic_trace, system_spec, warm_up_systems)
 
 TINY = dict(hidden=64, inter=32, experts=16, top_k=4, heads=4, kv_heads=2, head_dim=16, vocab=128)
 
@@ -29,6 +29,7 @@ def test_bench_decode_runs_every_system(tmp_path):
     for s in QUANT_BOUNDS:                   # warmed: every expert in L1 before the first token
         assert rows[s]["hits_l1"] == rows[s]["requests"] and rows[s]["bytes_read"] == 0
     assert d["int4_l1_experts_vs_bf16"] > 1
+    assert d["warm_up"]["systems"] == ["resident", "resident-int4", "resident-int8", "resident-int4-dense-int4"]
     # the dense layers as each system asked: int8 by default, int4 for the all-4-bit bound
     assert rows["resident-int4"]["dense_quant"] == "int8" and rows["resident-int4-dense-int4"]["dense_quant"] == "int4"
     # 4 tokens a system on a shared machine: a ratio whose rounds look noisy is withheld, with the reason
@@ -140,3 +141,12 @@ def test_noise_is_said_loudly_and_its_ratios_withheld():
     results[2] = r("best", 0.25, 60.0, 61.0)          # above max(inmemory, resident) = 41 x 1.10
     warnings, flagged = noise_warnings(results)
     assert ("best", 0.25) in flagged and any("above its all-in-memory bound" in w for w in warnings)
+
+
+def test_each_kind_of_store_is_warmed_once_before_the_timed_rounds():
+    """A kernel's first call after a source change compiles it inside whichever system runs first:
+    one uncounted resident run per kind of store our systems use, none for the peers."""
+    assert warm_up_systems(["naive", "best", "resident", "llama.cpp-q4_0", "accelerate"]) == ["resident"]
+    assert warm_up_systems(["best-no-prefetch-int4", "resident-int8", "best-int4", "resident-int4-dense-int4"]) == [
+        "resident-int4", "resident-int8", "resident-int4-dense-int4"]
+    assert warm_up_systems(["llama.cpp-bf16", "accelerate"]) == []

@@ -110,6 +110,48 @@ def test_a_family_without_a_native_forward_runs_through_transformers(stores):
     assert "engine transformers" in err.getvalue()
 
 
+@pytest.fixture(scope="module")
+def int4_stores(checkpoints_all, tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-int4")
+    # group 16: the tiny configs' expert widths (48) are no multiple of the default 64
+    return {f: moestream.convert(checkpoints_all[f], root / f, quant="int4", group_size=16, progress=False)
+            for f in ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")}
+
+
+@pytest.mark.parametrize("family,one_call", [("qwen3_moe", True), ("mixtral", True), ("deepseek_v3", True),
+                                             ("gpt_oss", False)])
+def test_plain_swiglu_experts_take_one_kernel_call_a_layer(int4_stores, monkeypatch, family, one_call):
+    """Experts that compute down(silu(gate) * up) take moestream's own layer kernel, one call a
+    layer, with the logits of the per-expert path (three kernel calls and the module's own
+    gating per expert); GPT-OSS's clamped, biased gating keeps the per-expert path."""
+    from moestream.compute.models import common
+    from moestream.integrations import transformers as plug
+    calls = []
+    real = common.moe_layer
+    monkeypatch.setattr(common, "moe_layer", lambda x, experts, out: calls.append(len(experts)) or real(x, experts, out))
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for path in ("per expert", "as bound"):
+        model = moestream.from_pretrained(int4_stores[family], device_budget="64MiB", host_budget=0)
+        try:
+            moes = [m for m in model.modules() if getattr(m, "_moestream", None)]
+            assert moes and all(m._moestream[4] == one_call for m in moes)
+            if path == "per expert":
+                for m in moes:
+                    m._moestream = m._moestream[:4] + (False,)
+            with torch.no_grad():
+                model(ids)                     # the experts land (64 MiB hold them all) in arrival order
+                calls.clear()
+                logits[path] = model(ids).logits
+        finally:
+            model.moestream_store.close()
+        # all resident: every expert a layer's 20 tokens route to (at least top-k) in its one call
+        assert len(calls) == (len(moes) if path == "as bound" and one_call else 0)
+        assert all(k >= model.config.num_experts_per_tok for k in calls)
+    ref, got = logits["per expert"], logits["as bound"]
+    assert (got - ref).abs().max().item() <= 1e-4 * ref.abs().max().item() + 1e-5
+
+
 def test_an_experts_module_without_a_store_is_a_clear_error():
     class Bare:
         pass
