@@ -14,7 +14,10 @@ those systems instead (same store, trace, budget and cgroup limit as `bench deco
 int4 systems on their own stores; --layers picks the store), taking turns tree by tree and system
 by system:
 
-    sudo .venv/bin/python bench/compare_trees.py --old /tmp/oldtree --new . --systems naive,lru,best --layers 4"""
+    sudo .venv/bin/python bench/compare_trees.py --old /tmp/oldtree --new . --systems naive,lru,best --layers 4
+
+Each tree first runs once uncounted (per kind of store with --systems), so that neither pays
+the compile of its Numba kernels inside a timed round."""
 from __future__ import annotations
 
 import argparse
@@ -85,7 +88,9 @@ def main() -> None:
         (cg / "memory.limit_in_bytes").write_text(str(budget + GiB))
     rows: dict[str, list[dict]] = {"old": [], "new": []}
     try:
-        for rnd in range(a.rounds):
+        # round 0 is a warm-up, not counted: each tree's first process compiles its kernels into
+        # Numba's cache (the old tree's first run gave 7.5 tok/s against 74-86 after it, 2026-12-06)
+        for rnd in range(-1, a.rounds):
             for name, tree in (("old", a.old), ("new", a.new)):
                 drop_page_cache()
                 out = subprocess.run([sys.executable, str(tmp / "child.py"), str(Path(tree).resolve()), str(tmp / "trace.npy"),
@@ -97,6 +102,9 @@ def main() -> None:
                     r = {"error": f"killed by the {(budget + GiB) >> 20} MiB memory limit"}
                 else:
                     r = {"error": f"exit {out.returncode}: {out.stderr[-300:]}"}
+                if rnd < 0:
+                    print(f"warm-up {name}: {r}", flush=True)
+                    continue
                 rows[name].append(r)
                 print(f"round {rnd + 1} {name}: {r}", flush=True)
     finally:
@@ -134,6 +142,12 @@ def compare_systems(a: argparse.Namespace) -> None:
         return spec
     limit = None if a.no_limit or not D.cgroup_available()[0] else budget + D.GiB
     rows: dict[tuple[str, str], list[float]] = {}
+    for name, tree in (("old", a.old), ("new", a.new)):     # as bench decode: compiles, not counted
+        for system in D.warm_up_systems(a.systems.split(",")):
+            spec = dict(spec_of(system), tokens=D.WARM_UP_TOKENS)
+            r = D.run_child(dict(spec, device_budget=int(expert_bytes * 1.05) + 64 * spec["extent_bytes"]), None,
+                            tree=tree)
+            print(f"warm-up {name} {system}: " + r.get("error", "done"), flush=True)
     for rnd in range(a.rounds):
         for name, tree in (("old", a.old), ("new", a.new)):
             for system in a.systems.split(","):
