@@ -8,8 +8,9 @@ runs four norms and two rotaries a token. Both compute what the torch formulas o
 models/common.py (and transformers') compute, rounding to bf16 where those round (round to
 nearest even, as torch does). The rotary is bit-identical. RMSNorm's sum of squares is taken in
 float64 and rounded once to float32, where torch sums float32 lanes; the two agree but where
-torch's own sum is off by its last bit: 2 of 3000 random tensors of up to 8000 values, a few
-values one bf16 step apart (tests/compute/test_decode_ops.py). They take only contiguous bf16
+torch's own sum is off by its last bit: 2 of 3000 random tensors of up to 8000 values had a few
+values one bf16 step apart, and hypothesis found one value two steps off (the product with the
+weight rounds again) in 27030 (tests/compute/test_decode_ops.py). They take only contiguous bf16
 CPU tensors of a few rows and leave everything else to torch.
 
 The kernels read and write through raw addresses: the caller's tensors must stay alive for the

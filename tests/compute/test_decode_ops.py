@@ -1,6 +1,6 @@
 """The fused decode-step kernels (compute/decode_ops.py) against transformers' own Qwen3-MoE
 RMSNorm and rotary formulas in bf16 (bit for bit, but where torch's float32 sum of squares is off
-by its last bit: one bf16 step), and the cases they must hand back to torch."""
+by its last bit: a value one or two bf16 steps away), and the cases they must hand back to torch."""
 import math
 
 import pytest
@@ -64,9 +64,13 @@ def test_rms_norm_matches_transformers_on_any_rows(rows, width, scale, eps, seed
     w = torch.randn(width, generator=g).bfloat16()
     fused = decode_ops.rms_norm(x, w, eps)
     assert fused is not None
-    # torch sums the float32 squares lane by lane and we sum them in float64: the rare row where
-    # torch's sum is one float32 step off rounds a few values to the neighbouring bf16
-    assert _bf16_steps(fused, _hf_norm(x, w, eps)) <= 1
+    # torch sums the float32 squares lane by lane and we sum them in float64: in the rare row where
+    # torch's sum is one float32 step off, a value x * rsqrt can round to the neighbouring bf16,
+    # and its product with the weight, rounded again, then lies one or two bf16 steps away
+    # (hypothesis found 1 value of 27030 two steps off: 106 rows of 255 at scale e^11)
+    ref = _hf_norm(x, w, eps)
+    assert _bf16_steps(fused, ref) <= 2
+    assert (fused != ref).float().mean().item() <= 0.01
 
 
 def test_rms_norm_carries_nan_and_inf_as_torch_does():
