@@ -25,6 +25,7 @@ from numba import cuda, njit, prange
 
 from ..formats.codecs import code_values, dequantize_torch, scale_values, view_plane
 from ..formats.constants import MIXED_QUANT, QUANT_TYPES
+from .row_dots import _f32_to_bits
 
 _CHUNK_GROUPS = 256
 # Numba's default (workqueue) threading layer must not be entered from two threads at once;
@@ -51,51 +52,58 @@ _half_to_float_cpu = njit(cache=True)(_half_to_float)
 def _dequant_cpu(codes, scales, mins, scales_f32, values, base, out_f32, out_bits, numel, group, kind, has_base,
                  to_bf16):
     # Each group is dequantized into a float32 scratch row, then stored (as fp32, or rounded to
-    # bf16 through the row's uint32 view): the inner loops stay branch-free and vectorize.
+    # bf16 bits): the inner loops stay branch-free and vectorize. They index slices of the group
+    # from 0: indexing the whole arrays at start + j kept Numba's negative-index check in every
+    # loop and the loops scalar (an int4 [768, 2048] matrix to bf16: 1.26 ms, now ~0.15).
     # kind 0: int8, 1: int4 (fp16 scales and minimums, read as bytes); 2: float8, a code's value
     # from the type's table `values` times its group's float32 scale (scales_f32); 3: the same for
     # two table codes a byte, low nibble first (mxfp4)
     groups = (numel + group - 1) // group
     nchunks = (groups + _CHUNK_GROUPS - 1) // _CHUNK_GROUPS
+    half = group // 2
     for c in prange(nchunks):
         row = np.empty(group, np.float32)
-        row_bits = row.view(np.uint32)
         for g in range(c * _CHUNK_GROUPS, min(groups, (c + 1) * _CHUNK_GROUPS)):
             start = g * group
             n = min(group, numel - start)
             if kind == 2:
                 s = scales_f32[g]
+                cg = codes[start:start + n]
                 for j in range(n):
-                    row[j] = values[codes[start + j]] * s
+                    row[j] = values[cg[j]] * s
             elif kind == 3:  # codes cover whole groups, as int4's
                 s = scales_f32[g]
-                first = start >> 1
-                for j in range(group // 2):
-                    b = codes[first + j]
+                cg = codes[start >> 1:(start >> 1) + half]
+                for j in range(half):
+                    b = cg[j]
                     row[2 * j] = values[b & 15] * s
                     row[2 * j + 1] = values[b >> 4] * s
             else:
                 s = np.float32(_half_to_float_cpu(np.int64(scales[2 * g]) | (np.int64(scales[2 * g + 1]) << 8)))
                 if kind == 1:  # codes cover whole groups (the last one padded), two per byte, low nibble first
                     m = np.float32(_half_to_float_cpu(np.int64(mins[2 * g]) | (np.int64(mins[2 * g + 1]) << 8)))
-                    first = start >> 1
-                    for j in range(group // 2):
-                        b = codes[first + j]
+                    cg = codes[start >> 1:(start >> 1) + half]
+                    for j in range(half):
+                        b = cg[j]
                         row[2 * j] = np.float32(b & 15) * s + m
                         row[2 * j + 1] = np.float32(b >> 4) * s + m
                 else:
-                    for j in range(group):
-                        row[j] = np.float32(np.int8(codes[start + j])) * s
+                    cg = codes[start:start + n]
+                    for j in range(n):
+                        row[j] = np.float32(np.int8(cg[j])) * s
             if has_base:
+                bg = base[start:start + n]
                 for j in range(n):
-                    row[j] += base[start + j]
+                    row[j] += bg[j]
             if to_bf16:  # round to nearest even (NaN payloads aside, which finite weights never give)
+                ob = out_bits[start:start + n]
                 for j in range(n):
-                    x = row_bits[j]
-                    out_bits[start + j] = np.uint16((x + 0x7FFF + ((x >> 16) & 1)) >> 16)
+                    x = _f32_to_bits(row[j])
+                    ob[j] = np.uint16((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
             else:
+                of = out_f32[start:start + n]
                 for j in range(n):
-                    out_f32[start + j] = row[j]
+                    of[j] = row[j]
 
 
 def dequantize_cpu_arrays(codes: np.ndarray, scales: np.ndarray, mins: Optional[np.ndarray], base: Optional[np.ndarray],

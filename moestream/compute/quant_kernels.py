@@ -345,23 +345,27 @@ class QuantKernel:
     gemm_rows: int
 
 
-#: gemm_rows, measured on the development machine (2 threads, medians of 15 calls; kernel against
-#: dequantize + F.linear): int8 [4096, 2048] at 32 rows 21.3 ms against 16.8 (the dequantization
-#: is ~13 of them), at 16 rows 8.9 against 15.9; int4 [768, 2048] at 64 rows 2.9 against 2.8, at 32
-#: 1.6 against 2.5; bf16 [768, 2048] at 4 rows 330 us against torch's 226, at 2 rows 184 against 210
+#: gemm_rows, measured on the development machine (AMD EPYC, 2 threads, medians of 20 calls, an
+#: expert's [768, 2048] matrix from memory; kernel against dequantize to bf16 + F.linear, after the
+#: CPU dequantizer got 4-5x faster, 2026-12-06): int8 at 8 rows 0.32 ms against 0.38, at 16 0.61
+#: against 0.44; int4 at 16 rows 0.39 against 0.52, at 32 0.77 against 0.63 (the MoE path adds
+#: ~0.07 ms of torch calls per expert on the GEMM side); bf16 [768, 2048] at 4 rows 330 us against
+#: torch's 226, at 2 rows 184 against 210
 QUANT_KERNELS = {
-    "int8": QuantKernel("int8", 0, dequantize, gemm_rows=32),
-    "int4": QuantKernel("int4", 1, dequantize, gemm_rows=64),
+    "int8": QuantKernel("int8", 0, dequantize, gemm_rows=12),
+    "int4": QuantKernel("int4", 1, dequantize, gemm_rows=28),
     # a lossless bf16 store's experts: the layer kernel saves the six torch calls per expert and
     # reads with the same prefetch (torch's bf16 GEMV reads as fast, the calls around it do not)
     "bf16": QuantKernel("bf16", 2, None, gemm_rows=3),
     # an FP8 checkpoint's experts, kept as its bytes: float8 codes times float activations, like
-    # int8's (the crossover taken as int8's, whose dequantization costs the same pass)
-    "fp8e4m3": QuantKernel("fp8e4m3", 3, dequantize, gemm_rows=32),
-    "fp8e5m2": QuantKernel("fp8e5m2", 4, dequantize, gemm_rows=32),
-    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: a table lookup per code times
-    # the float activations (the crossover taken as int8's)
-    "mxfp4": QuantKernel("mxfp4", 5, dequantize, gemm_rows=32),
+    # int8's ([768, 2048] block 128, e4m3: at 4 rows 0.35 ms against 0.65, at 6 0.48 against 0.46;
+    # e5m2 decodes the same way)
+    "fp8e4m3": QuantKernel("fp8e4m3", 3, dequantize, gemm_rows=6),
+    "fp8e5m2": QuantKernel("fp8e5m2", 4, dequantize, gemm_rows=6),
+    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: a scalar table lookup per code
+    # times the float activations, 0.71 ms a row of [768, 2048] against 0.67 for dequantize + GEMM
+    # at 1 row and 0.65 at 2: past one row torch's GEMM on the decoded weights wins
+    "mxfp4": QuantKernel("mxfp4", 5, dequantize, gemm_rows=2),
 }
 
 #: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix
