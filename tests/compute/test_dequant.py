@@ -59,6 +59,25 @@ def test_cpu_kernel_matches_numpy(numel, quant, g, with_base, out_dtype, seed):
     assert diff <= ulp * np.abs(ref).max() + 2**-23 * operands + 1e-30
 
 
+def test_every_fp16_scale_is_read_as_torch_reads_it():
+    """The CPU kernel's fp16 -> float32 (scales and minimums): all 65536 bit patterns, subnormals,
+    zeros, infinities and NaNs included, against torch's conversion."""
+    from numba import njit
+    from moestream.compute.dequant import _half_to_float_cpu
+
+    @njit
+    def convert(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = _half_to_float_cpu(np.int64(bits[i]))
+    bits = np.arange(65536, dtype=np.int64)
+    got = np.empty(65536, np.float32)
+    convert(bits, got)
+    want = torch.from_numpy(bits.astype(np.uint16).view(np.float16)).float().numpy()
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))   # -0.0 kept too
+
+
 def test_cpu_kernel_rounds_bf16_like_torch():
     rng = np.random.default_rng(3)
     x = rng.standard_normal(4096).astype(np.float32)
