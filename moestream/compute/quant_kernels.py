@@ -347,10 +347,11 @@ class QuantKernel:
 
 #: gemm_rows, measured on the development machine (AMD EPYC, 2 threads, medians of 20 calls, an
 #: expert's [768, 2048] matrix from memory; kernel against dequantize to bf16 + F.linear, after the
-#: CPU dequantizer got 4-5x faster, 2026-12-06; 1.2x more since, which would move them a little lower): int8 at 8 rows 0.32 ms against 0.38, at 16 0.61
-#: against 0.44; int4 at 16 rows 0.39 against 0.52, at 32 0.77 against 0.63 (the MoE path adds
-#: ~0.07 ms of torch calls per expert on the GEMM side); bf16 [768, 2048] at 4 rows 330 us against
-#: torch's 226, at 2 rows 184 against 210
+#: CPU dequantizer got 4-5x faster, 2026-12-06; it got 1.2x more since, which would move them a
+#: little lower): int8 at 8 rows 0.32 ms against 0.38, at 16 0.61 against 0.44; int4 at 16 rows
+#: 0.39 against 0.52, at 32 0.77 against 0.63 (the MoE path adds ~0.07 ms of torch calls per
+#: expert on the GEMM side); bf16 [768, 2048] at 4 rows 330 us against torch's 226, at 2 rows 184
+#: against 210
 QUANT_KERNELS = {
     "int8": QuantKernel("int8", 0, dequantize, gemm_rows=12),
     "int4": QuantKernel("int4", 1, dequantize, gemm_rows=28),
