@@ -135,7 +135,7 @@ def compare_systems(a: argparse.Namespace) -> None:
         # as bench decode's own_spec: a quantized system runs its own store and dense type
         spec = D.system_spec(base, system, budget)
         if system in D.BOUNDS + D.QUANT_BOUNDS:     # every expert in memory, as bench decode runs them
-            spec.update(device_budget=int(expert_bytes * 1.05) + 64 * base["extent_bytes"])
+            spec.update(device_budget=D.resident_budget(expert_bytes, base["extent_bytes"]))
         if system in D.SYSTEM_QUANT:
             store, extent = quant_store[D.SYSTEM_QUANT[system]]
             spec.update(store=store, extent_bytes=extent, dense_quant=D.SYSTEM_DENSE_QUANT.get(system, "auto"))
@@ -144,9 +144,7 @@ def compare_systems(a: argparse.Namespace) -> None:
     rows: dict[tuple[str, str], list[float]] = {}
     for name, tree in (("old", a.old), ("new", a.new)):     # as bench decode: compiles, not counted
         for system in D.warm_up_systems(a.systems.split(",")):
-            spec = dict(spec_of(system), tokens=D.WARM_UP_TOKENS)
-            r = D.run_child(dict(spec, device_budget=int(expert_bytes * 1.05) + 64 * spec["extent_bytes"]), None,
-                            tree=tree)
+            r = D.run_child(dict(spec_of(system), tokens=D.WARM_UP_TOKENS), None, tree=tree)   # resident: no limit
             print(f"warm-up {name} {system}: " + r.get("error", "done"), flush=True)
     for rnd in range(a.rounds):
         for name, tree in (("old", a.old), ("new", a.new)):

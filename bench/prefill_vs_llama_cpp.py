@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,8 @@ def main() -> None:
     a = p.parse_args()
     from moestream.bench import llama_cpp
     work = Path(a.workdir) / "moestream-bench-decode"
-    bench = llama_cpp.tree(work) / "build" / "bin" / "llama-bench"
+    src = llama_cpp.tree(work)
+    bench = src / "build" / "bin" / "llama-bench"
     if not bench.exists():
         raise SystemExit(f"{bench} is missing: run `moestream bench decode --quick --workdir {a.workdir} "
                          "--system llama.cpp-q4_0` (it builds llama.cpp and the GGUFs) first")
@@ -58,11 +58,8 @@ def main() -> None:
         ours = [float(x) for x in subprocess.run([sys.executable, "-c", CHILD, str(work / store), str(a.tokens),
                                                   str(a.rounds)], check=True, capture_output=True,
                                                  text=True).stdout.split()]
-        out = subprocess.run([str(bench), "-m", str(work / gguf), "-p", str(a.tokens), "-n", "0",
-                              "-t", str(os.cpu_count()), "-r", str(a.rounds)], check=True, capture_output=True,
-                             text=True).stdout
-        row = [line for line in out.splitlines() if f"pp{a.tokens}" in line]
-        theirs = float(re.findall(r"\|\s*([\d.]+) ± ([\d.]+)\s*\|", row[0])[-1][0]) if row else float("nan")
+        theirs = llama_cpp.run_bench(src, work / gguf, 0, prompt=a.tokens, threads=os.cpu_count() or 2,
+                                     repetitions=a.rounds)["tokens_per_s"]
         mine = statistics.median(ours)
         print(f"  {name:12s} moestream {mine:7.1f} tok/s (of {', '.join(f'{x:.1f}' for x in ours)})   "
               f"llama.cpp {theirs:7.1f}   ours / llama.cpp {mine / theirs:.2f}")

@@ -557,6 +557,13 @@ def system_spec(base: dict[str, Any], system: str, budget: int,
     return spec
 
 
+def resident_budget(expert_bytes: int, extent_bytes: int) -> int:
+    """A device budget that holds every expert of the bf16 store (`expert_bytes` in all, its
+    largest extent `extent_bytes`) with room to spare: the resident bounds' and warm-ups' (an int
+    store's experts take less)."""
+    return int(expert_bytes * 1.05) + 64 * extent_bytes
+
+
 #: tokens of each warm-up run (warm_up_systems): enough to call every kernel of a decode step
 WARM_UP_TOKENS = 4
 
@@ -763,14 +770,14 @@ def bench_decode(*, quick: bool = False, workdir: Optional[str] = None, budgets:
     for system in warm_up_systems(systems):
         log(f"warm-up: {system}, {WARM_UP_TOKENS} tokens (compiles the kernels into Numba's cache; not counted)")
         run_child(own_spec(dict(base, system=system, tokens=WARM_UP_TOKENS,
-                                device_budget=int(expert_bytes * 1.05) + 64 * extent_bytes)), None)
+                                device_budget=resident_budget(expert_bytes, extent_bytes))), None)
     cpu0, load0 = cpu_times(), os.getloadavg()
     for rep in range(repeat):
         log(f"round {rep + 1}/{repeat}")
         for system in bounds:
             if system in systems:  # upper bounds: every expert in memory, no limit (they need it all)
                 record(run_child(own_spec(dict(base, system=system,
-                                               device_budget=int(expert_bytes * 1.05) + 64 * extent_bytes)),
+                                               device_budget=resident_budget(expert_bytes, extent_bytes))),
                                  None), None, None)
         for frac in budgets:
             budget = int(expert_bytes * frac)

@@ -163,16 +163,16 @@ def model_file(src: Path, checkpoint: Path, quant: str, log=print) -> Path:
 
 
 def run_bench(src: Path, gguf_path: Path, tokens: int, *, threads: int, repack: bool = True,
-              load_mode: str = "mmap", repetitions: int = 2) -> dict[str, Any]:
+              load_mode: str = "mmap", repetitions: int = 2, prompt: int = 0) -> dict[str, Any]:
     """`llama-bench -p 0 -n tokens` on `gguf_path`: its decode tok/s (mean over repetitions) and the
-    command line."""
-    cmd = [str(src / "build" / "bin" / "llama-bench"), "-m", str(gguf_path), "-p", "0", "-n", str(tokens),
+    command line; with `prompt` (and tokens 0), `-p prompt -n 0`: its prefill tok/s instead."""
+    cmd = [str(src / "build" / "bin" / "llama-bench"), "-m", str(gguf_path), "-p", str(prompt), "-n", str(tokens),
            "-t", str(threads), "-r", str(repetitions), "-lm", load_mode, "--repack", "1" if repack else "0",
            "-o", "json"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"llama-bench exit {p.returncode}: {(p.stderr.strip().splitlines() or [''])[-1][:200]}")
     rows = json.loads(p.stdout)
-    gen = [r for r in rows if r.get("n_gen")]
-    return {"tokens_per_s": gen[0]["avg_ts"], "stddev_tokens_per_s": gen[0].get("stddev_ts"),
-            "samples_ns": gen[0].get("samples_ns"), "command": " ".join(cmd[1:])}
+    row = [r for r in rows if (r.get("n_gen") if tokens else r.get("n_prompt"))][0]
+    return {"tokens_per_s": row["avg_ts"], "stddev_tokens_per_s": row.get("stddev_ts"),
+            "samples_ns": row.get("samples_ns"), "command": " ".join(cmd[1:])}

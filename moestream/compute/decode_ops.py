@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numba import carray, njit
 
-from .row_dots import _bits_to_f32, _f32_to_bits, _u16_ptr
+from .row_dots import _bf16_rne, _bits_to_f32, _f32_to_bits, _u16_ptr
 
 #: at most this many rows (tokens x heads for a per-head norm) take the fused kernels: they run on
 #: one core, and beyond a few decode rows torch's multithreaded ops win
@@ -41,7 +41,7 @@ def _bf16(f):
     b = _f32_to_bits(f)
     if (b & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return np.uint16((b >> np.uint32(16)) | np.uint32(0x40))
-    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return _bf16_rne(f)
 
 
 @njit(cache=True, nogil=True)

@@ -14,7 +14,6 @@ device of `codes`. Scale and minimum planes are read as bytes, so planes at odd 
 from __future__ import annotations
 
 import functools
-import math
 import threading
 import warnings
 from typing import Optional
@@ -25,7 +24,7 @@ from numba import cuda, njit, prange
 
 from ..formats.codecs import code_values, dequantize_torch, scale_values, view_plane
 from ..formats.constants import MIXED_QUANT, QUANT_TYPES
-from .row_dots import _f16, _f32_to_bits
+from .row_dots import _bf16_rne, _f16
 
 _CHUNK_GROUPS = 256
 # Numba's default (workqueue) threading layer must not be entered from two threads at once;
@@ -33,24 +32,12 @@ _CHUNK_GROUPS = 256
 _PARALLEL_LOCK = threading.Lock()
 
 
-def _half_to_float(h):
-    """IEEE fp16 bit pattern (int) -> float, with integer arithmetic only (CPU and CUDA)."""
-    sign = -1.0 if (h >> 15) & 1 else 1.0
-    exp = (h >> 10) & 0x1F
-    man = h & 0x3FF
-    if exp == 0:
-        return sign * man * 5.960464477539063e-08  # 2**-24
-    if exp == 31:
-        return sign * math.inf if man == 0 else math.nan
-    return sign * (1.0 + man / 1024.0) * 2.0 ** (exp - 15)
-
-
 @njit(inline="always")
 def _half_to_float_cpu(h):
-    """_half_to_float for the CPU kernel: row_dots._f16's shifts and one multiply for finite
-    values (subnormals included), inf and NaN kept; _half_to_float's branches and `2.0 ** e` per
-    group were a fifth of the vectorized kernel's time (int4 [768, 2048] to bf16: 0.30 -> 0.24 ms,
-    int8 0.22 -> 0.18)."""
+    """IEEE fp16 bit pattern (int) -> float32 for the CPU kernel: row_dots._f16's shifts and one
+    multiply for finite values (subnormals included), inf and NaN kept. Its predecessor's branches
+    and `2.0 ** e` per group were a fifth of the vectorized kernel's time (int4 [768, 2048] to
+    bf16: 0.30 -> 0.24 ms, int8 0.22 -> 0.18)."""
     if (h & 0x7C00) == 0x7C00:
         v = np.float32(np.inf) if (h & 0x3FF) == 0 else np.float32(np.nan)
         return -v if h & 0x8000 else v
@@ -107,8 +94,7 @@ def _dequant_cpu(codes, scales, mins, scales_f32, values, base, out_f32, out_bit
             if to_bf16:  # round to nearest even (NaN payloads aside, which finite weights never give)
                 ob = out_bits[start:start + n]
                 for j in range(n):
-                    x = _f32_to_bits(row[j])
-                    ob[j] = np.uint16((x + np.uint32(0x7FFF) + ((x >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                    ob[j] = _bf16_rne(row[j])
             else:
                 of = out_f32[start:start + n]
                 for j in range(n):

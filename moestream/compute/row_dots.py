@@ -63,6 +63,14 @@ def _f32_to_bits(typingctx, value):
 
 
 @njit(inline="always")
+def _bf16_rne(f):
+    """float32 -> bf16 bits, rounded to nearest even as torch rounds, branch-free (so loops of it
+    vectorize); a NaN's payload may round into infinity: callers that can meet NaN check first."""
+    b = _f32_to_bits(f)
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(inline="always")
 def _fp8_f32(b, kind):
     """One float8 byte (kind 3: E4M3FN, 4: E5M2) -> float32, branch-free but for the sign: the 7
     bits below the sign land in float32's exponent and mantissa (shifted 20 places for E4M3, 21 for

@@ -28,6 +28,16 @@ def test_run_bench_reads_the_decode_row_and_passes_the_options(tmp_path):
         assert args[args.index(flag) + 1] == value
 
 
+def test_run_bench_reads_the_prefill_row_when_asked_for_a_prompt(tmp_path):
+    rows = [{"n_prompt": 256, "n_gen": 0, "avg_ts": 1098.5, "stddev_ts": 9.1, "samples_ns": [1]}]
+    src = fake_tree(tmp_path, rows)
+    r = llama_cpp.run_bench(src, tmp_path / "m.gguf", 0, prompt=256, threads=2, repetitions=3)
+    assert r["tokens_per_s"] == 1098.5
+    args = (tmp_path / "args").read_text().split()
+    for flag, value in (("-p", "256"), ("-n", "0"), ("-r", "3"), ("--repack", "1")):
+        assert args[args.index(flag) + 1] == value
+
+
 def test_run_bench_failure_names_the_exit_and_the_error(tmp_path):
     src = fake_tree(tmp_path, [], code=3)
     with pytest.raises(RuntimeError, match="llama-bench exit 3: error: boom"):
