@@ -149,3 +149,114 @@ def test_the_model_norm_keeps_its_gradient():
     assert x.grad is not None and norm.weight.grad is not None
     with torch.no_grad():
         assert _same_bits(norm(x.detach()), _hf_norm(x.detach(), norm.weight.detach(), 1e-6))
+
+
+def _torch_chain(q, k, v, norms, cos, sin, cache_k, cache_v, pos):
+    """Attention.forward's torch ops for one decode token (what attend_one replaces), writing the
+    cache as KVCache.update does; returns the output [1, 1, heads*D] and the query heads it attended."""
+    kv, dim = cache_k.shape[1], cache_k.shape[3]
+    qh, kh = q.view(1, 1, -1, dim), k.view(1, 1, kv, dim)
+    if norms[0] is not None:
+        qh, kh = _hf_norm(qh, norms[0], 1e-6), _hf_norm(kh, norms[1], 1e-6)
+    qh, kh, vh = qh.transpose(1, 2), kh.transpose(1, 2), v.view(1, 1, kv, dim).transpose(1, 2)
+    qh, kh = _hf_rotary(qh, cos, sin), _hf_rotary(kh, cos, sin)
+    cache_k[:, :, pos:pos + 1], cache_v[:, :, pos:pos + 1] = kh, vh
+    out = torch.nn.functional.scaled_dot_product_attention(qh.reshape(1, kv, -1, dim), cache_k[:, :, :pos + 1],
+                                                           cache_v[:, :, :pos + 1])
+    return out.reshape(1, 1, -1), qh
+
+
+def _attention_f64(qh, cache_k, cache_v, pos):
+    kv, dim = cache_k.shape[1], cache_k.shape[3]
+    q = qh.double().reshape(kv, -1, dim)
+    k, v = cache_k[0, :, :pos + 1].double(), cache_v[0, :, :pos + 1].double()
+    p = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(dim), dim=-1)
+    return (p @ v).reshape(1, 1, -1)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(32, 4, 128), (4, 4, 64), (6, 2, 32)])
+@pytest.mark.parametrize("pos", [0, 1, 13, decode_ops.MAX_ATTENDED_POSITIONS - 1, decode_ops.MAX_ATTENDED_POSITIONS, 150])
+@pytest.mark.parametrize("head_norm", [True, False])
+def test_attend_one_writes_the_cache_and_attends_as_the_torch_chain(heads, kv_heads, dim, pos, head_norm):
+    """The cache rows attend_one writes are transformers' normed, rotated key and the value, bit
+    for bit where our RMSNorm is (the norm of the key may sit a bf16 step or two from torch's: see
+    the module docstring); the output is within a bf16 step of float64 attention over the same
+    query and cache wherever torch's SDPA is, and is torch's own SDPA beyond MAX_ATTENDED_POSITIONS."""
+    g = torch.Generator().manual_seed(pos * 7 + heads + dim + head_norm)
+    max_len = 160
+    cache_k = torch.randn(1, kv_heads, max_len, dim, generator=g).bfloat16()
+    cache_v = torch.randn(1, kv_heads, max_len, dim, generator=g).bfloat16()
+    qkv = (torch.randn(1, 1, (heads + 2 * kv_heads) * dim, generator=g) * 3).bfloat16()
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    norms = ((torch.randn(dim, generator=g) * 0.3 + 1).bfloat16(),
+             (torch.randn(dim, generator=g) * 0.3 + 1).bfloat16()) if head_norm else (None, None)
+    cos, sin = _rope(1, dim, start=pos)
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    want, qh = _torch_chain(q, k, v, norms, cos, sin, ref_k, ref_v, pos)
+    got = decode_ops.attend_one(q, k, v, *norms, 1e-6, cos, sin, cache_k, cache_v, pos)
+    assert got is not None and got.shape == (1, 1, heads * dim) and got.dtype == torch.bfloat16
+    assert torch.equal(cache_v, ref_v)
+    if head_norm:
+        # the key row through our own norm, then transformers' rotary, is what the cache holds
+        kh = _hf_rotary(decode_ops.rms_norm(k.view(1, 1, kv_heads, dim), norms[1], 1e-6).transpose(1, 2), cos, sin)
+        assert torch.equal(cache_k[:, :, pos:pos + 1], kh)
+        assert _bf16_steps(cache_k, ref_k) <= 2
+    else:
+        assert torch.equal(cache_k, ref_k)
+    if pos >= decode_ops.MAX_ATTENDED_POSITIONS and not head_norm:
+        assert torch.equal(got, want)      # torch's SDPA over the very same inputs
+    exact = _attention_f64(qh, cache_k, cache_v, pos)
+    step = 2.0 ** -7 * exact.abs().max().item()    # one bf16 step at the output's largest value
+    err, torch_err = (got.double() - exact).abs().max().item(), (want.double() - exact).abs().max().item()
+    assert err <= max(torch_err, step) + step / 2, (err, torch_err, step)
+
+
+@pytest.mark.parametrize("case", ["float32", "batch", "past the cache", "grouping", "autograd"])
+def test_attend_one_hands_back_what_it_does_not_take_and_writes_nothing(case):
+    heads, kv_heads, dim, max_len = 8, 2, 16, 8
+    dtype = torch.float32 if case == "float32" else torch.bfloat16
+    cache_k = torch.zeros(2 if case == "batch" else 1, kv_heads, max_len, dim, dtype=dtype)
+    cache_v = torch.zeros_like(cache_k)
+    q = torch.ones(1, 1, (heads - 1 if case == "grouping" else heads) * dim, dtype=dtype)
+    k = v = torch.ones(1, 1, kv_heads * dim, dtype=dtype)
+    cos, sin = torch.ones(1, dim, dtype=dtype), torch.zeros(1, dim, dtype=dtype)
+    norm = torch.ones(dim, dtype=dtype, requires_grad=case == "autograd")
+    pos = max_len if case == "past the cache" else 3
+    with torch.enable_grad():
+        assert decode_ops.attend_one(q, k, v, norm, norm, 1e-6, cos, sin, cache_k, cache_v, pos) is None
+    assert not cache_k.any() and not cache_v.any()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_a_bf16_decode_through_attend_one_matches_the_torch_ops(tmp_path, monkeypatch, family):
+    """A bf16 model decoding 24 positions (both of attend_one's branches: its own attention, then
+    torch's) gives the logits of the same decode through Attention.forward's torch ops, within the
+    bf16 rounding of the attention output, and attend_one did take every decode step."""
+    import moestream
+    from moestream.compute import load_model
+    from moestream.demo import build_checkpoint
+    ckpt = build_checkpoint(family, tmp_path / "ckpt", seed=3, dtype="bfloat16", with_tokenizer=False)
+    model = load_model(moestream.convert(ckpt, tmp_path / "store", progress=False), host_budget=0)
+    monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)
+    calls = []
+    fused = decode_ops.attend_one
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+
+    def decode(use_fused: bool) -> torch.Tensor:
+        monkeypatch.setattr(decode_ops, "attend_one", (lambda *a: calls.append(a[-1]) or fused(*a)) if use_fused
+                            else (lambda *a: None))
+        cache = model.new_cache(32)
+        with torch.no_grad():
+            out = [model(ids[:, :4], cache, 0)[:, -1]]
+            out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, 24)]
+        return torch.stack(out)
+
+    try:
+        assert model.embed_tokens.weight.dtype == torch.bfloat16
+        want, got = decode(False), decode(True)
+    finally:
+        model.store.close()
+    assert sorted(set(calls)) == list(range(4, 24)) and len(calls) == 20 * model.cfg.num_layers
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 0.02 * scale      # measured: 0.005-0.007
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
