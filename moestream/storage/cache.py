@@ -48,6 +48,9 @@ NEXT_USE_ALPHA = 0.02
 REUSE_ALPHA = 0.1
 #: floor of the share of a layer's experts the guesses miss, in next-use's eviction cost
 MIN_UNCOVERED = 0.05
+#: a layer's frequencies are held times a unit that grows by 1 / (1 - NEXT_USE_ALPHA) a visit, and
+#: brought back to 1 past this (far from float64's range, whatever the alpha)
+_UNIT_RESCALE = 1e9
 
 
 class TierCache(Generic[K]):
@@ -72,7 +75,11 @@ class TierCache(Generic[K]):
         # sweep policies: the layer order of a decode step, where the sweep is, per-layer visits
         self._sweep_pos = {layer: i for i, layer in enumerate(sweep)}
         self._current = 0
-        self._chance: dict[int, dict[K, float]] = {}   # per layer: key -> long-run frequency per visit
+        # per layer: key -> long-run frequency per visit, times the layer's _chance_unit: every visit
+        # decays all of a layer's frequencies, which costs one multiplication of the unit instead
+        # of one of each entry (up to the layer's experts, a visit per layer and token)
+        self._chance: dict[int, dict[K, float]] = {}
+        self._chance_unit: dict[int, float] = {}
         self._reuse: dict[int, float] = {}             # per layer: share asked for again at the next visit
         self._last_asked: dict[int, set] = {}          # per layer: the keys its last visit asked for
         self._wanted: set = set()   # asked for at the current layer and not served yet: needed now
@@ -147,12 +154,16 @@ class TierCache(Generic[K]):
             self._expected = {k for k in self._expected if k[0] != layer}
             self._ranked.pop(layer, None)
             chance = self._chance.setdefault(layer, {})
-            for k in list(chance):
-                chance[k] *= 1.0 - NEXT_USE_ALPHA
-                if chance[k] < 1e-4:
-                    del chance[k]
+            unit = self._chance_unit.get(layer, 1.0) / (1.0 - NEXT_USE_ALPHA)
+            if unit > _UNIT_RESCALE:      # every ~1000 visits: back to 1, dropping what has faded
+                for k in list(chance):
+                    chance[k] /= unit
+                    if chance[k] < 1e-4:
+                        del chance[k]
+                unit = 1.0
+            self._chance_unit[layer] = unit
             for k in keys:
-                chance[k] = chance.get(k, 0.0) + NEXT_USE_ALPHA
+                chance[k] = chance.get(k, 0.0) + NEXT_USE_ALPHA * unit
             now = set(keys)
             before = self._last_asked.get(layer)
             if before:
@@ -183,7 +194,7 @@ class TierCache(Generic[K]):
         if key in self._expected:
             return d
         layer = key[0]
-        f = self._chance.get(layer, {}).get(key, 0.0)
+        f = self._chance.get(layer, {}).get(key, 0.0) / self._chance_unit.get(layer, 1.0)
         if key in self._last_asked.get(layer, ()):
             r = self._reuse.get(layer, 0.0)
             f = r + (1.0 - r) * f

@@ -363,7 +363,8 @@ class Store:
         chosen = frozenset(_index(e, "expert") for e in experts)
         with self._cv:
             self.l1.visit(layer, [(layer, e) for e in chosen])
-            self.l2.visit(layer, [(layer, e) for e in chosen])
+            if self.l2.budget:     # an L2 that holds nothing has no eviction to rank
+                self.l2.visit(layer, [(layer, e) for e in chosen])
             self._routed = (layer, chosen)
             wrong = [ld for ld in self._pending.values()
                      if ld.prefetch and not ld.cancelled and ld.key[0] == layer and ld.key[1] not in chosen]
