@@ -26,6 +26,7 @@ device (compute/dequant.py's Numba-CUDA kernel) and multiplied by torch: held qu
 still keeps 3.6x (int4) more experts in the same bytes."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import math
@@ -38,7 +39,6 @@ import torch
 import torch.nn.functional as F
 from numba import carray, njit, prange
 
-from ..formats.mxfp4 import FP4_VALUES
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
 from .row_dots import (DOT_CHUNK, ROW_FLOAT8, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16,
@@ -114,8 +114,17 @@ def _quantized_activations(x, group, needed=True):
 # kinds 3 and 4: float8 E4M3FN and E5M2 (one code a byte, float32 scales); kind 5: mxfp4 (two
 # e2m1 codes a byte, low nibble first; one uint8 E8M0 exponent a group)
 
-#: e2m1's values by code (formats/mxfp4.py): a constant of the compiled kernels
-_E2M1 = FP4_VALUES.astype(np.float32)
+@njit(inline="always")
+def _e2m1(c):
+    # the value of a 4-bit e2m1 code (formats/mxfp4.py's FP4_VALUES) built as float32 bits: sign
+    # bit 3, exponent bits 1-2 (bias 1), mantissa bit 0; exponent 0 is 0 or the subnormal 0.5.
+    # Arithmetic, not a table: LLVM vectorizes it (a table lookup per code kept the dot scalar:
+    # 0.61 -> 0.26 ms for [768, 2048] against one token row, the development machine)
+    e = (c >> np.uint32(1)) & np.uint32(3)
+    sign = (c & np.uint32(8)) << np.uint32(28)
+    m = c & np.uint32(1)
+    normal = sign | ((e + np.uint32(126)) << np.uint32(23)) | (m << np.uint32(22))
+    return _bits_to_f32(normal if e != 0 else (sign | np.uint32(0x3F000000) if m != 0 else sign))
 
 
 @njit(inline="always")
@@ -158,18 +167,20 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
             acc += s * sc32[g]
         return acc
     if kind == 5:
-        # mxfp4 codes looked up and multiplied by the float32 activations, each group's power of
-        # two once (a scalar loop: no whole-row dot for it yet)
+        # mxfp4 codes decoded (_e2m1) and multiplied by the float32 activations, each group's
+        # power of two once
         half = group // 2
         wb = carray(_u8_ptr(codes_addr + row * (cols // 2)), cols // 2)
         eb = carray(_u8_ptr(scales_addr + row * ng), ng)
         xrow = xf[t]
         acc = np.float32(0)
         for g in range(ng):
+            wg = wb[g * half:(g + 1) * half]
+            xg = xrow[g * group:(g + 1) * group]
             s = np.float32(0)
             for j in range(half):
-                b = wb[g * half + j]
-                s += _E2M1[b & 15] * xrow[g * group + 2 * j] + _E2M1[b >> 4] * xrow[g * group + 2 * j + 1]
+                b = np.uint32(wg[j])
+                s += _e2m1(b & np.uint32(15)) * xg[2 * j] + _e2m1(b >> np.uint32(4)) * xg[2 * j + 1]
             acc += s * _e8m0(eb[g])
         return acc
     if group == 64 or group == 32:      # the whole-row dots (row_dots.py)
@@ -363,10 +374,11 @@ QUANT_KERNELS = {
     # e5m2 decodes the same way)
     "fp8e4m3": QuantKernel("fp8e4m3", 3, dequantize, gemm_rows=6),
     "fp8e5m2": QuantKernel("fp8e5m2", 4, dequantize, gemm_rows=6),
-    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: a scalar table lookup per code
-    # times the float activations, 0.71 ms a row of [768, 2048] against 0.67 for dequantize + GEMM
-    # at 1 row and 0.65 at 2: past one row torch's GEMM on the decoded weights wins
-    "mxfp4": QuantKernel("mxfp4", 5, dequantize, gemm_rows=2),
+    # an MXFP4 checkpoint's experts (GPT-OSS), kept as its bytes: each code decoded from its bits
+    # times the float activations ([768, 2048] from memory, medians of 20 calls, 2026-12-06: 1 row
+    # 0.36 ms against 0.85 for dequantize + GEMM, 2 rows 0.66 against 0.78, 3 rows 0.96 against
+    # 0.80; the table lookup it replaced took 0.71 ms a row and lost from 2 rows)
+    "mxfp4": QuantKernel("mxfp4", 5, dequantize, gemm_rows=3),
 }
 
 #: what the layer kernel multiplies: a quantized tensor, or a plain bf16 matrix
@@ -416,15 +428,55 @@ def quant_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
     return _kernel_linear(x, w)
 
 
-def _kernel_linear(x: torch.Tensor, w: KernelWeight) -> torch.Tensor:
-    """quant_linear's kernel call, for a `w` and a row count that kernel_takes."""
+@dataclass(frozen=True)
+class LinearPlan:
+    """What `_linear` needs of one weight the CPU kernels read in place (cpu_kernel_fits): its
+    kernel code, plane addresses, shape, group and its type's gemm_rows. Worked out once per
+    module (plan_linear), not at every decode step: the dense layers run several a token, and the
+    per-call checks cost more than the kernel on a small matrix (a [128, 2048] router: 7 us
+    kernel, 27 us a call before). Valid while the weight's memory and shape are (the key: its
+    plane addresses and its shape)."""
+    key: tuple[int, int, int, int, int]
+    code: int
+    addresses: tuple[int, int, int]
+    rows: int
+    cols: int
+    group: int
+    gemm_rows: int
+
+
+def plan_linear(w: KernelWeight) -> Optional[LinearPlan]:
+    """The LinearPlan of `w`, None where the CPU kernels do not read it in place."""
+    if not cpu_kernel_fits(w):
+        return None
     rows, cols = w.shape
+    addresses = _addresses(w)
     group = w.spec.group if isinstance(w, QuantizedTensor) else DOT_CHUNK   # bf16: sizes only the scratch
-    xf = x.detach().reshape(-1, cols).float().contiguous()   # inference only: no autograd through the kernels
-    out = np.empty((xf.shape[0], rows), np.float32)
+    kernel = QUANT_KERNELS[_kind(w)]
+    return LinearPlan((*addresses, rows, cols), kernel.code, addresses, rows, cols, group, kernel.gemm_rows)
+
+
+def _kernel_linear(x: torch.Tensor, w: KernelWeight, plan: Optional[LinearPlan] = None) -> torch.Tensor:
+    """quant_linear's kernel call, for a `w` and a row count that kernel_takes (`plan`: w's, when
+    the caller holds it)."""
+    plan = plan or plan_linear(w)
+    xf = x.detach().reshape(-1, plan.cols)   # inference only: no autograd through the kernels
+    xf = xf.float() if xf.dtype != torch.float32 else xf.contiguous()
+    out = np.empty((xf.shape[0], plan.rows), np.float32)
     with _PARALLEL_LOCK:
-        _linear(xf.numpy(), QUANT_KERNELS[_kind(w)].code, *_addresses(w), rows, group, out, PREFETCH_BYTES)
-    return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], rows)
+        _linear(xf.numpy(), plan.code, *plan.addresses, plan.rows, plan.group, out, PREFETCH_BYTES)
+    return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], plan.rows)
+
+
+def _held_plan(module: torch.nn.Module, key: tuple[int, int, int, int, int], weight) -> Optional[LinearPlan]:
+    """The module's LinearPlan, worked out again when its weight's memory or shape changed (to(),
+    a load, rebind_rows; `key` as LinearPlan.key, the weight's now); None where the kernels do
+    not read the weight."""
+    plan = module.__dict__.get("_plan", False)
+    if plan is False or (plan is not None and plan.key != key):
+        plan = plan_linear(weight() if callable(weight) else weight)
+        module.__dict__["_plan"] = plan
+    return plan
 
 
 #: what the layer kernel needs to know of one SwiGLU expert: (type name, group size or None
@@ -436,6 +488,26 @@ def expert_layout(gate: KernelWeight, up: KernelWeight, down: KernelWeight) -> O
     """The layout of an expert `_moe_layer` reads in place: its three matrices one type of the
     table on the CPU (cpu_kernel_fits), gate and up [I, H], down [H, I], and a quantized type's
     group dividing both widths; None otherwise."""
+    if type(gate) is QuantizedTensor and type(up) is QuantizedTensor and type(down) is QuantizedTensor:
+        # what the tiers hand out for every routed expert of every token: decided by specs and shapes
+        return _quantized_layout(gate.spec, up.spec, down.spec, gate.shape, up.shape, down.shape,
+                                 gate.is_cpu and up.is_cpu and down.is_cpu and gate.contiguous and up.contiguous
+                                 and down.contiguous)
+    return _expert_layout(gate, up, down)
+
+
+@functools.lru_cache(maxsize=256)
+def _quantized_layout(gate_spec, up_spec, down_spec, gate_shape, up_shape, down_shape, in_place: bool
+                      ) -> Optional[ExpertLayout]:
+    if not in_place or not gate_spec == up_spec == down_spec or gate_spec.kind not in QUANT_KERNELS:
+        return None
+    (inter, hidden), group = gate_shape, gate_spec.group
+    if up_shape != (inter, hidden) or down_shape != (hidden, inter) or inter % group or hidden % group:
+        return None
+    return gate_spec.kind, group, inter, hidden
+
+
+def _expert_layout(gate: KernelWeight, up: KernelWeight, down: KernelWeight) -> Optional[ExpertLayout]:
     t = _kernel_type(gate)
     if t is None or _kernel_type(up) != t or _kernel_type(down) != t:
         return None
@@ -489,9 +561,8 @@ def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tenso
     """out [N, H] (float32, contiguous, CPU) += Σ over `experts` of weight · down(silu(gate(x)) · up(x))
     for each expert's rows of x [N, H], in one kernel call (moe_layer_fits must hold)."""
     k = len(experts)
-    kinds = np.fromiter((QUANT_KERNELS[e.layout[0]].code for e in experts), np.int64, k)
-    addrs = np.fromiter(itertools.chain.from_iterable(_addresses(m) for e in experts for m in (e.gate, e.up, e.down)),
-                        np.int64, 9 * k).reshape(k, 3, 3)
+    kinds = np.array([QUANT_KERNELS[e.layout[0]].code for e in experts], np.int64)
+    addrs = np.array([(_addresses(e.gate), _addresses(e.up), _addresses(e.down)) for e in experts], np.int64)   # [k, 3, 3]
     pair_ptr = np.array([0, *itertools.accumulate(len(e.rows) for e in experts)], np.int64)
     pair_token = np.array([r for e in experts for r in e.rows], np.int64)
     pair_weight = np.array([w for e in experts for w in e.weights], np.float32)
@@ -530,7 +601,13 @@ class QuantLinear(torch.nn.Module):
         return self.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quant_linear(x, self.weight)
+        key = (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
+               *self.shape)
+        plan = _held_plan(self, key, lambda: self.weight)
+        if plan is not None and x.numel() // plan.cols < plan.gemm_rows:
+            y = _kernel_linear(x, None, plan)
+        else:
+            y = quant_linear(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -539,6 +616,7 @@ class QuantLinear(torch.nn.Module):
     def rebind_rows(self, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor]) -> None:
         """Hold these planes (views of a fused weight's rows: the same values) instead of its own."""
         self.codes, self.scales, self.mins = codes, scales, mins
+        self.__dict__.pop("_plan", None)
 
 
 def quantize_linears(model: torch.nn.Module, kind: str, group: int, skip: Callable[[str], bool]) -> int:
@@ -568,9 +646,11 @@ class Bf16DecodeLinear(torch.nn.Linear):
     replaces."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not kernel_takes(self.weight, x.numel() // self.in_features):
+        w = self.weight
+        plan = _held_plan(self, (w.data_ptr(), 0, 0, *w.shape), w)
+        if plan is None or x.numel() // self.in_features >= plan.gemm_rows:
             return super().forward(x)
-        y = _kernel_linear(x, self.weight)
+        y = _kernel_linear(x, None, plan)
         return y + self.bias if self.bias is not None else y
 
 

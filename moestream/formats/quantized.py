@@ -37,22 +37,23 @@ class QuantizedTensor:
     `transposed`: the model's tensor is this matrix's transpose ([in, out], as GPT-OSS keeps its
     experts; TensorSlice.transposed): `shape`, the codes and `dequantize` are still the stored
     [out, in] matrix, which is what y = x · Wᵀ multiplies."""
-    __slots__ = ("spec", "shape", "transposed", "_payload", "_offsets", "_codes", "_scales", "_mins")
+    __slots__ = ("spec", "shape", "transposed", "_payload", "_offsets", "_codes", "_scales", "_mins", "_base")
 
     def __init__(self, spec: QuantSpec, shape: tuple[int, int], codes: torch.Tensor, scales: torch.Tensor,
                  mins: Optional[torch.Tensor]):
         self.spec, self.shape, self.transposed = spec, tuple(shape), False
-        self._payload = self._offsets = None
+        self._payload = self._offsets = self._base = None
         self._codes, self._scales, self._mins = codes, scales, mins
 
     @classmethod
     def in_payload(cls, spec: QuantSpec, shape: tuple[int, int], payload: torch.Tensor,
-                   offsets: tuple[int, int, Optional[int]], transposed: bool = False) -> "QuantizedTensor":
+                   offsets: tuple[int, int, Optional[int]], transposed: bool = False,
+                   base: Optional[int] = None) -> "QuantizedTensor":
         """The tensor whose codes, scales and mins start at byte `offsets` of `payload` (uint8, 1-D,
-        kept alive by the result)."""
+        kept alive by the result); `base`: payload.data_ptr() when the caller has it."""
         self = cls.__new__(cls)
         self.spec, self.shape, self.transposed = spec, tuple(shape), transposed
-        self._payload, self._offsets = payload, offsets
+        self._payload, self._offsets, self._base = payload, offsets, base
         self._codes = self._scales = self._mins = None
         return self
 
@@ -103,7 +104,9 @@ class QuantizedTensor:
     def addresses(self) -> tuple[int, int, int]:
         """Addresses of the codes, scales and mins (0 without mins): for kernels that read by address."""
         if self._payload is not None:
-            base = self._payload.data_ptr()
+            if self._base is None:
+                self._base = self._payload.data_ptr()
+            base = self._base
             c, sc, mn = self._offsets
             return base + c, base + sc, base + mn if mn is not None else 0
         return (self._codes.data_ptr(), self._scales.data_ptr(),
@@ -145,12 +148,13 @@ def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, "Quantiz
     least raw_length bytes; on any device): QuantizedTensors, and plain tensors for its raw ones.
     Nothing is copied; the results keep `payload` alive."""
     out: dict[str, QuantizedTensor | torch.Tensor] = {}
+    base = payload.data_ptr()
     for name, spec, shape, offsets, transposed, dtype in _layout(region):
         if spec is None:
             n = math.prod(shape) * dtype.itemsize
             out[name] = payload[offsets:offsets + n].view(dtype).view(shape)
         else:
-            out[name] = QuantizedTensor.in_payload(spec, shape, payload, offsets, transposed)
+            out[name] = QuantizedTensor.in_payload(spec, shape, payload, offsets, transposed, base)
     return out
 
 

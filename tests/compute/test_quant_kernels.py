@@ -307,8 +307,8 @@ def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, t
     from moestream.compute import quant_kernels
     dense_calls = []
     real_linear = quant_kernels._kernel_linear      # the dense layers' kernel call
-    monkeypatch.setattr(quant_kernels, "_kernel_linear", lambda x, w: (dense_calls.append(tuple(x.shape)),
-                                                                       real_linear(x, w))[1])
+    monkeypatch.setattr(quant_kernels, "_kernel_linear", lambda x, *w: (dense_calls.append(tuple(x.shape)),
+                                                                        real_linear(x, *w))[1])
     model = load_model(store, device_budget="64MiB", host_budget=0)
     try:
         kernel_linears = {n for n, m in model.named_modules() if isinstance(m, quant_kernels.Bf16DecodeLinear)}
@@ -420,3 +420,28 @@ def test_kernels_cached_before_row_dots_changed_are_dropped(monkeypatch):
     marker.write_text("0" * 64)                          # as if cached under another row_dots.py
     qk._drop_kernels_cached_on_other_intrinsics()
     assert flushed == [qk._moe_layer, qk._linear] and marker.read_text() == current
+
+
+def test_a_held_kernel_plan_follows_its_weight():
+    """Bf16DecodeLinear and QuantLinear work out their kernel call once; a weight whose memory
+    changes (new data, rebind_rows, to()) is planned again, never multiplied from the old address."""
+    from moestream.compute.quant_kernels import QuantLinear, bf16_decode_linears
+    from moestream.formats.quantized import quantize_matrix
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1, 128, generator=g).bfloat16()
+    lin = torch.nn.Linear(128, 64, bias=False).bfloat16()
+    assert bf16_decode_linears(torch.nn.ModuleList([lin]), lambda name: False) == 1
+    with torch.no_grad():
+        first = lin(x)
+        lin.weight.data = torch.randn(64, 128, generator=g).bfloat16()
+        assert torch.allclose(lin(x).float(), F.linear(x.float(), lin.weight.float()), rtol=1e-2, atol=1e-2)
+        assert not torch.equal(lin(x), first)
+        w1, w2 = (quantize_matrix(torch.randn(64, 128, generator=g), "int8", 32) for _ in range(2))
+        q = QuantLinear(w1, None)
+        assert torch.equal(q(x), quant_linear(x, w1))
+        q.rebind_rows(w2.codes, w2.scales, w2.mins)
+        assert torch.equal(q(x), quant_linear(x, w2))
+        q.codes = w1.codes.clone()            # new memory for the codes (as to() or a load gives)
+        q.scales = w1.scales.clone()
+        assert torch.equal(q(x), quant_linear(x, w1))
+
