@@ -434,9 +434,7 @@ class LinearPlan:
     kernel code, plane addresses, shape, group and its type's gemm_rows. Worked out once per
     module (plan_linear), not at every decode step: the dense layers run several a token, and the
     per-call checks cost more than the kernel on a small matrix (a [128, 2048] router: 7 us
-    kernel, 27 us a call before). Valid while the weight's memory and shape are (the key: its
-    plane addresses and its shape)."""
-    key: tuple[int, int, int, int, int]
+    kernel, 27 us a call before). Valid while the weight's memory, type and layout are."""
     code: int
     addresses: tuple[int, int, int]
     rows: int
@@ -453,7 +451,7 @@ def plan_linear(w: KernelWeight) -> Optional[LinearPlan]:
     addresses = _addresses(w)
     group = w.spec.group if isinstance(w, QuantizedTensor) else DOT_CHUNK   # bf16: sizes only the scratch
     kernel = QUANT_KERNELS[_kind(w)]
-    return LinearPlan((*addresses, rows, cols), kernel.code, addresses, rows, cols, group, kernel.gemm_rows)
+    return LinearPlan(kernel.code, addresses, rows, cols, group, kernel.gemm_rows)
 
 
 def _kernel_linear(x: torch.Tensor, w: KernelWeight, plan: Optional[LinearPlan] = None) -> torch.Tensor:
@@ -468,15 +466,15 @@ def _kernel_linear(x: torch.Tensor, w: KernelWeight, plan: Optional[LinearPlan] 
     return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], plan.rows)
 
 
-def _held_plan(module: torch.nn.Module, key: tuple[int, int, int, int, int], weight) -> Optional[LinearPlan]:
-    """The module's LinearPlan, worked out again when its weight's memory or shape changed (to(),
-    a load, rebind_rows; `key` as LinearPlan.key, the weight's now); None where the kernels do
-    not read the weight."""
-    plan = module.__dict__.get("_plan", False)
-    if plan is False or (plan is not None and plan.key != key):
-        plan = plan_linear(weight() if callable(weight) else weight)
-        module.__dict__["_plan"] = plan
-    return plan
+def _held_plan(module: torch.nn.Module, key: tuple, weight) -> Optional[LinearPlan]:
+    """The module's LinearPlan, worked out again when `key` (what identifies the weight's memory,
+    type and layout now) differs from the one it was worked out for (after to(), a load,
+    rebind_rows); None where the kernels do not read the weight."""
+    held = module.__dict__.get("_plan")
+    if held is None or held[0] != key:
+        held = key, plan_linear(weight() if callable(weight) else weight)
+        module.__dict__["_plan"] = held
+    return held[1]
 
 
 #: what the layer kernel needs to know of one SwiGLU expert: (type name, group size or None
@@ -602,7 +600,7 @@ class QuantLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
-               *self.shape)
+               self.codes.is_contiguous(), self.spec, self.shape)
         plan = _held_plan(self, key, lambda: self.weight)
         if plan is not None and x.numel() // plan.cols < plan.gemm_rows:
             y = _kernel_linear(x, None, plan)
@@ -647,7 +645,7 @@ class Bf16DecodeLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        plan = _held_plan(self, (w.data_ptr(), 0, 0, *w.shape), w)
+        plan = _held_plan(self, (w.data_ptr(), w.dtype, w.shape, w.stride()), w)
         if plan is None or x.numel() // self.in_features >= plan.gemm_rows:
             return super().forward(x)
         y = _kernel_linear(x, None, plan)

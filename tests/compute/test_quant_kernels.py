@@ -445,3 +445,9 @@ def test_a_held_kernel_plan_follows_its_weight():
         q.scales = w1.scales.clone()
         assert torch.equal(q(x), quant_linear(x, w1))
 
+        lin2 = torch.nn.Linear(64, 64, bias=False).bfloat16()
+        bf16_decode_linears(torch.nn.ModuleList([lin2]), lambda name: False)
+        y = torch.randn(1, 64, generator=g).bfloat16()
+        lin2(y)
+        lin2.weight.data = lin2.weight.data.t()     # the same memory read the other way round
+        assert torch.allclose(lin2(y).float(), F.linear(y.float(), lin2.weight.float()), rtol=1e-2, atol=1e-2)
