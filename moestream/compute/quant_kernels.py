@@ -598,10 +598,13 @@ class QuantLinear(torch.nn.Module):
     def out_features(self) -> int:
         return self.shape[0]
 
+    def plan_key(self) -> tuple:
+        """What identifies the weight's memory and layout now (quant_kernels._held_plan)."""
+        return (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
+                self.codes.is_contiguous(), self.spec, self.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        key = (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
-               self.codes.is_contiguous(), self.spec, self.shape)
-        plan = _held_plan(self, key, lambda: self.weight)
+        plan = _held_plan(self, self.plan_key(), lambda: self.weight)
         if plan is not None and x.numel() // plan.cols < plan.gemm_rows:
             y = _kernel_linear(x, None, plan)
         else:
@@ -643,13 +646,31 @@ class Bf16DecodeLinear(torch.nn.Linear):
     routed experts, and the routers. Same parameters and state-dict names as the nn.Linear it
     replaces."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def plan_key(self) -> tuple:
+        """What identifies the weight's memory and layout now (quant_kernels._held_plan)."""
         w = self.weight
-        plan = _held_plan(self, (w.data_ptr(), w.dtype, w.shape, w.stride()), w)
+        return w.data_ptr(), w.dtype, w.shape, w.stride()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = _held_plan(self, self.plan_key(), self.weight)
         if plan is None or x.numel() // self.in_features >= plan.gemm_rows:
             return super().forward(x)
         y = _kernel_linear(x, None, plan)
         return y + self.bias if self.bias is not None else y
+
+
+def kernel_takes_rows(module: torch.nn.Module, rows: int) -> bool:
+    """Whether `module` (a linear layer) multiplies `rows` token rows in the CPU kernel: one
+    QuantLinear or Bf16DecodeLinear whose weight the kernel reads in place, fewer rows than its
+    type's gemm_rows. The kernel takes each row as it takes one alone (the same values), so a
+    caller may join rows of different sequences into one call, which reads the weight once."""
+    if isinstance(module, QuantLinear):
+        plan = _held_plan(module, module.plan_key(), lambda: module.weight)
+    elif isinstance(module, Bf16DecodeLinear):
+        plan = _held_plan(module, module.plan_key(), module.weight)
+    else:
+        return False
+    return plan is not None and rows < plan.gemm_rows
 
 
 def bf16_decode_linears(model: torch.nn.Module, skip: Callable[[str], bool]) -> int:

@@ -451,3 +451,36 @@ def test_a_held_kernel_plan_follows_its_weight():
         lin2(y)
         lin2.weight.data = lin2.weight.data.t()     # the same memory read the other way round
         assert torch.allclose(lin2(y).float(), F.linear(y.float(), lin2.weight.float()), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("quant", ["int4", "int8"])
+def test_a_batched_decode_step_projects_every_sequence_in_one_kernel_call(checkpoints, tmp_path, monkeypatch, quant):
+    """decode_batch over sequences of different lengths (the server's step): the attention
+    projections of an int store take all B rows in one kernel call per layer (one read of their
+    weights), and each sequence's logits are those of the same step decoded alone, bit for bit
+    (B = 2: every matmul of the step in the kernels, which take each row as they take one)."""
+    from moestream.compute import quant_kernels
+    store = moestream.convert(checkpoints["qwen3_moe"], tmp_path / quant, quant=quant, progress=False)
+    model = load_model(store, host_budget=0)
+    try:
+        g = torch.Generator().manual_seed(6)
+        prompts = [torch.randint(0, model.cfg.vocab_size, (1, n), generator=g) for n in (5, 9)]
+
+        def prefilled():
+            caches = [model.new_cache(24) for _ in prompts]
+            with torch.no_grad():
+                for ids, cache in zip(prompts, caches):
+                    model(ids, cache, 0)
+            return caches
+        tokens, positions = [7, 11], [p.shape[1] for p in prompts]
+        alone = [model.decode_batch([t], [c], [p]) for t, c, p in zip(tokens, prefilled(), positions)]
+        caches, rows = prefilled(), []
+        real = quant_kernels._kernel_linear
+        monkeypatch.setattr(quant_kernels, "_kernel_linear", lambda x, *a: (rows.append(x.numel() // x.shape[-1]),
+                                                                            real(x, *a))[1])
+        together = model.decode_batch(tokens, caches, positions)
+    finally:
+        model.store.close()
+    assert torch.equal(together, torch.cat(alone))
+    # per layer q/k/v (fused), o and the router each once over both rows; lm_head once
+    assert rows == [2] * (3 * model.cfg.num_layers + 1)

@@ -18,7 +18,7 @@ from ...formats.quantized import QuantizedTensor
 from .. import decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import RoutedExpert, fuse_rows, moe_layer, moe_layer_fits, quant_linear
+from ..quant_kernels import RoutedExpert, fuse_rows, kernel_takes_rows, moe_layer, moe_layer_fits, quant_linear
 from ..threads import COMPUTE_THREADS
 
 
@@ -183,12 +183,33 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Optional[KVCache],
                 start: int) -> torch.Tensor:
-        b, t, _ = x.shape
-        d = self.cfg.head_dim
+        return self.o_proj(self.attend(*self.project(x), rope, cache, start))
+
+    def forward_ragged(self, x: torch.Tensor, ropes: list, caches: list[KVCache], starts: list[int]) -> torch.Tensor:
+        """One decode token of each of B sequences, x [B, 1, H], each at its own position with its
+        own KV cache. Where the CPU kernels take the projections' B rows (row by row, as they take
+        one: the same values as B separate calls), q/k/v and o are computed once over all B, a read
+        of their weights per step instead of one per sequence; elsewhere sequence by sequence."""
+        b = x.shape[0]
+        projections = [self.qkv_proj] if self.qkv_proj is not None else [self.q_proj, self.k_proj, self.v_proj]
+        if b == 1 or not all(kernel_takes_rows(m, b) for m in projections + [self.o_proj]):
+            return torch.cat([self(x[i:i + 1], ropes[i], caches[i], starts[i]) for i in range(b)])
+        q, k, v = self.project(x)                                                   # [B, 1, heads*D]
+        return self.o_proj(torch.cat([self.attend(q[i:i + 1], k[i:i + 1], v[i:i + 1], ropes[i], caches[i], starts[i])
+                                      for i in range(b)]))                          # [B, 1, H]
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q [B, T, heads*D], k and v [B, T, kv_heads*D]."""
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)           # [B, T, heads*D]
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)            # [B, T, heads*D]
+            return tuple(self.qkv_proj(x).split(self.qkv_sizes, dim=-1))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               cache: Optional[KVCache], start: int) -> torch.Tensor:
+        """The attention of projected q, k, v [B, T, heads*D] at positions start.. (their rope),
+        the new keys and values written to `cache` -> [B, T, heads*D], before o_proj."""
+        b, t, _ = q.shape
+        d = self.cfg.head_dim
         cos, sin = rope
         if t == 1 and cache is not None and self.qk_norm != "full" and self.cfg.clip_qkv is None:
             # a decode step: norms, rotary, the cache write and attention in one kernel call
@@ -197,16 +218,16 @@ class Attention(nn.Module):
             out = decode_ops.attend_one(q, k, v, *norms, self.cfg.rms_norm_eps, cos, sin, cache.k[self.layer],
                                         cache.v[self.layer], start)                # [1, 1, heads*D]
             if out is not None:
-                return self.o_proj(out)
+                return out
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.cfg.clip_qkv is not None:
             q, k, v = (z.clamp(-self.cfg.clip_qkv, self.cfg.clip_qkv) for z in (q, k, v))
-        q = q.view(b, t, -1, d)
-        k = k.view(b, t, -1, d)
+        q = q.reshape(b, t, -1, d)
+        k = k.reshape(b, t, -1, d)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, -1, d).transpose(1, 2)   # [B, heads, T, D]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.reshape(b, t, -1, d).transpose(1, 2)   # [B, heads, T, D]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)                         # [B, kv, start+T, D]
@@ -217,15 +238,15 @@ class Attention(nn.Module):
             # enable_gqa takes its math path in bf16: 217 us a layer at 41 positions and 2.1 ms at
             # 512, against 28 and 117 us this way (2026-12-06, 32 query and 4 kv heads of 128)
             out = F.scaled_dot_product_attention(q.reshape(b, kv_heads, -1, d), k, v)   # [B, kv, heads/kv, D]
-            return self.o_proj(out.reshape(b, 1, -1))
+            return out.reshape(b, 1, -1)
         # causal over [start, start+T) against every earlier position
-        pos_q = torch.arange(start, start + t, device=x.device)[:, None]
-        mask = torch.arange(k.shape[2], device=x.device)[None, :] <= pos_q          # [T, total]
+        pos_q = torch.arange(start, start + t, device=q.device)[:, None]
+        mask = torch.arange(k.shape[2], device=q.device)[None, :] <= pos_q          # [T, total]
         # enable_gqa: each kv head serves its group of query heads in place; repeat_interleave
         # copied the whole cache every step (0.8 ms a layer at 400 tokens, 15 ms at 2000)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                              enable_gqa=kv_heads != q.shape[1])   # [B, heads, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        return out.transpose(1, 2).reshape(b, t, -1)
 
 
 class DenseMLP(nn.Module):
@@ -459,8 +480,7 @@ class DecoderLayer(nn.Module):
         """One decode token for each of B sequences of different lengths, x [B, 1, H]: attention
         per sequence (its own KV cache and position), the MoE once over all B tokens, so an
         expert two sequences route to is fetched once."""
-        h = torch.cat([x[i:i + 1] + self.self_attn(self.input_layernorm(x[i:i + 1]), ropes[i], caches[i], starts[i])
-                       for i in range(x.shape[0])])                              # [B, 1, H]
+        h = x + self.self_attn.forward_ragged(self.input_layernorm(x), ropes, caches, starts)   # [B, 1, H]
         b, _, hidden = h.shape
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b, hidden)).view(b, 1, hidden)
 
