@@ -55,7 +55,8 @@ def main() -> None:
                 mod.register_forward_pre_hook(lambda m, args: started.__setitem__(id(m), time.perf_counter()))
                 mod.register_forward_hook(lambda m, args, out, key=key: spent.update(
                     {key: time.perf_counter() - started[id(m)]}))
-        for owner, attr, key in ((common.F, "scaled_dot_product_attention", "sdpa (inside Attention)"),
+        for owner, attr, key in ((common.F, "scaled_dot_product_attention", "sdpa (inside Attention: prefill)"),
+                                 (common.decode_ops, "attend_one", "attend_one (inside Attention: decode)"),
                                  (common, "moe_layer", "layer kernel (inside StreamingMoE)")):
             inner = getattr(owner, attr)
 
