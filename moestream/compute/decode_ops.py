@@ -104,9 +104,11 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
     # the new key head-normed (when qn_addr) and rotated into the cache at `pos`, the value copied
     # there, each query head normed and rotated as the key, then softmax(q·Kᵀ / sqrt(D)) · V over
     # positions 0..pos of its kv head. Caches [kv_heads, max_len, D] bf16; out [heads, D] bf16.
-    # Scores, softmax and the weighted sum in float32, the output rounded once (torch's flash kernel
-    # also rounds the probabilities to bf16 before multiplying V). Without `attend`, out receives
-    # the normed, rotated query heads instead, for torch's SDPA.
+    # Computed as torch's CPU flash-attention kernel computes bf16 (what transformers and the torch
+    # path run): float32 scores q·k times 1/sqrt(D), their max, exp(score - max) summed in float32,
+    # each exp rounded to bf16 before it weighs V, the float32 sum of those divided by the sum of
+    # exps and rounded to bf16 once. Without `attend`, out receives the normed, rotated query
+    # heads instead, for torch's SDPA.
     cos = carray(_u16_ptr(cos_addr), dim)
     sin = carray(_u16_ptr(sin_addr), dim)
     row = np.empty(dim, np.uint16)
@@ -136,6 +138,7 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
     kf = np.empty(dim, np.float32)              # one cached key or value row in float32
     scores = np.empty((group, n), np.float32)
     acc = np.empty((group, dim), np.float32)
+    totals = np.empty(group, np.float32)
     for g in range(kv_heads):
         for j in range(group):
             src = carray(_u16_ptr(q_addr + 2 * (g * group + j) * dim), dim)
@@ -144,7 +147,7 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
                 src = row
             _rotate_row(src, cos, sin, rotated, dim)
             for i in range(dim):
-                q[j, i] = _f32(rotated[i]) * scale
+                q[j, i] = _f32(rotated[i])
         kc = carray(_u16_ptr(kc_addr + 2 * g * max_len * dim), (n, dim))
         vc = carray(_u16_ptr(vc_addr + 2 * g * max_len * dim), (n, dim))
         # each cached row is converted once for the group's heads
@@ -152,15 +155,15 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
             for i in range(dim):
                 kf[i] = _f32(kc[t, i])
             for j in range(group):
-                scores[j, t] = _dot(q[j], kf)
+                scores[j, t] = _dot(q[j], kf) * scale
         for j in range(group):
             top = scores[j].max()
             total = np.float32(0)
             for t in range(n):
                 e = np.float32(np.exp(scores[j, t] - top))
-                scores[j, t] = e
                 total += e
-            scores[j] /= total
+                scores[j, t] = _f32(_bf16(e))
+            totals[j] = total
         acc[:] = 0
         for t in range(n):
             for i in range(dim):
@@ -173,7 +176,7 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
         for j in range(group):
             out = carray(_u16_ptr(out_addr + 2 * (g * group + j) * dim), dim)
             for i in range(dim):
-                out[i] = _bf16(acc[j, i])
+                out[i] = _bf16(acc[j, i] / totals[j])
 
 
 def _fusable(*tensors: torch.Tensor) -> bool:
@@ -213,8 +216,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[to
 
 
 #: attend_one computes attention itself up to this many cached positions; it runs on one core, and
-#: from ~100 positions torch's SDPA on two threads is faster (32 query and 4 kv heads of 128, the
-#: development machine: 23 against 69 us at 1 position, 68 against 89 at 100, 264 against 167 at 511)
+#: from ~100 positions torch's SDPA on two threads is faster (32 query and 4 kv heads of 128, with
+#: the norms, rotary and cache write, the development machine: 26 against 62 us at 1 position, 77
+#: against 80 at 100, 295 against 159 at 511)
 MAX_ATTENDED_POSITIONS = 96
 
 

@@ -181,7 +181,8 @@ def test_attend_one_writes_the_cache_and_attends_as_the_torch_chain(heads, kv_he
     """The cache rows attend_one writes are transformers' normed, rotated key and the value, bit
     for bit where our RMSNorm is (the norm of the key may sit a bf16 step or two from torch's: see
     the module docstring); the output is within a bf16 step of float64 attention over the same
-    query and cache wherever torch's SDPA is, and is torch's own SDPA beyond MAX_ATTENDED_POSITIONS."""
+    query and cache wherever torch's SDPA is, nearly every value equal to torch's SDPA (computed
+    as its flash kernel computes bf16), and is torch's own SDPA beyond MAX_ATTENDED_POSITIONS."""
     g = torch.Generator().manual_seed(pos * 7 + heads + dim + head_norm)
     max_len = 160
     cache_k = torch.randn(1, kv_heads, max_len, dim, generator=g).bfloat16()
@@ -205,6 +206,9 @@ def test_attend_one_writes_the_cache_and_attends_as_the_torch_chain(heads, kv_he
         assert torch.equal(cache_k, ref_k)
     if pos >= decode_ops.MAX_ATTENDED_POSITIONS and not head_norm:
         assert torch.equal(got, want)      # torch's SDPA over the very same inputs
+    elif not head_norm:
+        # the same inputs, computed as torch's flash kernel computes them: nearly every value equal
+        assert (got == want).float().mean().item() >= 0.95
     exact = _attention_f64(qh, cache_k, cache_v, pos)
     step = 2.0 ** -7 * exact.abs().max().item()    # one bf16 step at the output's largest value
     err, torch_err = (got.double() - exact).abs().max().item(), (want.double() - exact).abs().max().item()
@@ -230,8 +234,8 @@ def test_attend_one_hands_back_what_it_does_not_take_and_writes_nothing(case):
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_a_bf16_decode_through_attend_one_matches_the_torch_ops(tmp_path, monkeypatch, family):
     """A bf16 model decoding 24 positions (both of attend_one's branches: its own attention, then
-    torch's) gives the logits of the same decode through Attention.forward's torch ops, within the
-    bf16 rounding of the attention output, and attend_one did take every decode step."""
+    torch's) gives the logits of the same decode through the torch ops, and attend_one did take
+    every decode step."""
     import moestream
     from moestream.compute import load_model
     from moestream.demo import build_checkpoint
@@ -258,5 +262,7 @@ def test_a_bf16_decode_through_attend_one_matches_the_torch_ops(tmp_path, monkey
         model.store.close()
     assert sorted(set(calls)) == list(range(4, 24)) and len(calls) == 20 * model.cfg.num_layers
     scale = want.abs().max().item()
-    assert (got - want).abs().max().item() <= 0.02 * scale      # measured: 0.005-0.007
+    # bit-identical on the development machine (the kernel computes as torch's flash kernel does);
+    # allowed: a rounding of an exp that torch's vectorized exp and the kernel's take differently
+    assert (got - want).abs().max().item() <= 0.005 * scale
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
