@@ -538,36 +538,84 @@ class RoutedExpert:
         return self.layout is not None and len(self.rows) < QUANT_KERNELS[self.layout[0]].gemm_rows
 
 
-def _layer_group(experts: Sequence[RoutedExpert]) -> Optional[int]:
+def _layer_group(layouts: Sequence[ExpertLayout]) -> Optional[int]:
     """The group size the quantized experts of a batch share, None if they differ; with none
     quantized, one that divides both widths (the kernel's scratch is sized by it; bf16 has no groups)."""
-    groups = {e.layout[1] for e in experts} - {None}
+    groups = {lay[1] for lay in layouts} - {None}
     if not groups:
-        return math.gcd(*experts[0].layout[2:])
+        return math.gcd(*layouts[0][2:])
     return groups.pop() if len(groups) == 1 else None
 
 
-def moe_layer_fits(experts: Sequence[RoutedExpert]) -> bool:
-    """Whether `_moe_layer` computes these experts in one call: each has a layout (expert_layout),
+def layouts_fit(layouts: Sequence[Optional[ExpertLayout]]) -> bool:
+    """Whether `_moe_layer` computes experts of these layouts in one call: each has one (expert_layout),
     all of one SwiGLU shape, the quantized ones sharing one group size."""
-    if not experts or any(e.layout is None for e in experts):
+    if not layouts or any(lay is None for lay in layouts):
         return False
-    return len({e.layout[2:] for e in experts}) == 1 and _layer_group(experts) is not None
+    return len({lay[2:] for lay in layouts}) == 1 and _layer_group(layouts) is not None
+
+
+def moe_layer_fits(experts: Sequence[RoutedExpert]) -> bool:
+    """layouts_fit for RoutedExperts."""
+    return layouts_fit([e.layout for e in experts])
 
 
 def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tensor) -> None:
     """out [N, H] (float32, contiguous, CPU) += Σ over `experts` of weight · down(silu(gate(x)) · up(x))
     for each expert's rows of x [N, H], in one kernel call (moe_layer_fits must hold)."""
-    k = len(experts)
-    kinds = np.array([QUANT_KERNELS[e.layout[0]].code for e in experts], np.int64)
-    addrs = np.array([(_addresses(e.gate), _addresses(e.up), _addresses(e.down)) for e in experts], np.int64)   # [k, 3, 3]
-    pair_ptr = np.array([0, *itertools.accumulate(len(e.rows) for e in experts)], np.int64)
-    pair_token = np.array([r for e in experts for r in e.rows], np.int64)
-    pair_weight = np.array([w for e in experts for w in e.weights], np.float32)
+    addrs = [(_addresses(e.gate), _addresses(e.up), _addresses(e.down)) for e in experts]
+    _layer_call(x, [e.layout for e in experts], addrs, [e.rows for e in experts], [e.weights for e in experts], out)
+
+
+def _layer_call(x: torch.Tensor, layouts: Sequence[ExpertLayout], addrs, rows: Sequence[Sequence[int]],
+                weights: Sequence[Sequence[float]], out: torch.Tensor) -> None:
+    # addrs: per expert, (codes, scales, mins) addresses of gate, up and down
+    kinds = np.array([QUANT_KERNELS[lay[0]].code for lay in layouts], np.int64)
+    pair_ptr = np.array([0, *itertools.accumulate(len(r) for r in rows)], np.int64)
+    pair_token = np.array([t for r in rows for t in r], np.int64)
+    pair_weight = np.array([w for ws in weights for w in ws], np.float32)
     xf = x.detach().float().contiguous()
     with _PARALLEL_LOCK:
-        _moe_layer(xf.numpy(), kinds, addrs, pair_ptr, pair_token, pair_weight, experts[0].layout[2],
-                   _layer_group(experts), out.numpy(), PREFETCH_BYTES)
+        _moe_layer(xf.numpy(), kinds, np.array(addrs, np.int64), pair_ptr, pair_token, pair_weight, layouts[0][2],
+                   _layer_group(layouts), out.numpy(), PREFETCH_BYTES)
+
+
+@functools.lru_cache(maxsize=4096)
+def held_layout(region, quantized: bool, names: tuple[str, str, str]
+                ) -> Optional[tuple[ExpertLayout, tuple[tuple[int, int, int], ...]]]:
+    """For an expert a CPU store's slot holds (storage.store.HeldExpert: `region`, in stored form
+    when `quantized`), what `_moe_layer` needs to read it in place: its ExpertLayout and the byte
+    offsets from the slot's start of the gate, up and down planes (codes, scales, mins; -1 for a
+    plane it has not). None where the kernel does not read it so (a type outside the table, a
+    transposed matrix, shapes that are not one SwiGLU expert, a missing name)."""
+    from ..formats.quantized import plane_layout
+    from ..storage.arena import decoded_offsets
+    if quantized:
+        found = {name: (spec, shape, offsets) for name, spec, shape, offsets, transposed, _ in plane_layout(region)
+                 if spec is not None and not transposed}
+        if any(n not in found for n in names):
+            return None
+        (gs, gsh, _), (us, ush, _), (ds, dsh, _) = (found[n] for n in names)
+        layout = _quantized_layout(gs, us, ds, tuple(gsh), tuple(ush), tuple(dsh), True)
+        planes = tuple(tuple(-1 if o is None else o for o in found[n][2]) for n in names)
+        return None if layout is None else (layout, planes)
+    tensors = {t.name: (t, off) for t, off in zip(region.tensors, decoded_offsets(region))}
+    if any(n not in tensors or tensors[n][0].dtype != "bf16" or len(tensors[n][0].shape) != 2 for n in names):
+        return None
+    (g, goff), (u, uoff), (d, doff) = (tensors[n] for n in names)
+    inter, hidden = g.shape
+    if tuple(u.shape) != (inter, hidden) or tuple(d.shape) != (hidden, inter):
+        return None
+    return ("bf16", None, inter, hidden), ((goff, -1, -1), (uoff, -1, -1), (doff, -1, -1))
+
+
+def moe_layer_at(x: torch.Tensor, held: Sequence[tuple[ExpertLayout, tuple, int]], rows: Sequence[Sequence[int]],
+                 weights: Sequence[Sequence[float]], out: torch.Tensor) -> None:
+    """moe_layer for experts read where a store's slots hold them: per expert (its held_layout's
+    layout and plane offsets, the slot's address), its token rows of x and their routing weights.
+    layouts_fit must hold; the slots must stay pinned for the call (Store.hold_hits)."""
+    addrs = [tuple(tuple(0 if o < 0 else base + o for o in plane) for plane in planes) for _, planes, base in held]
+    _layer_call(x, [lay for lay, _, _ in held], addrs, rows, weights, out)
 
 
 # ---- dense layers held quantized ----------------------------------------------------------------

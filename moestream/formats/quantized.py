@@ -149,7 +149,7 @@ def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, "Quantiz
     Nothing is copied; the results keep `payload` alive."""
     out: dict[str, QuantizedTensor | torch.Tensor] = {}
     base = payload.data_ptr()
-    for name, spec, shape, offsets, transposed, dtype in _layout(region):
+    for name, spec, shape, offsets, transposed, dtype in plane_layout(region):
         if spec is None:
             n = math.prod(shape) * dtype.itemsize
             out[name] = payload[offsets:offsets + n].view(dtype).view(shape)
@@ -159,9 +159,11 @@ def quantized_views(region: Region, payload: torch.Tensor) -> dict[str, "Quantiz
 
 
 @functools.lru_cache(maxsize=4096)
-def _layout(region: Region) -> tuple:
-    # (name, spec, shape, plane offsets) of each tensor: a region's layout is computed once, not
-    # at every hand-out of every expert (a resident layer hands out top-k experts per token)
+def plane_layout(region: Region) -> tuple:
+    """(name, spec, stored shape, plane offsets, transposed, dtype) of each tensor of a region
+    that holds_quantized, offsets in bytes from its payload's start: (codes, scales, mins or None)
+    for a quantized tensor (spec set, dtype None), the tensor's own offset for a raw one (spec
+    None). Worked out once per region, not at every hand-out of every expert."""
     q = region.quant
     assert q is not None
     out = []

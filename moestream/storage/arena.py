@@ -88,13 +88,8 @@ class ExpertArena:
         self._watches[id(ref)] = ref
         if quantized:
             return quantized_views(region, torch.frombuffer(mv, dtype=torch.uint8, count=region.raw_length))
-        out = {}
-        pos = 0
-        for t in region.tensors:
-            dtype = TORCH_DTYPES[t.dtype]
-            out[t.name] = torch.frombuffer(mv, dtype=dtype, count=t.numel, offset=pos).view(t.shape)
-            pos += t.numel * dtype.itemsize
-        return out
+        return {t.name: torch.frombuffer(mv, dtype=TORCH_DTYPES[t.dtype], count=t.numel, offset=pos).view(t.shape)
+                for t, pos in zip(region.tensors, decoded_offsets(region))}
 
     def _released(self, slot: int, ref: weakref.ref) -> None:
         """Every tensor of a hand-out of `slot` is gone (the weak reference's callback)."""
@@ -103,6 +98,18 @@ class ExpertArena:
 
     def close(self) -> None:
         self.map.close()
+
+
+@functools.lru_cache(maxsize=4096)
+def decoded_offsets(region: Region) -> tuple[int, ...]:
+    """Where each of `region`'s tensors starts in a slot that holds it decoded (bytes from the
+    slot's start, in region.tensors' order: one after the other, each its numel x itemsize). A
+    slot holding a region in stored form holds its payload from byte 0 (formats.quantized)."""
+    out, pos = [], 0
+    for t in region.tensors:
+        out.append(pos)
+        pos += t.numel * TORCH_DTYPES[t.dtype].itemsize
+    return tuple(out)
 
 
 def slot_tensor(arena: ExpertArena, slot: int) -> torch.Tensor:

@@ -302,8 +302,10 @@ def test_bf16_stores_take_the_layer_kernel_and_match_transformers(checkpoints, t
     store = moestream.convert(checkpoints[family], tmp_path / "bf16", quant="bf16", progress=False)
     ref = AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.bfloat16).float().eval()
     calls = []
-    real = common.moe_layer
+    real, real_at = common.moe_layer, common.moe_layer_at
     monkeypatch.setattr(common, "moe_layer", lambda x, routed, out: (calls.append(len(routed)), real(x, routed, out)))
+    # experts the store's slots hold at decode are read there (no tensors made): the same kernel
+    monkeypatch.setattr(common, "moe_layer_at", lambda x, held, *a: (calls.append(len(held)), real_at(x, held, *a)))
     from moestream.compute import quant_kernels
     dense_calls = []
     real_linear = quant_kernels._kernel_linear      # the dense layers' kernel call
@@ -484,3 +486,44 @@ def test_a_batched_decode_step_projects_every_sequence_in_one_kernel_call(checkp
     assert torch.equal(together, torch.cat(alone))
     # per layer q/k/v (fused), o and the router each once over both rows; lm_head once
     assert rows == [2] * (3 * model.cfg.num_layers + 1)
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4"])
+def test_resident_experts_are_read_in_their_slots_with_the_hand_outs_values(checkpoints, tmp_path, monkeypatch,
+                                                                             quant):
+    """At decode the L1 hits are read where the store's slots hold them (Store.hold_hits, no
+    tensors made): the layer's output is bit for bit the one through the hand-outs' tensors, and
+    no slot stays pinned afterwards, also when the kernel fails."""
+    from moestream.compute import quant_kernels
+    from moestream.compute.models.common import StreamingMoE, routed_experts_output
+    from moestream.storage.store import Store
+    store = moestream.convert(checkpoints["qwen3_moe"], tmp_path / quant, quant=quant, group_size=16, progress=False)
+    model = load_model(store, host_budget=0)
+    s = model.store
+    try:
+        mlp = next(m for m in model.modules() if isinstance(m, StreamingMoE))
+        x = torch.randn(2, model.cfg.hidden_size, generator=torch.Generator().manual_seed(8)).to(   # < bf16 gemm_rows
+            model.embed_tokens.weight.dtype)
+        weights, experts = mlp.route(x)
+        layer, names = mlp.layer, model.cfg.expert_names
+        routed_experts_output(s, layer, names, x, weights, experts)          # the experts land in L1
+        calls = []
+        real_at = quant_kernels.moe_layer_at
+        monkeypatch.setattr("moestream.compute.models.common.moe_layer_at",
+                            lambda *a: calls.append(len(a[1])) or real_at(*a))
+        at_slots, _ = routed_experts_output(s, layer, names, x, weights, experts)
+        assert calls and sum(calls) == len(set(experts.flatten().tolist()))
+        with monkeypatch.context() as m:
+            m.setattr(Store, "holds_by_address", property(lambda self: False))
+            through_views, _ = routed_experts_output(s, layer, names, x, weights, experts)
+        assert torch.equal(at_slots, through_views)
+        assert not any(s.arena.pinned(i) for i in range(s.arena.count))
+
+        def fails(*a):
+            raise RuntimeError("kernel failed")
+        monkeypatch.setattr(quant_kernels, "_moe_layer", fails)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            routed_experts_output(s, layer, names, x, weights, experts)
+        assert not any(s.arena.pinned(i) for i in range(s.arena.count))
+    finally:
+        s.close()

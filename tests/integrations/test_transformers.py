@@ -127,8 +127,10 @@ def test_plain_swiglu_experts_take_one_kernel_call_a_layer(int4_stores, monkeypa
     from moestream.compute.models import common
     from moestream.integrations import transformers as plug
     calls = []
-    real = common.moe_layer
+    real, real_at = common.moe_layer, common.moe_layer_at
     monkeypatch.setattr(common, "moe_layer", lambda x, experts, out: calls.append(len(experts)) or real(x, experts, out))
+    # resident experts are read where the store's slots hold them: the same kernel, one call
+    monkeypatch.setattr(common, "moe_layer_at", lambda x, held, *a: calls.append(len(held)) or real_at(x, held, *a))
     ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(4))
     logits = {}
     for path in ("per expert", "as bound"):

@@ -558,3 +558,46 @@ def test_budgets_take_shares_and_auto_and_refuse_more_than_is_free():
         resolve_budget("150%", "device_budget", free=free, where="x")
     with pytest.raises(UsageError, match="cannot parse 'half%'"):
         resolve_budget("half%", "device_budget", free=free, where="x")
+
+
+@pytest.mark.parametrize("quant", ["keep", "int4"])
+def test_held_hits_are_pinned_counted_and_read_where_the_hand_out_reads(checkpoints, tmp_path, quant):
+    """hold_hits: only L1 hits (and only those `wanted` takes), each slot pinned until
+    release_held, so a load that needs a slot evicts another expert; counted as requests and
+    hits; each held address is where the hand-out's tensors start (decoded tensors one after
+    another; a quantized payload from byte 0)."""
+    from moestream.formats.quantized import QuantizedTensor, plane_layout
+    from moestream.storage.arena import decoded_offsets
+    # group 16: the tiny experts' rows hold whole groups, so int4 is held in its stored form
+    store = moestream.convert(checkpoints["mixtral"], tmp_path / quant, quant=quant, group_size=16, progress=False)
+    kw = {"keep_quantized": True, "host_budget": 0}
+    with open_store(store, device_budget="64MiB", **kw) as probe:
+        slot_bytes = probe.arena.slot_size
+
+    def first_addresses(s, e) -> dict:
+        return {name: t.addresses()[0] if isinstance(t, QuantizedTensor) else t.data_ptr()
+                for name, t in s.get(0, e).items()}
+
+    with open_store(store, device_budget=3 * slot_bytes, **kw) as s:
+        assert s.holds_by_address and s.expert_slots == 3
+        for e in range(3):
+            s.get(0, e)
+        before = s.stats()
+        held = s.hold_hits(0, [0, 1, 2, 3], wanted=lambda e, region, quantized: e != 2)
+        assert sorted(held) == [0, 1]                      # 2 refused, 3 not in L1 (and not fetched)
+        after = s.stats()
+        assert after["requests"] - before["requests"] == 2 and after["hits_l1"] - before["hits_l1"] == 2
+        assert after["misses"] == before["misses"]
+        assert all(s.arena.pinned(h.slot) for h in held.values())
+        for e, h in held.items():
+            assert h.quantized == (quant == "int4") and h.region is s.index.extents[(0, e)]
+            if h.quantized:
+                want = {name: h.address + offsets[0] for name, spec, _, offsets, _, _ in plane_layout(h.region)
+                        if spec is not None}
+            else:
+                want = {t.name: h.address + off for t, off in zip(h.region.tensors, decoded_offsets(h.region))}
+            assert first_addresses(s, e) == want
+        s.get(0, 3)                        # needs a slot: the unpinned expert 2 goes, not 0 or 1
+        assert {k[1] for k in s.l1.keys() if k[0] == 0} == {0, 1, 3}
+        s.release_held(held)
+        assert not any(s.arena.pinned(h.slot) for h in held.values())

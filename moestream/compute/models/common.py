@@ -18,7 +18,8 @@ from ...formats.quantized import QuantizedTensor
 from .. import decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import RoutedExpert, fuse_rows, kernel_takes_rows, moe_layer, moe_layer_fits, quant_linear
+from ..quant_kernels import (QUANT_KERNELS, RoutedExpert, fuse_rows, held_layout, kernel_takes_rows, moe_layer,
+                             moe_layer_at, moe_layer_fits, quant_linear)
 from ..threads import COMPUTE_THREADS
 
 
@@ -368,11 +369,34 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         else:
             out.index_add_(0, rows, y * weights[rows, slot, None])
 
+    def takes_held(region, quantized: bool, rows: int) -> bool:   # read where its slot holds it (decode)
+        found = held_layout(region, quantized, names)
+        return found is not None and rows < QUANT_KERNELS[found[0][0]].gemm_rows
+
+    def compute_held(batch: list) -> None:
+        # experts read where the store's slots hold them, one kernel call per layout that fits together
+        wl = weights.float().tolist()                                            # [N][A]
+        parts: dict = {}
+        for _, h, rows_l, slots_l in batch:
+            layout, planes = held_layout(h.region, h.quantized, names)
+            part = parts.setdefault((layout[1] is None, layout[1:]), ([], [], []))
+            part[0].append((layout, planes, h.address))
+            part[1].append(rows_l)
+            part[2].append([wl[r][s] for r, s in zip(rows_l, slots_l)])
+        if not acc:
+            acc.append(torch.zeros(x.shape, dtype=torch.float32))
+        for experts_at, rows, ws in parts.values():
+            moe_layer_at(x, experts_at, rows, ws, acc[0])
+
     def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
         # every expert the CPU layer kernel reads (int8, int4, bf16) that has arrived, in one
         # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
         nonlocal seconds
         t0 = time.perf_counter()
+        at = [item for item in batch if not isinstance(item[1], dict)]
+        if at:
+            compute_held(at)
+            batch = [item for item in batch if isinstance(item[1], dict)]
         wl = weights.float().tolist()                                            # [N][A]
         routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
                   for _, w, rows_l, slots_l in batch]
@@ -389,7 +413,8 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
             compute(*item)
         seconds += time.perf_counter() - t0
 
-    stream_experts(store, layer, route_on_host(experts), compute_batch=compute_batch, then_prefetch=then_prefetch)
+    stream_experts(store, layer, route_on_host(experts), compute_batch=compute_batch, then_prefetch=then_prefetch,
+                   takes_held=takes_held if x.device.type == "cpu" else None)
     if not outs:
         return (acc[0].to(x.dtype) if acc else torch.zeros_like(x)), seconds
     return (outs[0].add_(acc[0].to(x.dtype)) if acc else outs[0]), seconds
@@ -408,7 +433,8 @@ def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]
 
 
 def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[int]]], compute=None,
-                   then_prefetch: Optional[tuple[int, list[int]]] = None, compute_batch=None) -> None:
+                   then_prefetch: Optional[tuple[int, list[int]]] = None, compute_batch=None,
+                   takes_held=None) -> None:
     """Fetch `layer`'s routed experts from the Store and call compute(expert, tensors, rows,
     top-k positions) for each as it arrives (arrival order), with at most as many experts in
     hand as the device budget holds: a prefill that routes to every expert of the layer stays
@@ -416,7 +442,10 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
     every expert that has arrived by then (cache hits all at once), so that a kernel can take them
     in one call. Tells the Store the routing first (its eviction policy uses it). The tensors are
     the Store's (read-only); compute must not keep them. `then_prefetch` (layer, experts) is
-    prefetched right after this layer's own fetches are queued, so that its reads come after them."""
+    prefetched right after this layer's own fetches are queued, so that its reads come after them.
+    With `takes_held(region, in stored form, token rows)` (a caller that reads experts by
+    address), the L1 hits it takes come as storage.store.HeldExpert instead of tensors, in the
+    first batch, their slots pinned until that batch is computed: no views are made for them."""
     if compute_batch is None:
         def compute_batch(batch):
             for item in batch:
@@ -425,7 +454,15 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
     store.note_routing(layer, waiting)
     window = store.expert_slots
     inflight: dict = {}
-    while waiting or inflight:
+    held = {}
+    if takes_held is not None and getattr(store, "holds_by_address", False):   # duck-typed stores have no arena
+        held = store.hold_hits(layer, waiting[:window],
+                               lambda e, region, quantized: takes_held(region, quantized, len(routed[e][0])))
+        waiting = [e for e in waiting if e not in held]
+        if not waiting and then_prefetch is not None:     # nothing of this layer's to queue first
+            store.prefetch(*then_prefetch)
+            then_prefetch = None
+    while waiting or inflight or held:
         batch = []
         if waiting and len(inflight) < window:
             take, waiting = waiting[:window - len(inflight)], waiting[window - len(inflight):]
@@ -436,14 +473,21 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
                 then_prefetch = None
             batch = [(e, tensors, *routed[e]) for e, tensors in ready.items()]
             del ready
-        if not batch:
+        if held:
+            batch += [(e, h, *routed[e]) for e, h in held.items()]
+        elif not batch:
             first = store.wait_first(inflight)                                   # arrival order
             for fut in [first] + [f for f in inflight if f is not first and f.done()]:
                 e = inflight.pop(fut)
                 batch.append((e, fut.result(), *routed[e]))
             del first, fut
         COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
-        compute_batch(batch)
+        try:
+            compute_batch(batch)
+        finally:
+            if held:
+                store.release_held(held)
+                held = {}
         del batch
     COMPUTE_THREADS.adjust(store.prefetching)
 
