@@ -374,7 +374,8 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         return found is not None and rows < QUANT_KERNELS[found[0][0]].gemm_rows
 
     def compute_held(batch: list) -> None:
-        # experts read where the store's slots hold them, one kernel call per layout that fits together
+        # experts read where the store's slots hold them: one kernel call for the quantized ones
+        # of one group and shape (int8 and int4 may mix), one for the bf16 ones of one shape
         wl = weights.float().tolist()                                            # [N][A]
         parts: dict = {}
         for _, h, rows_l, slots_l in batch:
