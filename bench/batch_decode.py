@@ -17,6 +17,7 @@ import time
 import torch
 
 import moestream
+from moestream.bench.decode import load_every_expert
 
 
 def step_rate(model, batch: int, steps: int, seed: int) -> float:
@@ -44,9 +45,7 @@ def main() -> None:
     a = p.parse_args()
     batches = [int(b) for b in a.batches.split(",")]
     model = moestream.load_model(a.store, host_budget=0, device_budget="8GiB")
-    for layer in model.store.layers:                      # every expert resident before timing
-        for f in model.store.fetch(layer, range(model.store.experts_per_layer)):
-            f.result()
+    load_every_expert(model.store)                        # every expert resident before timing
     step_rate(model, max(batches), 4, seed=99)            # compile and warm
     rates: dict[int, list[float]] = {b: [] for b in batches}
     for r in range(a.rounds):

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from moestream.bench.decode import load_every_expert
 from moestream.compute import quant_kernels
 from moestream.compute.loader import load_model
 from moestream.compute.models import common
@@ -41,9 +42,7 @@ def main() -> None:
         quant_kernels._linear = linear
     model = load_model(a.store, host_budget=0, device_budget="8GiB",
                        dense_quant=None if a.dense_quant == "none" else a.dense_quant)
-    for layer in model.store.layers:
-        for f in model.store.fetch(layer, range(model.store.experts_per_layer)):
-            f.result()
+    load_every_expert(model.store)
     spent: collections.Counter = collections.Counter()
     started: dict[int, float] = {}
     if not a.stub_kernels:

@@ -18,12 +18,11 @@ from pathlib import Path
 
 CHILD = r"""
 import sys, time, torch
+from moestream.bench.decode import load_every_expert
 from moestream.compute.loader import load_model
 store, n, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 m = load_model(store, host_budget=0, device_budget="90%")
-for layer in m.store.layers:
-    for f in m.store.fetch(layer, range(m.store.experts_per_layer)):
-        f.result()
+load_every_expert(m.store)
 ids = torch.randint(0, m.cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(0))
 with torch.no_grad():
     m(ids)                      # compiles and warms every path this prompt takes; not counted

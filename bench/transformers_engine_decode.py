@@ -19,6 +19,7 @@ import time
 import torch
 
 import moestream
+from moestream.bench.decode import load_every_expert
 
 
 def main() -> None:
@@ -31,9 +32,7 @@ def main() -> None:
     model = moestream.from_pretrained(a.store, device_budget="90%", host_budget=0, dtype=getattr(torch, a.dtype))
     store = model.moestream_store
     try:
-        for layer in store.layers:
-            for f in store.fetch(layer, range(store.experts_per_layer)):
-                f.result()
+        load_every_expert(store)
         moes = [m for m in model.modules() if getattr(m, "_moestream", None)]
         bound = [m._moestream for m in moes]
         if not any(b[4] for b in bound):

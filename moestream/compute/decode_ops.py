@@ -70,6 +70,16 @@ def _rotate_row(x, cos, sin, out, dim):
         out[i] = _bf16(a + b)
 
 
+@njit(inline="always")
+def _norm_rotate(src, norm_addr, eps, cos, sin, scratch, out, dim):
+    # one query or key head (bf16 bits): RMSNorm'd by the weights at norm_addr (Qwen3's q/k norm;
+    # none when 0) into scratch, then rotated into out
+    if norm_addr != 0:
+        _norm_row(src, carray(_u16_ptr(norm_addr), dim), scratch, dim, eps)
+        src = scratch
+    _rotate_row(src, cos, sin, out, dim)
+
+
 @njit(cache=True, nogil=True)
 def _rms_norm_bf16(x_addr, w_addr, out_addr, rows, width, eps):
     w = carray(_u16_ptr(w_addr), width)
@@ -101,8 +111,9 @@ def _dot(a, b):
 def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_addr, eps, cos_addr, sin_addr,
                      kc_addr, vc_addr, max_len, pos, out_addr, attend):
     # One decode position of grouped-query attention, in place of Attention.forward's chain for T = 1:
-    # the new key head-normed (when qn_addr) and rotated into the cache at `pos`, the value copied
-    # there, each query head normed and rotated as the key, then softmax(q·Kᵀ / sqrt(D)) · V over
+    # the new key head-normed (by the weights at kn_addr, when set) and rotated into the cache at
+    # `pos`, the value copied there, each query head normed (qn_addr) and rotated as the key, then
+    # softmax(q·Kᵀ / sqrt(D)) · V over
     # positions 0..pos of its kv head. Caches [kv_heads, max_len, D] bf16; out [heads, D] bf16.
     # Computed as torch's CPU flash-attention kernel computes bf16 (what transformers and the torch
     # path run): float32 scores q·k times 1/sqrt(D), their max, exp(score - max) summed in float32,
@@ -114,22 +125,16 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
     row = np.empty(dim, np.uint16)
     rotated = np.empty(dim, np.uint16)
     for g in range(kv_heads):
-        k = carray(_u16_ptr(k_addr + 2 * g * dim), dim)
-        if qn_addr != 0:
-            _norm_row(k, carray(_u16_ptr(kn_addr), dim), row, dim, eps)
-            k = row
-        _rotate_row(k, cos, sin, carray(_u16_ptr(kc_addr + 2 * (g * max_len + pos) * dim), dim), dim)
+        _norm_rotate(carray(_u16_ptr(k_addr + 2 * g * dim), dim), kn_addr, eps, cos, sin,
+                     row, carray(_u16_ptr(kc_addr + 2 * (g * max_len + pos) * dim), dim), dim)
         vc = carray(_u16_ptr(vc_addr + 2 * (g * max_len + pos) * dim), dim)
         v = carray(_u16_ptr(v_addr + 2 * g * dim), dim)
         for i in range(dim):
             vc[i] = v[i]
     if not attend:
         for h in range(heads):
-            src = carray(_u16_ptr(q_addr + 2 * h * dim), dim)
-            if qn_addr != 0:
-                _norm_row(src, carray(_u16_ptr(qn_addr), dim), row, dim, eps)
-                src = row
-            _rotate_row(src, cos, sin, carray(_u16_ptr(out_addr + 2 * h * dim), dim), dim)
+            _norm_rotate(carray(_u16_ptr(q_addr + 2 * h * dim), dim), qn_addr, eps, cos, sin, row,
+                         carray(_u16_ptr(out_addr + 2 * h * dim), dim), dim)
         return
     group = heads // kv_heads
     n = pos + 1
@@ -141,11 +146,8 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
     totals = np.empty(group, np.float32)
     for g in range(kv_heads):
         for j in range(group):
-            src = carray(_u16_ptr(q_addr + 2 * (g * group + j) * dim), dim)
-            if qn_addr != 0:
-                _norm_row(src, carray(_u16_ptr(qn_addr), dim), row, dim, eps)
-                src = row
-            _rotate_row(src, cos, sin, rotated, dim)
+            _norm_rotate(carray(_u16_ptr(q_addr + 2 * (g * group + j) * dim), dim), qn_addr, eps, cos, sin, row,
+                         rotated, dim)
             for i in range(dim):
                 q[j, i] = _f32(rotated[i])
         kc = carray(_u16_ptr(kc_addr + 2 * g * max_len * dim), (n, dim))

@@ -466,13 +466,13 @@ def _kernel_linear(x: torch.Tensor, w: KernelWeight, plan: Optional[LinearPlan] 
     return torch.from_numpy(out).to(x.dtype).view(*x.shape[:-1], plan.rows)
 
 
-def _held_plan(module: torch.nn.Module, key: tuple, weight) -> Optional[LinearPlan]:
-    """The module's LinearPlan, worked out again when `key` (what identifies the weight's memory,
-    type and layout now) differs from the one it was worked out for (after to(), a load,
-    rebind_rows); None where the kernels do not read the weight."""
+def _held_plan(module: torch.nn.Module, key: tuple, weight: Callable[[], KernelWeight]) -> Optional[LinearPlan]:
+    """The module's LinearPlan, worked out (from weight()) again when `key` (what identifies the
+    weight's memory, type and layout now) differs from the one it was worked out for (after to(),
+    a load, rebind_rows); None where the kernels do not read the weight."""
     held = module.__dict__.get("_plan")
     if held is None or held[0] != key:
-        held = key, plan_linear(weight() if callable(weight) else weight)
+        held = key, plan_linear(weight())
         module.__dict__["_plan"] = held
     return held[1]
 
@@ -499,22 +499,25 @@ def _quantized_layout(gate_spec, up_spec, down_spec, gate_shape, up_shape, down_
                       ) -> Optional[ExpertLayout]:
     if not in_place or not gate_spec == up_spec == down_spec or gate_spec.kind not in QUANT_KERNELS:
         return None
-    (inter, hidden), group = gate_shape, gate_spec.group
-    if up_shape != (inter, hidden) or down_shape != (hidden, inter) or inter % group or hidden % group:
-        return None
-    return gate_spec.kind, group, inter, hidden
+    return _swiglu_layout(gate_spec.kind, gate_spec.group, gate_shape, up_shape, down_shape)
 
 
 def _expert_layout(gate: KernelWeight, up: KernelWeight, down: KernelWeight) -> Optional[ExpertLayout]:
     t = _kernel_type(gate)
     if t is None or _kernel_type(up) != t or _kernel_type(down) != t:
         return None
-    inter, hidden = gate.shape
-    if tuple(up.shape) != (inter, hidden) or tuple(down.shape) != (hidden, inter):
+    return _swiglu_layout(*t, gate.shape, up.shape, down.shape)
+
+
+def _swiglu_layout(kind: str, group: Optional[int], gate_shape, up_shape, down_shape) -> Optional[ExpertLayout]:
+    # the shapes of one SwiGLU expert, gate and up [I, H], down [H, I], and a quantized type's
+    # group dividing both widths
+    inter, hidden = gate_shape
+    if tuple(up_shape) != (inter, hidden) or tuple(down_shape) != (hidden, inter):
         return None
-    if t[1] is not None and (inter % t[1] or hidden % t[1]):
+    if group is not None and (inter % group or hidden % group):
         return None
-    return t[0], t[1], inter, hidden
+    return kind, group, inter, hidden
 
 
 @dataclass
@@ -602,11 +605,8 @@ def held_layout(region, quantized: bool, names: tuple[str, str, str]
     tensors = {t.name: (t, off) for t, off in zip(region.tensors, decoded_offsets(region))}
     if any(n not in tensors or tensors[n][0].dtype != "bf16" or len(tensors[n][0].shape) != 2 for n in names):
         return None
-    (g, goff), (u, uoff), (d, doff) = (tensors[n] for n in names)
-    inter, hidden = g.shape
-    if tuple(u.shape) != (inter, hidden) or tuple(d.shape) != (hidden, inter):
-        return None
-    return ("bf16", None, inter, hidden), ((goff, -1, -1), (uoff, -1, -1), (doff, -1, -1))
+    layout = _swiglu_layout("bf16", None, *(tensors[n][0].shape for n in names))
+    return None if layout is None else (layout, tuple((tensors[n][1], -1, -1) for n in names))
 
 
 def moe_layer_at(x: torch.Tensor, held: Sequence[tuple[ExpertLayout, tuple, int]], rows: Sequence[Sequence[int]],
@@ -651,8 +651,12 @@ class QuantLinear(torch.nn.Module):
         return (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
                 self.codes.is_contiguous(), self.spec, self.shape)
 
+    def plan(self) -> Optional[LinearPlan]:
+        """The kernel call's plan for this weight (worked out again when its planes move)."""
+        return _held_plan(self, self.plan_key(), lambda: self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = _held_plan(self, self.plan_key(), lambda: self.weight)
+        plan = self.plan()
         if plan is not None and x.numel() // plan.cols < plan.gemm_rows:
             y = _kernel_linear(x, None, plan)
         else:
@@ -665,7 +669,6 @@ class QuantLinear(torch.nn.Module):
     def rebind_rows(self, codes: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor]) -> None:
         """Hold these planes (views of a fused weight's rows: the same values) instead of its own."""
         self.codes, self.scales, self.mins = codes, scales, mins
-        self.__dict__.pop("_plan", None)
 
 
 def quantize_linears(model: torch.nn.Module, kind: str, group: int, skip: Callable[[str], bool]) -> int:
@@ -699,8 +702,12 @@ class Bf16DecodeLinear(torch.nn.Linear):
         w = self.weight
         return w.data_ptr(), w.dtype, w.shape, w.stride()
 
+    def plan(self) -> Optional[LinearPlan]:
+        """The kernel call's plan for this weight (worked out again when it moves or changes)."""
+        return _held_plan(self, self.plan_key(), lambda: self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = _held_plan(self, self.plan_key(), self.weight)
+        plan = self.plan()
         if plan is None or x.numel() // self.in_features >= plan.gemm_rows:
             return super().forward(x)
         y = _kernel_linear(x, None, plan)
@@ -712,12 +719,7 @@ def kernel_takes_rows(module: torch.nn.Module, rows: int) -> bool:
     QuantLinear or Bf16DecodeLinear whose weight the kernel reads in place, fewer rows than its
     type's gemm_rows. The kernel takes each row as it takes one alone (the same values), so a
     caller may join rows of different sequences into one call, which reads the weight once."""
-    if isinstance(module, QuantLinear):
-        plan = _held_plan(module, module.plan_key(), lambda: module.weight)
-    elif isinstance(module, Bf16DecodeLinear):
-        plan = _held_plan(module, module.plan_key(), module.weight)
-    else:
-        return False
+    plan = module.plan() if isinstance(module, (QuantLinear, Bf16DecodeLinear)) else None
     return plan is not None and rows < plan.gemm_rows
 
 

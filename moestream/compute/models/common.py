@@ -373,43 +373,42 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         found = held_layout(region, quantized, names)
         return found is not None and rows < QUANT_KERNELS[found[0][0]].gemm_rows
 
-    def compute_held(batch: list) -> None:
-        # experts read where the store's slots hold them: one kernel call for the quantized ones
-        # of one group and shape (int8 and int4 may mix), one for the bf16 ones of one shape
-        wl = weights.float().tolist()                                            # [N][A]
-        parts: dict = {}
-        for _, h, rows_l, slots_l in batch:
-            layout, planes = held_layout(h.region, h.quantized, names)
-            part = parts.setdefault((layout[1] is None, layout[1:]), ([], [], []))
-            part[0].append((layout, planes, h.address))
-            part[1].append(rows_l)
-            part[2].append([wl[r][s] for r, s in zip(rows_l, slots_l)])
+    def accumulator() -> torch.Tensor:
         if not acc:
             acc.append(torch.zeros(x.shape, dtype=torch.float32))
-        for experts_at, rows, ws in parts.values():
-            moe_layer_at(x, experts_at, rows, ws, acc[0])
+        return acc[0]
 
     def compute_batch(batch: list[tuple[int, dict, list[int], list[int]]]) -> None:
         # every expert the CPU layer kernel reads (int8, int4, bf16) that has arrived, in one
         # call: the per-expert Python and dispatch cost is larger than an expert's matmuls at decode
         nonlocal seconds
         t0 = time.perf_counter()
-        at = [item for item in batch if not isinstance(item[1], dict)]
-        if at:
-            compute_held(at)
-            batch = [item for item in batch if isinstance(item[1], dict)]
         wl = weights.float().tolist()                                            # [N][A]
-        routed = [RoutedExpert(*(w[n] for n in names), rows_l, [wl[r][s] for r, s in zip(rows_l, slots_l)])
+
+        def pair_weights(rows_l: list[int], slots_l: list[int]) -> list[float]:
+            return [wl[r][s] for r, s in zip(rows_l, slots_l)]
+        # experts read where the store's slots hold them (HeldExpert items): one kernel call for the
+        # quantized ones of one group and shape (int8 and int4 may mix), one for the bf16 ones
+        parts: dict = {}
+        for _, h, rows_l, slots_l in batch:
+            if not isinstance(h, dict):
+                layout, planes = held_layout(h.region, h.quantized, names)
+                part = parts.setdefault((layout[1] is None, layout[1:]), ([], [], []))
+                part[0].append((layout, planes, h.address))
+                part[1].append(rows_l)
+                part[2].append(pair_weights(rows_l, slots_l))
+        for experts_at, rows, ws in parts.values():
+            moe_layer_at(x, experts_at, rows, ws, accumulator())
+        batch = [item for item in batch if isinstance(item[1], dict)] if parts else batch
+        routed = [RoutedExpert(*(w[n] for n in names), rows_l, pair_weights(rows_l, slots_l))
                   for _, w, rows_l, slots_l in batch]
         # an expert with more token rows than its type's gemm_rows (prefill) takes torch's GEMM
-        held = [e for e in routed if e.kernel_takes]
+        taken = [e for e in routed if e.kernel_takes]
         rest = batch
-        if held and moe_layer_fits(held):
-            if not acc:
-                acc.append(torch.zeros(x.shape, dtype=torch.float32))
-            moe_layer(x, held, acc[0])
+        if taken and moe_layer_fits(taken):
+            moe_layer(x, taken, accumulator())
             rest = [b for b, e in zip(batch, routed) if not e.kernel_takes]
-        del routed, held
+        del routed, taken
         for item in rest:
             compute(*item)
         seconds += time.perf_counter() - t0
