@@ -37,7 +37,7 @@ trace = np.load(sys.argv[2]); budget = int(sys.argv[3])
 m = load_model(sys.argv[4], device_budget=budget, host_budget=0)
 clock = {"s": 0, "n": 1}
 for i, moe in enumerate(x for x in m.modules() if isinstance(x, StreamingMoE)):
-    def route(h, i=i):
+    def route(h, logits=None, i=i):      # trees since 2026-12-07 pass the router's logits when they have them
         rows = torch.as_tensor(trace[clock["s"]:clock["s"] + clock["n"], i])
         return torch.full(rows.shape, 1 / rows.shape[1], dtype=h.dtype), rows
     moe.route = route

@@ -1,30 +1,32 @@
-"""Where a decode token of a resident store goes: the time inside each module and kernel call of
-the native forward (forward hooks and timed wrappers around the layer kernel and SDPA), and with
---stub-kernels, what a token costs with every Numba kernel replaced by a no-op (the Python and
-torch work around the kernels, which no faster kernel removes).
+"""Where a decode token of a resident store goes: the time inside each kernel call and each block
+of the native forward, and with --stub-kernels, what a token costs with every Numba kernel of the
+dense and MoE matmuls replaced by a no-op (the Python and torch work around the kernels, which no
+faster kernel removes).
+
+The blocks are timed by wrappers around their methods and the kernels' entry points, not by
+forward hooks: a hook makes a layer run its modules one by one (DecoderLayer.attention_half
+leaves a hooked layer to them), which is not what a token runs. `--modules` times that module
+path instead (the fused attention call off), for comparison. Each line is per decode token: the
+time spent in it, the prefill taken out (a 1-token generate's share subtracted).
 
 Every expert is fetched into L1 first (a budget that holds them all); then `--runs` generations of
-64 tokens after an 8-token prompt, as `bench decode` decodes. The hooks themselves cost a few
-microseconds a call, so the parts add up to a little more than a token without them (and they
-include each run's 8-token prompt).
+64 tokens after an 8-token prompt, as `bench decode` decodes. The wrappers cost ~1 us a call.
 
-    .venv/bin/python bench/decode_breakdown.py STORE [--runs 10] [--dense-quant auto|int8|int4|none]
+    .venv/bin/python bench/decode_breakdown.py STORE [--runs 10] [--dense-quant auto|int8|int4|none] [--modules]
     .venv/bin/python bench/decode_breakdown.py STORE --stub-kernels"""
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import time
 
 import torch
 
 from moestream.bench.decode import load_every_expert
-from moestream.compute import quant_kernels
+from moestream.compute import decode_layer, decode_ops, quant_kernels
 from moestream.compute.loader import load_model
 from moestream.compute.models import common
-
-#: module classes timed as a whole (the linears by their name inside a layer)
-TIMED = ("Attention", "StreamingMoE", "RMSNorm", "QuantLinear", "Linear", "Bf16DecodeLinear", "Embedding")
 
 
 def main() -> None:
@@ -33,53 +35,69 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--dense-quant", default="auto")
     p.add_argument("--stub-kernels", action="store_true", help="replace the layer and dense kernels by no-ops")
+    p.add_argument("--modules", action="store_true", help="run each layer's modules (the fused attention call off)")
     a = p.parse_args()
+    spent: collections.Counter = collections.Counter()
+
+    def timed(owner, attr: str, key) -> None:
+        inner = getattr(owner, attr)
+
+        def wrapper(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kw)
+            finally:
+                spent[key(args) if callable(key) else key] += time.perf_counter() - t0
+        setattr(owner, attr, wrapper)
     if a.stub_kernels:
         quant_kernels._moe_layer = lambda *args: None
 
         def linear(x, kind, c, s, m, rows, group, out, pf):
             out.fill(0.01)           # finite: the routers' softmax and top-k see numbers
         quant_kernels._linear = linear
+        # the fused call runs _linear inside Numba, where no stub reaches
+        common.DecoderLayer.attention_half = lambda *args: None
+    elif a.modules:
+        common.DecoderLayer.attention_half = lambda *args: None
+    if not a.stub_kernels:
+        names = {5120: "q/k/v", 4096: "lm_head", 128: "router"}
+        timed(quant_kernels, "_moe_layer", "kernel: MoE layer (quant_kernels._moe_layer)")
+        timed(quant_kernels, "_linear", lambda args: f"kernel: linear {names.get(args[5], '')} [{args[5]}, "
+                                                     f"{args[0].shape[1]}] (quant_kernels._linear)")
+        timed(decode_ops, "_attend_one_bf16", "kernel: attention (decode_ops._attend_one_bf16)")
+        timed(decode_ops, "_rms_norm_bf16", "kernel: RMSNorm (decode_ops._rms_norm_bf16)")
+        timed(decode_layer, "_attention_block", "kernel: attention half, fused (decode_layer._attention_block)")
+    for owner, attr, key in ((common.CausalLM, "forward", "CausalLM.forward (a token)"),
+                             (common.DecoderLayer, "forward", "DecoderLayer.forward"),
+                             (common.DecoderLayer, "attention_half", "DecoderLayer.attention_half (fused call)"),
+                             (common.Attention, "forward", "Attention.forward (modules)"),
+                             (common.RMSNorm, "forward", "RMSNorm.forward (modules)"),
+                             (common.StreamingMoE, "forward", "StreamingMoE.forward"),
+                             (common.StreamingMoE, "route", "StreamingMoE.route")):
+        timed(owner, attr, key)
     model = load_model(a.store, host_budget=0, device_budget="8GiB",
                        dense_quant=None if a.dense_quant == "none" else a.dense_quant)
     load_every_expert(model.store)
-    spent: collections.Counter = collections.Counter()
-    started: dict[int, float] = {}
-    if not a.stub_kernels:
-        for name, mod in model.named_modules():
-            cls = type(mod).__name__
-            if cls in TIMED or name == "lm_head":
-                key = name if not name.startswith("layers.") else (
-                    cls + ("." + name.rsplit(".", 1)[-1] if "Linear" in cls else ""))
-                mod.register_forward_pre_hook(lambda m, args: started.__setitem__(id(m), time.perf_counter()))
-                mod.register_forward_hook(lambda m, args, out, key=key: spent.update(
-                    {key: time.perf_counter() - started[id(m)]}))
-        for owner, attr, key in ((common.F, "scaled_dot_product_attention", "sdpa (inside Attention: prefill)"),
-                                 (common.decode_ops, "attend_one", "attend_one (inside Attention: decode)"),
-                                 (common, "moe_layer", "layer kernel (inside StreamingMoE)")):
-            inner = getattr(owner, attr)
-
-            def timed(*args, inner=inner, key=key, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return inner(*args, **kw)
-                finally:
-                    spent[key] += time.perf_counter() - t0
-            setattr(owner, attr, timed)
     ids = torch.arange(3, 11).reshape(1, 8)
     model.generate(ids, 16)                 # compile and warm
-    spent.clear()
-    per_token = []
+    rows, per_token = [], []
     for _ in range(a.runs):
+        spent.clear()
+        model.generate(ids, 1)              # the prefill alone: its share is taken out below
+        prefill = dict(spent)
+        spent.clear()
         t: dict = {}
-        model.generate(ids, 64, timings=t)
+        model.generate(ids, 65, timings=t)
+        n = t["decode_tokens"] - 1          # the first token comes from the prefill
+        rows.append({k: (v - prefill.get(k, 0.0)) / n for k, v in spent.items()})
         per_token.append(t["decode_seconds"] / t["decode_tokens"])
-    tokens = a.runs * 64
-    per_token.sort()
-    print(f"{a.store}: {per_token[len(per_token) // 2] * 1e3:.2f} ms a decode token (median of {a.runs} runs; "
-          f"{'kernels stubbed' if a.stub_kernels else 'hooks on'})")
-    for key, seconds in spent.most_common():
-        print(f"{seconds / tokens * 1e3:8.3f} ms  {key}")
+    mode = "kernels stubbed" if a.stub_kernels else "modules" if a.modules else "fused attention half"
+    print(f"{a.store}: {statistics.median(per_token) * 1e3:.2f} ms a decode token (median of {a.runs} runs; {mode})")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: -statistics.median(r.get(k, 0.0) for r in rows))
+    for key in keys:
+        ms = statistics.median(r.get(key, 0.0) for r in rows) * 1e3
+        if ms >= 0.0005:
+            print(f"{ms:8.3f} ms  {key}")
     model.store.close()
 
 

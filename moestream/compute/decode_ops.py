@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from numba import carray, njit
 
+from .quant_kernels import flush_cached_kernels_on_source_change
 from .row_dots import _bf16_rne, _bits_to_f32, _f32_to_bits, _u16_ptr
 
 #: at most this many rows (tokens x heads for a per-head norm) take the fused kernels: they run on
@@ -179,6 +180,9 @@ def _attend_one_bf16(q_addr, k_addr, v_addr, heads, kv_heads, dim, qn_addr, kn_a
             out = carray(_u16_ptr(out_addr + 2 * (g * group + j) * dim), dim)
             for i in range(dim):
                 out[i] = _bf16(acc[j, i] / totals[j])
+
+
+flush_cached_kernels_on_source_change((_rms_norm_bf16, _rotary_bf16, _attend_one_bf16))
 
 
 def _fusable(*tensors: torch.Tensor) -> bool:

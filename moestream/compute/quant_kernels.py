@@ -317,15 +317,20 @@ def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
                                      xe, xo, xs, xsum, t, sums, pf)
 
 
-def _drop_kernels_cached_on_other_intrinsics() -> None:
-    """Numba's disk cache keys a kernel by its own file's timestamp and bytecode, not by the
-    intrinsics it inlines from row_dots.py: an update that changes row_dots.py alone would run
-    these kernels as compiled before it. A hash of row_dots.py is kept beside their cache, and
-    where it differs their cached code is dropped (compiled again on first use)."""
-    from . import row_dots
-    kernels = (_moe_layer, _linear)
-    marker = Path(kernels[0]._cache._cache_path) / "quant_kernels.row_dots.sha256"
-    digest = hashlib.sha256(Path(row_dots.__file__).read_bytes()).hexdigest()
+#: the files whose functions and intrinsics the cached kernels of compute/ inline or call
+KERNEL_SOURCES = ("row_dots.py", "quant_kernels.py", "decode_ops.py", "decode_layer.py")
+
+
+def flush_cached_kernels_on_source_change(kernels: Sequence) -> None:
+    """Numba's disk cache keys a kernel by its own file's timestamp and bytecode, not by what it
+    inlines or calls from other files (row_dots.py's intrinsics, decode_ops' norm and attention,
+    this file's _linear): an update that changes one of those alone would run the kernels as
+    compiled before it. A hash of KERNEL_SOURCES is kept beside the kernels' cache (one marker
+    per module), and where it differs their cached code is dropped (compiled again on first use)."""
+    here = Path(__file__).parent
+    module = kernels[0].py_func.__module__.rsplit(".", 1)[-1]
+    marker = Path(kernels[0]._cache._cache_path) / f"{module}.sources.sha256"
+    digest = hashlib.sha256(b"".join((here / name).read_bytes() for name in KERNEL_SOURCES)).hexdigest()
     try:
         if marker.exists() and marker.read_text() == digest:
             return
@@ -336,7 +341,7 @@ def _drop_kernels_cached_on_other_intrinsics() -> None:
         pass
 
 
-_drop_kernels_cached_on_other_intrinsics()
+flush_cached_kernels_on_source_change((_moe_layer, _linear))
 
 
 # ---- the table --------------------------------------------------------------------------------
@@ -572,25 +577,28 @@ def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tenso
 
 def _layer_call(x: torch.Tensor, layouts: Sequence[ExpertLayout], addrs, rows: Sequence[Sequence[int]],
                 weights: Sequence[Sequence[float]], out: torch.Tensor) -> None:
-    # addrs: per expert, (codes, scales, mins) addresses of gate, up and down
+    # addrs: per expert, (codes, scales, mins) addresses of gate, up and down (nested, or flat
+    # int64 [K, 9])
     kinds = np.array([QUANT_KERNELS[lay[0]].code for lay in layouts], np.int64)
     pair_ptr = np.array([0, *itertools.accumulate(len(r) for r in rows)], np.int64)
     pair_token = np.array([t for r in rows for t in r], np.int64)
     pair_weight = np.array([w for ws in weights for w in ws], np.float32)
     xf = x.detach().float().contiguous()
     with _PARALLEL_LOCK:
-        _moe_layer(xf.numpy(), kinds, np.array(addrs, np.int64), pair_ptr, pair_token, pair_weight, layouts[0][2],
-                   _layer_group(layouts), out.numpy(), PREFETCH_BYTES)
+        _moe_layer(xf.numpy(), kinds, np.asarray(addrs, np.int64).reshape(-1, 3, 3), pair_ptr, pair_token,
+                   pair_weight, layouts[0][2], _layer_group(layouts), out.numpy(), PREFETCH_BYTES)
 
 
 @functools.lru_cache(maxsize=4096)
 def held_layout(region, quantized: bool, names: tuple[str, str, str]
-                ) -> Optional[tuple[ExpertLayout, tuple[tuple[int, int, int], ...]]]:
+                ) -> Optional[tuple[ExpertLayout, tuple[int, ...]]]:
     """For an expert a CPU store's slot holds (storage.store.HeldExpert: `region`, in stored form
     when `quantized`), what `_moe_layer` needs to read it in place: its ExpertLayout and the byte
-    offsets from the slot's start of the gate, up and down planes (codes, scales, mins; -1 for a
-    plane it has not). None where the kernel does not read it so (a type outside the table, a
-    transposed matrix, shapes that are not one SwiGLU expert, a missing name)."""
+    offsets from the slot's start of the gate, up and down planes, nine in a row (codes, scales,
+    mins of each; -1 for a plane it has not; flat: a decode step turns eight experts' into
+    addresses in 7 us this way, 20 as nested tuples). None where the kernel does not read it so
+    (a type outside the table, a transposed matrix, shapes that are not one SwiGLU expert, a
+    missing name)."""
     from ..formats.quantized import plane_layout
     from ..storage.arena import decoded_offsets
     if quantized:
@@ -600,13 +608,13 @@ def held_layout(region, quantized: bool, names: tuple[str, str, str]
             return None
         (gs, gsh, _), (us, ush, _), (ds, dsh, _) = (found[n] for n in names)
         layout = _quantized_layout(gs, us, ds, tuple(gsh), tuple(ush), tuple(dsh), True)
-        planes = tuple(tuple(-1 if o is None else o for o in found[n][2]) for n in names)
+        planes = tuple(-1 if o is None else o for n in names for o in found[n][2])
         return None if layout is None else (layout, planes)
     tensors = {t.name: (t, off) for t, off in zip(region.tensors, decoded_offsets(region))}
     if any(n not in tensors or tensors[n][0].dtype != "bf16" or len(tensors[n][0].shape) != 2 for n in names):
         return None
     layout = _swiglu_layout("bf16", None, *(tensors[n][0].shape for n in names))
-    return None if layout is None else (layout, tuple((tensors[n][1], -1, -1) for n in names))
+    return None if layout is None else (layout, tuple(o for n in names for o in (tensors[n][1], -1, -1)))
 
 
 def moe_layer_at(x: torch.Tensor, held: Sequence[tuple[ExpertLayout, tuple, int]], rows: Sequence[Sequence[int]],
@@ -614,7 +622,7 @@ def moe_layer_at(x: torch.Tensor, held: Sequence[tuple[ExpertLayout, tuple, int]
     """moe_layer for experts read where a store's slots hold them: per expert (its held_layout's
     layout and plane offsets, the slot's address), its token rows of x and their routing weights.
     layouts_fit must hold; the slots must stay pinned for the call (Store.hold_hits)."""
-    addrs = [tuple(tuple(0 if o < 0 else base + o for o in plane) for plane in planes) for _, planes, base in held]
+    addrs = np.array([[0 if o < 0 else base + o for o in planes] for _, planes, base in held], np.int64)
     _layer_call(x, [lay for lay, _, _ in held], addrs, rows, weights, out)
 
 
@@ -648,8 +656,10 @@ class QuantLinear(torch.nn.Module):
 
     def plan_key(self) -> tuple:
         """What identifies the weight's memory and layout now (quant_kernels._held_plan)."""
-        return (self.codes.data_ptr(), self.scales.data_ptr(), 0 if self.mins is None else self.mins.data_ptr(),
-                self.codes.is_contiguous(), self.spec, self.shape)
+        b = self._buffers          # not the attributes: a module's __getattr__ costs ~1 us a buffer
+        codes, mins = b["codes"], b["mins"]
+        return (codes.data_ptr(), b["scales"].data_ptr(), 0 if mins is None else mins.data_ptr(),
+                codes.is_contiguous(), self.spec, self.shape)
 
     def plan(self) -> Optional[LinearPlan]:
         """The kernel call's plan for this weight (worked out again when its planes move)."""
@@ -699,7 +709,7 @@ class Bf16DecodeLinear(torch.nn.Linear):
 
     def plan_key(self) -> tuple:
         """What identifies the weight's memory and layout now (quant_kernels._held_plan)."""
-        w = self.weight
+        w = self._parameters["weight"]     # not the attribute: a module's __getattr__ costs ~1 us
         return w.data_ptr(), w.dtype, w.shape, w.stride()
 
     def plan(self) -> Optional[LinearPlan]:

@@ -75,6 +75,19 @@ class ExpertArena:
             assert self._pins[slot] > 0, "slot unpinned more often than pinned"
             self._pins[slot] -= 1
 
+    def pin_many(self, slots: list[int]) -> None:
+        """pin of each of `slots` (a slot may come twice: pinned twice), under one lock."""
+        with self._lock:
+            for slot in slots:
+                self._pins[slot] += 1
+
+    def unpin_many(self, slots: list[int]) -> None:
+        """unpin of each of `slots`, under one lock."""
+        with self._lock:
+            for slot in slots:
+                assert self._pins[slot] > 0, "slot unpinned more often than pinned"
+                self._pins[slot] -= 1
+
     def hand_out(self, slot: int, region: Region, quantized: bool = False) -> dict:
         """Fresh tensors over the decoded tensors of `region` held in `slot` (a new dict each
         call: callers may modify the dict; the slot stays pinned while any tensor lives). With

@@ -118,6 +118,15 @@ class TierCache(Generic[K]):
             self._touch(key)
             return item[0]
 
+    def get_many(self, keys: list[K]) -> list[Any]:
+        """get of each of `keys`, which must all be held (peek first: the caller holds the lock
+        under which they cannot leave), under one lock."""
+        with self._lock:
+            out = [self._items[k][0] for k in keys]
+            for k in keys:
+                self._touch(k)
+            return out
+
     def _touch(self, key: K) -> None:
         self._wanted.discard(key)
         self._items.move_to_end(key)

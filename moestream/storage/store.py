@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait
 from concurrent.futures import as_completed as _as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import psutil
@@ -60,11 +60,13 @@ class HeldExpert:
     """An expert L1 holds, pinned for a caller that reads its slot by address (Store.hold_hits):
     `address` of the slot's first byte, the `region` it holds, and whether in stored form
     (`quantized`: the region's payload from byte 0, formats.quantized's layout) or decoded (its
-    tensors one after another: arena.decoded_offsets). Valid until Store.release_held."""
+    tensors one after another: arena.decoded_offsets); `layout`, what the caller's `wanted`
+    returned for it (how it reads the slot). Valid until Store.release_held."""
     slot: int
     address: int
     region: Region
     quantized: bool
+    layout: Any = None
 #: an expert's tensors by name: torch tensors, or with keep_quantized its quantized matrices held
 #: in their stored form
 Experts = dict[str, "torch.Tensor | QuantizedTensor"]
@@ -373,17 +375,18 @@ class Store:
         return self.arena is not None
 
     def hold_hits(self, layer: int, experts: Iterable[int],
-                  wanted: Optional[Callable[[int, Region, bool], bool]] = None) -> dict[int, HeldExpert]:
-        """Those of `experts` of `layer` that L1 holds now (and that `wanted(expert, region, in
-        stored form)` takes, when given), each slot pinned (never evicted or reused) until
-        release_held: for a caller that reads the bytes by address, with no tensors made (a
-        hand-out's views and their release cost ~6 us an expert, more than a decode step's kernel
-        spends on it). Counted as requests and L1 hits, as fetch counts them; the experts not held
-        are left alone (fetch those). {} where the store has no arena (holds_by_address)."""
+                  wanted: Optional[Callable[[int, Region, bool], Any]] = None) -> dict[int, HeldExpert]:
+        """Those of `experts` of `layer` that L1 holds now (and for which `wanted(expert, region,
+        in stored form)`, when given, returns something true: kept as HeldExpert.layout), each
+        slot pinned (never evicted or reused) until release_held: for a caller that reads the
+        bytes by address, with no tensors made (a hand-out's views and their release cost ~6 us an
+        expert, more than a decode step's kernel spends on it). Counted as requests and L1 hits,
+        as fetch counts them; the experts not held are left alone (fetch those). {} where the
+        store has no arena (holds_by_address)."""
         if self.arena is None:
             return {}
         layer = _index(layer, "layer")
-        held: dict[int, HeldExpert] = {}
+        found: dict[Key, tuple[Region, bool, Any]] = {}
         with self._cv:
             self._check_open()
             self.l1.visit(layer)
@@ -393,20 +396,23 @@ class Store:
                     continue
                 region = self.index.extents[key]
                 quantized = self.holds_quantized(region)
-                if wanted is not None and not wanted(key[1], region, quantized):
-                    continue
-                slot = self.l1.get(key)         # counts the access, as a fetch's hit does
+                layout = True if wanted is None else wanted(key[1], region, quantized)
+                if layout:
+                    found[key] = region, quantized, layout
+            # one lock each for the accesses (counted as a fetch's hits are) and the pins
+            slots = self.l1.get_many(list(found))
+            self.arena.pin_many(slots)
+            for key in found:
                 self._note_prefetch_use(key)
-                self.arena.pin(slot)
-                held[key[1]] = HeldExpert(slot, self.arena.slot_addr(slot), region, quantized)
+        held = {key[1]: HeldExpert(slot, self.arena.slot_addr(slot), *found[key])
+                for key, slot in zip(found, slots)}
         if held:
             self.stats_.add(requests=len(held), hits_l1=len(held))
         return held
 
     def release_held(self, held: dict[int, HeldExpert]) -> None:
         """Unpin the slots hold_hits pinned (once each): their experts may be evicted again."""
-        for h in held.values():
-            self.arena.unpin(h.slot)
+        self.arena.unpin_many([h.slot for h in held.values()])
 
     def note_routing(self, layer: int, experts: Iterable[int]) -> int:
         """The router of `layer` chose `experts` for this decode step. Feeds the next-use policy's

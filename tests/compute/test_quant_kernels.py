@@ -407,21 +407,27 @@ def test_fuse_rows_refuses_parts_that_differ():
     assert fuse_rows([torch.nn.Linear(128, 64), QuantLinear(quantize_matrix(w, "int8"), None)]) is None
 
 
-def test_kernels_cached_before_row_dots_changed_are_dropped(monkeypatch):
+def test_kernels_cached_before_their_sources_changed_are_dropped(monkeypatch):
     """Numba's disk cache keys a kernel by its own file: a changed row_dots.py (the intrinsics the
-    kernels inline) must drop their cached code, and an unchanged one must not."""
+    kernels inline), or another file one calls into, must drop their cached code, and unchanged
+    ones must not. Every module of cached kernels that call across files is covered."""
     from pathlib import Path
+    from moestream.compute import decode_layer, decode_ops
     from moestream.compute import quant_kernels as qk
-    marker = Path(qk._moe_layer._cache._cache_path) / "quant_kernels.row_dots.sha256"
-    flushed = []
-    for k in (qk._moe_layer, qk._linear):
-        monkeypatch.setattr(k._cache, "flush", lambda k=k: flushed.append(k))
-    qk._drop_kernels_cached_on_other_intrinsics()
-    assert flushed == [] and marker.exists()             # the hash recorded at import matches
-    current = marker.read_text()
-    marker.write_text("0" * 64)                          # as if cached under another row_dots.py
-    qk._drop_kernels_cached_on_other_intrinsics()
-    assert flushed == [qk._moe_layer, qk._linear] and marker.read_text() == current
+    for kernels in ((qk._moe_layer, qk._linear), (decode_ops._rms_norm_bf16, decode_ops._rotary_bf16,
+                                                   decode_ops._attend_one_bf16),
+                    (decode_layer._attention_in, decode_layer._attention_out, decode_layer._attention_block)):
+        module = kernels[0].py_func.__module__.rsplit(".", 1)[-1]
+        marker = Path(kernels[0]._cache._cache_path) / f"{module}.sources.sha256"
+        flushed = []
+        for k in kernels:
+            monkeypatch.setattr(k._cache, "flush", lambda k=k: flushed.append(k))
+        qk.flush_cached_kernels_on_source_change(kernels)
+        assert flushed == [] and marker.exists()             # the hash recorded at import matches
+        current = marker.read_text()
+        marker.write_text("0" * 64)                          # as if cached under other sources
+        qk.flush_cached_kernels_on_source_change(kernels)
+        assert flushed == list(kernels) and marker.read_text() == current
 
 
 def test_a_held_kernel_plan_follows_its_weight():

@@ -15,11 +15,11 @@ from torch import nn
 
 from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
-from .. import decode_ops
+from .. import decode_layer, decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import (QUANT_KERNELS, RoutedExpert, fuse_rows, held_layout, kernel_takes_rows, moe_layer,
-                             moe_layer_at, moe_layer_fits, quant_linear)
+from ..quant_kernels import (QUANT_KERNELS, Bf16DecodeLinear, LinearPlan, QuantLinear, RoutedExpert, fuse_rows,
+                             held_layout, kernel_takes_rows, moe_layer, moe_layer_at, moe_layer_fits, quant_linear)
 from ..threads import COMPUTE_THREADS
 
 
@@ -289,8 +289,10 @@ class StreamingMoE(nn.Module):
         float32: torch's half-precision GEMV of this small a matrix took 3x its float32 one)."""
         return self.gate(x.to(self.gate.weight.dtype)).to(x.dtype).float()   # a module call: hooks see it
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(self.router_logits(x), dim=-1)                          # [N, E]
+    def route(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> routing weights [N, A] in x's dtype and experts [N, A]; `logits` [N, E]
+        float32: the router's, where the caller has computed them (else the router runs here)."""
+        probs = F.softmax(self.router_logits(x) if logits is None else logits, dim=-1)   # [N, E]
         weights, experts = torch.topk(probs, self.cfg.top_k, dim=-1)            # [N, A]
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -324,8 +326,9 @@ class StreamingMoE(nn.Module):
         elif confident:
             self.store.prefetch(self.layer, confident)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, experts = self.route(x)                                         # [N, A], [N, A]
+    def forward(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, H] -> the routed experts' weighted sum [N, H]; `logits` as in route."""
+        weights, experts = self.route(x, logits)                                 # [N, A], [N, A]
         if self.recorder is not None:
             self.recorder.record(self.layer, experts, weights)
         then, self.prefetch_next = self.prefetch_next, None
@@ -369,9 +372,9 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         else:
             out.index_add_(0, rows, y * weights[rows, slot, None])
 
-    def takes_held(region, quantized: bool, rows: int) -> bool:   # read where its slot holds it (decode)
+    def takes_held(region, quantized: bool, rows: int):   # read where its slot holds it (decode): how
         found = held_layout(region, quantized, names)
-        return found is not None and rows < QUANT_KERNELS[found[0][0]].gemm_rows
+        return found if found is not None and rows < QUANT_KERNELS[found[0][0]].gemm_rows else None
 
     def accumulator() -> torch.Tensor:
         if not acc:
@@ -392,7 +395,7 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
         parts: dict = {}
         for _, h, rows_l, slots_l in batch:
             if not isinstance(h, dict):
-                layout, planes = held_layout(h.region, h.quantized, names)
+                layout, planes = h.layout                                     # takes_held's
                 part = parts.setdefault((layout[1] is None, layout[1:]), ([], [], []))
                 part[0].append((layout, planes, h.address))
                 part[1].append(rows_l)
@@ -444,8 +447,9 @@ def stream_experts(store, layer: int, routed: dict[int, tuple[list[int], list[in
     the Store's (read-only); compute must not keep them. `then_prefetch` (layer, experts) is
     prefetched right after this layer's own fetches are queued, so that its reads come after them.
     With `takes_held(region, in stored form, token rows)` (a caller that reads experts by
-    address), the L1 hits it takes come as storage.store.HeldExpert instead of tensors, in the
-    first batch, their slots pinned until that batch is computed: no views are made for them."""
+    address: how it reads one, or None), the L1 hits it takes come as storage.store.HeldExpert
+    instead of tensors (what takes_held returned as their layout), in the first batch, their
+    slots pinned until that batch is computed: no views are made for them."""
     if compute_batch is None:
         def compute_batch(batch):
             for item in batch:
@@ -502,6 +506,8 @@ class DecoderLayer(nn.Module):
         self.self_attn = attn
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = mlp
+        #: the fused decode call's plan of this layer (attention_half), made on first use
+        self._block: Optional[decode_layer.BlockPlan] = None
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
                 next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None,
@@ -509,7 +515,12 @@ class DecoderLayer(nn.Module):
         """With `next_layer`, its router (or probe) guesses its `guess_width` likeliest experts
         from this layer's residual (the next-layer predictor): recorded when routing is, and
         prefetched when `prefetch_threshold` is set (those with probability >= it)."""
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, start)     # [B, T, H]
+        fused = self.attention_half(x, rope, cache, start)
+        if fused is not None:
+            h, normed, logits = fused                                            # [1, 1, H], [1, H], [1, E]
+        else:
+            h = x + self.self_attn(self.input_layernorm(x), rope, cache, start)  # [B, T, H]
+            normed = logits = None
         b, t, hidden = h.shape
         if next_layer is not None and isinstance(next_layer.mlp, StreamingMoE):
             # speculative prefetch: the next layer's router on this layer's residual stream
@@ -517,16 +528,80 @@ class DecoderLayer(nn.Module):
             next_layer.mlp.guess_ahead(next_layer.post_attention_layernorm(h).reshape(b * t, hidden),   # [N, H]
                                        guess_width, prefetch_threshold,
                                        self.mlp if isinstance(self.mlp, StreamingMoE) else None)
-        return h + self.mlp(self.post_attention_layernorm(h).reshape(b * t, hidden)).view(b, t, hidden)
-
+        if normed is None:
+            normed = self.post_attention_layernorm(h).reshape(b * t, hidden)    # [N, H]
+        out = self.mlp(normed) if logits is None else self.mlp(normed, logits)
+        return h + out.view(b, t, hidden)
 
     def forward_ragged(self, x: torch.Tensor, ropes: list, caches: list[KVCache], starts: list[int]) -> torch.Tensor:
         """One decode token for each of B sequences of different lengths, x [B, 1, H]: attention
         per sequence (its own KV cache and position), the MoE once over all B tokens, so an
         expert two sequences route to is fetched once."""
+        if x.shape[0] == 1:      # one sequence: a decode step as forward takes it (the fused call)
+            return self(x, ropes[0], caches[0], starts[0])
         h = x + self.self_attn.forward_ragged(self.input_layernorm(x), ropes, caches, starts)   # [B, 1, H]
         b, _, hidden = h.shape
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b, hidden)).view(b, 1, hidden)
+
+    def attention_half(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int
+                       ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
+        """A bf16 CPU decode token x [1, 1, H] through the input norm, attention, residual,
+        post-attention norm and router in one native call (compute/decode_layer.py): (h [1, 1, H],
+        the post-norm of h [1, H], the router's logits [1, E] float32 or None where the router is
+        not in the call), the values the modules compute. None where it does not apply (prefill,
+        batches, other dtypes or devices, autograd, a module with hooks, weights the kernels do not
+        read in place, OLMoE's full-width q/k norm, clip_qkv, biases): the modules run."""
+        if (cache is None or x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.bfloat16
+                or x.device.type != "cpu" or torch.is_grad_enabled()):
+            return None
+        plan = self._block_plan()
+        if plan is None:
+            return None
+        layer = self.self_attn.layer
+        return decode_layer.attention_half(plan, x, rope[0], rope[1], cache.k[layer], cache.v[layer], start)
+
+    def _block_plan(self) -> Optional[decode_layer.BlockPlan]:
+        # worked out again whenever a linear's plan or a norm's memory changes (the key). Every
+        # decode step asks, so submodules and weights are read from their dicts: a module's
+        # __getattr__ costs ~1 us each, a fifth of what this costs
+        attn = self._modules["self_attn"]
+        if not isinstance(attn, Attention) or attn.qk_norm == "full" or attn.cfg.clip_qkv is not None:
+            return None
+        am = attn._modules
+        qkv_proj, o_proj = am.get("qkv_proj"), am["o_proj"]
+        mlp = self._modules["mlp"]
+        router = mlp._modules["gate"] if isinstance(mlp, StreamingMoE) else None
+        norms = [self._modules["input_layernorm"], self._modules["post_attention_layernorm"]]
+        if attn.qk_norm == "head":
+            norms += [am["q_norm"], am["k_norm"]]
+        qkv, o, gate = _kernel_plan(qkv_proj), _kernel_plan(o_proj), router and _kernel_plan(router)
+        if qkv is None or o is None or _hooked([attn, qkv_proj, o_proj, *norms, *([router] if gate else [])]):
+            return None
+        weights = [m._parameters["weight"] for m in norms]
+        key = (qkv, o, gate, *(w.data_ptr() for w in weights))
+        if self._block is not None and self._block.key == key:
+            return self._block
+        eps = {m.eps for m in norms}
+        self._block = None if len(eps) != 1 else decode_layer.block_plan(
+            key, hidden=attn.cfg.hidden_size, heads=attn.cfg.num_heads, kv_heads=attn.cfg.num_kv_heads,
+            dim=attn.cfg.head_dim, eps=eps.pop(), qkv=qkv, o=o, gate=gate, in_norm=weights[0], post_norm=weights[1],
+            q_norm=weights[2] if len(weights) > 2 else None, k_norm=weights[3] if len(weights) > 2 else None)
+        return self._block
+
+
+def _kernel_plan(linear: nn.Module) -> Optional[LinearPlan]:
+    """The kernel plan of a linear layer without a bias whose weight the CPU kernels read in
+    place (QuantLinear, Bf16DecodeLinear), else None."""
+    if isinstance(linear, (QuantLinear, Bf16DecodeLinear)) and linear._parameters.get("bias") is None:
+        return linear.plan()
+    return None
+
+
+def _hooked(modules: list[nn.Module]) -> bool:
+    """Whether a forward hook (global or on one of `modules`) would see these modules' calls."""
+    from torch.nn.modules import module as torch_module
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 class CausalLM(nn.Module):

@@ -3,6 +3,8 @@ norm_topk_prob); a shared expert on every token, scaled by sigmoid(shared_expert
 layers listed in mlp_only_layers (or off the decoder_sparse_step) use a dense MLP."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -15,8 +17,8 @@ class SharedExpertMoE(StreamingMoE):
         self.shared_expert = DenseMLP(cfg.hidden_size, shared_intermediate)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:                        # x [N, H]
-        routed = super().forward(x)
+    def forward(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:   # x [N, H]
+        routed = super().forward(x, logits)
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 

@@ -1,0 +1,113 @@
+"""The fused decode call of a layer's attention half (compute/decode_layer.py) against the
+modules it replaces: the same logits bit for bit, on every store type whose weights its kernels
+read, across both of its branches (its own attention, then torch's SDPA); and the cases it must
+leave to the modules."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moestream.compute import decode_layer, decode_ops
+from moestream.compute.models.common import DecoderLayer
+
+
+def _model(tmp_path, family: str, quant: str):
+    import moestream
+    from moestream.compute import load_model
+    from moestream.demo import build_checkpoint
+    ckpt = build_checkpoint(family, tmp_path / "ckpt", seed=5, dtype="bfloat16", with_tokenizer=False)
+    return load_model(moestream.convert(ckpt, tmp_path / "store", quant=quant, progress=False), host_budget=0)
+
+
+def _decode(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Next-token logits of a 4-token prefill, then of each decode step up to `steps` positions."""
+    cache = model.new_cache(steps + 8)
+    with torch.no_grad():
+        out = [model(ids[:, :4], cache, 0)[:, -1]]
+        out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("family,quant", [("qwen3_moe", "keep"), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"),
+                                          ("mixtral", "int4"), ("mixtral", "keep")])
+def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path, monkeypatch, family, quant):
+    model = _model(tmp_path, family, quant)
+    monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)      # both branches within 24 positions
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
+    fused, taken = decode_layer.attention_half, []
+
+    def counted(plan, x, cos, sin, ck, cv, pos):
+        out = fused(plan, x, cos, sin, ck, cv, pos)
+        taken.append(pos if out is not None else None)
+        return out
+    try:
+        assert model.embed_tokens.weight.dtype == torch.bfloat16
+        monkeypatch.setattr(DecoderLayer, "attention_half", lambda *a: None)
+        want = _decode(model, ids, 24)
+        monkeypatch.undo()
+        monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)
+        monkeypatch.setattr(decode_layer, "attention_half", counted)
+        got = _decode(model, ids, 24)
+    finally:
+        model.store.close()
+    # every decode step of every layer took the fused call (the prefill did not)
+    assert sorted(set(taken)) == list(range(4, 24)) and len(taken) == 20 * model.cfg.num_layers
+    assert torch.equal(got, want)
+
+
+def test_the_fused_call_leaves_what_it_cannot_take_to_the_modules(tmp_path):
+    model = _model(tmp_path, "qwen3_moe", "int4")
+    layer = model.layers[0]
+    cache = model.new_cache(8)
+    rope = model.rotary(torch.tensor([2]))
+    rope = (rope[0].to(torch.bfloat16), rope[1].to(torch.bfloat16))
+    x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            assert layer.attention_half(x, rope, cache, 2) is not None
+            assert layer.attention_half(torch.cat([x, x]), rope, cache, 2) is None              # a batch
+            assert layer.attention_half(torch.cat([x, x], 1), rope, cache, 2) is None           # a prefill
+            assert layer.attention_half(x.float(), rope, cache, 2) is None                     # another dtype
+            assert layer.attention_half(x, rope, None, 2) is None                               # no KV cache
+            assert layer.attention_half(x, rope, cache, 8) is None                              # past the cache
+            seen = []
+            handle = layer.self_attn.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+            assert layer.attention_half(x, rope, cache, 2) is None                              # a hook would miss it
+            layer(x, rope, cache, 2)
+            assert seen == [(1, 1, model.cfg.hidden_size)]
+            handle.remove()
+            assert layer.attention_half(x, rope, cache, 2) is not None
+        assert layer.attention_half(x, rope, cache, 2) is None                                  # autograd on
+    finally:
+        model.store.close()
+
+
+def test_the_plan_follows_a_moved_weight(tmp_path):
+    """A layer's plan holds addresses: a norm weight or linear replaced after the first call is
+    read from its new memory (the plan made again), never from the old address."""
+    model = _model(tmp_path, "qwen3_moe", "int8")
+    layer = model.layers[0]
+    cache = model.new_cache(8)
+    rope = model.rotary(torch.tensor([0]))
+    rope = (rope[0].to(torch.bfloat16), rope[1].to(torch.bfloat16))
+    x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            first = layer.attention_half(x, rope, cache, 0)
+            plan = layer._block
+            layer.post_attention_layernorm.weight = torch.nn.Parameter(
+                layer.post_attention_layernorm.weight.detach() * 2, requires_grad=False)
+            moved = layer.attention_half(x, rope, cache, 0)
+            assert layer._block is not plan
+            assert torch.equal(moved[0], first[0]) and not torch.equal(moved[1], first[1])
+            want = layer.post_attention_layernorm(moved[0]).reshape(1, -1)
+            assert torch.equal(moved[1], want)
+            # the o projection moved to new memory (the same values): same output, new plan
+            o = layer.self_attn.o_proj
+            o.codes = o.codes.clone()
+            plan = layer._block
+            again = layer.attention_half(x, rope, cache, 0)
+            assert layer._block is not plan and layer._block.fields[decode_layer._O + 1] == o.codes.data_ptr()
+            assert torch.equal(again[0], moved[0])
+    finally:
+        model.store.close()
