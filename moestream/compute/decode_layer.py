@@ -16,6 +16,8 @@ Beyond decode_ops.MAX_ATTENDED_POSITIONS cached positions, torch's two-threaded 
 faster than the kernel's one thread, so the call splits in two around it (`attention_in`, SDPA,
 `attention_out`), as decode_ops.attend_one does.
 
+The final norm and lm_head of a decode token are one call the same way (`head`).
+
 A layer's plan (`BlockPlan`) holds the addresses of its weights; the caller works it out again
 whenever one of them moves (DecoderLayer keys it by the linears' LinearPlans and the norms' data
 pointers). The kernels read through raw addresses: the caller keeps every tensor alive for the
@@ -101,7 +103,20 @@ def _attention_block(p, x_addr, eps, cos_addr, sin_addr, kc_addr, vc_addr, max_l
     _attention_out(p, x_addr, attn.ctypes.data, eps, h_addr, xn_addr, logits)
 
 
-flush_cached_kernels_on_source_change((_attention_in, _attention_out, _attention_block))
+@njit(cache=True, nogil=True)
+def _head(p, x_addr, eps, logits):
+    # the final norm of x and the lm_head's logits of it, rounded to bf16 (as float32): the plan's
+    # router fields hold the lm_head, its post-norm field the final norm
+    hidden = p[_HIDDEN]
+    xn = np.empty(hidden, np.uint16)
+    _norm_row(carray(_u16_ptr(x_addr), hidden), carray(_u16_ptr(p[_POST_NORM]), hidden), xn, hidden, eps)
+    lg = np.empty(p[_EXPERTS], np.uint16)
+    _project(p, _GATE, xn, p[_EXPERTS], lg)
+    for i in range(p[_EXPERTS]):
+        logits[i] = _f32(lg[i])
+
+
+flush_cached_kernels_on_source_change((_attention_in, _attention_out, _attention_block, _head))
 
 
 @dataclass(frozen=True)
@@ -181,3 +196,29 @@ def attention_half(plan: BlockPlan, x: torch.Tensor, cos: torch.Tensor, sin: tor
         with _PARALLEL_LOCK:
             _attention_out(f, x.data_ptr(), attn.data_ptr(), plan.eps, h.data_ptr(), xn.data_ptr(), logits)
     return h, xn, (torch.from_numpy(logits)[None] if plan.experts else None)
+
+
+def head_plan(key: tuple, *, norm: torch.Tensor, eps: float, lm_head: LinearPlan) -> Optional[BlockPlan]:
+    """The plan of the final norm and lm_head of a model whose lm_head the CPU kernels read in
+    place (its LinearPlan) and whose norm weight is a contiguous bf16 CPU tensor; None otherwise."""
+    if not (norm.dim() == 1 and lm_head.cols == norm.shape[0] and norm.dtype == torch.bfloat16
+            and norm.device.type == "cpu" and norm.is_contiguous()):
+        return None
+    f = np.zeros(_FIELDS, np.int64)
+    f[_HIDDEN], f[_EXPERTS] = lm_head.cols, lm_head.rows
+    f[_GATE:_GATE + 5] = (lm_head.code, *lm_head.addresses, lm_head.group)
+    f[_POST_NORM] = norm.data_ptr()
+    return BlockPlan(key, f, lm_head.rows, float(eps))
+
+
+def head(plan: BlockPlan, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """lm_head(norm(x)) as float32 [1, 1, V] for one decode token x [1, 1, H] (bf16, contiguous,
+    CPU), the values the modules compute (the logits rounded to bf16, then widened); None where x
+    is not of that form."""
+    hidden = int(plan.fields[_HIDDEN])
+    if not (x.dtype == torch.bfloat16 and x.shape == (1, 1, hidden) and x.device.type == "cpu" and x.is_contiguous()):
+        return None
+    logits = np.empty(plan.experts, np.float32)
+    with _PARALLEL_LOCK:
+        _head(plan.fields, x.data_ptr(), plan.eps, logits)
+    return torch.from_numpy(logits).view(1, 1, plan.experts)

@@ -1,5 +1,5 @@
-"""The fused decode call of a layer's attention half (compute/decode_layer.py) against the
-modules it replaces: the same logits bit for bit, on every store type whose weights its kernels
+"""The fused decode calls of a layer's attention half and of the final norm and lm_head
+(compute/decode_layer.py) against the modules they replace: the same logits bit for bit, on every store type whose weights its kernels
 read, across both of its branches (its own attention, then torch's SDPA); and the cases it must
 leave to the modules."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moestream.compute import decode_layer, decode_ops
-from moestream.compute.models.common import DecoderLayer
+from moestream.compute.models.common import CausalLM, DecoderLayer
 
 
 def _model(tmp_path, family: str, quant: str):
@@ -34,24 +34,32 @@ def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path,
     model = _model(tmp_path, family, quant)
     monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)      # both branches within 24 positions
     ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
-    fused, taken = decode_layer.attention_half, []
+    fused, fused_head, taken, heads = decode_layer.attention_half, decode_layer.head, [], []
 
     def counted(plan, x, cos, sin, ck, cv, pos):
         out = fused(plan, x, cos, sin, ck, cv, pos)
         taken.append(pos if out is not None else None)
         return out
+
+    def counted_head(plan, x):
+        out = fused_head(plan, x)
+        heads.append(out is not None)
+        return out
     try:
         assert model.embed_tokens.weight.dtype == torch.bfloat16
         monkeypatch.setattr(DecoderLayer, "attention_half", lambda *a: None)
+        monkeypatch.setattr(CausalLM, "_fused_head", lambda *a: None)
         want = _decode(model, ids, 24)
         monkeypatch.undo()
         monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)
         monkeypatch.setattr(decode_layer, "attention_half", counted)
+        monkeypatch.setattr(decode_layer, "head", counted_head)
         got = _decode(model, ids, 24)
     finally:
         model.store.close()
-    # every decode step of every layer took the fused call (the prefill did not)
+    # every decode step of every layer took the fused calls (the prefill did not)
     assert sorted(set(taken)) == list(range(4, 24)) and len(taken) == 20 * model.cfg.num_layers
+    assert heads == [True] * 20
     assert torch.equal(got, want)
 
 
@@ -109,5 +117,21 @@ def test_the_plan_follows_a_moved_weight(tmp_path):
             again = layer.attention_half(x, rope, cache, 0)
             assert layer._block is not plan and layer._block.fields[decode_layer._O + 1] == o.codes.data_ptr()
             assert torch.equal(again[0], moved[0])
+    finally:
+        model.store.close()
+
+
+def test_the_fused_head_leaves_a_hooked_or_batched_model_to_the_modules(tmp_path):
+    model = _model(tmp_path, "qwen3_moe", "int4")
+    x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            want = model.lm_head(model.norm(x)).float()
+            assert torch.equal(model._fused_head(x), want)
+            assert model._fused_head(torch.cat([x, x])) is None
+            handle = model.lm_head.register_forward_hook(lambda m, a, out: None)
+            assert model._fused_head(x) is None
+            handle.remove()
+        assert model._fused_head(x) is None                       # autograd on
     finally:
         model.store.close()

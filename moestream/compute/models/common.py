@@ -619,6 +619,8 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg)
+        #: the fused decode call's plan of the final norm and lm_head (_fused_head), made on first use
+        self._head: Optional[decode_layer.BlockPlan] = None
         #: prefetch the next layer's likely experts (its router applied to the current residual)
         self.prefetch_next_layer = False
         #: ... only those whose router probability reaches this
@@ -671,7 +673,23 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1] if predict and i + 1 < len(self.layers) else None
             x = layer(x, rope, cache, start, nxt, threshold, self.guess_width)
-        return self.lm_head(self.norm(x)).float()
+        logits = self._fused_head(x) if cache is not None else None
+        return logits if logits is not None else self.lm_head(self.norm(x)).float()
+
+    def _fused_head(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        # a bf16 CPU decode token's final norm and lm_head in one native call (decode_layer.head),
+        # the same logits; None where it does not apply (see DecoderLayer.attention_half)
+        if x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return None
+        norm, lm_head = self._modules["norm"], self._modules["lm_head"]
+        plan = _kernel_plan(lm_head)
+        if plan is None or _hooked([norm, lm_head]):
+            return None
+        weight = norm._parameters["weight"]
+        key = (plan, weight.data_ptr(), norm.eps)
+        if self._head is None or self._head.key != key:
+            self._head = decode_layer.head_plan(key, norm=weight, eps=norm.eps, lm_head=plan)
+        return None if self._head is None else decode_layer.head(self._head, x)
 
     @torch.no_grad()
     def decode_batch(self, tokens: list[int], caches: list[KVCache], positions: list[int]) -> torch.Tensor:
