@@ -6,7 +6,7 @@ faster kernel removes).
 The blocks are timed by wrappers around their methods and the kernels' entry points, not by
 forward hooks: a hook makes a layer run its modules one by one (DecoderLayer.attention_half
 leaves a hooked layer to them), which is not what a token runs. `--modules` times that module
-path instead (the fused attention call off), for comparison. Each line is per decode token: the
+path instead (the fused attention and head calls off), for comparison. Each line is per decode token: the
 time spent in it, the prefill taken out (a 1-token generate's share subtracted).
 
 Every expert is fetched into L1 first (a budget that holds them all); then `--runs` generations of
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=10)
     p.add_argument("--dense-quant", default="auto")
     p.add_argument("--stub-kernels", action="store_true", help="replace the layer and dense kernels by no-ops")
-    p.add_argument("--modules", action="store_true", help="run each layer's modules (the fused attention call off)")
+    p.add_argument("--modules", action="store_true", help="run the modules (the fused attention and head calls off)")
     a = p.parse_args()
     spent: collections.Counter = collections.Counter()
 
@@ -57,19 +57,27 @@ def main() -> None:
         quant_kernels._linear = linear
         # the fused call runs _linear inside Numba, where no stub reaches
         common.DecoderLayer.attention_half = lambda *args: None
+        common.CausalLM._fused_head = lambda *args: None
     elif a.modules:
         common.DecoderLayer.attention_half = lambda *args: None
+        common.CausalLM._fused_head = lambda *args: None
     if not a.stub_kernels:
-        names = {5120: "q/k/v", 4096: "lm_head", 128: "router"}
+        # the bench model's matrices by [rows, cols] (others by their shape only)
+        names = {(5120, 2048): "q/k/v ", (2048, 4096): "o ", (4096, 2048): "lm_head ", (128, 2048): "router "}
+
+        def linear_key(args) -> str:
+            shape = (args[5], args[0].shape[1])
+            return f"kernel: linear {names.get(shape, '')}{list(shape)} (quant_kernels._linear)"
         timed(quant_kernels, "_moe_layer", "kernel: MoE layer (quant_kernels._moe_layer)")
-        timed(quant_kernels, "_linear", lambda args: f"kernel: linear {names.get(args[5], '')} [{args[5]}, "
-                                                     f"{args[0].shape[1]}] (quant_kernels._linear)")
+        timed(quant_kernels, "_linear", linear_key)
         timed(decode_ops, "_attend_one_bf16", "kernel: attention (decode_ops._attend_one_bf16)")
         timed(decode_ops, "_rms_norm_bf16", "kernel: RMSNorm (decode_ops._rms_norm_bf16)")
         timed(decode_layer, "_attention_block", "kernel: attention half, fused (decode_layer._attention_block)")
+        timed(decode_layer, "_head", "kernel: final norm + lm_head, fused (decode_layer._head)")
     for owner, attr, key in ((common.CausalLM, "forward", "CausalLM.forward (a token)"),
                              (common.DecoderLayer, "forward", "DecoderLayer.forward"),
                              (common.DecoderLayer, "attention_half", "DecoderLayer.attention_half (fused call)"),
+                             (common.CausalLM, "_fused_head", "CausalLM._fused_head (fused call)"),
                              (common.Attention, "forward", "Attention.forward (modules)"),
                              (common.RMSNorm, "forward", "RMSNorm.forward (modules)"),
                              (common.StreamingMoE, "forward", "StreamingMoE.forward"),
@@ -91,7 +99,7 @@ def main() -> None:
         n = t["decode_tokens"] - 1          # the first token comes from the prefill
         rows.append({k: (v - prefill.get(k, 0.0)) / n for k, v in spent.items()})
         per_token.append(t["decode_seconds"] / t["decode_tokens"])
-    mode = "kernels stubbed" if a.stub_kernels else "modules" if a.modules else "fused attention half"
+    mode = "kernels stubbed" if a.stub_kernels else "modules" if a.modules else "fused calls"
     print(f"{a.store}: {statistics.median(per_token) * 1e3:.2f} ms a decode token (median of {a.runs} runs; {mode})")
     keys = sorted({k for r in rows for k in r}, key=lambda k: -statistics.median(r.get(k, 0.0) for r in rows))
     for key in keys:
