@@ -135,3 +135,22 @@ def test_the_fused_head_leaves_a_hooked_or_batched_model_to_the_modules(tmp_path
         assert model._fused_head(x) is None                       # autograd on
     finally:
         model.store.close()
+
+
+def test_a_decode_steps_rotary_is_kept_and_follows_its_frequencies():
+    """Rotary.at keeps each position's cos and sin: the values forward gives for that position,
+    computed again when inv_freq is replaced (a model moved or cast) or the dtype differs."""
+    from moestream.compute.models.common import ModelConfig, Rotary
+    cfg = ModelConfig(family="qwen3_moe", vocab_size=8, hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2,
+                      head_dim=16, rms_norm_eps=1e-6, num_experts=4, top_k=2, norm_topk_prob=True, moe_layers=(0,),
+                      rope_theta=10000.0)
+    rotary = Rotary(cfg)
+    for p in (0, 7, 4095):
+        cos, sin = rotary(torch.tensor([p]))
+        got = rotary.at(p, torch.bfloat16)
+        assert torch.equal(got[0], cos.to(torch.bfloat16)) and torch.equal(got[1], sin.to(torch.bfloat16))
+        assert rotary.at(p, torch.bfloat16)[0] is got[0]                          # kept
+    assert torch.equal(rotary.at(7, torch.float32)[0], rotary(torch.tensor([7]))[0])
+    rotary.inv_freq = rotary.inv_freq * 2
+    cos, _ = rotary(torch.tensor([7]))
+    assert torch.equal(rotary.at(7, torch.bfloat16)[0], cos.to(torch.bfloat16))

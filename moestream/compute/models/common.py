@@ -112,16 +112,36 @@ def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
     raise MoestreamError(f"rope type {rope_type!r} is not supported (default, linear, yarn)")
 
 
+#: positions whose decode-step cos and sin a Rotary keeps (~1 KB each with D = 128); past them
+#: it forgets all and starts again
+ROPE_MEMO_POSITIONS = 8192
+
+
 class Rotary(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inv, self.scale = rope_inv_freq(cfg)
         self.register_buffer("inv_freq", inv, persistent=False)
+        self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]          # [T, D/2]
         emb = torch.cat([freqs, freqs], dim=-1)                             # [T, D]
         return emb.cos() * self.scale, emb.sin() * self.scale
+
+    def at(self, position: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [1, D] in `dtype` of one position (a decode step): what forward gives for
+        [position], rounded to `dtype`, computed by it once and then kept (ten torch ops, ~30 us
+        a token, otherwise). Shared: callers must not write to them."""
+        inv = self.inv_freq
+        key = (position, dtype, inv.device, inv.data_ptr())     # a moved or cast inv_freq: computed again
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) >= ROPE_MEMO_POSITIONS:
+                self._memo.clear()
+            cos, sin = self(torch.tensor([position], device=inv.device))
+            hit = self._memo[key] = (cos.to(dtype), sin.to(dtype))
+        return hit
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -656,9 +676,11 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, cache: Optional[KVCache] = None, start: int = 0) -> torch.Tensor:
         """input_ids [B, T] -> logits float32 [B, T, V]. With `cache`, positions start at `start`."""
         x = self.embed_tokens(input_ids)                                         # [B, T, H]
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        rope = self.rotary(positions)
-        rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
+        if input_ids.shape[1] == 1:
+            rope = self.rotary.at(start, x.dtype)                                # a decode step
+        else:
+            rope = self.rotary(torch.arange(start, start + input_ids.shape[1], device=input_ids.device))
+            rope = (rope[0].to(x.dtype), rope[1].to(x.dtype))
         if self.recorder is not None:
             self.recorder.start_step(input_ids.numel())
         predict = self.prefetch_next_layer or self.recorder is not None
@@ -697,10 +719,7 @@ class CausalLM(nn.Module):
         position with its own KV cache (continuous batching: moestream serve)."""
         dev = self.embed_tokens.weight.device
         x = self.embed_tokens(torch.tensor(tokens, device=dev))[:, None, :]      # [B, 1, H]
-        ropes = []
-        for p in positions:
-            cos, sin = self.rotary(torch.tensor([p], device=dev))
-            ropes.append((cos.to(x.dtype), sin.to(x.dtype)))
+        ropes = [self.rotary.at(p, x.dtype) for p in positions]
         for layer in self.layers:
             x = layer.forward_ragged(x, ropes, caches, positions)
         return self.lm_head(self.norm(x[:, 0])).float()
