@@ -67,8 +67,7 @@ def test_the_fused_call_leaves_what_it_cannot_take_to_the_modules(tmp_path):
     model = _model(tmp_path, "qwen3_moe", "int4")
     layer = model.layers[0]
     cache = model.new_cache(8)
-    rope = model.rotary(torch.tensor([2]))
-    rope = (rope[0].to(torch.bfloat16), rope[1].to(torch.bfloat16))
+    rope = model.rotary.at(2, torch.bfloat16)
     x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
     try:
         with torch.no_grad():
@@ -96,8 +95,7 @@ def test_the_plan_follows_a_moved_weight(tmp_path):
     model = _model(tmp_path, "qwen3_moe", "int8")
     layer = model.layers[0]
     cache = model.new_cache(8)
-    rope = model.rotary(torch.tensor([0]))
-    rope = (rope[0].to(torch.bfloat16), rope[1].to(torch.bfloat16))
+    rope = model.rotary.at(0, torch.bfloat16)
     x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
     try:
         with torch.no_grad():
