@@ -63,12 +63,16 @@ def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path,
     assert torch.equal(got, want)
 
 
-def test_the_fused_call_leaves_what_it_cannot_take_to_the_modules(tmp_path):
-    model = _model(tmp_path, "qwen3_moe", "int4")
-    layer = model.layers[0]
-    cache = model.new_cache(8)
-    rope = model.rotary.at(2, torch.bfloat16)
+def _first_layer(tmp_path, quant: str, pos: int):
+    """A Qwen3-MoE store's model, its first layer, an 8-position KV cache, the rope of `pos` and a
+    decode token's hidden state."""
+    model = _model(tmp_path, "qwen3_moe", quant)
     x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
+    return model, model.layers[0], model.new_cache(8), model.rotary.at(pos, torch.bfloat16), x
+
+
+def test_the_fused_call_leaves_what_it_cannot_take_to_the_modules(tmp_path):
+    model, layer, cache, rope, x = _first_layer(tmp_path, "int4", 2)
     try:
         with torch.no_grad():
             assert layer.attention_half(x, rope, cache, 2) is not None
@@ -92,11 +96,7 @@ def test_the_fused_call_leaves_what_it_cannot_take_to_the_modules(tmp_path):
 def test_the_plan_follows_a_moved_weight(tmp_path):
     """A layer's plan holds addresses: a norm weight or linear replaced after the first call is
     read from its new memory (the plan made again), never from the old address."""
-    model = _model(tmp_path, "qwen3_moe", "int8")
-    layer = model.layers[0]
-    cache = model.new_cache(8)
-    rope = model.rotary.at(0, torch.bfloat16)
-    x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
+    model, layer, cache, rope, x = _first_layer(tmp_path, "int8", 0)
     try:
         with torch.no_grad():
             first = layer.attention_half(x, rope, cache, 0)
