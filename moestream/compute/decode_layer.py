@@ -60,6 +60,16 @@ def _project(p, at, x16, rows, out16):
         out16[i] = _bf16(y[0, i])
 
 
+@njit(inline="always")
+def _logits(p, xn, logits):
+    # logits [E] float32 = the bf16 logits of the matrix in the plan's router fields (the router,
+    # or _head's lm_head) for the normed row xn, widened: what the modules' .float() gives
+    lg = np.empty(p[_EXPERTS], np.uint16)
+    _project(p, _GATE, xn, p[_EXPERTS], lg)
+    for i in range(p[_EXPERTS]):
+        logits[i] = _f32(lg[i])
+
+
 @njit(cache=True, nogil=True)
 def _attention_in(p, x_addr, eps, cos_addr, sin_addr, kc_addr, vc_addr, max_len, pos, attend, out_addr):
     # input norm, q/k/v, head norms, rotary, cache write and (attend) attention -> out [heads*D]
@@ -89,10 +99,7 @@ def _attention_out(p, x_addr, attn_addr, eps, h_addr, xn_addr, logits):
     xn = carray(_u16_ptr(xn_addr), hidden)
     _norm_row(h, carray(_u16_ptr(p[_POST_NORM]), hidden), xn, hidden, eps)
     if p[_GATE] >= 0:
-        lg = np.empty(p[_EXPERTS], np.uint16)
-        _project(p, _GATE, xn, p[_EXPERTS], lg)
-        for i in range(p[_EXPERTS]):
-            logits[i] = _f32(lg[i])
+        _logits(p, xn, logits)
 
 
 @njit(cache=True, nogil=True)
@@ -110,13 +117,25 @@ def _head(p, x_addr, eps, logits):
     hidden = p[_HIDDEN]
     xn = np.empty(hidden, np.uint16)
     _norm_row(carray(_u16_ptr(x_addr), hidden), carray(_u16_ptr(p[_POST_NORM]), hidden), xn, hidden, eps)
-    lg = np.empty(p[_EXPERTS], np.uint16)
-    _project(p, _GATE, xn, p[_EXPERTS], lg)
-    for i in range(p[_EXPERTS]):
-        logits[i] = _f32(lg[i])
+    _logits(p, xn, logits)
 
 
 flush_cached_kernels_on_source_change((_attention_in, _attention_out, _attention_block, _head))
+
+
+def _fields(qkv: Optional[LinearPlan] = None, o: Optional[LinearPlan] = None,
+            gate: Optional[LinearPlan] = None) -> np.ndarray:
+    """A plan's field array with its matrices' (code, codes, scales, mins, group) filled in; a
+    matrix it has not gets code -1."""
+    f = np.zeros(_FIELDS, np.int64)
+    for at, plan in ((_QKV, qkv), (_O, o), (_GATE, gate)):
+        f[at:at + 5] = (-1, 0, 0, 0, 0) if plan is None else (plan.code, *plan.addresses, plan.group)
+    return f
+
+
+def _one_token(x: torch.Tensor, hidden: int) -> bool:
+    """Whether x is one decode token [1, 1, hidden] the fused calls read: bf16, contiguous, CPU."""
+    return x.dtype == torch.bfloat16 and x.shape == (1, 1, hidden) and x.device.type == "cpu" and x.is_contiguous()
 
 
 @dataclass(frozen=True)
@@ -146,11 +165,9 @@ def block_plan(key: tuple, *, hidden: int, heads: int, kv_heads: int, dim: int, 
             and (q_norm is None or (q_norm.shape == (dim,) == k_norm.shape))
             and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in norms)):
         return None
-    f = np.zeros(_FIELDS, np.int64)
+    f = _fields(qkv=qkv, o=o, gate=gate)
     f[_HIDDEN], f[_HEADS], f[_KV_HEADS], f[_DIM], f[_QKV_ROWS] = hidden, heads, kv_heads, dim, qkv.rows
     f[_EXPERTS] = 0 if gate is None else gate.rows
-    for at, plan in ((_QKV, qkv), (_O, o), (_GATE, gate)):
-        f[at:at + 5] = (-1, 0, 0, 0, 0) if plan is None else (plan.code, *plan.addresses, plan.group)
     f[_IN_NORM], f[_POST_NORM] = in_norm.data_ptr(), post_norm.data_ptr()
     f[_Q_NORM], f[_K_NORM] = (0, 0) if q_norm is None else (q_norm.data_ptr(), k_norm.data_ptr())
     return BlockPlan(key, f, int(f[_EXPERTS]), float(eps))
@@ -167,9 +184,8 @@ def attention_half(plan: BlockPlan, x: torch.Tensor, cos: torch.Tensor, sin: tor
     the inputs are not of that form."""
     f = plan.fields
     hidden, dim = int(f[_HIDDEN]), int(f[_DIM])
-    if not (x.dtype == torch.bfloat16 and x.shape == (1, 1, hidden) and x.device.type == "cpu" and x.is_contiguous()
-            and cache_k.dim() == 4 and cache_k.shape[:2] == (1, f[_KV_HEADS]) and cache_k.shape[3] == dim
-            and cache_v.shape == cache_k.shape and 0 <= pos < cache_k.shape[2]
+    if not (_one_token(x, hidden) and cache_k.dim() == 4 and cache_k.shape[:2] == (1, f[_KV_HEADS])
+            and cache_k.shape[3] == dim and cache_v.shape == cache_k.shape and 0 <= pos < cache_k.shape[2]
             and cos.shape == (1, dim) == sin.shape
             and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
                     for t in (cos, sin, cache_k, cache_v))):
@@ -204,9 +220,8 @@ def head_plan(key: tuple, *, norm: torch.Tensor, eps: float, lm_head: LinearPlan
     if not (norm.dim() == 1 and lm_head.cols == norm.shape[0] and norm.dtype == torch.bfloat16
             and norm.device.type == "cpu" and norm.is_contiguous()):
         return None
-    f = np.zeros(_FIELDS, np.int64)
+    f = _fields(gate=lm_head)
     f[_HIDDEN], f[_EXPERTS] = lm_head.cols, lm_head.rows
-    f[_GATE:_GATE + 5] = (lm_head.code, *lm_head.addresses, lm_head.group)
     f[_POST_NORM] = norm.data_ptr()
     return BlockPlan(key, f, lm_head.rows, float(eps))
 
@@ -215,8 +230,7 @@ def head(plan: BlockPlan, x: torch.Tensor) -> Optional[torch.Tensor]:
     """lm_head(norm(x)) as float32 [1, 1, V] for one decode token x [1, 1, H] (bf16, contiguous,
     CPU), the values the modules compute (the logits rounded to bf16, then widened); None where x
     is not of that form."""
-    hidden = int(plan.fields[_HIDDEN])
-    if not (x.dtype == torch.bfloat16 and x.shape == (1, 1, hidden) and x.device.type == "cpu" and x.is_contiguous()):
+    if not _one_token(x, int(plan.fields[_HIDDEN])):
         return None
     logits = np.empty(plan.experts, np.float32)
     with _PARALLEL_LOCK:

@@ -571,14 +571,13 @@ def moe_layer_fits(experts: Sequence[RoutedExpert]) -> bool:
 def moe_layer(x: torch.Tensor, experts: Sequence[RoutedExpert], out: torch.Tensor) -> None:
     """out [N, H] (float32, contiguous, CPU) += Σ over `experts` of weight · down(silu(gate(x)) · up(x))
     for each expert's rows of x [N, H], in one kernel call (moe_layer_fits must hold)."""
-    addrs = [(_addresses(e.gate), _addresses(e.up), _addresses(e.down)) for e in experts]
+    addrs = [[a for m in (e.gate, e.up, e.down) for a in _addresses(m)] for e in experts]
     _layer_call(x, [e.layout for e in experts], addrs, [e.rows for e in experts], [e.weights for e in experts], out)
 
 
 def _layer_call(x: torch.Tensor, layouts: Sequence[ExpertLayout], addrs, rows: Sequence[Sequence[int]],
                 weights: Sequence[Sequence[float]], out: torch.Tensor) -> None:
-    # addrs: per expert, (codes, scales, mins) addresses of gate, up and down (nested, or flat
-    # int64 [K, 9])
+    # addrs [K, 9]: per expert, the (codes, scales, mins) addresses of gate, up and down
     kinds = np.array([QUANT_KERNELS[lay[0]].code for lay in layouts], np.int64)
     pair_ptr = np.array([0, *itertools.accumulate(len(r) for r in rows)], np.int64)
     pair_token = np.array([t for r in rows for t in r], np.int64)
@@ -724,12 +723,18 @@ class Bf16DecodeLinear(torch.nn.Linear):
         return y + self.bias if self.bias is not None else y
 
 
+def linear_plan(module: torch.nn.Module) -> Optional[LinearPlan]:
+    """The kernel plan of a linear layer whose weight the CPU kernels read in place (a QuantLinear
+    or Bf16DecodeLinear that plans one), else None."""
+    return module.plan() if isinstance(module, (QuantLinear, Bf16DecodeLinear)) else None
+
+
 def kernel_takes_rows(module: torch.nn.Module, rows: int) -> bool:
     """Whether `module` (a linear layer) multiplies `rows` token rows in the CPU kernel: one
     QuantLinear or Bf16DecodeLinear whose weight the kernel reads in place, fewer rows than its
     type's gemm_rows. The kernel takes each row as it takes one alone (the same values), so a
     caller may join rows of different sequences into one call, which reads the weight once."""
-    plan = module.plan() if isinstance(module, (QuantLinear, Bf16DecodeLinear)) else None
+    plan = linear_plan(module)
     return plan is not None and rows < plan.gemm_rows
 
 

@@ -128,13 +128,11 @@ class QuantizedTensor:
 
 
 @functools.lru_cache(maxsize=4096)
-@functools.lru_cache(maxsize=1 << 16)
 def holds_quantized(region: Region) -> bool:
     """Whether the tiers may hold `region` in its stored (quantized) form: a quantized extent, not
     a delta, every quantized tensor a matrix whose groups lie inside its (stored) rows and whose
     planes start on a multiple of their item size (they are viewed as float16 / float32 in place);
-    its raw tensors (TensorSlice.raw) start on a multiple of theirs. Memoized: every hit of every
-    decode step asks (regions hash once, formats.index.Region.__hash__)."""
+    its raw tensors (TensorSlice.raw) start on a multiple of theirs."""
     q = region.quant
     if q is None:
         return False

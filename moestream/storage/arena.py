@@ -67,13 +67,10 @@ class ExpertArena:
 
     def pin(self, slot: int) -> None:
         """Keep `slot` from being reused until `unpin` (e.g. while a decoder reads it)."""
-        with self._lock:
-            self._pins[slot] += 1
+        self.pin_many([slot])
 
     def unpin(self, slot: int) -> None:
-        with self._lock:
-            assert self._pins[slot] > 0, "slot unpinned more often than pinned"
-            self._pins[slot] -= 1
+        self.unpin_many([slot])
 
     def pin_many(self, slots: list[int]) -> None:
         """pin of each of `slots` (a slot may come twice: pinned twice), under one lock."""

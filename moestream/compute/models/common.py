@@ -18,8 +18,8 @@ from ...formats.quantized import QuantizedTensor
 from .. import decode_layer, decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
-from ..quant_kernels import (QUANT_KERNELS, Bf16DecodeLinear, LinearPlan, QuantLinear, RoutedExpert, fuse_rows,
-                             held_layout, kernel_takes_rows, moe_layer, moe_layer_at, moe_layer_fits, quant_linear)
+from ..quant_kernels import (QUANT_KERNELS, LinearPlan, RoutedExpert, fuse_rows, held_layout, kernel_takes_rows,
+                             linear_plan, moe_layer, moe_layer_at, moe_layer_fits, quant_linear)
 from ..threads import COMPUTE_THREADS
 
 
@@ -610,11 +610,8 @@ class DecoderLayer(nn.Module):
 
 
 def _kernel_plan(linear: nn.Module) -> Optional[LinearPlan]:
-    """The kernel plan of a linear layer without a bias whose weight the CPU kernels read in
-    place (QuantLinear, Bf16DecodeLinear), else None."""
-    if isinstance(linear, (QuantLinear, Bf16DecodeLinear)) and linear._parameters.get("bias") is None:
-        return linear.plan()
-    return None
+    """quant_kernels.linear_plan of a linear layer without a bias (the fused calls add none)."""
+    return linear_plan(linear) if linear._parameters.get("bias") is None else None
 
 
 def _hooked(modules: list[nn.Module]) -> bool:
