@@ -318,7 +318,7 @@ def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
 
 
 #: the files whose functions and intrinsics the cached kernels of compute/ inline or call
-KERNEL_SOURCES = ("row_dots.py", "quant_kernels.py", "decode_ops.py", "decode_layer.py")
+KERNEL_SOURCES = ("row_dots.py", "quant_kernels.py", "decode_ops.py", "decode_layer.py", "decode_moe.py")
 
 
 def flush_cached_kernels_on_source_change(kernels: Sequence) -> None:

@@ -32,7 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as _wait
 from concurrent.futures import as_completed as _as_completed
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import psutil
@@ -421,21 +421,56 @@ class Store:
         layer = _index(layer, "layer")
         chosen = frozenset(_index(e, "expert") for e in experts)
         with self._cv:
-            self.l1.visit(layer, [(layer, e) for e in chosen])
-            if self.l2.budget:     # an L2 that holds nothing has no eviction to rank
-                self.l2.visit(layer, [(layer, e) for e in chosen])
-            self._routed = (layer, chosen)
-            wrong = [ld for ld in self._pending.values()
-                     if ld.prefetch and not ld.cancelled and ld.key[0] == layer and ld.key[1] not in chosen]
-            for ld in wrong:
-                if ld in self._prefetch:   # still queued: dropped
-                    self._prefetch.remove(ld)
-                    del self._pending[ld.key]
-                    ld.future.set_exception(MoestreamError("prefetch cancelled: the router chose otherwise"))
-                else:                      # dispatched: its reads not yet started never start
-                    ld.cancelled = True
-        self.stats_.add(prefetch_cancelled=len(wrong))
+            wrong = self._note_routing_locked(layer, chosen)
+        self.stats_.add(prefetch_cancelled=wrong)
+        return wrong
+
+    def _note_routing_locked(self, layer: int, chosen: frozenset) -> int:
+        # note_routing's work, with self._cv held; returns how many prefetches it cancelled
+        keys = [(layer, e) for e in chosen]
+        self.l1.visit(layer, keys)
+        if self.l2.budget:     # an L2 that holds nothing has no eviction to rank
+            self.l2.visit(layer, keys)
+        self._routed = (layer, chosen)
+        wrong = [ld for ld in self._pending.values()
+                 if ld.prefetch and not ld.cancelled and ld.key[0] == layer and ld.key[1] not in chosen]
+        for ld in wrong:
+            if ld in self._prefetch:   # still queued: dropped
+                self._prefetch.remove(ld)
+                del self._pending[ld.key]
+                ld.future.set_exception(MoestreamError("prefetch cancelled: the router chose otherwise"))
+            else:                      # dispatched: its reads not yet started never start
+                ld.cancelled = True
         return len(wrong)
+
+    def hold_routed(self, layer: int, experts: Sequence[int]) -> Optional[tuple[list[int], list[int]]]:
+        """A decode step's whole routing when L1 holds every one of `experts` (distinct) of
+        `layer`: note_routing and hold_hits in one lock, for a caller that reads the slots by
+        address and already knows each expert's layout in them. Returns (slots, their addresses
+        in bytes), in the order of `experts`, each slot pinned until release_slots; or None, with
+        nothing noted, held or counted, when the store has no arena or L1 misses any of them (the
+        caller then takes note_routing and fetch as usual)."""
+        if self.arena is None:
+            return None
+        layer = _index(layer, "layer")
+        keys = [(layer, _index(e, "expert")) for e in experts]
+        with self._cv:
+            self._check_open()
+            peek = self.l1.peek
+            if any(peek(key) is None for key in keys):
+                return None
+            wrong = self._note_routing_locked(layer, frozenset(e for _, e in keys))
+            slots = self.l1.get_many(keys)
+            self.arena.pin_many(slots)
+            if self._prefetched_unused:
+                for key in keys:
+                    self._note_prefetch_use(key)
+        self.stats_.add(prefetch_cancelled=wrong, requests=len(keys), hits_l1=len(keys))
+        return slots, [self.arena.slot_addr(s) for s in slots]
+
+    def release_slots(self, slots: list[int]) -> None:
+        """Unpin the slots hold_routed pinned."""
+        self.arena.unpin_many(slots)
 
     def get(self, layer: int, expert: int) -> Experts:
         """Blocking fetch of one expert."""

@@ -601,3 +601,36 @@ def test_held_hits_are_pinned_counted_and_read_where_the_hand_out_reads(checkpoi
         assert {k[1] for k in s.l1.keys() if k[0] == 0} == {0, 1, 3}
         s.release_held(held)
         assert not any(s.arena.pinned(h.slot) for h in held.values())
+
+
+def test_a_routing_l1_holds_whole_is_noted_counted_and_pinned_at_once_else_left_alone(checkpoints, tmp_path):
+    """hold_routed: with every routed expert in L1, the routing is noted (as note_routing notes
+    it), the experts counted as requests and hits and their slots pinned until release_slots,
+    the addresses those of hold_hits; with one of them missing, None and nothing noted,
+    counted or pinned (the caller fetches as usual)."""
+    store = moestream.convert(checkpoints["mixtral"], tmp_path / "int4", quant="int4", group_size=16, progress=False)
+    kw = {"keep_quantized": True, "host_budget": 0}
+    with open_store(store, device_budget="64MiB", **kw) as probe:
+        slot_bytes = probe.arena.slot_size
+    with open_store(store, device_budget=3 * slot_bytes, **kw) as s:
+        for e in range(3):
+            s.get(0, e)
+        before, routed = s.stats(), s._routed
+        assert s.hold_routed(0, [1, 3]) is None                      # 3 is not in L1
+        assert s.stats() == before and s._routed == routed
+        assert not any(s.arena.pinned(i) for i in range(s.arena.count))
+        assert s.l1.keys() and (0, 3) not in s.l1.keys()              # and was not fetched
+        slots, addresses = s.hold_routed(0, [2, 0])
+        after = s.stats()
+        assert after["requests"] - before["requests"] == 2 and after["hits_l1"] - before["hits_l1"] == 2
+        assert s._routed == (0, frozenset({0, 2}))
+        held = s.hold_hits(0, [2, 0])
+        assert [held[2].slot, held[0].slot] == slots and [held[2].address, held[0].address] == addresses
+        s.release_held(held)
+        assert all(s.arena.pinned(slot) for slot in slots)
+        s.get(0, 3)                        # needs a slot: the unpinned expert 1 goes, not 0 or 2
+        assert {k[1] for k in s.l1.keys() if k[0] == 0} == {0, 2, 3}
+        s.release_slots(slots)
+        assert not any(s.arena.pinned(i) for i in range(s.arena.count))
+        with pytest.raises(moestream.errors.UsageError, match="expert 1.5"):
+            s.hold_routed(0, [1.5])

@@ -18,6 +18,7 @@ from ...formats.quantized import QuantizedTensor
 from .. import decode_layer, decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
+from ..decode_moe import held_decode_output
 from ..quant_kernels import (QUANT_KERNELS, LinearPlan, RoutedExpert, fuse_rows, held_layout, kernel_takes_rows,
                              linear_plan, moe_layer, moe_layer_at, moe_layer_fits, quant_linear)
 from ..threads import COMPUTE_THREADS
@@ -312,7 +313,13 @@ class StreamingMoE(nn.Module):
     def route(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> routing weights [N, A] in x's dtype and experts [N, A]; `logits` [N, E]
         float32: the router's, where the caller has computed them (else the router runs here)."""
-        probs = F.softmax(self.router_logits(x) if logits is None else logits, dim=-1)   # [N, E]
+        if logits is None:
+            logits = self.router_logits(x)                                       # [N, E]
+        chosen = decode_ops.softmax_topk(logits, self.cfg.top_k, self.cfg.norm_topk_prob)   # CPU: one call
+        if chosen is not None:
+            weights, experts = chosen                                            # [N, A], [N, A]
+            return weights.to(x.dtype), experts
+        probs = F.softmax(logits, dim=-1)                                        # [N, E]
         weights, experts = torch.topk(probs, self.cfg.top_k, dim=-1)            # [N, A]
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -366,6 +373,9 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
     the store's gate, up and down tensor names). Returns the output [N, H] in x's dtype (a new
     tensor) and the seconds spent computing (not waiting for reads). Shared by the native forward
     and the vLLM plug (integrations/vllm.py). then_prefetch as in stream_experts."""
+    done = held_decode_output(store, layer, names, x, weights, experts, then_prefetch)   # decode, all in L1
+    if done is not None:
+        return done
     gate_name, up_name, down_name = names
     weights = weights.to(x.dtype)                                                # [N, A]
     # both made on first use: at decode the layer kernel takes every expert, and its float32 sum

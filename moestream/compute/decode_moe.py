@@ -1,0 +1,154 @@
+"""A decode token's routed experts read where L1's slots hold them, in one kernel call, with
+as little Python around it as the bookkeeping allows.
+
+At decode, with every expert a layer routes to already in L1 (a resident store, or hits for all
+of them), the general path (models/common.py: stream_experts, routed_experts_output) spent
+~0.3 ms a layer around a ~0.8 ms kernel on the development machine (AMD EPYC, 2 vCPUs, a
+resident int4 Qwen3-MoE store, 2026-12-07): grouping the routing per expert, two store calls
+under two locks, each expert's layout looked up, batches and argument lists built, futures'
+loop. The same Python measured hot in a loop costs a fifth of that: it runs cold, after the
+kernel before it has streamed tens of MB of weights through the caches, so what it costs is
+how much code and how many objects it touches. Here a layer's kernel layout is worked out once
+for all its experts (`ExpertTable`), the store is asked once (Store.hold_routed: the routing
+noted, the hits counted and their slots pinned under one lock) and the kernel's arguments are
+rows of that table plus the slots' addresses.
+
+The result is the general path's bit for bit: the experts go to the kernel in the order that
+path gives them (ascending expert index), with the same routing weights. Anything else (a
+miss, a layer whose experts the kernel does not all read in place, more than one token, a
+store without an arena) is left to the general path, with nothing noted or held."""
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from numba import carray, njit
+
+from .decode_ops import _f32
+from .dequant import _PARALLEL_LOCK
+from .quant_kernels import (PREFETCH_BYTES, QUANT_KERNELS, _layer_group, _moe_layer, flush_cached_kernels_on_source_change,
+                            held_layout, layouts_fit)
+from .row_dots import _f32_ptr, _u16_ptr
+from .threads import COMPUTE_THREADS
+
+
+@dataclass(frozen=True)
+class ExpertTable:
+    """How the layer kernel reads each expert of one layer where a slot holds it: `kinds` [E]
+    (QUANT_KERNELS codes), `offsets` [E, 9] bytes from the slot's first byte to the codes,
+    scales and mins of gate, up and down (-1: a plane the type has not), the experts'
+    intermediate width and the group size the kernel's scratch takes."""
+    kinds: np.ndarray
+    offsets: np.ndarray
+    inter: int
+    group: int
+
+
+#: store -> {(layer, names): ExpertTable, or None where the kernel cannot take the layer's experts
+#: in place}: a store's index and its keep_quantized are fixed for its life
+_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def expert_table(store, layer: int, names: tuple[str, str, str]) -> Optional[ExpertTable]:
+    """The ExpertTable of `layer`'s experts in `store` (gate, up and down named `names`), worked out
+    on first use; None unless every expert of the layer is one layout the kernel reads in place
+    (held_layout), all of them fit one call (layouts_fit) and a decode token's single row is
+    below their types' gemm_rows."""
+    tables = _TABLES.setdefault(store, {})
+    key = (layer, names)
+    if key not in tables:
+        tables[key] = _make_table(store, layer, names)
+    return tables[key]
+
+
+def _make_table(store, layer: int, names: tuple[str, str, str]) -> Optional[ExpertTable]:
+    found = []
+    for e in range(store.reader.experts_per_layer):
+        region = store.reader.extent(layer, e)
+        held = held_layout(region, store.holds_quantized(region), names)
+        if held is None or QUANT_KERNELS[held[0][0]].gemm_rows <= 1:
+            return None
+        found.append(held)
+    layouts = [layout for layout, _ in found]
+    if not layouts_fit(layouts):
+        return None
+    return ExpertTable(kinds=np.array([QUANT_KERNELS[lay[0]].code for lay in layouts], np.int64),
+                       offsets=np.array([planes for _, planes in found], np.int64).reshape(len(found), 9),
+                       inter=layouts[0][2], group=_layer_group(layouts))
+
+
+@njit(cache=True, nogil=True)
+def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, inter, group, pf):
+    # one token's routed experts (ids [K], their slots' addresses bases [K], routing weights [K],
+    # any order) through _moe_layer in ascending expert order, its arguments made here rather than
+    # as numpy calls in Python; x [H] bf16 or float32 at x_addr. Returns the float32 sum [1, H].
+    k = ids.shape[0]
+    order = np.argsort(ids, kind="mergesort")
+    x = np.empty((1, hidden), np.float32)
+    if x_bf16:
+        xb = carray(_u16_ptr(x_addr), hidden)
+        for i in range(hidden):
+            x[0, i] = _f32(xb[i])
+    else:
+        x[0, :] = carray(_f32_ptr(x_addr), hidden)
+    layer_kinds = np.empty(k, np.int64)
+    addrs = np.empty((k, 3, 3), np.int64)
+    pair_weight = np.empty(k, np.float32)
+    for j in range(k):
+        src = order[j]
+        e = ids[src]
+        layer_kinds[j] = kinds[e]
+        pair_weight[j] = weights[src]
+        for t in range(9):
+            o = offsets[e, t]
+            addrs[j, t // 3, t % 3] = 0 if o < 0 else bases[src] + o
+    out = np.zeros((1, hidden), np.float32)
+    _moe_layer(x, layer_kinds, addrs, np.arange(k + 1), np.zeros(k, np.int64), pair_weight, inter, group, out, pf)
+    return out
+
+
+flush_cached_kernels_on_source_change((_moe_decode,))
+
+
+def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.Tensor, weights: torch.Tensor,
+                       experts: torch.Tensor, then_prefetch: Optional[tuple[int, list[int]]] = None
+                       ) -> Optional[tuple[torch.Tensor, float]]:
+    """routed_experts_output (models/common.py) for one decode token x [1, H] on the CPU whose
+    routed experts [1, A] (weights [1, A]) L1 holds every one of: (the output [1, H] in x's
+    dtype, a new tensor; the seconds the kernel took). None where it does not apply (see the
+    module's docstring): then nothing was noted, held, counted or prefetched."""
+    if (x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in _X_DTYPES
+            or not x.is_contiguous() or not getattr(store, "holds_by_address", False)):
+        return None
+    table = expert_table(store, layer, names)
+    if table is None:
+        return None
+    ids = experts[0].tolist()
+    if len(set(ids)) != len(ids) or not 0 <= min(ids) <= max(ids) < len(table.kinds):
+        return None
+    held = store.hold_routed(layer, ids)
+    if held is None:
+        return None
+    slots, bases = held
+    try:
+        if then_prefetch is not None:     # this layer has no reads of its own to queue first
+            store.prefetch(*then_prefetch)
+        COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
+        t0 = time.perf_counter()
+        w = weights.to(x.dtype)[0].float().numpy()      # rounded to x's dtype, as the general path weighs
+        with _PARALLEL_LOCK:
+            out = _moe_decode(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], table.kinds, table.offsets,
+                              np.array(ids, np.int64), np.array(bases, np.int64), w, table.inter, table.group,
+                              PREFETCH_BYTES)
+        seconds = time.perf_counter() - t0
+    finally:
+        store.release_slots(slots)
+    COMPUTE_THREADS.adjust(store.prefetching)
+    return torch.from_numpy(out).to(x.dtype), seconds
+
+
+_X_DTYPES = (torch.bfloat16, torch.float32)

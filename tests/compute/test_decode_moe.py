@@ -1,0 +1,186 @@
+"""A decode token's routed experts read in place in one call when L1 holds them all
+(compute/decode_moe.py) against the general path (models/common.py: stream_experts): the same
+logits bit for bit, the same store counts, the general path wherever an expert misses; and the
+router's softmax top-k in one call (decode_ops.softmax_topk) against torch's."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from moestream.compute import decode_moe, decode_ops
+from moestream.compute.models import common
+
+
+def _model(tmp_path, family: str, quant: str, **budget):
+    import moestream
+    from moestream.compute import load_model
+    from moestream.demo import build_checkpoint
+    ckpt = build_checkpoint(family, tmp_path / "ckpt", seed=5, dtype="bfloat16", with_tokenizer=False)
+    return load_model(moestream.convert(ckpt, tmp_path / "store", quant=quant, progress=False), host_budget=0,
+                      **budget)
+
+
+def _decode(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Next-token logits of a 4-token prefill, then of each decode step up to `steps` positions."""
+    cache = model.new_cache(steps + 8)
+    with torch.no_grad():
+        out = [model(ids[:, :4], cache, 0)[:, -1]]
+        out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
+    return torch.stack(out)
+
+
+def _counting(monkeypatch) -> list:
+    calls, real = [], decode_moe._moe_decode
+    monkeypatch.setattr(decode_moe, "_moe_decode", lambda *a: calls.append(len(a[5])) or real(*a))
+    return calls
+
+
+def _general_only(monkeypatch) -> None:
+    monkeypatch.setattr(common, "held_decode_output", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("family,quant", [("qwen3_moe", "keep"), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"),
+                                          ("mixtral", "int4"), ("mixtral", "keep")])
+def test_resident_decode_takes_one_call_a_layer_with_the_general_paths_logits_and_counts(tmp_path, monkeypatch,
+                                                                                         family, quant):
+    model = _model(tmp_path, family, quant)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    try:
+        _decode(model, ids, 16)                   # every expert the steps route to lands in L1
+        with monkeypatch.context() as m:
+            _general_only(m)
+            before = model.store.stats()
+            want = _decode(model, ids, 16)
+            general = {k: model.store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
+        calls = _counting(monkeypatch)
+        before = model.store.stats()
+        got = _decode(model, ids, 16)
+        fast = {k: model.store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
+        assert not any(model.store.arena.pinned(i) for i in range(model.store.arena.count))
+    finally:
+        model.store.close()
+    # every decode step of every layer (not the prefill) in one call of its top-k experts
+    assert calls == [model.cfg.top_k] * (12 * model.cfg.num_layers)
+    assert torch.equal(got, want)
+    assert fast == general and general["misses"] == 0
+
+
+def test_a_miss_leaves_the_step_to_the_general_path_with_nothing_counted_twice(tmp_path, monkeypatch):
+    probe = _model(tmp_path / "probe", "qwen3_moe", "int4")
+    slot = probe.store.arena.slot_size
+    probe.store.close()
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for name in ("general", "fast"):
+        # four slots for a layer's eight experts (top-2 of two layers): hits and misses mixed
+        model = _model(tmp_path / name, "qwen3_moe", "int4", device_budget=4 * slot)
+        try:
+            with monkeypatch.context() as m:
+                if name == "general":
+                    _general_only(m)
+                calls = _counting(m)
+                logits = _decode(model, ids % model.cfg.vocab_size, 24)
+            stats = model.store.stats()
+            runs[name] = logits, calls, {k: stats[k] for k in ("requests", "hits_l1", "misses")}
+        finally:
+            model.store.close()
+    (want, none, general), (got, calls, fast) = runs["general"], runs["fast"]
+    assert none == [] and 0 < len(calls) < 20 * 2      # some steps held whole, some missed
+    assert fast["misses"] > 0 and fast == general
+    assert torch.equal(got, want)
+
+
+def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
+    model = _model(tmp_path, "qwen3_moe", "int4")
+    store, layer = model.store, 0
+    names, hidden = model.cfg.expert_names, model.cfg.hidden_size
+    try:
+        x = torch.randn(1, hidden).to(torch.bfloat16)
+        experts = torch.tensor([[1, 5]])
+        weights = torch.tensor([[0.75, 0.25]]).to(torch.bfloat16)
+        for e in range(model.cfg.num_experts):
+            store.get(layer, e)
+        assert decode_moe.held_decode_output(store, layer, names, x, weights, experts) is not None
+        assert decode_moe.held_decode_output(store, layer, names, torch.cat([x, x]), weights.repeat(2, 1),
+                                             experts.repeat(2, 1)) is None            # two tokens
+        assert decode_moe.held_decode_output(store, layer, names, x.half(), weights, experts) is None
+        assert decode_moe.held_decode_output(store, layer, names, x, weights, torch.tensor([[3, 3]])) is None
+        assert decode_moe.held_decode_output(store, layer, names, x, weights, torch.tensor([[3, 8]])) is None
+        assert decode_moe.held_decode_output(store, layer, ("gate", "up", "nope"), x, weights, experts) is None
+        assert not any(store.arena.pinned(i) for i in range(store.arena.count))
+        # a float32 token gives the general path's float32 output
+        xf = x.float()
+        got, _ = decode_moe.held_decode_output(store, layer, names, xf, weights, experts)
+        want, _ = common.routed_experts_output(store, layer, names, torch.cat([xf, xf]), weights.repeat(2, 1),
+                                               experts.repeat(2, 1))
+        assert got.dtype == torch.float32 and torch.equal(got, want[:1])
+    finally:
+        store.close()
+
+
+def test_a_kernel_failure_unpins_the_slots(tmp_path, monkeypatch):
+    model = _model(tmp_path, "qwen3_moe", "int4")
+    store = model.store
+    try:
+        for e in range(model.cfg.num_experts):
+            store.get(0, e)
+
+        def fails(*a):
+            raise RuntimeError("kernel failed")
+        monkeypatch.setattr(decode_moe, "_moe_decode", fails)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            decode_moe.held_decode_output(store, 0, model.cfg.expert_names, torch.randn(1, model.cfg.hidden_size),
+                                          torch.tensor([[0.5, 0.5]]), torch.tensor([[0, 1]]))
+        assert not any(store.arena.pinned(i) for i in range(store.arena.count))
+    finally:
+        store.close()
+
+
+# ---- the router's softmax top-k ------------------------------------------------------------------
+
+
+def _torch_route(logits: torch.Tensor, k: int, renorm: bool):
+    weights, experts = torch.topk(torch.softmax(logits, -1), k, dim=-1)
+    return (weights / weights.sum(-1, keepdim=True) if renorm else weights), experts
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(2, 160)),
+              elements=st.floats(-30, 30, width=32)), st.data(), st.booleans())
+def test_softmax_topk_chooses_and_weighs_as_torch(logits, data, renorm):
+    k = data.draw(st.integers(1, logits.shape[1]))
+    lg = torch.from_numpy(logits)
+    got_w, got_e = decode_ops.softmax_topk(lg, k, renorm)
+    want_w, want_e = _torch_route(lg, k, renorm)
+    assert got_w.dtype == torch.float32 and got_e.dtype == torch.int64 and got_e.shape == (logits.shape[0], k)
+    # the weights agree to float32 rounding; the choice wherever no two candidates' probabilities
+    # lie within that rounding of each other (near ties may order differently, equal ones go in
+    # index order here)
+    torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-7)
+    p = torch.softmax(lg, -1)
+    for r in range(logits.shape[0]):
+        ranked = torch.sort(p[r], descending=True).values
+        n = min(k, len(ranked) - 1)                      # the gaps between the chosen and past the last
+        if bool((ranked[:n] - ranked[1:n + 1] > 1e-5 * ranked[:n]).all()):
+            assert got_e[r].tolist() == want_e[r].tolist()
+        assert len(set(got_e[r].tolist())) == k
+        chosen = p[r][got_e[r]]
+        assert bool((chosen[:-1] >= chosen[1:] * (1 - 1e-5)).all())                  # largest first
+
+
+def test_softmax_topk_takes_equal_probabilities_in_index_order_and_leaves_the_rest_to_torch():
+    w, e = decode_ops.softmax_topk(torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]]), 2, True)
+    assert e.tolist() == [[1, 2]] and w.tolist() == [[0.5, 0.5]]
+    lg = torch.randn(2, 8)
+    assert decode_ops.softmax_topk(lg.half(), 2, True) is None
+    assert decode_ops.softmax_topk(lg.double(), 2, True) is None
+    assert decode_ops.softmax_topk(lg, 9, True) is None and decode_ops.softmax_topk(lg, 0, True) is None
+    assert decode_ops.softmax_topk(lg.reshape(2, 2, 4), 2, True) is None
+    assert decode_ops.softmax_topk(torch.randn(decode_ops.MAX_FUSED_ROWS + 1, 8), 2, True) is None
+    assert decode_ops.softmax_topk(lg.requires_grad_(), 2, True) is None
+    with torch.no_grad():
+        assert decode_ops.softmax_topk(lg, 2, True) is not None
