@@ -21,10 +21,11 @@ import collections
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from moestream.bench.decode import load_every_expert
-from moestream.compute import decode_layer, decode_ops, quant_kernels
+from moestream.compute import decode_layer, decode_moe, decode_ops, quant_kernels
 from moestream.compute.loader import load_model
 from moestream.compute.models import common
 
@@ -51,6 +52,7 @@ def main() -> None:
         setattr(owner, attr, wrapper)
     if a.stub_kernels:
         quant_kernels._moe_layer = lambda *args: None
+        decode_moe._moe_decode = lambda x_addr, x_bf16, hidden, *args: np.zeros((1, hidden), np.float32)
 
         def linear(x, kind, c, s, m, rows, group, out, pf):
             out.fill(0.01)           # finite: the routers' softmax and top-k see numbers
@@ -69,6 +71,7 @@ def main() -> None:
             shape = (args[5], args[0].shape[1])
             return f"kernel: linear {names.get(shape, '')}{list(shape)} (quant_kernels._linear)"
         timed(quant_kernels, "_moe_layer", "kernel: MoE layer (quant_kernels._moe_layer)")
+        timed(decode_moe, "_moe_decode", "kernel: MoE layer, decode (decode_moe._moe_decode)")
         timed(quant_kernels, "_linear", linear_key)
         timed(decode_ops, "_attend_one_bf16", "kernel: attention (decode_ops._attend_one_bf16)")
         timed(decode_ops, "_rms_norm_bf16", "kernel: RMSNorm (decode_ops._rms_norm_bf16)")
@@ -81,7 +84,8 @@ def main() -> None:
                              (common.Attention, "forward", "Attention.forward (modules)"),
                              (common.RMSNorm, "forward", "RMSNorm.forward (modules)"),
                              (common.StreamingMoE, "forward", "StreamingMoE.forward"),
-                             (common.StreamingMoE, "route", "StreamingMoE.route")):
+                             (common.StreamingMoE, "route", "StreamingMoE.route"),
+                             (common, "held_decode_output", "held_decode_output (decode, all in L1)")):
         timed(owner, attr, key)
     model = load_model(a.store, host_budget=0, device_budget="8GiB",
                        dense_quant=None if a.dense_quant == "none" else a.dense_quant)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import carray, njit
 
-from .decode_ops import _f32
+from .decode_ops import _bf16, _f32
 from .dequant import _PARALLEL_LOCK
 from .quant_kernels import (PREFETCH_BYTES, QUANT_KERNELS, _layer_group, _moe_layer, flush_cached_kernels_on_source_change,
                             held_layout, layouts_fit)
@@ -82,10 +82,12 @@ def _make_table(store, layer: int, names: tuple[str, str, str]) -> Optional[Expe
 
 
 @njit(cache=True, nogil=True)
-def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, inter, group, pf):
+def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, inter, group, pf, res_addr):
     # one token's routed experts (ids [K], their slots' addresses bases [K], routing weights [K],
     # any order) through _moe_layer in ascending expert order, its arguments made here rather than
-    # as numpy calls in Python; x [H] bf16 or float32 at x_addr. Returns the float32 sum [1, H].
+    # as numpy calls in Python; x [H] bf16 or float32 at x_addr. Returns the float32 sum [1, H];
+    # with a residual [H] of x's dtype at res_addr (not 0), residual + the sum rounded to x's
+    # dtype, added as torch adds two tensors of it (for bf16: in float32, rounded once).
     k = ids.shape[0]
     order = np.argsort(ids, kind="mergesort")
     x = np.empty((1, hidden), np.float32)
@@ -108,6 +110,13 @@ def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, int
             addrs[j, t // 3, t % 3] = 0 if o < 0 else bases[src] + o
     out = np.zeros((1, hidden), np.float32)
     _moe_layer(x, layer_kinds, addrs, np.arange(k + 1), np.zeros(k, np.int64), pair_weight, inter, group, out, pf)
+    if res_addr != 0:
+        if x_bf16:
+            res = carray(_u16_ptr(res_addr), hidden)
+            for i in range(hidden):
+                out[0, i] = _f32(_bf16(_f32(res[i]) + _f32(_bf16(out[0, i]))))
+        else:
+            out[0, :] += carray(_f32_ptr(res_addr), hidden)
     return out
 
 
@@ -115,14 +124,18 @@ flush_cached_kernels_on_source_change((_moe_decode,))
 
 
 def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.Tensor, weights: torch.Tensor,
-                       experts: torch.Tensor, then_prefetch: Optional[tuple[int, list[int]]] = None
-                       ) -> Optional[tuple[torch.Tensor, float]]:
+                       experts: torch.Tensor, then_prefetch: Optional[tuple[int, list[int]]] = None,
+                       residual: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, float]]:
     """routed_experts_output (models/common.py) for one decode token x [1, H] on the CPU whose
     routed experts [1, A] (weights [1, A]) L1 holds every one of: (the output [1, H] in x's
-    dtype, a new tensor; the seconds the kernel took). None where it does not apply (see the
-    module's docstring): then nothing was noted, held, counted or prefetched."""
+    dtype, a new tensor; the seconds the kernel took); with a `residual` (H values of x's dtype,
+    contiguous), residual + that output, as torch adds them. None where it does not apply (see
+    the module's docstring): then nothing was noted, held, counted or prefetched."""
     if (x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu" or x.dtype not in _X_DTYPES
             or not x.is_contiguous() or not getattr(store, "holds_by_address", False)):
+        return None
+    if residual is not None and (residual.numel() != x.shape[1] or residual.dtype != x.dtype
+                                 or residual.device.type != "cpu" or not residual.is_contiguous()):
         return None
     table = expert_table(store, layer, names)
     if table is None:
@@ -143,7 +156,7 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
         with _PARALLEL_LOCK:
             out = _moe_decode(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], table.kinds, table.offsets,
                               np.array(ids, np.int64), np.array(bases, np.int64), w, table.inter, table.group,
-                              PREFETCH_BYTES)
+                              PREFETCH_BYTES, 0 if residual is None else residual.data_ptr())
         seconds = time.perf_counter() - t0
     finally:
         store.release_slots(slots)

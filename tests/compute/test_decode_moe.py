@@ -118,8 +118,36 @@ def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
         want, _ = common.routed_experts_output(store, layer, names, torch.cat([xf, xf]), weights.repeat(2, 1),
                                                experts.repeat(2, 1))
         assert got.dtype == torch.float32 and torch.equal(got, want[:1])
+        # with a residual: residual + the output, added as torch adds them (bf16: rounded once)
+        for dtype in (torch.bfloat16, torch.float32):
+            xr, res = x.to(dtype), torch.randn(1, 1, hidden).to(dtype)
+            alone, _ = decode_moe.held_decode_output(store, layer, names, xr, weights, experts)
+            added, _ = decode_moe.held_decode_output(store, layer, names, xr, weights, experts, residual=res)
+            assert added.dtype == dtype and torch.equal(added.view(res.shape), res + alone.view(res.shape))
+        assert decode_moe.held_decode_output(store, layer, names, x, weights, experts,
+                                             residual=torch.randn(1, 1, hidden)) is None      # another dtype
+        assert not any(store.arena.pinned(i) for i in range(store.arena.count))
     finally:
         store.close()
+
+
+def test_a_hook_on_the_moe_sees_its_output_without_the_residual(tmp_path):
+    model = _model(tmp_path, "qwen3_moe", "int4")
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
+    seen = []
+    try:
+        want = _decode(model, ids, 8)
+        mlp = model.layers[0].mlp
+        handle = mlp.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out.clone())))
+        got = _decode(model, ids, 8)
+        handle.remove()
+        x, out = seen[-1]                                # the last decode step's MoE input and output
+        w, e = mlp.route(x)
+        alone, _ = common.routed_experts_output(model.store, mlp.layer, model.cfg.expert_names, x, w, e)
+    finally:
+        model.store.close()
+    assert torch.equal(got, want) and len(seen) == 1 + 4
+    assert out.shape == x.shape == (1, model.cfg.hidden_size) and torch.equal(out, alone)
 
 
 def test_a_kernel_failure_unpins_the_slots(tmp_path, monkeypatch):

@@ -353,29 +353,37 @@ class StreamingMoE(nn.Module):
         elif confident:
             self.store.prefetch(self.layer, confident)
 
-    def forward(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [N, H] -> the routed experts' weighted sum [N, H]; `logits` as in route."""
+    def forward(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, H] -> the routed experts' weighted sum [N, H]; `logits` as in route; with a
+        `residual` [N, H] (or any shape of N * H values), residual + that sum in its shape (a
+        decode step adds it in the kernel's call)."""
         weights, experts = self.route(x, logits)                                 # [N, A], [N, A]
         if self.recorder is not None:
             self.recorder.record(self.layer, experts, weights)
         then, self.prefetch_next = self.prefetch_next, None
         out, seconds = routed_experts_output(self.store, self.layer, self.cfg.expert_names, x, weights, experts,
-                                             then_prefetch=then)
+                                             then_prefetch=then, residual=residual)
         self.expert_seconds += seconds
         return out
 
 
 def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: torch.Tensor, weights: torch.Tensor,
-                          experts: torch.Tensor, then_prefetch: Optional[tuple[int, list[int]]] = None
-                          ) -> tuple[torch.Tensor, float]:
+                          experts: torch.Tensor, then_prefetch: Optional[tuple[int, list[int]]] = None,
+                          residual: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, float]:
     """The routed SwiGLU experts of `layer` on x [N, H]: sum over k of weights[:, k] *
     expert_k(x), the experts [N, A] fetched from `store` and computed in arrival order (names:
     the store's gate, up and down tensor names). Returns the output [N, H] in x's dtype (a new
     tensor) and the seconds spent computing (not waiting for reads). Shared by the native forward
-    and the vLLM plug (integrations/vllm.py). then_prefetch as in stream_experts."""
-    done = held_decode_output(store, layer, names, x, weights, experts, then_prefetch)   # decode, all in L1
+    and the vLLM plug (integrations/vllm.py). then_prefetch as in stream_experts. With a
+    `residual` (N * H values of x's dtype), the output is residual + the experts' sum, in the
+    residual's shape."""
+    done = held_decode_output(store, layer, names, x, weights, experts, then_prefetch, residual)  # decode, all in L1
     if done is not None:
-        return done
+        return (done[0] if residual is None else done[0].view(residual.shape)), done[1]
+    if residual is not None:
+        out, seconds = routed_experts_output(store, layer, names, x, weights, experts, then_prefetch)
+        return residual + out.view(residual.shape), seconds
     gate_name, up_name, down_name = names
     weights = weights.to(x.dtype)                                                # [N, A]
     # both made on first use: at decode the layer kernel takes every expert, and its float32 sum
@@ -560,8 +568,11 @@ class DecoderLayer(nn.Module):
                                        self.mlp if isinstance(self.mlp, StreamingMoE) else None)
         if normed is None:
             normed = self.post_attention_layernorm(h).reshape(b * t, hidden)    # [N, H]
-        out = self.mlp(normed) if logits is None else self.mlp(normed, logits)
-        return h + out.view(b, t, hidden)
+        if logits is None:
+            return h + self.mlp(normed).view(b, t, hidden)
+        if _hooked([self.mlp]):            # a hook sees the MoE's own output, without the residual
+            return h + self.mlp(normed, logits).view(b, t, hidden)
+        return self.mlp(normed, logits, residual=h)                              # [1, 1, H]
 
     def forward_ragged(self, x: torch.Tensor, ropes: list, caches: list[KVCache], starts: list[int]) -> torch.Tensor:
         """One decode token for each of B sequences of different lengths, x [B, 1, H]: attention

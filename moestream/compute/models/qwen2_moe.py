@@ -17,9 +17,11 @@ class SharedExpertMoE(StreamingMoE):
         self.shared_expert = DenseMLP(cfg.hidden_size, shared_intermediate)
         self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
-    def forward(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None) -> torch.Tensor:   # x [N, H]
+    def forward(self, x: torch.Tensor, logits: Optional[torch.Tensor] = None,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:   # x [N, H]
         routed = super().forward(x, logits)
-        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        out = routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out if residual is None else residual + out.view(residual.shape)
 
 
 def build(cfg: ModelConfig, store, hf: dict) -> CausalLM:
