@@ -14,7 +14,11 @@ compare_trees runs those.) With --fused-ab, one process alternates the fused dec
 (compute/decode_layer.py) on and off generation by generation, ABBA, and prints both medians:
 paired under the same load, which drifts on a shared machine more than the difference.
 
-    .venv/bin/python bench/resident_token.py STORE --runs 20 --fused-ab"""
+    .venv/bin/python bench/resident_token.py STORE --runs 20 --fused-ab
+
+--moe-ab does the same for a decode token's routed experts: on, the one native call of
+compute/decode_moe.py (every routed expert in L1) and the router's top-k in one call
+(decode_ops.softmax_topk); off, the general path (stream_experts) and torch's softmax and top-k."""
 from __future__ import annotations
 
 import argparse
@@ -31,33 +35,39 @@ def main() -> None:
     p.add_argument("store")
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--fused-ab", action="store_true", help="alternate the fused decode calls on and off")
+    p.add_argument("--moe-ab", action="store_true", help="alternate the one-call decode MoE on and off")
     a = p.parse_args()
     model = load_model(a.store, host_budget=0, device_budget="8GiB")
     try:
         load_every_expert(model.store)
         ids = torch.arange(3, 11).reshape(1, 8)
         model.generate(ids, 16)                 # compile and warm
-        if not a.fused_ab:
+        if not (a.fused_ab or a.moe_ab):
             ms = [token_ms(model, ids) for _ in range(a.runs)]
             print(f"{statistics.median(ms):.3f} ms a decode token (median of {a.runs}; {min(ms):.3f}-{max(ms):.3f})")
             return
-        from moestream.compute.models.common import CausalLM, DecoderLayer
-        fused = DecoderLayer.attention_half, CausalLM._fused_head
-        ms = {"fused": [], "modules": []}
+        from moestream.compute import decode_ops
+        from moestream.compute.models import common
+        # (owner, attribute) switched off by a stand-in that declines, as each does where it does not apply
+        switched = ([(common.DecoderLayer, "attention_half"), (common.CausalLM, "_fused_head")] if a.fused_ab else
+                    [(common, "held_decode_output"), (decode_ops, "softmax_topk")])
+        on_name, off_name = ("fused", "modules") if a.fused_ab else ("one call", "general")
+        real = [getattr(owner, attr) for owner, attr in switched]
+        ms = {on_name: [], off_name: []}
         try:
             for r in range(a.runs):
-                for mode in ("fused", "modules") if r % 2 == 0 else ("modules", "fused"):
-                    on = mode == "fused"
-                    DecoderLayer.attention_half = fused[0] if on else (lambda *args: None)
-                    CausalLM._fused_head = fused[1] if on else (lambda *args: None)
+                for mode in (on_name, off_name) if r % 2 == 0 else (off_name, on_name):
+                    for (owner, attr), f in zip(switched, real):
+                        setattr(owner, attr, f if mode == on_name else (lambda *args, **kw: None))
                     ms[mode].append(token_ms(model, ids))
         finally:
-            DecoderLayer.attention_half, CausalLM._fused_head = fused
+            for (owner, attr), f in zip(switched, real):
+                setattr(owner, attr, f)
         for mode, v in ms.items():
             print(f"{mode:8s} {statistics.median(v):.3f} ms a decode token (median of {a.runs}; {min(v):.3f}-{max(v):.3f})")
-        wins = sum(f < m for f, m in zip(ms["fused"], ms["modules"]))
-        print(f"modules / fused: {statistics.median(ms['modules']) / statistics.median(ms['fused']):.3f} "
-              f"(fused faster in {wins} of {a.runs} pairs)")
+        wins = sum(f < m for f, m in zip(ms[on_name], ms[off_name]))
+        print(f"{off_name} / {on_name}: {statistics.median(ms[off_name]) / statistics.median(ms[on_name]):.3f} "
+              f"({on_name} faster in {wins} of {a.runs} pairs)")
     finally:
         model.store.close()
 
