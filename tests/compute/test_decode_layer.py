@@ -10,28 +10,13 @@ import torch
 from moestream.compute import decode_layer, decode_ops
 from moestream.compute.models.common import CausalLM, DecoderLayer
 
-
-def _model(tmp_path, family: str, quant: str):
-    import moestream
-    from moestream.compute import load_model
-    from moestream.demo import build_checkpoint
-    ckpt = build_checkpoint(family, tmp_path / "ckpt", seed=5, dtype="bfloat16", with_tokenizer=False)
-    return load_model(moestream.convert(ckpt, tmp_path / "store", quant=quant, progress=False), host_budget=0)
-
-
-def _decode(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Next-token logits of a 4-token prefill, then of each decode step up to `steps` positions."""
-    cache = model.new_cache(steps + 8)
-    with torch.no_grad():
-        out = [model(ids[:, :4], cache, 0)[:, -1]]
-        out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
-    return torch.stack(out)
+from .decode_steps import decode_logits, small_model
 
 
 @pytest.mark.parametrize("family,quant", [("qwen3_moe", "keep"), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"),
                                           ("mixtral", "int4"), ("mixtral", "keep")])
 def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path, monkeypatch, family, quant):
-    model = _model(tmp_path, family, quant)
+    model = small_model(tmp_path, family, quant)
     monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)      # both branches within 24 positions
     ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     fused, fused_head, taken, heads = decode_layer.attention_half, decode_layer.head, [], []
@@ -49,12 +34,12 @@ def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path,
         assert model.embed_tokens.weight.dtype == torch.bfloat16
         monkeypatch.setattr(DecoderLayer, "attention_half", lambda *a: None)
         monkeypatch.setattr(CausalLM, "_fused_head", lambda *a: None)
-        want = _decode(model, ids, 24)
+        want = decode_logits(model, ids, 24)
         monkeypatch.undo()
         monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)
         monkeypatch.setattr(decode_layer, "attention_half", counted)
         monkeypatch.setattr(decode_layer, "head", counted_head)
-        got = _decode(model, ids, 24)
+        got = decode_logits(model, ids, 24)
     finally:
         model.store.close()
     # every decode step of every layer took the fused calls (the prefill did not)
@@ -66,7 +51,7 @@ def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path,
 def _first_layer(tmp_path, quant: str, pos: int):
     """A Qwen3-MoE store's model, its first layer, an 8-position KV cache, the rope of `pos` and a
     decode token's hidden state."""
-    model = _model(tmp_path, "qwen3_moe", quant)
+    model = small_model(tmp_path, "qwen3_moe", quant)
     x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
     return model, model.layers[0], model.new_cache(8), model.rotary.at(pos, torch.bfloat16), x
 
@@ -120,7 +105,7 @@ def test_the_plan_follows_a_moved_weight(tmp_path):
 
 
 def test_the_fused_head_leaves_a_hooked_or_batched_model_to_the_modules(tmp_path):
-    model = _model(tmp_path, "qwen3_moe", "int4")
+    model = small_model(tmp_path, "qwen3_moe", "int4")
     x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
     try:
         with torch.no_grad():

@@ -14,23 +14,7 @@ from hypothesis.extra.numpy import arrays
 from moestream.compute import decode_moe, decode_ops
 from moestream.compute.models import common
 
-
-def _model(tmp_path, family: str, quant: str, **budget):
-    import moestream
-    from moestream.compute import load_model
-    from moestream.demo import build_checkpoint
-    ckpt = build_checkpoint(family, tmp_path / "ckpt", seed=5, dtype="bfloat16", with_tokenizer=False)
-    return load_model(moestream.convert(ckpt, tmp_path / "store", quant=quant, progress=False), host_budget=0,
-                      **budget)
-
-
-def _decode(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Next-token logits of a 4-token prefill, then of each decode step up to `steps` positions."""
-    cache = model.new_cache(steps + 8)
-    with torch.no_grad():
-        out = [model(ids[:, :4], cache, 0)[:, -1]]
-        out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
-    return torch.stack(out)
+from .decode_steps import decode_logits, small_model
 
 
 def _counting(monkeypatch) -> list:
@@ -47,18 +31,18 @@ def _general_only(monkeypatch) -> None:
                                           ("mixtral", "int4"), ("mixtral", "keep")])
 def test_resident_decode_takes_one_call_a_layer_with_the_general_paths_logits_and_counts(tmp_path, monkeypatch,
                                                                                          family, quant):
-    model = _model(tmp_path, family, quant)
+    model = small_model(tmp_path, family, quant)
     ids = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     try:
-        _decode(model, ids, 16)                   # every expert the steps route to lands in L1
+        decode_logits(model, ids, 16)                   # every expert the steps route to lands in L1
         with monkeypatch.context() as m:
             _general_only(m)
             before = model.store.stats()
-            want = _decode(model, ids, 16)
+            want = decode_logits(model, ids, 16)
             general = {k: model.store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
         calls = _counting(monkeypatch)
         before = model.store.stats()
-        got = _decode(model, ids, 16)
+        got = decode_logits(model, ids, 16)
         fast = {k: model.store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
         assert not any(model.store.arena.pinned(i) for i in range(model.store.arena.count))
     finally:
@@ -70,20 +54,20 @@ def test_resident_decode_takes_one_call_a_layer_with_the_general_paths_logits_an
 
 
 def test_a_miss_leaves_the_step_to_the_general_path_with_nothing_counted_twice(tmp_path, monkeypatch):
-    probe = _model(tmp_path / "probe", "qwen3_moe", "int4")
+    probe = small_model(tmp_path / "probe", "qwen3_moe", "int4")
     slot = probe.store.arena.slot_size
     probe.store.close()
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(3))
     runs = {}
     for name in ("general", "fast"):
         # four slots for a layer's eight experts (top-2 of two layers): hits and misses mixed
-        model = _model(tmp_path / name, "qwen3_moe", "int4", device_budget=4 * slot)
+        model = small_model(tmp_path / name, "qwen3_moe", "int4", device_budget=4 * slot)
         try:
             with monkeypatch.context() as m:
                 if name == "general":
                     _general_only(m)
                 calls = _counting(m)
-                logits = _decode(model, ids % model.cfg.vocab_size, 24)
+                logits = decode_logits(model, ids % model.cfg.vocab_size, 24)
             stats = model.store.stats()
             runs[name] = logits, calls, {k: stats[k] for k in ("requests", "hits_l1", "misses")}
         finally:
@@ -95,7 +79,7 @@ def test_a_miss_leaves_the_step_to_the_general_path_with_nothing_counted_twice(t
 
 
 def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
-    model = _model(tmp_path, "qwen3_moe", "int4")
+    model = small_model(tmp_path, "qwen3_moe", "int4")
     store, layer = model.store, 0
     names, hidden = model.cfg.expert_names, model.cfg.hidden_size
     try:
@@ -132,14 +116,14 @@ def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
 
 
 def test_a_hook_on_the_moe_sees_its_output_without_the_residual(tmp_path):
-    model = _model(tmp_path, "qwen3_moe", "int4")
+    model = small_model(tmp_path, "qwen3_moe", "int4")
     ids = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
     seen = []
     try:
-        want = _decode(model, ids, 8)
+        want = decode_logits(model, ids, 8)
         mlp = model.layers[0].mlp
         handle = mlp.register_forward_hook(lambda m, args, out: seen.append((args[0].clone(), out.clone())))
-        got = _decode(model, ids, 8)
+        got = decode_logits(model, ids, 8)
         handle.remove()
         x, out = seen[-1]                                # the last decode step's MoE input and output
         w, e = mlp.route(x)
@@ -151,7 +135,7 @@ def test_a_hook_on_the_moe_sees_its_output_without_the_residual(tmp_path):
 
 
 def test_a_kernel_failure_unpins_the_slots(tmp_path, monkeypatch):
-    model = _model(tmp_path, "qwen3_moe", "int4")
+    model = small_model(tmp_path, "qwen3_moe", "int4")
     store = model.store
     try:
         for e in range(model.cfg.num_experts):
