@@ -236,3 +236,35 @@ def head(plan: BlockPlan, x: torch.Tensor) -> Optional[torch.Tensor]:
     with _PARALLEL_LOCK:
         _head(plan.fields, x.data_ptr(), plan.eps, logits)
     return torch.from_numpy(logits).view(1, 1, plan.experts)
+
+
+def warm_up() -> None:
+    """Have Numba load the fused calls' machine code (from its cache, or compile it) now, with a
+    layer of zeros one attention head and one 64-wide group across, rather than inside the first
+    decode token, as llama.cpp runs a warm-up decode at load: on the development machine the
+    first decode step of a 2-layer model took ~35 ms more than the next ones, most of it these
+    loads. Once a process."""
+    global _kernels_warm
+    if _kernels_warm:
+        return
+    from .quant_kernels import plan_linear
+    width, dim = 64, 64
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.bfloat16)
+    weights = {"qkv": zeros(3 * dim, width), "o": zeros(width, dim), "gate": zeros(8, width),
+               "norm": zeros(width), "head_norm": zeros(dim)}
+    plans = {name: plan_linear(weights[name]) for name in ("qkv", "o", "gate")}
+    plan = block_plan((), hidden=width, heads=1, kv_heads=1, dim=dim, eps=1e-6, qkv=plans["qkv"], o=plans["o"],
+                      gate=plans["gate"], in_norm=weights["norm"], post_norm=weights["norm"],
+                      q_norm=weights["head_norm"], k_norm=weights["head_norm"])
+    cache_k, cache_v = zeros(1, 1, decode_ops.MAX_ATTENDED_POSITIONS + 1, dim), \
+        zeros(1, 1, decode_ops.MAX_ATTENDED_POSITIONS + 1, dim)
+    x, rope = zeros(1, 1, width), zeros(1, dim)
+    for pos in (0, decode_ops.MAX_ATTENDED_POSITIONS):      # both branches: the kernel's attention, SDPA
+        attention_half(plan, x, rope, rope, cache_k, cache_v, pos)
+    head(head_plan((), norm=weights["norm"], eps=1e-6, lm_head=plans["gate"]), x)
+    _kernels_warm = True
+
+
+_kernels_warm = False

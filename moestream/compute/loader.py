@@ -11,6 +11,7 @@ from ..formats.families import FAMILIES, check_config
 from ..formats.codecs import TORCH_DTYPES
 from ..formats.constants import FLOAT8_QUANTS, INT_QUANTS, MIXED_QUANT
 from ..storage.store import Store, parse_device
+from . import decode_layer, decode_moe
 from .dequant import dequantize, store_dequant
 from .models import mixtral, olmoe, qwen2_moe, qwen3_moe
 from .models.common import Attention, CausalLM, ModelConfig, Rotary, StreamingMoE
@@ -125,6 +126,11 @@ def load_model(path: str | os.PathLike, *, device: str = "cpu", device_budget: i
             given = isinstance(predictor, NextLayerProbes)
             probes = predictor if given else NextLayerProbes.load(predictor)
             model.use_probes(probes, "predictor" if given else f"{predictor}: does not fit {path}")
+        if dev.type == "cpu":
+            # the decode kernels' machine code and the experts' layouts now, not in the first token
+            decode_moe.warm_up(store, sorted(model.moe_layers()), cfg.expert_names)
+            if dtype == torch.bfloat16:
+                decode_layer.warm_up()
         trim_heap()
         return model.eval()
     except BaseException:

@@ -196,3 +196,17 @@ def test_softmax_topk_takes_equal_probabilities_in_index_order_and_leaves_the_re
     assert decode_ops.softmax_topk(lg.requires_grad_(), 2, True) is None
     with torch.no_grad():
         assert decode_ops.softmax_topk(lg, 2, True) is not None
+
+
+def test_loading_a_cpu_model_warms_the_decode_kernels_and_lays_out_every_layer_without_reading(tmp_path):
+    from moestream.compute import decode_layer
+    model = small_model(tmp_path, "qwen3_moe", "int4")
+    try:
+        stats = model.store.stats()
+        assert decode_moe._kernel_warm and decode_layer._kernels_warm
+        tables = decode_moe._TABLES[model.store]
+        assert sorted(layer for layer, _ in tables) == sorted(model.moe_layers())
+        assert all(t is not None and t.offsets.shape == (model.cfg.num_experts, 9) for t in tables.values())
+        assert stats["requests"] == stats["reads"] == 0
+    finally:
+        model.store.close()
