@@ -181,7 +181,7 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
             store.prefetch(*then_prefetch)
         COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
         t0 = time.perf_counter()
-        w = weights.to(x.dtype)[0].float().numpy()      # rounded to x's dtype, as the general path weighs
+        w = weights.detach().to(x.dtype)[0].float().numpy()   # rounded to x's dtype, as the general path weighs
         with _PARALLEL_LOCK:
             out = _moe_decode(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], table.kinds, table.offsets,
                               np.array(ids, np.int64), np.array(bases, np.int64), w, table.inter, table.group,

@@ -115,6 +115,25 @@ def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
         store.close()
 
 
+def test_a_decode_step_with_autograd_on_takes_the_modules_and_the_one_call_alike(tmp_path, monkeypatch):
+    model = small_model(tmp_path, "qwen3_moe", "int4")
+    calls = _counting(monkeypatch)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(6))
+    try:
+        want = decode_logits(model, ids, 6)
+        cache = model.new_cache(8)
+        with torch.no_grad():
+            model(ids[:, :4], cache, 0)
+        calls.clear()
+        got = torch.stack([model(ids[:, p:p + 1], cache, p)[:, -1] for p in (4, 5)])   # autograd on
+    finally:
+        model.store.close()
+    assert calls == [model.cfg.top_k] * (2 * model.cfg.num_layers)
+    # the router's weights require grad there: the one call reads them detached (no error); the
+    # fused attention half leaves such steps to the modules, whose rounding it matches
+    torch.testing.assert_close(got.detach(), want[1:], rtol=0, atol=0)
+
+
 def test_a_hook_on_the_moe_sees_its_output_without_the_residual(tmp_path):
     model = small_model(tmp_path, "qwen3_moe", "int4")
     ids = torch.randint(0, model.cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(4))
