@@ -51,6 +51,8 @@ class ExpertTable:
 #: store -> {(layer, names): ExpertTable, or None where the kernel cannot take the layer's experts
 #: in place}: a store's index and its keep_quantized are fixed for its life
 _TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+#: (a weak reference to the store expert_table was last asked for, its tables)
+_last: tuple = (lambda: None, {})
 
 
 def expert_table(store, layer: int, names: tuple[str, str, str]) -> Optional[ExpertTable]:
@@ -58,7 +60,11 @@ def expert_table(store, layer: int, names: tuple[str, str, str]) -> Optional[Exp
     on first use; None unless every expert of the layer is one layout the kernel reads in place
     (held_layout), all of them fit one call (layouts_fit) and a decode token's single row is
     below their types' gemm_rows."""
-    tables = _TABLES.setdefault(store, {})
+    global _last
+    last, tables = _last
+    if last() is not store:     # a decode step asks per layer: the WeakKeyDictionary's lookup makes a weakref
+        tables = _TABLES.setdefault(store, {})
+        _last = weakref.ref(store), tables
     key = (layer, names)
     if key not in tables:
         tables[key] = _make_table(store, layer, names)
@@ -82,10 +88,11 @@ def _make_table(store, layer: int, names: tuple[str, str, str]) -> Optional[Expe
 
 
 @njit(cache=True, nogil=True)
-def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, inter, group, pf, res_addr):
-    # one token's routed experts (ids [K], their slots' addresses bases [K], routing weights [K],
-    # any order) through _moe_layer in ascending expert order, its arguments made here rather than
-    # as numpy calls in Python; x [H] bf16 or float32 at x_addr. Returns the float32 sum [1, H];
+def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, w_addr, w_bf16, inter, group, pf, res_addr):
+    # one token's routed experts (ids [K], their slots' addresses bases [K], any order) through
+    # _moe_layer in ascending expert order, its arguments made here rather than as numpy and torch
+    # calls in Python; x [H] bf16 or float32 at x_addr; the routing weights [K] bf16 or float32 at
+    # w_addr, rounded to x's dtype as the general path rounds them. Returns the float32 sum [1, H];
     # with a residual [H] of x's dtype at res_addr (not 0), residual + the sum rounded to x's
     # dtype, added as torch adds two tensors of it (for bf16: in float32, rounded once).
     k = ids.shape[0]
@@ -104,7 +111,12 @@ def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, int
         src = order[j]
         e = ids[src]
         layer_kinds[j] = kinds[e]
-        pair_weight[j] = weights[src]
+        if w_bf16:
+            pair_weight[j] = _f32(carray(_u16_ptr(w_addr), k)[src])
+        elif x_bf16:
+            pair_weight[j] = _f32(_bf16(carray(_f32_ptr(w_addr), k)[src]))
+        else:
+            pair_weight[j] = carray(_f32_ptr(w_addr), k)[src]
         for t in range(9):
             o = offsets[e, t]
             addrs[j, t // 3, t % 3] = 0 if o < 0 else bases[src] + o
@@ -144,8 +156,8 @@ def warm_up(store, layers: list[int], names: tuple[str, str, str]) -> None:
     offsets = np.array([[0, -1, -1, step, -1, -1, 2 * step, -1, -1]], np.int64)
     with _PARALLEL_LOCK:
         _moe_decode(x.ctypes.data, True, width, np.array([QUANT_KERNELS["bf16"].code], np.int64), offsets,
-                    np.zeros(1, np.int64), np.array([planes.ctypes.data], np.int64), np.ones(1, np.float32),
-                    width, width, PREFETCH_BYTES, 0)
+                    np.zeros(1, np.int64), np.array([planes.ctypes.data], np.int64), np.ones(1, np.float32).ctypes.data,
+                    False, width, width, PREFETCH_BYTES, 0)
     _kernel_warm = True
 
 
@@ -169,6 +181,8 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
     table = expert_table(store, layer, names)
     if table is None:
         return None
+    if experts.dim() != 2 or experts.shape[0] != 1 or weights.shape != experts.shape or weights.device.type != "cpu":
+        return None
     ids = experts[0].tolist()
     if len(set(ids)) != len(ids) or not 0 <= min(ids) <= max(ids) < len(table.kinds):
         return None
@@ -181,11 +195,13 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
             store.prefetch(*then_prefetch)
         COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
         t0 = time.perf_counter()
-        w = weights.detach().to(x.dtype)[0].float().numpy()   # rounded to x's dtype, as the general path weighs
+        if weights.dtype not in _X_DTYPES or not weights.is_contiguous():
+            weights = weights.detach().to(x.dtype).float().contiguous()        # read as float32 below
         with _PARALLEL_LOCK:
             out = _moe_decode(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], table.kinds, table.offsets,
-                              np.array(ids, np.int64), np.array(bases, np.int64), w, table.inter, table.group,
-                              PREFETCH_BYTES, 0 if residual is None else residual.data_ptr())
+                              np.array(ids, np.int64), np.array(bases, np.int64), weights.data_ptr(),
+                              weights.dtype == torch.bfloat16, table.inter, table.group, PREFETCH_BYTES,
+                              0 if residual is None else residual.data_ptr())
         seconds = time.perf_counter() - t0
     finally:
         store.release_slots(slots)

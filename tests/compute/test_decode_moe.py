@@ -95,6 +95,14 @@ def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
         assert decode_moe.held_decode_output(store, layer, names, x, weights, torch.tensor([[3, 3]])) is None
         assert decode_moe.held_decode_output(store, layer, names, x, weights, torch.tensor([[3, 8]])) is None
         assert decode_moe.held_decode_output(store, layer, ("gate", "up", "nope"), x, weights, experts) is None
+        assert decode_moe.held_decode_output(store, layer, names, x, weights[:, :1], experts) is None
+        assert decode_moe.held_decode_output(store, layer, names, x, weights[0], experts[0]) is None
+        # weights of another dtype or layout are rounded as the general path rounds them
+        for w in (torch.tensor([[0.7, 0.3]]), torch.tensor([[0.7, 0.3]]).half(), torch.tensor([[0.3, 0.7]]).flip(1)):
+            got, _ = decode_moe.held_decode_output(store, layer, names, x, w, experts)
+            want, _ = common.routed_experts_output(store, layer, names, torch.cat([x, x]), w.repeat(2, 1),
+                                                   experts.repeat(2, 1))
+            assert torch.equal(got, want[:1])
         assert not any(store.arena.pinned(i) for i in range(store.arena.count))
         # a float32 token gives the general path's float32 output
         xf = x.float()
