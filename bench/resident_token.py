@@ -18,11 +18,16 @@ paired under the same load, which drifts on a shared machine more than the diffe
 
 --moe-ab does the same for a decode token's routed experts: on, the one native call of
 compute/decode_moe.py (every routed expert in L1) and the router's top-k in one call
-(decode_ops.softmax_topk); off, the general path (stream_experts) and torch's softmax and top-k."""
+(decode_ops.softmax_topk); off, the general path (stream_experts) and torch's softmax and top-k.
+
+--first-steps N times, right after load_model and an 8-token prefill, the first N decode steps
+one by one (ms each): what loading the kernels' machine code costs the first token where
+load_model does not warm them (two trees taking turns, as above)."""
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -36,11 +41,15 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--fused-ab", action="store_true", help="alternate the fused decode calls on and off")
     p.add_argument("--moe-ab", action="store_true", help="alternate the one-call decode MoE on and off")
+    p.add_argument("--first-steps", type=int, default=0, help="time the first N decode steps after load instead")
     a = p.parse_args()
     model = load_model(a.store, host_budget=0, device_budget="8GiB")
     try:
         load_every_expert(model.store)
         ids = torch.arange(3, 11).reshape(1, 8)
+        if a.first_steps:
+            print(first_steps(model, ids, a.first_steps))
+            return
         model.generate(ids, 16)                 # compile and warm
         if not (a.fused_ab or a.moe_ab):
             ms = [token_ms(model, ids) for _ in range(a.runs)]
@@ -70,6 +79,20 @@ def main() -> None:
               f"({on_name} faster in {wins} of {a.runs} pairs)")
     finally:
         model.store.close()
+
+
+def first_steps(model, ids: torch.Tensor, n: int) -> str:
+    """The prefill of `ids` and then n single-token decode steps, each timed, in a fresh model."""
+    cache = model.new_cache(ids.shape[1] + n)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(ids, cache, 0)
+        prefill, steps = time.perf_counter() - t0, []
+        for pos in range(ids.shape[1], ids.shape[1] + n):
+            t0 = time.perf_counter()
+            model(ids[:, :1], cache, pos)
+            steps.append(time.perf_counter() - t0)
+    return f"prefill {prefill * 1e3:.1f} ms; decode steps " + " ".join(f"{s * 1e3:.1f}" for s in steps)
 
 
 def token_ms(model, ids: torch.Tensor) -> float:
