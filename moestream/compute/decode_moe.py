@@ -74,7 +74,9 @@ def expert_table(store, layer: int, names: tuple[str, str, str]) -> Optional[Exp
 def _make_table(store, layer: int, names: tuple[str, str, str]) -> Optional[ExpertTable]:
     found = []
     for e in range(store.reader.experts_per_layer):
-        region = store.reader.extent(layer, e)
+        region = store.index.extents.get((layer, e))
+        if region is None:          # not one of the store's MoE layers: the general path says so when asked
+            return None
         held = held_layout(region, store.holds_quantized(region), names)
         if held is None or QUANT_KERNELS[held[0][0]].gemm_rows <= 1:
             return None

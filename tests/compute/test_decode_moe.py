@@ -95,6 +95,7 @@ def test_the_one_call_leaves_what_it_cannot_take_to_the_general_path(tmp_path):
         assert decode_moe.held_decode_output(store, layer, names, x, weights, torch.tensor([[3, 3]])) is None
         assert decode_moe.held_decode_output(store, layer, names, x, weights, torch.tensor([[3, 8]])) is None
         assert decode_moe.held_decode_output(store, layer, ("gate", "up", "nope"), x, weights, experts) is None
+        assert decode_moe.held_decode_output(store, 99, names, x, weights, experts) is None      # no such layer
         assert decode_moe.held_decode_output(store, layer, names, x, weights[:, :1], experts) is None
         assert decode_moe.held_decode_output(store, layer, names, x, weights[0], experts[0]) is None
         # weights of another dtype or layout are rounded as the general path rounds them
