@@ -399,11 +399,7 @@ class Store:
                 layout = True if wanted is None else wanted(key[1], region, quantized)
                 if layout:
                     found[key] = region, quantized, layout
-            # one lock each for the accesses (counted as a fetch's hits are) and the pins
-            slots = self.l1.get_many(list(found))
-            self.arena.pin_many(slots)
-            for key in found:
-                self._note_prefetch_use(key)
+            slots = self._pin_hits_locked(list(found))
         held = {key[1]: HeldExpert(slot, self.arena.slot_addr(slot), *found[key])
                 for key, slot in zip(found, slots)}
         if held:
@@ -460,13 +456,19 @@ class Store:
             if any(peek(key) is None for key in keys):
                 return None
             wrong = self._note_routing_locked(layer, frozenset(e for _, e in keys))
-            slots = self.l1.get_many(keys)
-            self.arena.pin_many(slots)
-            if self._prefetched_unused:
-                for key in keys:
-                    self._note_prefetch_use(key)
+            slots = self._pin_hits_locked(keys)
         self.stats_.add(prefetch_cancelled=wrong, requests=len(keys), hits_l1=len(keys))
         return slots, [self.arena.slot_addr(s) for s in slots]
+
+    def _pin_hits_locked(self, keys: list[Key]) -> list[int]:
+        # hold_hits' and hold_routed's: the L1 slots of `keys` (all held), each access counted by
+        # the policy under one lock and each slot pinned under another; with self._cv held
+        slots = self.l1.get_many(keys)
+        self.arena.pin_many(slots)
+        if self._prefetched_unused:
+            for key in keys:
+                self._note_prefetch_use(key)
+        return slots
 
     def release_slots(self, slots: list[int]) -> None:
         """Unpin the slots hold_routed pinned."""

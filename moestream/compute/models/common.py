@@ -381,9 +381,6 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
     done = held_decode_output(store, layer, names, x, weights, experts, then_prefetch, residual)  # decode, all in L1
     if done is not None:
         return (done[0] if residual is None else done[0].view(residual.shape)), done[1]
-    if residual is not None:
-        out, seconds = routed_experts_output(store, layer, names, x, weights, experts, then_prefetch)
-        return residual + out.view(residual.shape), seconds
     gate_name, up_name, down_name = names
     weights = weights.to(x.dtype)                                                # [N, A]
     # both made on first use: at decode the layer kernel takes every expert, and its float32 sum
@@ -457,8 +454,10 @@ def routed_experts_output(store, layer: int, names: tuple[str, str, str], x: tor
     stream_experts(store, layer, route_on_host(experts), compute_batch=compute_batch, then_prefetch=then_prefetch,
                    takes_held=takes_held if x.device.type == "cpu" else None)
     if not outs:
-        return (acc[0].to(x.dtype) if acc else torch.zeros_like(x)), seconds
-    return (outs[0].add_(acc[0].to(x.dtype)) if acc else outs[0]), seconds
+        out = acc[0].to(x.dtype) if acc else torch.zeros_like(x)
+    else:
+        out = outs[0].add_(acc[0].to(x.dtype)) if acc else outs[0]
+    return (out if residual is None else residual + out.view(residual.shape)), seconds
 
 
 def route_on_host(experts: torch.Tensor) -> dict[int, tuple[list[int], list[int]]]:
