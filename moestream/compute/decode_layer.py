@@ -35,7 +35,7 @@ from numba import carray, njit
 from . import decode_ops
 from .decode_ops import _attend_one_bf16, _bf16, _f32, _norm_row
 from .dequant import _PARALLEL_LOCK
-from .quant_kernels import PREFETCH_BYTES, LinearPlan, _linear, flush_cached_kernels_on_source_change
+from .quant_kernels import CALLS_PARALLEL, PREFETCH_BYTES, LinearPlan, _linear, flush_cached_kernels_on_source_change
 from .row_dots import _u16_ptr
 
 # the fields of a BlockPlan's array (int64): sizes, then (code, codes, scales, mins, group) of each
@@ -70,7 +70,7 @@ def _logits(p, xn, logits):
         logits[i] = _f32(lg[i])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=CALLS_PARALLEL)
 def _attention_in(p, x_addr, eps, cos_addr, sin_addr, kc_addr, vc_addr, max_len, pos, attend, out_addr):
     # input norm, q/k/v, head norms, rotary, cache write and (attend) attention -> out [heads*D]
     # bf16; without `attend`, out holds the normed, rotated query heads for torch's SDPA
@@ -85,7 +85,7 @@ def _attention_in(p, x_addr, eps, cos_addr, sin_addr, kc_addr, vc_addr, max_len,
                      eps, cos_addr, sin_addr, kc_addr, vc_addr, max_len, pos, out_addr, attend)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=CALLS_PARALLEL)
 def _attention_out(p, x_addr, attn_addr, eps, h_addr, xn_addr, logits):
     # o projection of the attention output, h = x + o (bf16), xn = post-norm(h), and the router's
     # logits of xn rounded to bf16 (as float32), where the plan has a router
@@ -102,7 +102,7 @@ def _attention_out(p, x_addr, attn_addr, eps, h_addr, xn_addr, logits):
         _logits(p, xn, logits)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=CALLS_PARALLEL)
 def _attention_block(p, x_addr, eps, cos_addr, sin_addr, kc_addr, vc_addr, max_len, pos, h_addr, xn_addr,
                      logits):
     attn = np.empty(p[_HEADS] * p[_DIM], np.uint16)
@@ -110,7 +110,7 @@ def _attention_block(p, x_addr, eps, cos_addr, sin_addr, kc_addr, vc_addr, max_l
     _attention_out(p, x_addr, attn.ctypes.data, eps, h_addr, xn_addr, logits)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=CALLS_PARALLEL)
 def _head(p, x_addr, eps, logits):
     # the final norm of x and the lm_head's logits of it, rounded to bf16 (as float32): the plan's
     # router fields hold the lm_head, its post-norm field the final norm

@@ -30,7 +30,7 @@ from numba import carray, njit
 
 from .decode_ops import _bf16, _f32
 from .dequant import _PARALLEL_LOCK
-from .quant_kernels import (PREFETCH_BYTES, QUANT_KERNELS, _layer_group, _moe_layer, flush_cached_kernels_on_source_change,
+from .quant_kernels import (CALLS_PARALLEL, PREFETCH_BYTES, QUANT_KERNELS, _layer_group, _moe_layer, flush_cached_kernels_on_source_change,
                             held_layout, layouts_fit)
 from .row_dots import _f32_ptr, _u16_ptr
 from .threads import COMPUTE_THREADS
@@ -89,7 +89,7 @@ def _make_table(store, layer: int, names: tuple[str, str, str]) -> Optional[Expe
                        inter=layouts[0][2], group=_layer_group(layouts))
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=CALLS_PARALLEL)
 def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, w_addr, w_bf16, inter, group, pf, res_addr):
     # one token's routed experts (ids [K], their slots' addresses bases [K], any order) through
     # _moe_layer in ascending expert order, its arguments made here rather than as numpy and torch

@@ -317,6 +317,18 @@ def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
                                      xe, xo, xs, xsum, t, sums, pf)
 
 
+#: njit's `parallel` for a cached kernel that calls _moe_layer or _linear (decode_moe, decode_layer)
+#: and has no parallel loop of its own. Compiled without it, such a caller crashed (SIGSEGV) when
+#: loaded from Numba's cache in a later process, if the parallel kernel it calls had come from the
+#: cache of yet another process when the caller was compiled (a process that ran only _moe_layer,
+#: say the vLLM plug or bench/quant_kernels.py, then a decode, then another decode: Numba issues
+#: #4807 and #8578). Compiled as a parallel function the caller's cached code is whole. Only the
+#: prange option is on: the caller's own array expressions stay serial (a parallel region each,
+#: for arrays of a few thousand floats, would cost more than it saves).
+CALLS_PARALLEL = {"prange": True, "numpy": False, "comprehension": False, "reduction": False, "setitem": False,
+                  "stencil": False, "inplace_binop": False, "fusion": False}
+
+
 #: the files whose functions and intrinsics the cached kernels of compute/ inline or call
 KERNEL_SOURCES = ("row_dots.py", "quant_kernels.py", "decode_ops.py", "decode_layer.py", "decode_moe.py")
 
