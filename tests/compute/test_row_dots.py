@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 from numba import njit
 
-from moestream.compute.row_dots import ROW_S8_DOTS, ROW_U4_DOTS, U4_DOTS, _dot_s8_f32, row_dot_bf16
+from moestream.compute.row_dots import ROW_S8_DOTS, ROW_U4_DOTS, U4_DOTS, U4_ISAS, _dot_s8_f32, row_dot_bf16
 
 
 def _host_has(isa: str) -> bool:
     from llvmlite import binding
     f = binding.get_host_cpu_features()
-    return isa == "generic" or bool(f.get(isa) and f.get("avx512f"))
+    if isa in ("generic", "avx2"):
+        return isa == "generic" or bool(f.get("avx2"))
+    return bool(f.get(isa) and f.get("avx512f"))
 
 
-ISAS = ["generic", "avx512bw", "avx512vnni"]
+ISAS = list(U4_ISAS)
 
 
 @pytest.mark.parametrize("isa", ISAS)
