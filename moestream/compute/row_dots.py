@@ -297,9 +297,7 @@ def _prefetch_ir(builder, addr):
 
 
 def _masked_load(builder, addr, vt, align: int, mask):
-    """vt at addr, the lanes off in mask read as 0 and not touched (mask None: a plain load)."""
-    if mask is None:
-        return _at(builder, addr, vt, align)
+    """vt at addr, the lanes off in mask read as 0 and not touched."""
     tag = f"v{vt.count}" + ("f32" if isinstance(vt.element, ir.FloatType) else f"i{vt.element.width}")
     f = _declare(builder, f"llvm.masked.load.{tag}.p0{tag}", vt, [vt.as_pointer(), _I32, mask.type, vt])
     return builder.call(f, [builder.inttoptr(addr, vt.as_pointer()), ir.Constant(_I32, align), mask,
@@ -373,8 +371,8 @@ def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
     unit_vector(g, n) emits the 16-lane partial sums of groups g..g+per-1 in runs of 16/per lanes,
     n None when all exist, else the runtime count of those that do (nothing past them may be
     read); units past the row's end are 0. block_end(base, mask, sums, acc) adds the block's group
-    sums (lane g: group base+g; mask: the groups that exist, None where all 16 do) to the
-    accumulator. Returns the final accumulator."""
+    sums (lane g: group base+g; mask: the groups that exist) to the accumulator. Returns the final
+    accumulator."""
     nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
     loop, b, acc = _loop_head(builder, "block", acc_type)
     base = builder.mul(b, _const(BLOCK_GROUPS))
@@ -407,22 +405,9 @@ def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
         p.add_incoming(v, done)
         p.add_incoming(ir.Constant(v.type, None), before)
         partials.append(p)
-    # a whole block's scales are read with plain loads, only a partial one's with masked loads:
-    # AVX2 has no masked load of 16-bit lanes (fp16 scales), for which LLVM emits a branch and an
-    # insert per lane, and a row is whole blocks but for its last
     lanes = ir.Constant(ir.VectorType(_I64, BLOCK_GROUPS), list(range(BLOCK_GROUPS)))
     mask = builder.icmp_signed("<", lanes, _splat(builder, left, BLOCK_GROUPS))
-    whole, part, ended = (builder.append_basic_block(f"block_{k}") for k in ("whole", "part", "ended"))
-    builder.cbranch(builder.icmp_signed(">=", left, _const(BLOCK_GROUPS)), whole, part)
-    ends = []
-    for block, m in ((whole, None), (part, mask)):
-        builder.position_at_end(block)
-        ends.append((block_end(base, m, partials, acc), builder.block))
-        builder.branch(ended)
-    builder.position_at_end(ended)
-    acc1 = builder.phi(acc_type)
-    for value, came_from in ends:
-        acc1.add_incoming(value, came_from)
+    acc1 = block_end(base, mask, partials, acc)
     _loop_tail(builder, loop, b, acc, acc1, nblocks, "blocks_end")
     return acc1
 
