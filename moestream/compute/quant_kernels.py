@@ -41,11 +41,16 @@ from numba import carray, njit, prange
 
 from ..formats.quantized import QuantizedTensor
 from .dequant import _PARALLEL_LOCK, dequantize
-from .row_dots import (DOT_CHUNK, ROW_FLOAT8, ROW_S8_DOTS, ROW_U4, _bits_to_f32, _dot_s8_f32, _dot_u4, _f16,
-                       _f32_ptr, _fp8_f32, _i8_ptr, _prefetch, _u8_ptr, _u16_ptr, row_dot_bf16)
+from .row_dots import (DOT_CHUNK, ROW_FLOAT8, ROW_S8_DOTS, ROW_S8_I16, ROW_U4, S8_ACTIVATIONS, _bits_to_f32,
+                       _dot_s8_f32, _dot_u4, _f16, _f32_ptr, _fp8_f32, _i8_ptr, _prefetch, _u8_ptr, _u16_ptr,
+                       row_dot_bf16)
 
 # Numba calls an intrinsic by its global name: one per group size of row_dots.ROW_DOT_GROUPS, one per float8 type
 _s8_g32, _s8_g64, _u4_g32, _u4_g64 = ROW_S8_DOTS[32], ROW_S8_DOTS[64], ROW_U4[32], ROW_U4[64]
+_s8i_g32, _s8i_g64 = ROW_S8_I16[32], ROW_S8_I16[64]
+#: int8 weights of groups of 32 and 64 multiply int16 activations (row_dots.S8_ACTIVATIONS); a
+#: global, so Numba compiles it in as a constant
+_S8_INT16 = S8_ACTIVATIONS == "int16"
 _f8_e4m3, _f8_e5m2 = ROW_FLOAT8[3], ROW_FLOAT8[4]
 
 #: how far ahead of the codes being multiplied the kernels ask for the weights (bytes, in the same
@@ -108,6 +113,36 @@ def _quantized_activations(x, group, needed=True):
     return xe, xo, xs, xsum
 
 
+@njit(cache=True)
+def _quantize_rows16(x, group, xq, xs):
+    """x float32 [N, K] -> int16 codes xq [N, K] and one scale absmax/32767 per group xs
+    [N, K/group], for int8 weights' dot on AVX2 hosts (row_dots: int8 x int16)."""
+    n, k = x.shape
+    for r in range(n):
+        for g in range(k // group):
+            amax = np.float32(0)
+            for j in range(g * group, (g + 1) * group):
+                amax = max(amax, abs(x[r, j]))
+            s = amax / np.float32(32767)
+            inv = np.float32(1) / s if s > 0 else np.float32(0)
+            xs[r, g] = s
+            for j in range(g * group, (g + 1) * group):
+                xq[r, j] = np.int16(np.rint(x[r, j] * inv))
+
+
+@njit(cache=True)
+def _int16_activations(x, group, needed):
+    """(int16 codes, scales) of x float32 [N, K] (_quantize_rows16) where `needed`, else empty arrays."""
+    n, k = x.shape
+    if not needed:
+        n = 0
+    xq = np.empty((n, k), np.int16)
+    xs = np.empty((n, k // group), np.float32)
+    if needed:
+        _quantize_rows16(x, group, xq, xs)
+    return xq, xs
+
+
 # ---- one row of W against one row of activations ---------------------------------------------
 # kind 0: int8 (codes int8, scales); kind 1: int4 (two codes a byte, low nibble first; scales,
 # mins); kind 2: bf16 (the weights themselves at the codes' address; no planes, no groups);
@@ -133,8 +168,10 @@ def _e8m0(e):
     return _bits_to_f32(np.uint32(e) << np.uint32(23)) if e > 0 else _bits_to_f32(np.uint32(1) << np.uint32(22))
 
 @njit(inline="always")
-def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, t, sums, pf):
-    # int8: float activations xf. int4: the integer sums of all groups first, into `sums`
+def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe, xo, xs, xsum, xq, xqs, t,
+             sums, pf):
+    # int8: float activations xf, or where _S8_INT16 (groups of 32 and 64) their int16 codes xq and
+    # scales xqs. int4: the integer sums of all groups first, into `sums`
     # (scratch, >= cols / group), then the scales, so the float work stays out of the integer
     # loop. Groups of 64 (the default) and 32 (GGUF's blocks) take the whole-row dots; other
     # multiples of DOT_CHUNK the 64-weight vector dots; the rest the scalar loop.
@@ -186,6 +223,11 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
     if group == 64 or group == 32:      # the whole-row dots (row_dots.py)
         s_addr, m_addr = scales_addr + 2 * row * ng, mins_addr + 2 * row * ng
         if kind == 0:
+            if _S8_INT16:
+                w_addr, q_addr, qs_addr = codes_addr + row * cols, xq.ctypes.data + 2 * t * cols, xqs.ctypes.data + 4 * t * ng
+                if group == 64:
+                    return _s8i_g64(w_addr, s_addr, q_addr, qs_addr, ng, pf)
+                return _s8i_g32(w_addr, s_addr, q_addr, qs_addr, ng, pf)
             w_addr, x_addr = codes_addr + row * cols, xf.ctypes.data + 4 * t * cols
             if group == 64:
                 return _s8_g64(w_addr, s_addr, x_addr, ng, pf)
@@ -201,7 +243,8 @@ def _row_dot(kind, codes_addr, scales_addr, mins_addr, row, cols, group, xf, xe,
     if kind == 0:
         # int8 weights times the float32 activations themselves: exact to the weights' own
         # quantization (int8 activations added a third to the KL on the trained model,
-        # bench/mixed_precision.py), and as fast, LLVM widening the codes to floats 16 at a time
+        # bench/mixed_precision.py), and as fast on AVX-512, LLVM widening the codes to floats 16
+        # at a time (groups of 32 and 64 on AVX2 hosts took the int16 dot above)
         acc = np.float32(0)
         if chunks:
             w_addr = codes_addr + row * cols
@@ -274,7 +317,9 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
     k_experts = kinds.shape[0]
     pairs = pair_token.shape[0]
     int4 = (kinds == 1).any()
+    int16 = _S8_INT16 and (group == 32 or group == 64) and (kinds == 0).any()
     xe, xo, xs, xsum = _quantized_activations(x, group, int4)
+    xq, xqs = _int16_activations(x, group, int16)
     h = np.empty((pairs, inter), np.float32)                      # [P, I] SwiGLU per (expert, token)
     blocks = (inter + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for task in prange(k_experts * blocks):
@@ -285,11 +330,12 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
             for p in range(pair_ptr[k], pair_ptr[k + 1]):
                 t = pair_token[p]
                 gate = _row_dot(kind, addrs[k, 0, 0], addrs[k, 0, 1], addrs[k, 0, 2], i, hidden, group, x,
-                                xe, xo, xs, xsum, t, sums, pf)
+                                xe, xo, xs, xsum, xq, xqs, t, sums, pf)
                 up = _row_dot(kind, addrs[k, 1, 0], addrs[k, 1, 1], addrs[k, 1, 2], i, hidden, group, x,
-                              xe, xo, xs, xsum, t, sums, pf)
+                              xe, xo, xs, xsum, xq, xqs, t, sums, pf)
                 h[p, i] = gate / (np.float32(1) + np.exp(-gate)) * up
     he, ho, hs, hsum = _quantized_activations(h, group, int4)
+    hq, hqs = _int16_activations(h, group, int16)
     out_blocks = (hidden + _DOWN_ROWS_PER_TASK - 1) // _DOWN_ROWS_PER_TASK
     for blk in prange(out_blocks):      # each task owns its output columns: no two write one
         sums = np.empty(inter // group, np.int32)
@@ -299,7 +345,7 @@ def _moe_layer(x, kinds, addrs, pair_ptr, pair_token, pair_weight, inter, group,
             for r in range(blk * _DOWN_ROWS_PER_TASK, min(hidden, (blk + 1) * _DOWN_ROWS_PER_TASK)):
                 for p in range(pair_ptr[k], pair_ptr[k + 1]):
                     y = _row_dot(kinds[k], addrs[k, 2, 0], addrs[k, 2, 1], addrs[k, 2, 2], r, inter, group, h,
-                                 he, ho, hs, hsum, p, sums, pf)
+                                 he, ho, hs, hsum, hq, hqs, p, sums, pf)
                     out[pair_token[p], r] += pair_weight[p] * y
 
 
@@ -308,13 +354,14 @@ def _linear(x, kind, codes_addr, scales_addr, mins_addr, rows, group, out, pf):
     """out [N, rows] = x [N, cols] · Wᵀ for one quantized W [rows, cols] (float32 in and out)."""
     n, cols = x.shape
     xe, xo, xs, xsum = _quantized_activations(x, group, kind == 1)
+    xq, xqs = _int16_activations(x, group, _S8_INT16 and kind == 0 and (group == 32 or group == 64))
     blocks = (rows + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK
     for blk in prange(blocks):
         sums = np.empty(cols // group, np.int32)
         for r in range(blk * _ROWS_PER_TASK, min(rows, (blk + 1) * _ROWS_PER_TASK)):
             for t in range(n):
                 out[t, r] = _row_dot(kind, codes_addr, scales_addr, mins_addr, r, cols, group, x,
-                                     xe, xo, xs, xsum, t, sums, pf)
+                                     xe, xo, xs, xsum, xq, xqs, t, sums, pf)
 
 
 #: njit's `parallel` for a cached kernel that calls _moe_layer or _linear (decode_moe, decode_layer)

@@ -366,18 +366,20 @@ def _loop_tail(builder, loop, i, acc, acc1, count, name: str) -> None:
     builder.position_at_end(out)
 
 
-def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
+def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type, add):
     """The loop over a row's blocks of up to 16 groups, `per` (1, 2 or 4) groups a unit:
     unit_vector(g, n) emits the 16-lane partial sums of groups g..g+per-1 in runs of 16/per lanes,
     n None when all exist, else the runtime count of those that do (nothing past them may be
-    read); units past the row's end are 0. block_end(base, mask, sums, acc) adds the block's group
-    sums (lane g: group base+g; mask: the groups that exist) to the accumulator. Returns the final
-    accumulator."""
+    read); units past the row's end are 0. The units' vectors are merged (_merge_runs with `add`)
+    as they come, pairs as soon as both exist: held to the end, 16 of them took 32 of AVX2's 16
+    vector registers, and the spills were a third of an int8 row's instructions. block_end(base,
+    mask, sums, acc) adds the block's group sums (lane g: group base+g; mask: the groups that
+    exist) to the accumulator. Returns the final accumulator."""
     nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
     loop, b, acc = _loop_head(builder, "block", acc_type)
     base = builder.mul(b, _const(BLOCK_GROUPS))
     left = builder.sub(ng, base)
-    partials = []
+    pending = []        # (vector, its run of lanes a group): a binary counter of merged units
     for i in range(0, BLOCK_GROUPS, per):
         have, join = builder.append_basic_block(f"unit{i}"), builder.append_basic_block(f"unit{i}_end")
         before = builder.block
@@ -404,10 +406,16 @@ def _group_blocks(builder, ng, per: int, unit_vector, block_end, acc_type):
         p = builder.phi(v.type)
         p.add_incoming(v, done)
         p.add_incoming(ir.Constant(v.type, None), before)
-        partials.append(p)
+        item = (p, 16 // per)
+        while pending and pending[-1][1] == item[1]:
+            # the same pairs, in the same order, as _merge_runs over all of them at the end
+            first, run = pending.pop()
+            item = (_merge_runs(builder, [first, item[0]], run, add), run // 2)
+        pending.append(item)
+    assert len(pending) == 1 and pending[0][1] == 1
     lanes = ir.Constant(ir.VectorType(_I64, BLOCK_GROUPS), list(range(BLOCK_GROUPS)))
     mask = builder.icmp_signed("<", lanes, _splat(builder, left, BLOCK_GROUPS))
-    acc1 = block_end(base, mask, partials, acc)
+    acc1 = block_end(base, mask, pending[0][0], acc)
     _loop_tail(builder, loop, b, acc, acc1, nblocks, "blocks_end")
     return acc1
 
@@ -452,17 +460,103 @@ def _row_s8_intrinsic(group: int):
                 sums = [functools.reduce(_fadd(builder), q[k:k + 4 // per]) for k in range(0, 4, 4 // per)]
                 return _merge_runs(builder, sums, 16, _fadd(builder))
 
-            def block_end(base, mask, partials, acc):
-                sums = _merge_runs(builder, partials, 16 // per, _fadd(builder))
+            def block_end(base, mask, sums, acc):
                 s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
                 return builder.fadd(acc, builder.fmul(sums, s, flags=_FAST), flags=_FAST)
-            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F), 16)
+            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F, _fadd(builder)), 16)
         return sig, codegen
     return row_dot_s8
 
 
 #: the whole-row int8 dot for each group size of ROW_DOT_GROUPS
 ROW_S8_DOTS = {g: _row_s8_intrinsic(g) for g in ROW_DOT_GROUPS}
+
+
+# ---- int8 weights times int16 activations ---------------------------------------------------------
+# On an AVX2 host the dot above is compute-bound: 8 float lanes an FMA, and two more instructions
+# (sign-extend, convert) for every 8 codes; an int8 MoE layer's dots read 13.4 GB/s of weights from
+# the caches on a Zen 3 VM (2 threads), against 18.2 in this form (bench/int8_row_dots.py). Multiplying the codes by activations quantized to int16 (one scale
+# a group, absmax/32767) takes one vpmaddwd for 16 of them: two products summed into each of 8
+# 32-bit lanes, exact in integers. An int16 activation is 2^-15 of its group's largest, 128 times
+# finer than the bf16 the activations were: the weights' own int8 rounding stays the only loss that
+# counts (int8 activations, llama.cpp's Q8_0 way, raised the KL by a third: bench/mixed_precision.py).
+# Sums: |code·activation| <= 128·32767 < 2^22, a group of 64 < 2^28: no overflow in 32 bits.
+
+_V64S = ir.VectorType(_I16, DOT_CHUNK)
+#: the instruction sets the int16-activation dot is written for (generic: plain LLVM IR)
+S8_I16_ISAS = ("avx512bw", "avx2", "generic")
+
+
+def _s8_i16_unit(builder, isa: str, w, x):
+    """64 int8 codes w times 64 int16 activations x -> 16 lanes of 32-bit sums of four products
+    each, lanes 0-7 from products 0-31 and lanes 8-15 from 32-63 (a group of 64 fills all 16
+    lanes; groups of 32 run 8 lanes each, as _group_blocks wants them)."""
+    w16 = builder.sext(w, _V64S)
+    if isa == "generic":
+        wide = ir.VectorType(_I32, DOT_CHUNK)
+        p = builder.mul(builder.sext(w16, wide), builder.sext(x, wide))
+        quarters = [builder.shuffle_vector(p, p, ir.Constant(_V16I, list(range(k, DOT_CHUNK, 4)))) for k in range(4)]
+        return builder.add(builder.add(quarters[0], quarters[1]), builder.add(quarters[2], quarters[3]))
+    n = 16 if isa == "avx2" else 32
+    vs, vi = ir.VectorType(_I16, n), ir.VectorType(_I32, n // 2)
+    name = "llvm.x86.avx2.pmadd.wd" if isa == "avx2" else "llvm.x86.avx512.pmaddw.d.512"
+    madd = _declare(builder, name, vi, [vs, vs])
+
+    def part(v, k):
+        return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n * k, n * k + n))))
+    q = [builder.call(madd, [part(w16, k), part(x, k)]) for k in range(DOT_CHUNK // n)]
+    if isa == "avx2":     # q[k]: products 16k..16k+15 in pairs; lanes 0-7 of the result: products 0-31
+        return builder.shuffle_vector(builder.add(q[0], q[1]), builder.add(q[2], q[3]),
+                                      ir.Constant(_V16I, list(range(16))))
+    # avx512bw: q[0] holds products 0-31 in pairs, q[1] 32-63; halve each into lanes 0-7, 8-15
+    return _merge_runs(builder, q, 16, builder.add)
+
+
+def _row_s8_i16_intrinsic(isa: str, group: int):
+    per = DOT_CHUNK // group
+
+    @intrinsic
+    def row_dot_s8_i16(typingctx, w_addr, scales_addr, x_addr, xs_addr, ng, pf):
+        """Σ_g scale[g] · xs[g] · Σ_{j in g} w[j]·x[j] over one row of ng groups: int8 codes at
+        w_addr, fp16 scales at scales_addr, int16 activations at x_addr with their float32 scale
+        per group at xs_addr (quant_kernels._quantize_rows16); the weights `pf` bytes ahead are
+        prefetched. float32."""
+        sig = types.float32(*([types.intp] * 6))
+
+        def codegen(context, builder, signature, args):
+            w, sc, x, xs, ng, pf = args
+
+            def unit_vector(g, n):
+                off = builder.mul(g, _const(group))
+                wa = builder.add(w, off)
+                _prefetch_ir(builder, builder.add(wa, pf))
+                count = None if n is None else builder.mul(n, _const(group))
+                wv = _load_first(builder, wa, _V64B, 1, count)
+                xv = _load_first(builder, builder.add(x, builder.mul(off, _const(2))), _V64S, 2, count)
+                return _s8_i16_unit(builder, isa, wv, xv)
+
+            def block_end(base, mask, isums, acc):
+                sums = builder.sitofp(isums, _V16F)
+                s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
+                xsv = _masked_load(builder, builder.add(xs, builder.mul(base, _const(4))), _V16F, 4, mask)
+                return builder.fadd(acc, builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
+                                    flags=_FAST)
+            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F, builder.add), 16)
+        return sig, codegen
+    return row_dot_s8_i16
+
+
+#: the whole-row int8 x int16 dot of each instruction set and group size
+ROW_S8_I16_DOTS = {(isa, g): _row_s8_i16_intrinsic(isa, g) for isa in S8_I16_ISAS for g in ROW_DOT_GROUPS}
+
+#: what int8 weights multiply in this process's kernels: "int16" activations where the best the host
+#: has is AVX2 (there the float dot is compute-bound: see above, and docs/BENCHMARKS.md), the
+#: float32 activations themselves elsewhere (AVX-512 hosts: the path measured there, at memory's
+#: speed already; generic builds)
+S8_ACTIVATIONS = "int16" if U4_ISA == "avx2" else "float32"
+#: the int16-activation dots this host compiles (an AVX2 intrinsic cannot be compiled without AVX2)
+ROW_S8_I16 = {g: ROW_S8_I16_DOTS[("avx2" if U4_ISA == "avx2" else "avx512bw" if U4_ISA.startswith("avx512")
+                                  else "generic", g)] for g in ROW_DOT_GROUPS}
 
 
 def _u4_unit(builder, isa: str, c, e, o):
@@ -527,15 +621,15 @@ def _row_u4_intrinsic(isa: str, group: int):
                 return _u4_unit(builder, isa, *(_load_first(builder, a, _V64B, 1, count)
                                                  for a in (ca, builder.add(e, off), builder.add(o, off))))
 
-            def block_end(base, mask, partials, acc):
-                sums = builder.sitofp(_merge_runs(builder, partials, 16 // per, builder.add), _V16F)
+            def block_end(base, mask, isums, acc):
+                sums = builder.sitofp(isums, _V16F)
                 b2, b4 = builder.mul(base, _const(2)), builder.mul(base, _const(4))
                 s, m = (_f16_lanes(builder, builder.add(a, b2), mask) for a in (sc, mn))
                 xsv, xsumv = (_masked_load(builder, builder.add(a, b4), _V16F, 4, mask) for a in (xs, xsum))
                 t = builder.fadd(builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
                                  builder.fmul(m, xsumv, flags=_FAST), flags=_FAST)
                 return builder.fadd(acc, t, flags=_FAST)
-            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F), 16)
+            return _sum_lanes(builder, _group_blocks(builder, ng, per, unit_vector, block_end, _V16F, builder.add), 16)
         return sig, codegen
     return row_dot_u4
 

@@ -9,6 +9,7 @@ import moestream
 from moestream.compute import load_model
 from moestream.compute.dequant import dequantize
 from moestream.compute.quant_kernels import QUANT_KERNELS, RoutedExpert, moe_layer, moe_layer_fits, quant_linear
+from moestream.compute.row_dots import S8_ACTIVATIONS
 from moestream.formats.constants import QUANT_TYPES, align_up
 from moestream.formats.quantized import QuantizedTensor, holds_quantized, quantize_matrix
 
@@ -17,6 +18,10 @@ from ..conftest import FAMILIES
 #: relative error (Frobenius) of the kernels against fp32 dequantize-then-matmul: for int4 the
 #: activations' own int8 rounding, ~0.5 % per dot product (int8 weights take float activations)
 KERNEL_TOLERANCE = 0.02
+#: the same for int8 weights: float rounding only where they meet the float activations; on AVX2
+#: hosts (row_dots.S8_ACTIVATIONS) groups of 32 and 64 meet int16 activations, each within
+#: 2^-16 of its group's largest (measured ~2e-5 here)
+INT8_TOLERANCE = 1e-4 if S8_ACTIVATIONS == "int16" else 1e-5
 #: max |logit difference| between the quantized-compute path and the dequantize-to-bf16 path,
 #: relative to the largest |logit| (both compute the rest of the model in bf16)
 LOGIT_TOLERANCE = 0.05
@@ -46,8 +51,8 @@ def test_quant_linear_matches_dequantized_matmul(kind, group):
     want = x @ w.dequantize(dequantize, torch.float32).T
     got = quant_linear(x, w)
     assert got.shape == (3, 80) and got.dtype == torch.float32
-    # int8, float8 and mxfp4 codes meet the float activations: only float rounding; int4's activations are int8
-    assert rel(got, want) < (KERNEL_TOLERANCE if kind == "int4" else 1e-5)
+    # float8 and mxfp4 codes meet the float activations: only float rounding; int4's activations are int8
+    assert rel(got, want) < {"int4": KERNEL_TOLERANCE, "int8": INT8_TOLERANCE}.get(kind, 1e-5)
 
 
 def test_every_mxfp4_code_and_exponent_is_multiplied_at_its_value():
@@ -358,7 +363,8 @@ def test_kernels_take_few_token_rows_and_leave_batches_to_torchs_gemm(monkeypatc
             x = torch.randn(rows, 128)
             got = quant_linear(x, w)
             assert calls == ([rows] if rows < limit else [])
-            assert rel(got, x @ _as_float(w).T) < (1e-5 if kind != "int4" or rows >= limit else KERNEL_TOLERANCE)
+            assert rel(got, x @ _as_float(w).T) < (1e-5 if rows >= limit or kind == "bf16" else
+                                                   INT8_TOLERANCE if kind == "int8" else KERNEL_TOLERANCE)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "bf16", "float32-bias"])

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from moestream.compute.row_dots import ROW_S8_DOTS, ROW_U4_DOTS, U4_DOTS, U4_ISAS, _dot_s8_f32, row_dot_bf16
+from moestream.compute.row_dots import (ROW_S8_DOTS, ROW_S8_I16_DOTS, ROW_U4_DOTS, S8_I16_ISAS, U4_DOTS, U4_ISAS,
+                                        _dot_s8_f32, row_dot_bf16)
 
 
 def _host_has(isa: str) -> bool:
@@ -136,3 +137,28 @@ def test_whole_row_int8_and_bf16_dots_match_numpy_and_read_nothing_past_the_row(
     want16 = float(wf @ x)
     got16 = run16(arena.at_end(bits), arena.at_end(x), ng)
     assert abs(got16 - want16) <= 1e-5 * float(np.abs(wf * x).sum())
+
+
+@pytest.mark.parametrize("isa", S8_I16_ISAS)
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("ng", GROUP_COUNTS)
+def test_whole_row_int8_times_int16_dot_matches_numpy_and_reads_nothing_past_the_row(isa, group, ng):
+    """The int8 x int16 dot (AVX2 hosts' int8 kernels) of each instruction set: exact integer sums
+    on extreme codes (-128 x -32767 in every lane of the first group), scaled per group."""
+    if not _host_has(isa):
+        pytest.skip(f"this CPU has no {isa}")
+    dot = ROW_S8_I16_DOTS[(isa, group)]
+
+    @njit
+    def run(w, s, x, xs, ng):
+        return dot(w.ctypes.data, s.ctypes.data, x.ctypes.data, xs.ctypes.data, ng, 0)
+    rng = np.random.default_rng(100 + ng)
+    arena = _GuardedArena(8 * mmap.PAGESIZE + 8 * 64 * ng)
+    w = rng.integers(-128, 128, group * ng).astype(np.int8)
+    x = rng.integers(-32767, 32768, group * ng).astype(np.int16)
+    w[:group], x[:group] = -128, -32767
+    s, xs = _f16(ng, rng), rng.random(ng).astype(np.float32)
+    isum = (w.astype(np.int64) * x).reshape(ng, group).sum(1)
+    want = float((isum * s.astype(np.float64) * xs).sum())
+    got = run(arena.at_end(w), arena.at_end(_bits(s)), arena.at_end(x), arena.at_end(xs), ng)
+    assert abs(got - want) <= 1e-5 * float(np.abs(isum * s.astype(np.float64) * xs).sum())
