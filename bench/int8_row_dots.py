@@ -16,7 +16,7 @@ import numpy as np
 from numba import njit, prange, set_num_threads
 
 from moestream.compute.quant_kernels import PREFETCH_BYTES
-from moestream.compute.row_dots import ROW_S8_DOTS, ROW_S8_I16_DOTS, S8_ACTIVATIONS, U4_ISA
+from moestream.compute.row_dots import ROW_S8_DOTS, ROW_S8_I16_DOTS, S8_ACTIVATIONS, S8_I16_ISA
 
 ROWS, COLS, GROUP, ACTIVE, ROWS_PER_TASK = 768, 2048, 64, 8, 16
 NG = COLS // GROUP
@@ -52,8 +52,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=48)
     p.add_argument("--pool", type=int, default=96, help="experts the layers draw from in turn")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--isa", default="avx2" if U4_ISA == "avx2" else "avx512bw" if U4_ISA.startswith("avx512")
-                   else "generic", help="the int16 dot's instruction set (default: the host's)")
+    p.add_argument("--isa", default=S8_I16_ISA, help="the int16 dot's instruction set (default: the host's)")
     a = p.parse_args()
     set_num_threads(a.threads)
     rng = np.random.default_rng(0)

@@ -475,9 +475,9 @@ ROW_S8_DOTS = {g: _row_s8_intrinsic(g) for g in ROW_DOT_GROUPS}
 # ---- int8 weights times int16 activations ---------------------------------------------------------
 # On an AVX2 host the dot above is compute-bound: 8 float lanes an FMA, and two more instructions
 # (sign-extend, convert) for every 8 codes; an int8 MoE layer's dots read 13.4 GB/s of weights from
-# the caches on a Zen 3 VM (2 threads), against 18.2 in this form (bench/int8_row_dots.py). Multiplying the codes by activations quantized to int16 (one scale
-# a group, absmax/32767) takes one vpmaddwd for 16 of them: two products summed into each of 8
-# 32-bit lanes, exact in integers. An int16 activation is 2^-15 of its group's largest, 128 times
+# the caches on a Zen 3 VM (2 threads), against 18.2 in this form (bench/int8_row_dots.py).
+# Multiplying the codes by activations quantized to int16 (one scale a group, absmax/32767) takes
+# one vpmaddwd for 16 of them: two products summed into each of 8 32-bit lanes, exact in integers. An int16 activation is 2^-15 of its group's largest, 128 times
 # finer than the bf16 the activations were: the weights' own int8 rounding stays the only loss that
 # counts (int8 activations, llama.cpp's Q8_0 way, raised the KL by a third: bench/mixed_precision.py).
 # Sums: |code·activation| <= 128·32767 < 2^22, a group of 64 < 2^28: no overflow in 32 bits.
@@ -554,9 +554,10 @@ ROW_S8_I16_DOTS = {(isa, g): _row_s8_i16_intrinsic(isa, g) for isa in S8_I16_ISA
 #: float32 activations themselves elsewhere (AVX-512 hosts: the path measured there, at memory's
 #: speed already; generic builds)
 S8_ACTIVATIONS = "int16" if U4_ISA == "avx2" else "float32"
-#: the int16-activation dots this host compiles (an AVX2 intrinsic cannot be compiled without AVX2)
-ROW_S8_I16 = {g: ROW_S8_I16_DOTS[("avx2" if U4_ISA == "avx2" else "avx512bw" if U4_ISA.startswith("avx512")
-                                  else "generic", g)] for g in ROW_DOT_GROUPS}
+#: the int16-activation dot's instruction set on this host (an AVX2 intrinsic cannot be compiled
+#: without AVX2), and its dots
+S8_I16_ISA = "avx2" if U4_ISA == "avx2" else "avx512bw" if U4_ISA.startswith("avx512") else "generic"
+ROW_S8_I16 = {g: ROW_S8_I16_DOTS[(S8_I16_ISA, g)] for g in ROW_DOT_GROUPS}
 
 
 def _u4_unit(builder, isa: str, c, e, o):
