@@ -327,6 +327,27 @@ def _f16_lanes(builder, addr, mask):
     return builder.bitcast(builder.or_(builder.bitcast(mag, _V16I), sign), _V16F)
 
 
+def _f16_block(builder, isa: str, addr, left, mask):
+    """The fp16 scales of a block's groups at addr -> <16 x float>: the first min(left, 16) of them
+    (left: a runtime count >= 1, mask: its lanes), the rest 0 and not read. AVX2 has no masked
+    load of 16-bit lanes: LLVM emitted a test, a branch and an insert for each of the 16, and with
+    the integer rebias of _f16_lanes that was most of an int4 row's time (a row of 2048 weights
+    from the L1 cache: 100 ns, 56 without the block's scales; bench/row_dot_blocks.py). There the
+    scales are read as 32-bit pairs (vpmaskmovd), an odd last one on its own (it always exists),
+    and widened by F16C's vcvtph2ps, which every AVX2 CPU has. Other instruction sets: _f16_lanes."""
+    if isa != "avx2":
+        return _f16_lanes(builder, addr, mask)
+    v8i, v16s = ir.VectorType(_I32, 8), ir.VectorType(_I16, 16)
+    n = builder.trunc(builder.select(builder.icmp_signed("<", left, _const(16)), left, _const(16)), _I32)
+    pairs = builder.icmp_signed("<", ir.Constant(v8i, list(range(8))), _splat(builder, builder.ashr(n, ir.Constant(_I32, 1)), 8))
+    v = builder.bitcast(_masked_load(builder, addr, v8i, 2, pairs), v16s)
+    last = builder.sub(n, ir.Constant(_I32, 1))
+    one = _at(builder, builder.add(addr, builder.mul(builder.sext(last, _I64), _const(2))), _I16, 2)
+    at_last = builder.icmp_signed("==", ir.Constant(v16s, list(range(16))), _splat(builder, builder.trunc(last, _I16), 16))
+    v = builder.select(at_last, _splat(builder, one, 16), v)
+    return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 16)), _V16F)
+
+
 def _merge_runs(builder, vs, run: int, add):
     """Vectors of 16 lanes whose groups' partial sums lie in runs of `run` lanes -> one vector of
     runs of run / len(vs) lanes, the groups in order (len(vs) a power of two, at most run). Each
@@ -537,7 +558,7 @@ def _row_s8_i16_intrinsic(isa: str, group: int):
 
             def block_end(base, mask, isums, acc):
                 sums = builder.sitofp(isums, _V16F)
-                s = _f16_lanes(builder, builder.add(sc, builder.mul(base, _const(2))), mask)
+                s = _f16_block(builder, isa, builder.add(sc, builder.mul(base, _const(2))), builder.sub(ng, base), mask)
                 xsv = _masked_load(builder, builder.add(xs, builder.mul(base, _const(4))), _V16F, 4, mask)
                 return builder.fadd(acc, builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
                                     flags=_FAST)
@@ -625,7 +646,7 @@ def _row_u4_intrinsic(isa: str, group: int):
             def block_end(base, mask, isums, acc):
                 sums = builder.sitofp(isums, _V16F)
                 b2, b4 = builder.mul(base, _const(2)), builder.mul(base, _const(4))
-                s, m = (_f16_lanes(builder, builder.add(a, b2), mask) for a in (sc, mn))
+                s, m = (_f16_block(builder, isa, builder.add(a, b2), builder.sub(ng, base), mask) for a in (sc, mn))
                 xsv, xsumv = (_masked_load(builder, builder.add(a, b4), _V16F, 4, mask) for a in (xs, xsum))
                 t = builder.fadd(builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
                                  builder.fmul(m, xsumv, flags=_FAST), flags=_FAST)
