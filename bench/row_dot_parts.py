@@ -1,16 +1,17 @@
 """Where a whole-row int4 dot's time goes (compute/row_dots.py), from the L1 cache, one thread: the
-process's dot (ROW_U4) beside three variants built from the same pieces, taking turns in one
-process, on rows of 768 and 2048 int4 weights (an expert's down and gate/up rows), groups of 64:
+process's dot (ROW_U4) beside variants built from the same pieces, taking turns in one process, on
+rows of 768 and 2048 int4 weights (an expert's down and gate/up rows), groups of 64:
 
-- `scales as 16-bit masked lanes (before)`: the block's fp16 scales and minimums read as row_dots
-  read them before 2026-12-07 on every host (_f16_lanes: a masked load of 16-bit lanes and an
-  integer rebias), which AVX2 has no instruction for;
-- `no scales`: the units and their merges only (each block's integer sums added up unscaled);
+- `merges, then scales (4a14770)`: the units' 16 lanes merged into one lane a group (shuffles,
+  _group_blocks), the block's scales applied at its end; AVX2 hosts' dot from 4a14770 until
+  _scaled_blocks;
+- `merges, scales as 16-bit masked lanes (8fec1c5)`: as above, the block's fp16 scales and
+  minimums read as every host read them before 4a14770 (_f16_lanes: a masked load of 16-bit lanes,
+  which AVX2 has no instruction for, and an integer rebias);
 - `units only`: the multiply-adds of the codes alone, every unit's vector added into one (no
-  merges, no block ends).
+  merges, no scales): wrong sums on purpose, it only shows what the multiply-adds cost.
 
-The last two compute wrong sums on purpose: they only show what the parts cost. Reports ns a row
-and G weights/s, the best of `--rounds`.
+Reports ns a row and G weights/s, the best of `--rounds`.
 
     .venv/bin/python bench/row_dot_parts.py [--rounds 7] [--cols 768,2048]"""
 from __future__ import annotations
@@ -23,8 +24,8 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from moestream.compute import row_dots as rd
-from moestream.compute.row_dots import (DOT_CHUNK, ROW_U4, U4_ISA, _V16F, _V16I, _V64B, _FAST, _const, _f16_lanes,
-                                        _group_blocks, _load_first, _loop_head, _loop_tail, _masked_load,
+from moestream.compute.row_dots import (DOT_CHUNK, ROW_U4, U4_ISA, _V16F, _V16I, _V64B, _FAST, _const, _f16_block,
+                                        _f16_lanes, _group_blocks, _load_first, _loop_head, _loop_tail, _masked_load,
                                         _prefetch_ir, _sum_lanes, _u4_unit)
 
 GROUP = 64
@@ -58,10 +59,11 @@ def _variant(kind: str):
 
             def block_end(base, mask, isums, acc):
                 sums = builder.sitofp(isums, _V16F)
-                if kind == "no scales":
-                    return builder.fadd(acc, sums, flags=_FAST)
                 b2, b4 = builder.mul(base, _const(2)), builder.mul(base, _const(4))
-                s, m = (_f16_lanes(builder, builder.add(a, b2), mask) for a in (sc, mn))
+                if kind.startswith("merges, then scales"):
+                    s, m = (_f16_block(builder, U4_ISA, builder.add(a, b2), builder.sub(ng, base), mask) for a in (sc, mn))
+                else:
+                    s, m = (_f16_lanes(builder, builder.add(a, b2), mask) for a in (sc, mn))
                 xsv, xsumv = (_masked_load(builder, builder.add(a, b4), _V16F, 4, mask) for a in (xs, xsum))
                 t = builder.fadd(builder.fmul(builder.fmul(sums, s, flags=_FAST), xsv, flags=_FAST),
                                  builder.fmul(m, xsumv, flags=_FAST), flags=_FAST)
@@ -91,7 +93,7 @@ def main() -> None:
     p.add_argument("--cols", default="768,2048")
     a = p.parse_args()
     runs = {"ROW_U4 (moestream)": _runner(ROW_U4[GROUP])}
-    for kind in ("scales as 16-bit masked lanes (before)", "no scales", "units only"):
+    for kind in ("merges, then scales (4a14770)", "merges, scales as 16-bit masked lanes (8fec1c5)", "units only"):
         runs[kind] = _runner(_variant(kind))
     print(f"int4 whole-row dots, groups of {GROUP}, U4_ISA {U4_ISA}, one thread, {ROWS} rows from the L1/L2 caches; "
           f"best of {a.rounds} rounds taking turns")
@@ -112,11 +114,11 @@ def main() -> None:
                 t0 = time.perf_counter()
                 runs[name](*args, reps)
                 best[name] = min(best[name], time.perf_counter() - t0)
-        now, before = first["ROW_U4 (moestream)"], first["scales as 16-bit masked lanes (before)"]
-        print(f"  {cols} weights a row ({ng} groups); the two whole dots' sums over the rows: {now:.6g} and "
-              f"{before:.6g} (the same scales; fast-math may order the float products differently)")
+        sums = ", ".join(f"{first[name]:.6g}" for name in list(runs)[:3])
+        print(f"  {cols} weights a row ({ng} groups); the three whole dots' sums over the rows: {sums} (the same "
+              f"products, summed in other orders)")
         for name, t in best.items():
-            print(f"    {name:40s} {t / (reps * ROWS) * 1e9:6.1f} ns a row  {reps * ROWS * cols / t / 1e9:5.1f} G weights/s")
+            print(f"    {name:50s} {t / (reps * ROWS) * 1e9:6.1f} ns a row  {reps * ROWS * cols / t / 1e9:5.1f} G weights/s")
 
 
 if __name__ == "__main__":
