@@ -331,19 +331,22 @@ def _f16_block(builder, isa: str, addr, left, mask):
     """The fp16 scales of a block's groups at addr -> <16 x float>: the first min(left, 16) of them
     (left: a runtime count >= 1, mask: its lanes), the rest 0 and not read. AVX2 has no masked
     load of 16-bit lanes: LLVM emitted a test, a branch and an insert for each of the 16, and with
-    the integer rebias of _f16_lanes that was most of an int4 row's time (a row of 2048 weights
-    from the L1 cache: 100 ns, 56 without the block's scales; bench/row_dot_blocks.py). There the
+    the integer rebias of _f16_lanes that was a third of an int4 row's time or more (a row of 2048
+    weights from the L1 cache, its units' lanes merged: 100-159 ns, 68-91 this way;
+    bench/row_dot_parts.py). There the
     scales are read as 32-bit pairs (vpmaskmovd), an odd last one on its own (it always exists),
     and widened by F16C's vcvtph2ps, which every AVX2 CPU has. Other instruction sets: _f16_lanes."""
     if isa != "avx2":
         return _f16_lanes(builder, addr, mask)
     v8i, v16s = ir.VectorType(_I32, 8), ir.VectorType(_I16, 16)
     n = builder.trunc(builder.select(builder.icmp_signed("<", left, _const(16)), left, _const(16)), _I32)
-    pairs = builder.icmp_signed("<", ir.Constant(v8i, list(range(8))), _splat(builder, builder.ashr(n, ir.Constant(_I32, 1)), 8))
+    half = builder.ashr(n, ir.Constant(_I32, 1))
+    pairs = builder.icmp_signed("<", ir.Constant(v8i, list(range(8))), _splat(builder, half, 8))
     v = builder.bitcast(_masked_load(builder, addr, v8i, 2, pairs), v16s)
     last = builder.sub(n, ir.Constant(_I32, 1))
     one = _at(builder, builder.add(addr, builder.mul(builder.sext(last, _I64), _const(2))), _I16, 2)
-    at_last = builder.icmp_signed("==", ir.Constant(v16s, list(range(16))), _splat(builder, builder.trunc(last, _I16), 16))
+    at_last = builder.icmp_signed("==", ir.Constant(v16s, list(range(16))),
+                                  _splat(builder, builder.trunc(last, _I16), 16))
     v = builder.select(at_last, _splat(builder, one, 16), v)
     return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), 16)), _V16F)
 
@@ -450,9 +453,9 @@ def _scaled_blocks(builder, ng, per: int, unit_vector, block_scales):
     lanes) are converted, multiplied by their groups' factors and added to one float accumulator.
     Merging the units' lanes into one lane a group took shuffles that on AVX2 (a 16-lane vector is
     two registers) cost more than this convert and multiply-add: an int4 row from the L1 cache
-    73 -> 60 ns (2048 weights), 34 -> 28 (768; bench/row_dot_parts.py). A row whose groups do not
-    fill its last unit reads that unit after the loop, on its own: inside it, the masked loads'
-    path cost the whole units half their speed. Returns the row's float32 sum."""
+    68-91 -> 57-71 ns (2048 weights), 31-45 -> 27-35 (768; bench/row_dot_parts.py). A row whose
+    groups do not fill its last unit reads that unit after the loop, on its own: inside it, the
+    masked loads' path cost the whole units half their speed. Returns the row's float32 sum."""
     run = BLOCK_GROUPS // per
     lanes = ir.Constant(ir.VectorType(_I64, BLOCK_GROUPS), list(range(BLOCK_GROUPS)))
 
@@ -636,7 +639,8 @@ def _row_s8_i16_intrinsic(isa: str, group: int):
                 return builder.fmul(s, xsv, flags=_FAST)
 
             if isa == "avx2":
-                return _scaled_blocks(builder, ng, per, unit_vector, lambda base, left, mask: (factors(base, left, mask), None))
+                return _scaled_blocks(builder, ng, per, unit_vector,
+                                      lambda base, left, mask: (factors(base, left, mask), None))
 
             def block_end(base, mask, isums, acc):
                 sums = builder.sitofp(isums, _V16F)
