@@ -23,17 +23,16 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-from moestream.compute import row_dots as rd
 from moestream.compute.row_dots import (DOT_CHUNK, ROW_U4, U4_ISA, _V16F, _V16I, _V64B, _FAST, _const, _f16_block,
                                         _f16_lanes, _group_blocks, _load_first, _loop_head, _loop_tail, _masked_load,
-                                        _prefetch_ir, _sum_lanes, _u4_unit)
+                                        _sum_lanes, _u4_unit, _u4_unit_vector)
 
 GROUP = 64
 ROWS = 64                 # 64 rows of 2048: 64 KiB of codes, the L1 and L2 caches' share
 
 
 def _variant(kind: str):
-    per, gbytes = 2 * DOT_CHUNK // GROUP, GROUP // 2
+    per = 2 * DOT_CHUNK // GROUP
 
     @intrinsic
     def dot(typingctx, codes_addr, scales_addr, mins_addr, e_addr, o_addr, xs_addr, xsum_addr, ng, pf):
@@ -49,13 +48,7 @@ def _variant(kind: str):
                 _loop_tail(builder, loop, u, acc, acc1, builder.sdiv(ng, _const(per)), "units_end")
                 return _sum_lanes(builder, builder.sitofp(acc1, _V16F), 16)
 
-            def unit_vector(g, n):
-                off = builder.mul(g, _const(gbytes))
-                ca = builder.add(cw, off)
-                _prefetch_ir(builder, builder.add(ca, pf))
-                count = None if n is None else builder.mul(n, _const(gbytes))
-                return _u4_unit(builder, U4_ISA, *(_load_first(builder, a, _V64B, 1, count)
-                                                    for a in (ca, builder.add(e, off), builder.add(o, off))))
+            unit_vector = _u4_unit_vector(builder, U4_ISA, GROUP, cw, e, o, pf)
 
             def block_end(base, mask, isums, acc):
                 sums = builder.sitofp(isums, _V16F)

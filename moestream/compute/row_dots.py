@@ -333,9 +333,9 @@ def _f16_block(builder, isa: str, addr, left, mask):
     load of 16-bit lanes: LLVM emitted a test, a branch and an insert for each of the 16, and with
     the integer rebias of _f16_lanes that was a third of an int4 row's time or more (a row of 2048
     weights from the L1 cache, its units' lanes merged: 100-159 ns, 68-91 this way;
-    bench/row_dot_parts.py). There the
-    scales are read as 32-bit pairs (vpmaskmovd), an odd last one on its own (it always exists),
-    and widened by F16C's vcvtph2ps, which every AVX2 CPU has. Other instruction sets: _f16_lanes."""
+    bench/row_dot_parts.py). There the scales are read as 32-bit pairs (vpmaskmovd), an odd last
+    one on its own (it always exists), and widened by F16C's vcvtph2ps, which every AVX2 CPU has.
+    Other instruction sets: _f16_lanes."""
     if isa != "avx2":
         return _f16_lanes(builder, addr, mask)
     v8i, v16s = ir.VectorType(_I32, 8), ir.VectorType(_I16, 16)
@@ -463,6 +463,21 @@ def _scaled_blocks(builder, ng, per: int, unit_vector, block_scales):
         f = builder.shuffle_vector(factors, factors, ir.Constant(_V16I, [first + lane // run for lane in range(16)]))
         return builder.fadd(acc, builder.fmul(builder.sitofp(v, _V16F), f, flags=_FAST), flags=_FAST)
 
+    def where(cond, then, acc, name: str):
+        # then() (the accumulator with a unit added) where cond holds, else acc unchanged
+        have, join = builder.append_basic_block(name), builder.append_basic_block(f"{name}_end")
+        before = builder.block
+        builder.cbranch(cond, have, join)
+        builder.position_at_end(have)
+        added = then()
+        done = builder.block
+        builder.branch(join)
+        builder.position_at_end(join)
+        p = builder.phi(_V16F)
+        p.add_incoming(added, done)
+        p.add_incoming(acc, before)
+        return p
+
     nblocks = builder.sdiv(builder.add(ng, _const(BLOCK_GROUPS - 1)), _const(BLOCK_GROUPS))
     entry = builder.block
     loop = builder.append_basic_block("block")
@@ -478,18 +493,8 @@ def _scaled_blocks(builder, ng, per: int, unit_vector, block_scales):
     extra1 = extra if added is None else builder.fadd(extra, added, flags=_FAST)
     cur = acc
     for i in range(0, BLOCK_GROUPS, per):      # the whole units
-        have, join = builder.append_basic_block(f"unit{i}"), builder.append_basic_block(f"unit{i}_end")
-        before = builder.block
-        builder.cbranch(builder.icmp_signed("<", _const(i + per - 1), left), have, join)
-        builder.position_at_end(have)
-        nxt = scaled(unit_vector(builder.add(base, _const(i)), None), factors, i, cur)
-        done = builder.block
-        builder.branch(join)
-        builder.position_at_end(join)
-        p = builder.phi(_V16F)
-        p.add_incoming(nxt, done)
-        p.add_incoming(cur, before)
-        cur = p
+        cur = where(builder.icmp_signed("<", _const(i + per - 1), left),
+                    lambda: scaled(unit_vector(builder.add(base, _const(i)), None), factors, i, cur), cur, f"unit{i}")
     b1 = builder.add(b, _const(1))
     b.add_incoming(b1, builder.block)
     acc.add_incoming(cur, builder.block)
@@ -501,21 +506,13 @@ def _scaled_blocks(builder, ng, per: int, unit_vector, block_scales):
     if per == 1:
         return _sum_lanes(builder, total, 16)
     rem = builder.srem(ng, _const(per))        # groups of a last, partial unit
-    tail, end = builder.append_basic_block("tail"), builder.append_basic_block("tail_end")
-    before = builder.block
-    builder.cbranch(builder.icmp_signed(">", rem, _const(0)), tail, end)
-    builder.position_at_end(tail)
-    g = builder.sub(ng, rem)
-    # its groups' factors as a block of their own from g (its minimums' share is in `extra` already)
-    factors_t, _ = block_scales(g, rem, builder.icmp_signed("<", lanes, _splat(builder, rem, BLOCK_GROUPS)))
-    with_tail = scaled(unit_vector(g, rem), factors_t, 0, total)
-    from_tail = builder.block
-    builder.branch(end)
-    builder.position_at_end(end)
-    t = builder.phi(_V16F)
-    t.add_incoming(with_tail, from_tail)
-    t.add_incoming(total, before)
-    return _sum_lanes(builder, t, 16)
+
+    def tail():
+        g = builder.sub(ng, rem)
+        # its groups' factors as a block of their own from g (its minimums' share is in `extra` already)
+        factors_t, _ = block_scales(g, rem, builder.icmp_signed("<", lanes, _splat(builder, rem, BLOCK_GROUPS)))
+        return scaled(unit_vector(g, rem), factors_t, 0, total)
+    return _sum_lanes(builder, where(builder.icmp_signed(">", rem, _const(0)), tail, total, "tail"), 16)
 
 
 def _sum_lanes(builder, v, n: int):
@@ -575,9 +572,10 @@ ROW_S8_DOTS = {g: _row_s8_intrinsic(g) for g in ROW_DOT_GROUPS}
 # (sign-extend, convert) for every 8 codes; an int8 MoE layer's dots read 13.4 GB/s of weights from
 # the caches on a Zen 3 VM (2 threads), against 18.2 in this form (bench/int8_row_dots.py).
 # Multiplying the codes by activations quantized to int16 (one scale a group, absmax/32767) takes
-# one vpmaddwd for 16 of them: two products summed into each of 8 32-bit lanes, exact in integers. An int16 activation is 2^-15 of its group's largest, 128 times
-# finer than the bf16 the activations were: the weights' own int8 rounding stays the only loss that
-# counts (int8 activations, llama.cpp's Q8_0 way, raised the KL by a third: bench/mixed_precision.py).
+# one vpmaddwd for 16 of them: two products summed into each of 8 32-bit lanes, exact in integers.
+# An int16 activation is 2^-15 of its group's largest, 128 times finer than the bf16 the activations
+# were: the weights' own int8 rounding stays the only loss that counts (int8 activations,
+# llama.cpp's Q8_0 way, raised the KL by a third: bench/mixed_precision.py).
 # Sums: |code·activation| <= 128·32767 < 2^22, a group of 64 < 2^28: no overflow in 32 bits.
 
 _V64S = ir.VectorType(_I16, DOT_CHUNK)
@@ -705,9 +703,23 @@ def _u4_unit(builder, isa: str, c, e, o):
                         [p16, ir.Constant(i16x32, [1] * 32)])
 
 
+def _u4_unit_vector(builder, isa: str, group: int, cw, e, o, pf):
+    """The unit_vector (as _group_blocks takes it) of an int4 row: codes at cw, even and odd int8
+    activations at e and o, the codes `pf` bytes ahead prefetched."""
+    gbytes = group // 2                  # bytes of one group's codes (and of its even / odd activations)
+
+    def unit_vector(g, n):
+        off = builder.mul(g, _const(gbytes))
+        ca = builder.add(cw, off)
+        _prefetch_ir(builder, builder.add(ca, pf))
+        count = None if n is None else builder.mul(n, _const(gbytes))
+        return _u4_unit(builder, isa, *(_load_first(builder, a, _V64B, 1, count)
+                                         for a in (ca, builder.add(e, off), builder.add(o, off))))
+    return unit_vector
+
+
 def _row_u4_intrinsic(isa: str, group: int):
     per = 2 * DOT_CHUNK // group         # groups a 64-byte unit of codes holds
-    gbytes = group // 2                  # bytes of one group's codes (and of its even / odd activations)
 
     @intrinsic
     def row_dot_u4(typingctx, codes_addr, scales_addr, mins_addr, e_addr, o_addr, xs_addr, xsum_addr, ng, pf):
@@ -718,14 +730,7 @@ def _row_u4_intrinsic(isa: str, group: int):
 
         def codegen(context, builder, signature, args):
             cw, sc, mn, e, o, xs, xsum, ng, pf = args
-
-            def unit_vector(g, n):
-                off = builder.mul(g, _const(gbytes))
-                ca = builder.add(cw, off)
-                _prefetch_ir(builder, builder.add(ca, pf))
-                count = None if n is None else builder.mul(n, _const(gbytes))
-                return _u4_unit(builder, isa, *(_load_first(builder, a, _V64B, 1, count)
-                                                 for a in (ca, builder.add(e, off), builder.add(o, off))))
+            unit_vector = _u4_unit_vector(builder, isa, group, cw, e, o, pf)
 
             def scales(base, left, mask):
                 # (scale · xs, min · xsum) of the block's groups
