@@ -174,17 +174,22 @@ def block_plan(key: tuple, *, hidden: int, heads: int, kv_heads: int, dim: int, 
 
 
 def attention_half(plan: BlockPlan, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
-                   cache_v: torch.Tensor, pos: int
+                   cache_v: torch.Tensor, pos: int, checked: bool = False
                    ) -> Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]:
     """One decode token x [1, 1, H] (bf16, contiguous, CPU) at position `pos` through the layer of
     `plan`: its key and value written to the layer's KV cache [1, kv_heads, max_len, D] (bf16,
     contiguous) at `pos`; cos and sin [1, D] bf16. Returns new tensors: h [1, 1, H] (x plus the
     attention), the post-attention norm of h [1, H] and the router's logits float32 [1, E] (None
     without a router), the values the module path computes; None, with nothing written, where
-    the inputs are not of that form."""
+    the inputs are not of that form. `checked`: the caller had the caches (the same tensors: a
+    frozen KVCache's, DecoderLayer.attention_half) and cos and sin (made the same way, by
+    Rotary.at) pass these checks on an earlier call; x and pos are checked all the same."""
     f = plan.fields
     hidden, dim = int(f[_HIDDEN]), int(f[_DIM])
-    if not (_one_token(x, hidden) and cache_k.dim() == 4 and cache_k.shape[:2] == (1, f[_KV_HEADS])
+    if checked:
+        if not (_one_token(x, hidden) and 0 <= pos < cache_k.shape[2]):
+            return None
+    elif not (_one_token(x, hidden) and cache_k.dim() == 4 and cache_k.shape[:2] == (1, f[_KV_HEADS])
             and cache_k.shape[3] == dim and cache_v.shape == cache_k.shape and 0 <= pos < cache_k.shape[2]
             and cos.shape == (1, dim) == sin.shape
             and all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"

@@ -16,9 +16,11 @@ def small_model(tmp_path, family: str, quant: str, **budget):
                       **budget)
 
 
-def decode_logits(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Next-token logits of a 4-token prefill, then of each decode step up to `steps` positions."""
+def decode_logits(model, ids: torch.Tensor, steps: int, frozen: bool = False) -> torch.Tensor:
+    """Next-token logits of a 4-token prefill, then of each decode step up to `steps` positions
+    (`frozen`: in a frozen KV cache, as generate's: the fused calls check their plans once)."""
     cache = model.new_cache(steps + 8)
+    cache.frozen = frozen
     with torch.no_grad():
         out = [model(ids[:, :4], cache, 0)[:, -1]]
         out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]

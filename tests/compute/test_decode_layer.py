@@ -19,11 +19,12 @@ def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path,
     model = small_model(tmp_path, family, quant)
     monkeypatch.setattr(decode_ops, "MAX_ATTENDED_POSITIONS", 12)      # both branches within 24 positions
     ids = torch.randint(0, model.cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
-    fused, fused_head, taken, heads = decode_layer.attention_half, decode_layer.head, [], []
+    fused, fused_head, taken, heads, checked = decode_layer.attention_half, decode_layer.head, [], [], []
 
-    def counted(plan, x, cos, sin, ck, cv, pos):
-        out = fused(plan, x, cos, sin, ck, cv, pos)
+    def counted(plan, x, cos, sin, ck, cv, pos, **kw):
+        out = fused(plan, x, cos, sin, ck, cv, pos, **kw)
         taken.append(pos if out is not None else None)
+        checked.append(kw.get("checked", False))
         return out
 
     def counted_head(plan, x):
@@ -40,12 +41,17 @@ def test_the_fused_attention_half_gives_the_modules_logits_bit_for_bit(tmp_path,
         monkeypatch.setattr(decode_layer, "attention_half", counted)
         monkeypatch.setattr(decode_layer, "head", counted_head)
         got = decode_logits(model, ids, 24)
+        steps = len(taken)
+        got_frozen = decode_logits(model, ids, 24, frozen=True)     # generate's cache: checked once
     finally:
         model.store.close()
     # every decode step of every layer took the fused calls (the prefill did not)
-    assert sorted(set(taken)) == list(range(4, 24)) and len(taken) == 20 * model.cfg.num_layers
-    assert heads == [True] * 20
-    assert torch.equal(got, want)
+    assert sorted(set(taken)) == list(range(4, 24)) and steps == 20 * model.cfg.num_layers
+    assert taken[steps:] == taken[:steps] and heads == [True] * 40
+    # the frozen cache's calls: each layer's first step checked in full, every later one trusted
+    assert checked[:steps] == [False] * steps
+    assert checked[steps:] == [False] * model.cfg.num_layers + [True] * (steps - model.cfg.num_layers)
+    assert torch.equal(got, want) and torch.equal(got_frozen, want)
 
 
 def _first_layer(tmp_path, quant: str, pos: int):
@@ -104,18 +110,85 @@ def test_the_plan_follows_a_moved_weight(tmp_path):
         model.store.close()
 
 
+def test_a_frozen_cache_checks_the_plan_once_and_the_next_one_again(tmp_path):
+    """generate's KV cache is frozen: a layer's plan and the cache are checked on its first decode
+    step, not on later ones (the weights do not change while generate runs); a weight moved in
+    between is seen by the next frozen cache (the next generate), and by an unfrozen one at once."""
+    model, layer, cache, rope, x = _first_layer(tmp_path, "int8", 0)
+    cache.frozen = True
+    try:
+        with torch.no_grad():
+            first = layer.attention_half(x, rope, cache, 0)
+            plan = layer._block
+            layer.post_attention_layernorm.weight = torch.nn.Parameter(
+                layer.post_attention_layernorm.weight.detach() * 2, requires_grad=False)
+            same = layer.attention_half(x, rope, cache, 0)
+            # not checked again: the old weight read, from its memory kept alive, not freed memory
+            assert layer._block is plan and torch.equal(same[1], first[1])
+            assert layer.attention_half(x, rope, cache, 8) is None              # pos is, each step
+            fresh = model.new_cache(8)
+            fresh.frozen = True
+            moved = layer.attention_half(x, rope, fresh, 0)
+            assert layer._block is not plan and not torch.equal(moved[1], first[1])
+            assert torch.equal(moved[1], layer.post_attention_layernorm(moved[0]).reshape(1, -1))
+            plan = layer._block
+            layer.post_attention_layernorm.weight = torch.nn.Parameter(
+                layer.post_attention_layernorm.weight.detach() * 2, requires_grad=False)
+            again = layer.attention_half(x, rope, model.new_cache(8), 0)           # not frozen
+            assert layer._block is not plan
+            assert torch.equal(again[1], layer.post_attention_layernorm(again[0]).reshape(1, -1))
+            # the head: the same, once per frozen cache
+            want = model.lm_head(model.norm(x)).float()
+            assert torch.equal(model._fused_head(x, fresh), want)
+            model.norm.weight = torch.nn.Parameter(model.norm.weight.detach() * 2, requires_grad=False)
+            assert torch.equal(model._fused_head(x, fresh), want)                   # trusted
+            assert torch.equal(model._fused_head(x, model.new_cache(8)), model.lm_head(model.norm(x)).float())
+            model.thaw()                                         # generate's end: nothing trusted or kept
+            assert layer._checked_cache == 0 == model._head_checked
+            assert layer._block_memory == () == model._head_memory
+    finally:
+        model.store.close()
+
+
+def test_generate_checks_its_plans_once_and_thaws_them_at_its_end(tmp_path, monkeypatch):
+    """generate's cache is frozen: each layer's fused call is checked on the first decode step
+    only; the same tokens as the modules give; at its end nothing is trusted any more."""
+    model = small_model(tmp_path, "qwen3_moe", "int4")
+    fused, checked = decode_layer.attention_half, []
+
+    def counted(*a, **kw):
+        checked.append(kw.get("checked", False))
+        return fused(*a, **kw)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 4), generator=torch.Generator().manual_seed(2))
+    try:
+        monkeypatch.setattr(DecoderLayer, "attention_half", lambda *a: None)
+        monkeypatch.setattr(CausalLM, "_fused_head", lambda *a: None)
+        want = model.generate(ids, 6)
+        monkeypatch.undo()
+        monkeypatch.setattr(decode_layer, "attention_half", counted)
+        got = model.generate(ids, 6)
+        layers = model.cfg.num_layers
+        assert checked == [False] * layers + [True] * 4 * layers      # 5 decode steps: the last samples only
+        assert all(layer._checked_cache == 0 and layer._block_memory == () for layer in model.layers)
+        assert model._head_checked == 0
+        assert torch.equal(got, want)
+    finally:
+        model.store.close()
+
+
 def test_the_fused_head_leaves_a_hooked_or_batched_model_to_the_modules(tmp_path):
     model = small_model(tmp_path, "qwen3_moe", "int4")
     x = torch.randn(1, 1, model.cfg.hidden_size).to(torch.bfloat16)
     try:
         with torch.no_grad():
+            cache = model.new_cache(4)
             want = model.lm_head(model.norm(x)).float()
-            assert torch.equal(model._fused_head(x), want)
-            assert model._fused_head(torch.cat([x, x])) is None
+            assert torch.equal(model._fused_head(x, cache), want)
+            assert model._fused_head(torch.cat([x, x]), cache) is None
             handle = model.lm_head.register_forward_hook(lambda m, a, out: None)
-            assert model._fused_head(x) is None
+            assert model._fused_head(x, cache) is None
             handle.remove()
-        assert model._fused_head(x) is None                       # autograd on
+        assert model._fused_head(x, cache) is None                       # autograd on
     finally:
         model.store.close()
 

@@ -4,6 +4,7 @@ only from the Store. Shapes in comments: B batch, T tokens, N tokens in the batc
 H hidden, A active experts per token, E experts, D head dim."""
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -155,15 +156,28 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Per-layer keys and values, preallocated for `max_len` positions: [B, kv_heads, max_len, D]."""
+#: each KVCache's serial number: the fused decode calls remember the one they checked by it (an
+#: id() can come back for a new cache once the old one is freed)
+_CACHE_SERIALS = itertools.count(1)
 
-    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+
+class KVCache:
+    """Per-layer keys and values, preallocated for `max_len` positions: [B, kv_heads, max_len, D].
+
+    frozen: the cache of one CausalLM.generate call, during which the model's weights, modules and
+    hooks do not change: the fused decode calls check their plans and this cache's tensors on its
+    first decode step only, not on each (~0.15 ms of Python a layer, at a 2-layer model's ~7 ms
+    token). Other callers (the server, the transformers plug) leave it off."""
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device,
+                 frozen: bool = False):
         shape = (batch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0
         self.max_len = max_len
+        self.frozen = frozen
+        self.serial = next(_CACHE_SERIALS)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -545,6 +559,10 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         #: the fused decode call's plan of this layer (attention_half), made on first use
         self._block: Optional[decode_layer.BlockPlan] = None
+        #: the serial of the frozen KVCache (generate's) that _block and the cache were checked for
+        self._checked_cache = 0
+        self._block_modules: list[nn.Module] = []            # those whose weights _block reads
+        self._block_memory: tuple[torch.Tensor, ...] = ()    # their memory while trusted (_memory_of)
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
                 next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None,
@@ -594,11 +612,20 @@ class DecoderLayer(nn.Module):
         if (cache is None or x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.bfloat16
                 or x.device.type != "cpu" or torch.is_grad_enabled()):
             return None
-        plan = self._block_plan()
+        checked = cache.frozen and self._checked_cache == cache.serial     # by this generate's first step
+        plan = self._block if checked else self._block_plan()
         if plan is None:
             return None
         layer = self.self_attn.layer
-        return decode_layer.attention_half(plan, x, rope[0], rope[1], cache.k[layer], cache.v[layer], start)
+        out = decode_layer.attention_half(plan, x, rope[0], rope[1], cache.k[layer], cache.v[layer], start,
+                                          checked=checked)
+        if out is not None and cache.frozen and not checked:
+            self._checked_cache, self._block_memory = cache.serial, _memory_of(self._block_modules)
+        return out
+
+    def thaw(self) -> None:
+        """Trust no frozen cache any more (generate's end): the next decode step checks again."""
+        self._checked_cache, self._block_memory = 0, ()
 
     def _block_plan(self) -> Optional[decode_layer.BlockPlan]:
         # worked out again whenever a linear's plan or a norm's memory changes (the key). Every
@@ -622,11 +649,20 @@ class DecoderLayer(nn.Module):
         if self._block is not None and self._block.key == key:
             return self._block
         eps = {m.eps for m in norms}
+        self._block_modules = [qkv_proj, o_proj, *norms, *([router] if gate else [])]
         self._block = None if len(eps) != 1 else decode_layer.block_plan(
             key, hidden=attn.cfg.hidden_size, heads=attn.cfg.num_heads, kv_heads=attn.cfg.num_kv_heads,
             dim=attn.cfg.head_dim, eps=eps.pop(), qkv=qkv, o=o, gate=gate, in_norm=weights[0], post_norm=weights[1],
             q_norm=weights[2] if len(weights) > 2 else None, k_norm=weights[3] if len(weights) > 2 else None)
         return self._block
+
+
+def _memory_of(modules: list[nn.Module]) -> tuple[torch.Tensor, ...]:
+    """Aliases of the modules' parameters and buffers, held while a frozen KV cache trusts a plan
+    made of their addresses (until generate's end): a weight replaced meanwhile (a contract
+    generate's callers break) is then read from its old memory, kept alive, not freed memory."""
+    return tuple(t.detach() for m in modules for t in (*m._parameters.values(), *m._buffers.values())
+                 if t is not None)
 
 
 def _kernel_plan(linear: nn.Module) -> Optional[LinearPlan]:
@@ -658,6 +694,9 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         #: the fused decode call's plan of the final norm and lm_head (_fused_head), made on first use
         self._head: Optional[decode_layer.BlockPlan] = None
+        #: the serial of the frozen KVCache (generate's) that _head was checked for
+        self._head_checked = 0
+        self._head_memory: tuple[torch.Tensor, ...] = ()     # what _head's addresses point into
         #: prefetch the next layer's likely experts (its router applied to the current residual)
         self.prefetch_next_layer = False
         #: ... only those whose router probability reaches this
@@ -712,14 +751,31 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1] if predict and i + 1 < len(self.layers) else None
             x = layer(x, rope, cache, start, nxt, threshold, self.guess_width)
-        logits = self._fused_head(x) if cache is not None else None
+        logits = self._fused_head(x, cache) if cache is not None else None
         return logits if logits is not None else self.lm_head(self.norm(x)).float()
 
-    def _fused_head(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def _fused_head(self, x: torch.Tensor, cache: KVCache) -> Optional[torch.Tensor]:
         # a bf16 CPU decode token's final norm and lm_head in one native call (decode_layer.head),
-        # the same logits; None where it does not apply (see DecoderLayer.attention_half)
+        # the same logits; None where it does not apply (see DecoderLayer.attention_half). The
+        # plan is checked once per frozen cache (generate's), as the layers' are
         if x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
             return None
+        if cache.frozen and self._head_checked == cache.serial:
+            return decode_layer.head(self._head, x)
+        logits = self._checked_head(x)
+        if logits is not None and cache.frozen:
+            norm, lm_head = self._modules["norm"], self._modules["lm_head"]
+            self._head_checked, self._head_memory = cache.serial, _memory_of([norm, lm_head])
+        return logits
+
+    def thaw(self) -> None:
+        """Trust no frozen KV cache any more (generate's end): the fused calls check their plans
+        on the next decode step again and hold no weights' old memory (_memory_of)."""
+        self._head_checked, self._head_memory = 0, ()
+        for layer in self.layers:
+            layer.thaw()
+
+    def _checked_head(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         norm, lm_head = self._modules["norm"], self._modules["lm_head"]
         plan = _kernel_plan(lm_head)
         if plan is None or _hooked([norm, lm_head]):
@@ -752,7 +808,9 @@ class CausalLM(nn.Module):
                  timings: Optional[dict] = None) -> torch.Tensor:
         """Extend input_ids [B, T] by up to `max_new_tokens` tokens -> [B, T + n]. temperature 0
         is greedy. Stops early when every sequence produced `eos_token_id`. `on_token(ids [B])`
-        is called as each token is produced; `timings` (a dict) receives prefill/decode seconds."""
+        is called as each token is produced; `timings` (a dict) receives prefill/decode seconds.
+        The model's weights, modules and hooks must not change while it runs (from `on_token`, or
+        another thread): its fused decode calls check them on the first decode step only."""
         b, t = input_ids.shape
         if max_new_tokens < 1 or t + max_new_tokens > self.cfg.max_position_embeddings:
             raise UsageError(f"a {t}-token prompt plus max_new_tokens={max_new_tokens} does not fit the model's "
@@ -760,27 +818,30 @@ class CausalLM(nn.Module):
                              f"{self.cfg.max_position_embeddings - t})")
         dev = self.embed_tokens.weight.device
         cache = KVCache(self.cfg.num_layers, b, self.cfg.num_kv_heads, t + max_new_tokens, self.cfg.head_dim,
-                        self.embed_tokens.weight.dtype, dev)
+                        self.embed_tokens.weight.dtype, dev, frozen=True)
         ids = input_ids.to(dev)
         t0 = time.perf_counter()
-        logits = self(ids, cache, 0)[:, -1]                                      # [B, V]
-        t1 = time.perf_counter()
-        out = [ids]
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
-        pos = t
-        for step in range(max_new_tokens):
-            nxt = sample(logits, temperature, generator=generator)                 # [B]
-            out.append(nxt[:, None])
-            if on_token is not None:
-                on_token(nxt)
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if bool(done.all()):
+        try:
+            logits = self(ids, cache, 0)[:, -1]                                  # [B, V]
+            t1 = time.perf_counter()
+            out = [ids]
+            done = torch.zeros(b, dtype=torch.bool, device=dev)
+            pos = t
+            for step in range(max_new_tokens):
+                nxt = sample(logits, temperature, generator=generator)             # [B]
+                out.append(nxt[:, None])
+                if on_token is not None:
+                    on_token(nxt)
+                if eos_token_id is not None:
+                    done |= nxt == eos_token_id
+                    if bool(done.all()):
+                        break
+                if step + 1 == max_new_tokens:
                     break
-            if step + 1 == max_new_tokens:
-                break
-            logits = self(nxt[:, None], cache, pos)[:, -1]
-            pos += 1
+                logits = self(nxt[:, None], cache, pos)[:, -1]
+                pos += 1
+        finally:
+            self.thaw()
         if timings is not None:
             timings.update(prefill_seconds=t1 - t0, prefill_tokens=b * t, decode_seconds=time.perf_counter() - t1,
                            decode_tokens=b * (len(out) - 1))
