@@ -15,6 +15,9 @@ process, torch, dense weights). The page cache is dropped before each (root only
 says when it was not). Reported per system: tokens/s, bytes read (the Store's counter and the
 disk's own, /proc/diskstats), L1 hits, and the I/O ceiling tokens / (bytes read / B), where B is
 moestream's raw cold read bandwidth (io_uring, O_DIRECT) on the same store in the same run.
+The resident systems (every expert in L1 first) are timed as llama-bench times llama.cpp: a
+1-token warm-up generation, then the mean tok/s of REPETITIONS generations; the systems that
+stream run one generation from a cold cache.
 
 Prefetch in a replayed run cannot use the real next-layer router (its weights are random and
 its choices are overridden), so `best` prefetches from a *simulated predictor*: the trace's
@@ -76,6 +79,10 @@ LLAMA_SYSTEMS = ("llama.cpp-q4_0",)
 #: the store each of our systems runs on (default: the bf16 one)
 SYSTEM_QUANT = {"resident-int8": "int8", "resident-int4": "int4", "resident-int4-dense-int4": "int4",
                 "best-no-prefetch-int4": "int4", "best-int4": "int4"}
+#: llama-bench's -r (its tok/s the mean over them, after its 1-token warm-up generation), and the
+#: timed generations of each resident system of ours after the same warm-up: both sides timed alike
+REPETITIONS = 2
+
 #: load_model's dense_quant of each system (default "auto": int8 for int stores)
 SYSTEM_DENSE_QUANT = {"resident-int4-dense-int4": "int4"}
 #: On CUDA, `best` twice more, reaching device memory two ways: io_uring into pinned host memory
@@ -273,6 +280,13 @@ def _vm_hwm() -> int:
     return 0
 
 
+#: the Store's counters a system reports, counted over its timed generations' decode steps
+#: (its "decode_seconds" is the codec's: reported as decode_codec_seconds)
+_COUNTED = ("bytes_read", "hits_l1", "misses", "requests", "stall_seconds", "checksum_seconds", "decode_seconds",
+            "reads", "read_seconds", "prefetch_issued", "prefetch_used", "prefetch_late", "prefetch_cancelled",
+            "prefetch_wasted_bytes", "device_reads")
+
+
 def run_system(spec: dict[str, Any]) -> dict[str, Any]:
     """Decode `spec["tokens"]` tokens with one system; returns its figures."""
     import torch
@@ -331,33 +345,39 @@ def run_system(spec: dict[str, Any]) -> dict[str, Any]:
             for m in moes:
                 m.expert_seconds = 0.0
     model.register_forward_pre_hook(pre_hook)
+    repetitions = 1
     if system.startswith("resident"):  # warm: every expert into L1 first (resident-int8/int4 too)
         load_every_expert(model.store)
-    timings: dict = {}
-    model.generate(ids, spec["tokens"], timings=timings)
-    disk1, disk0 = _disk_sectors_read(store_path), before["disk"]
-    s0 = before["stats"] or store.stats()
-    st = store.stats() if system != "inmemory" else s0
-    decode_tokens = timings["decode_tokens"] - 1           # the first new token comes from the prefill
+        # then timed as llama-bench times its side: a 1-token warm-up generation, then the mean
+        # tok/s of REPETITIONS generations (its -r); every expert is held, so neither
+        # changes what the cache holds. A process's first generation ran 5-15 % slower
+        # throughout than its next ones on the development machine (2026-12-07)
+        model.generate(ids, 2)
+        repetitions = REPETITIONS
+    rates: list[float] = []
+    decode_tokens, decode_seconds, matmul_seconds = 0, 0.0, 0.0
+    counted = dict.fromkeys(_COUNTED, 0)
+    disk_bytes: Optional[int] = 0
+    for _ in range(repetitions):      # each counted from its first decode step (not its prefill)
+        before.clear()
+        timings: dict = {}
+        model.generate(ids, spec["tokens"], timings=timings)
+        n = timings["decode_tokens"] - 1                   # the first new token comes from the prefill
+        rates.append(n / timings["decode_seconds"])
+        decode_tokens, decode_seconds = decode_tokens + n, decode_seconds + timings["decode_seconds"]
+        matmul_seconds += sum(m.expert_seconds for m in moes)
+        disk1, disk0 = _disk_sectors_read(store_path), before["disk"]
+        disk_bytes = None if None in (disk_bytes, disk0, disk1) else disk_bytes + (disk1 - disk0) * 512
+        s0 = before["stats"] or store.stats()
+        st = store.stats() if system != "inmemory" else s0
+        for k in _COUNTED:
+            counted[k] += st.get(k, 0) - s0.get(k, 0)
     out = {
-        "system": system, "tokens": decode_tokens, "decode_seconds": timings["decode_seconds"],
-        "tokens_per_s": decode_tokens / timings["decode_seconds"],
-        "prefill_seconds": timings["prefill_seconds"],
-        "bytes_read": st["bytes_read"] - s0["bytes_read"] if system != "inmemory" else 0,
-        "disk_bytes_read": (disk1 - disk0) * 512 if disk0 is not None and disk1 is not None else None,
-        "hits_l1": st["hits_l1"] - s0["hits_l1"], "misses": st["misses"] - s0["misses"],
-        "requests": st["requests"] - s0["requests"],
-        "stall_seconds": st["stall_seconds"] - s0["stall_seconds"],
-        "checksum_seconds": st["checksum_seconds"] - s0["checksum_seconds"],
-        "decode_codec_seconds": st["decode_seconds"] - s0["decode_seconds"],
-        "reads": st["reads"] - s0["reads"], "read_seconds": st["read_seconds"] - s0["read_seconds"],
-        "expert_matmul_seconds": sum(m.expert_seconds for m in moes),
-        "prefetch_issued": st["prefetch_issued"] - s0["prefetch_issued"],
-        "prefetch_used": st["prefetch_used"] - s0["prefetch_used"],
-        "prefetch_late": st["prefetch_late"] - s0["prefetch_late"],
-        "prefetch_cancelled": st["prefetch_cancelled"] - s0["prefetch_cancelled"],
-        "prefetch_wasted_bytes": st["prefetch_wasted_bytes"] - s0["prefetch_wasted_bytes"],
-        "device_reads": st.get("device_reads", 0) - s0.get("device_reads", 0),
+        "system": system, "tokens": decode_tokens, "decode_seconds": decode_seconds,
+        "tokens_per_s": sum(rates) / len(rates), "repetitions": repetitions,
+        "prefill_seconds": timings["prefill_seconds"], "disk_bytes_read": disk_bytes,
+        **{k: v for k, v in counted.items() if k != "decode_seconds"},
+        "decode_codec_seconds": counted["decode_seconds"], "expert_matmul_seconds": matmul_seconds,
         "vm_hwm_bytes": _vm_hwm(), "backend": st.get("backend"), "device": device,
         "expert_slots": model.store.expert_slots, "store_quant": model.store.index.quant,
         "dense_quant": getattr(model, "dense_quant", None),   # load_model's default: the experts' type
@@ -381,7 +401,8 @@ def _run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
     src, gguf_path = Path(spec["llama_cpp"]), Path(spec["gguf"])
     limited = spec.get("memory_limit") is not None
     disk0 = _disk_sectors_read(str(gguf_path))
-    r = llama_cpp.run_bench(src, gguf_path, spec["tokens"], threads=os.cpu_count() or 2, repack=not limited)
+    r = llama_cpp.run_bench(src, gguf_path, spec["tokens"], threads=os.cpu_count() or 2, repack=not limited,
+                             repetitions=REPETITIONS)
     disk1 = _disk_sectors_read(str(gguf_path))
     return {"system": spec["system"], "tokens": spec["tokens"], "tokens_per_s": r["tokens_per_s"],
             "stddev_tokens_per_s": r["stddev_tokens_per_s"], "llama_bench": r["command"],
@@ -390,7 +411,7 @@ def _run_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
             # llama-bench's own peak (children's ru_maxrss: at least this Python's RSS at the fork)
             "vm_hwm_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
             "note": "llama-bench: random token ids, the model's own (random) routers; its warm-up run and "
-                    f"{2} repetitions of {spec['tokens']} tokens" + ("; --repack 0 under the limit" if limited else "")}
+                    f"{REPETITIONS} repetitions of {spec['tokens']} tokens" + ("; --repack 0 under the limit" if limited else "")}
 
 
 def accelerate_offload_folder(checkpoint: Path) -> Path:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from moestream.bench.decode import (BOUNDS, CUDA_SYSTEMS, QUANT_BOUNDS, QUANT_SYSTEMS, SYSTEMS, bench_decode, coverage,
+from moestream.bench.decode import (BOUNDS, CUDA_SYSTEMS, QUANT_BOUNDS, QUANT_SYSTEMS, REPETITIONS, SYSTEMS, bench_decode, coverage,
                                     format_table, plot, synthetic_trace, system_spec, warm_up_systems)
 
 TINY = dict(hidden=64, inter=32, experts=16, top_k=4, heads=4, kv_heads=2, head_dim=16, vocab=128)
@@ -25,7 +25,10 @@ def test_bench_decode_runs_every_system(tmp_path):
     rows = {r["system"]: r for r in d["results"] if "error" not in r}
     assert set(SYSTEMS + BOUNDS + QUANT_SYSTEMS + QUANT_BOUNDS) <= set(rows), [r for r in d["results"] if "error" in r]
     for s in QUANT_SYSTEMS + QUANT_BOUNDS:   # the int stores of the same checkpoint, the same routing
-        assert rows[s]["store_quant"] in ("int8", "int4") and rows[s]["requests"] == 3 * 2 * 4
+        # the resident ones timed as llama-bench times: after a warm-up token, REPETITIONS generations
+        reps = REPETITIONS if s.startswith("resident") else 1
+        assert rows[s]["store_quant"] in ("int8", "int4") and rows[s]["requests"] == reps * 3 * 2 * 4
+        assert rows[s]["repetitions"] == reps and rows[s]["tokens"] == reps * 3
     for s in QUANT_BOUNDS:                   # warmed: every expert in L1 before the first token
         assert rows[s]["hits_l1"] == rows[s]["requests"] and rows[s]["bytes_read"] == 0
     assert d["int4_l1_experts_vs_bf16"] > 1
@@ -37,7 +40,9 @@ def test_bench_decode_runs_every_system(tmp_path):
     assert d["int4_vs_llama_cpp_q4_0_limited"] is None   # llama.cpp did not run
     streamed = [rows[s] for s in ("naive", "lru", "best-no-prefetch", "best", "resident")]
     for r in streamed:   # forced routing: every system asked for the same experts
-        assert r["tokens"] == 3 and r["requests"] == 3 * 2 * 4 and r["tokens_per_s"] > 0
+        reps = r["repetitions"]
+        assert reps == (REPETITIONS if r["system"] == "resident" else 1)
+        assert r["tokens"] == reps * 3 and r["requests"] == reps * 3 * 2 * 4 and r["tokens_per_s"] > 0
     assert rows["resident"]["hits_l1"] == rows["resident"]["requests"] and rows["resident"]["bytes_read"] == 0
     assert rows["naive"]["hits_l1"] <= rows["lru"]["hits_l1"]
     assert rows["naive"]["bytes_read"] == rows["naive"]["misses"] * d["model"]["extent_bytes"]
