@@ -84,6 +84,11 @@ def test_the_fused_call_leaves_what_it_cannot_take_to_the_modules(tmp_path):
         model.store.close()
 
 
+def _double_weight(norm: torch.nn.Module) -> None:
+    """Replace the norm's weight by a new parameter, twice it, in new memory (the old one freed)."""
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 2, requires_grad=False)
+
+
 def test_the_plan_follows_a_moved_weight(tmp_path):
     """A layer's plan holds addresses: a norm weight or linear replaced after the first call is
     read from its new memory (the plan made again), never from the old address."""
@@ -92,8 +97,7 @@ def test_the_plan_follows_a_moved_weight(tmp_path):
         with torch.no_grad():
             first = layer.attention_half(x, rope, cache, 0)
             plan = layer._block
-            layer.post_attention_layernorm.weight = torch.nn.Parameter(
-                layer.post_attention_layernorm.weight.detach() * 2, requires_grad=False)
+            _double_weight(layer.post_attention_layernorm)
             moved = layer.attention_half(x, rope, cache, 0)
             assert layer._block is not plan
             assert torch.equal(moved[0], first[0]) and not torch.equal(moved[1], first[1])
@@ -120,8 +124,7 @@ def test_a_frozen_cache_checks_the_plan_once_and_the_next_one_again(tmp_path):
         with torch.no_grad():
             first = layer.attention_half(x, rope, cache, 0)
             plan = layer._block
-            layer.post_attention_layernorm.weight = torch.nn.Parameter(
-                layer.post_attention_layernorm.weight.detach() * 2, requires_grad=False)
+            _double_weight(layer.post_attention_layernorm)
             same = layer.attention_half(x, rope, cache, 0)
             # not checked again: the old weight read, from its memory kept alive, not freed memory
             assert layer._block is plan and torch.equal(same[1], first[1])
@@ -132,20 +135,19 @@ def test_a_frozen_cache_checks_the_plan_once_and_the_next_one_again(tmp_path):
             assert layer._block is not plan and not torch.equal(moved[1], first[1])
             assert torch.equal(moved[1], layer.post_attention_layernorm(moved[0]).reshape(1, -1))
             plan = layer._block
-            layer.post_attention_layernorm.weight = torch.nn.Parameter(
-                layer.post_attention_layernorm.weight.detach() * 2, requires_grad=False)
+            _double_weight(layer.post_attention_layernorm)
             again = layer.attention_half(x, rope, model.new_cache(8), 0)           # not frozen
             assert layer._block is not plan
             assert torch.equal(again[1], layer.post_attention_layernorm(again[0]).reshape(1, -1))
             # the head: the same, once per frozen cache
             want = model.lm_head(model.norm(x)).float()
             assert torch.equal(model._fused_head(x, fresh), want)
-            model.norm.weight = torch.nn.Parameter(model.norm.weight.detach() * 2, requires_grad=False)
+            _double_weight(model.norm)
             assert torch.equal(model._fused_head(x, fresh), want)                   # trusted
             assert torch.equal(model._fused_head(x, model.new_cache(8)), model.lm_head(model.norm(x)).float())
             model.thaw()                                         # generate's end: nothing trusted or kept
-            assert layer._checked_cache == 0 == model._head_checked
-            assert layer._block_memory == () == model._head_memory
+            assert layer._trust.serial == 0 == model._head_trust.serial
+            assert layer._trust.memory == () == model._head_trust.memory
     finally:
         model.store.close()
 
@@ -169,8 +171,8 @@ def test_generate_checks_its_plans_once_and_thaws_them_at_its_end(tmp_path, monk
         got = model.generate(ids, 6)
         layers = model.cfg.num_layers
         assert checked == [False] * layers + [True] * 4 * layers      # 5 decode steps: the last samples only
-        assert all(layer._checked_cache == 0 and layer._block_memory == () for layer in model.layers)
-        assert model._head_checked == 0
+        assert all(layer._trust.serial == 0 and layer._trust.memory == () for layer in model.layers)
+        assert model._head_trust.serial == 0
         assert torch.equal(got, want)
     finally:
         model.store.close()

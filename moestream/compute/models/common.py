@@ -559,10 +559,9 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         #: the fused decode call's plan of this layer (attention_half), made on first use
         self._block: Optional[decode_layer.BlockPlan] = None
-        #: the serial of the frozen KVCache (generate's) that _block and the cache were checked for
-        self._checked_cache = 0
         self._block_modules: list[nn.Module] = []            # those whose weights _block reads
-        self._block_memory: tuple[torch.Tensor, ...] = ()    # their memory while trusted (_memory_of)
+        #: the frozen KVCache (generate's) that _block and the cache were checked for
+        self._trust = _FrozenTrust()
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
                 next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None,
@@ -612,20 +611,16 @@ class DecoderLayer(nn.Module):
         if (cache is None or x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.bfloat16
                 or x.device.type != "cpu" or torch.is_grad_enabled()):
             return None
-        checked = cache.frozen and self._checked_cache == cache.serial     # by this generate's first step
+        checked = self._trust.holds(cache)                 # checked by this generate's first step
         plan = self._block if checked else self._block_plan()
         if plan is None:
             return None
         layer = self.self_attn.layer
         out = decode_layer.attention_half(plan, x, rope[0], rope[1], cache.k[layer], cache.v[layer], start,
                                           checked=checked)
-        if out is not None and cache.frozen and not checked:
-            self._checked_cache, self._block_memory = cache.serial, _memory_of(self._block_modules)
+        if out is not None and not checked:
+            self._trust.grant(cache, self._block_modules)
         return out
-
-    def thaw(self) -> None:
-        """Trust no frozen cache any more (generate's end): the next decode step checks again."""
-        self._checked_cache, self._block_memory = 0, ()
 
     def _block_plan(self) -> Optional[decode_layer.BlockPlan]:
         # worked out again whenever a linear's plan or a norm's memory changes (the key). Every
@@ -657,12 +652,29 @@ class DecoderLayer(nn.Module):
         return self._block
 
 
-def _memory_of(modules: list[nn.Module]) -> tuple[torch.Tensor, ...]:
-    """Aliases of the modules' parameters and buffers, held while a frozen KV cache trusts a plan
-    made of their addresses (until generate's end): a weight replaced meanwhile (a contract
-    generate's callers break) is then read from its old memory, kept alive, not freed memory."""
-    return tuple(t.detach() for m in modules for t in (*m._parameters.values(), *m._buffers.values())
-                 if t is not None)
+class _FrozenTrust:
+    """A fused decode call's trust in one frozen KVCache (generate's), granted after its first
+    call checked the plan and the cache in full: the cache's serial, and aliases of the parameters
+    and buffers of the modules whose addresses the plan holds, kept until clear() (generate's
+    end), so that a weight replaced meanwhile (a contract generate's callers break) is read from
+    its old memory, kept alive, not freed memory."""
+
+    def __init__(self) -> None:
+        self.serial = 0
+        self.memory: tuple[torch.Tensor, ...] = ()
+
+    def holds(self, cache: KVCache) -> bool:
+        return cache.frozen and self.serial == cache.serial
+
+    def grant(self, cache: KVCache, modules: list[nn.Module]) -> None:
+        """Trust `cache` (if frozen) after a call that checked everything; `modules`: the plan's."""
+        if cache.frozen:
+            self.serial = cache.serial
+            self.memory = tuple(t.detach() for m in modules for t in (*m._parameters.values(), *m._buffers.values())
+                                if t is not None)
+
+    def clear(self) -> None:
+        self.serial, self.memory = 0, ()
 
 
 def _kernel_plan(linear: nn.Module) -> Optional[LinearPlan]:
@@ -694,9 +706,8 @@ class CausalLM(nn.Module):
         self.rotary = Rotary(cfg)
         #: the fused decode call's plan of the final norm and lm_head (_fused_head), made on first use
         self._head: Optional[decode_layer.BlockPlan] = None
-        #: the serial of the frozen KVCache (generate's) that _head was checked for
-        self._head_checked = 0
-        self._head_memory: tuple[torch.Tensor, ...] = ()     # what _head's addresses point into
+        #: the frozen KVCache (generate's) that _head was checked for
+        self._head_trust = _FrozenTrust()
         #: prefetch the next layer's likely experts (its router applied to the current residual)
         self.prefetch_next_layer = False
         #: ... only those whose router probability reaches this
@@ -760,20 +771,19 @@ class CausalLM(nn.Module):
         # plan is checked once per frozen cache (generate's), as the layers' are
         if x.shape[0] != 1 or x.shape[1] != 1 or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
             return None
-        if cache.frozen and self._head_checked == cache.serial:
+        if self._head_trust.holds(cache):
             return decode_layer.head(self._head, x)
         logits = self._checked_head(x)
-        if logits is not None and cache.frozen:
-            norm, lm_head = self._modules["norm"], self._modules["lm_head"]
-            self._head_checked, self._head_memory = cache.serial, _memory_of([norm, lm_head])
+        if logits is not None:
+            self._head_trust.grant(cache, [self._modules["norm"], self._modules["lm_head"]])
         return logits
 
     def thaw(self) -> None:
         """Trust no frozen KV cache any more (generate's end): the fused calls check their plans
-        on the next decode step again and hold no weights' old memory (_memory_of)."""
-        self._head_checked, self._head_memory = 0, ()
+        on the next decode step again and hold no weights' old memory (_FrozenTrust)."""
+        self._head_trust.clear()
         for layer in self.layers:
-            layer.thaw()
+            layer._trust.clear()
 
     def _checked_head(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         norm, lm_head = self._modules["norm"], self._modules["lm_head"]
