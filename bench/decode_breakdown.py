@@ -53,6 +53,7 @@ def main() -> None:
     if a.stub_kernels:
         quant_kernels._moe_layer = lambda *args: None
         decode_moe._moe_decode = lambda x_addr, x_bf16, hidden, *args: np.zeros((1, hidden), np.float32)
+        decode_moe.LeasedLayer.output = lambda *args: None      # the general path's Python, kernels stubbed
 
         def linear(x, kind, c, s, m, rows, group, out, pf):
             out.fill(0.01)           # finite: the routers' softmax and top-k see numbers
@@ -72,6 +73,7 @@ def main() -> None:
             return f"kernel: linear {names.get(shape, '')}{list(shape)} (quant_kernels._linear)"
         timed(quant_kernels, "_moe_layer", "kernel: MoE layer (quant_kernels._moe_layer)")
         timed(decode_moe, "_moe_decode", "kernel: MoE layer, decode (decode_moe._moe_decode)")
+        timed(decode_moe, "_moe_leased", "kernel: router top-k + MoE layer, leased (decode_moe._moe_leased)")
         timed(quant_kernels, "_linear", linear_key)
         timed(decode_ops, "_attend_one_bf16", "kernel: attention (decode_ops._attend_one_bf16)")
         timed(decode_ops, "_rms_norm_bf16", "kernel: RMSNorm (decode_ops._rms_norm_bf16)")
@@ -85,7 +87,8 @@ def main() -> None:
                              (common.RMSNorm, "forward", "RMSNorm.forward (modules)"),
                              (common.StreamingMoE, "forward", "StreamingMoE.forward"),
                              (common.StreamingMoE, "route", "StreamingMoE.route"),
-                             (common, "held_decode_output", "held_decode_output (decode, all in L1)")):
+                             (common, "held_decode_output", "held_decode_output (decode, all in L1)"),
+                             (decode_moe.LeasedLayer, "output", "LeasedLayer.output (decode, a resident store)")):
         timed(owner, attr, key)
     model = load_model(a.store, host_budget=0, device_budget="8GiB",
                        dense_quant=None if a.dense_quant == "none" else a.dense_quant)

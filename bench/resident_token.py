@@ -18,7 +18,10 @@ paired under the same load, which drifts on a shared machine more than the diffe
 
 --moe-ab does the same for a decode token's routed experts: on, the one native call of
 compute/decode_moe.py (every routed expert in L1) and the router's top-k in one call
-(decode_ops.softmax_topk); off, the general path (stream_experts) and torch's softmax and top-k.
+(decode_ops.softmax_topk); off, the general path (stream_experts) and torch's softmax and top-k
+(and no lease). --lease-ab: on, generate leases the resident store's experts and each layer's
+router and experts are one call with no store call (decode_moe.LeasedLayer); off, the per-step
+one call above (Store.hold_routed and the router's own call).
 
 --first-steps N times, right after load_model and an 8-token prefill, the first N decode steps
 one by one (ms each): what loading the kernels' machine code costs the first token where
@@ -41,6 +44,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=8)
     p.add_argument("--fused-ab", action="store_true", help="alternate the fused decode calls on and off")
     p.add_argument("--moe-ab", action="store_true", help="alternate the one-call decode MoE on and off")
+    p.add_argument("--lease-ab", action="store_true", help="alternate generate's lease of the experts on and off")
     p.add_argument("--first-steps", type=int, default=0, help="time the first N decode steps after load instead")
     a = p.parse_args()
     model = load_model(a.store, host_budget=0, device_budget="8GiB")
@@ -51,7 +55,7 @@ def main() -> None:
             print(first_steps(model, ids, a.first_steps))
             return
         model.generate(ids, 16)                 # compile and warm
-        if not (a.fused_ab or a.moe_ab):
+        if not (a.fused_ab or a.moe_ab or a.lease_ab):
             ms = [token_ms(model, ids) for _ in range(a.runs)]
             print(f"{statistics.median(ms):.3f} ms a decode token (median of {a.runs}; {min(ms):.3f}-{max(ms):.3f})")
             return
@@ -59,8 +63,10 @@ def main() -> None:
         from moestream.compute.models import common
         # (owner, attribute) switched off by a stand-in that declines, as each does where it does not apply
         switched = ([(common.DecoderLayer, "attention_half"), (common.CausalLM, "_fused_head")] if a.fused_ab else
-                    [(common, "held_decode_output"), (decode_ops, "softmax_topk")])
-        on_name, off_name = ("fused", "modules") if a.fused_ab else ("one call", "general")
+                    [(common.CausalLM, "_lease_experts")] if a.lease_ab else
+                    [(common, "held_decode_output"), (decode_ops, "softmax_topk"), (common.CausalLM, "_lease_experts")])
+        on_name, off_name = ("fused", "modules") if a.fused_ab else ("leased", "per step") if a.lease_ab else \
+            ("one call", "general")
         real = [getattr(owner, attr) for owner, attr in switched]
         ms = {on_name: [], off_name: []}
         try:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from numba import carray, njit
 
-from .decode_ops import _bf16, _f32
+from .decode_ops import _bf16, _f32, _softmax_topk
 from .dequant import _PARALLEL_LOCK
 from .quant_kernels import (CALLS_PARALLEL, PREFETCH_BYTES, QUANT_KERNELS, _layer_group, _moe_layer, flush_cached_kernels_on_source_change,
                             held_layout, layouts_fit)
@@ -98,6 +98,32 @@ def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, w_addr, w_bf
     # with a residual [H] of x's dtype at res_addr (not 0), residual + the sum rounded to x's
     # dtype, added as torch adds two tensors of it (for bf16: in float32, rounded once).
     k = ids.shape[0]
+    weights = np.empty(k, np.float32)
+    for j in range(k):
+        if w_bf16:
+            weights[j] = _f32(carray(_u16_ptr(w_addr), k)[j])
+        elif x_bf16:
+            weights[j] = _f32(_bf16(carray(_f32_ptr(w_addr), k)[j]))
+        else:
+            weights[j] = carray(_f32_ptr(w_addr), k)[j]
+    out = _moe_sum(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, inter, group, pf)
+    if res_addr != 0:
+        if x_bf16:
+            res = carray(_u16_ptr(res_addr), hidden)
+            for i in range(hidden):
+                out[0, i] = _f32(_bf16(_f32(res[i]) + _f32(_bf16(out[0, i]))))
+        else:
+            out[0, :] += carray(_f32_ptr(res_addr), hidden)
+    return out
+
+
+@njit(inline="always")
+def _moe_sum(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, weights, inter, group, pf):
+    # _moe_decode's and _moe_leased's sum: the experts ids [K] (slots at bases [K]) weighted by
+    # weights [K] float32 (already rounded as the caller's path rounds them), through _moe_layer
+    # in ascending expert order; float32 [1, H]. Inlined into both: a cached kernel that calls the
+    # parallel _moe_layer must be compiled as parallel itself (CALLS_PARALLEL), and this one is neither
+    k = ids.shape[0]
     order = np.argsort(ids, kind="mergesort")
     x = np.empty((1, hidden), np.float32)
     if x_bf16:
@@ -113,33 +139,47 @@ def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, w_addr, w_bf
         src = order[j]
         e = ids[src]
         layer_kinds[j] = kinds[e]
-        if w_bf16:
-            pair_weight[j] = _f32(carray(_u16_ptr(w_addr), k)[src])
-        elif x_bf16:
-            pair_weight[j] = _f32(_bf16(carray(_f32_ptr(w_addr), k)[src]))
-        else:
-            pair_weight[j] = carray(_f32_ptr(w_addr), k)[src]
+        pair_weight[j] = weights[src]
         for t in range(9):
             o = offsets[e, t]
             addrs[j, t // 3, t % 3] = 0 if o < 0 else bases[src] + o
     out = np.zeros((1, hidden), np.float32)
     _moe_layer(x, layer_kinds, addrs, np.arange(k + 1), np.zeros(k, np.int64), pair_weight, inter, group, out, pf)
-    if res_addr != 0:
-        if x_bf16:
-            res = carray(_u16_ptr(res_addr), hidden)
-            for i in range(hidden):
-                out[0, i] = _f32(_bf16(_f32(res[i]) + _f32(_bf16(out[0, i]))))
-        else:
-            out[0, :] += carray(_f32_ptr(res_addr), hidden)
     return out
 
 
-flush_cached_kernels_on_source_change((_moe_decode,))
+@njit(cache=True, nogil=True, parallel=CALLS_PARALLEL)
+def _moe_leased(logits_addr, n_experts, top_k, renorm, x_addr, hidden, kinds, offsets, layer_addrs, inter, group, pf,
+                res_addr, out_addr):
+    # a bf16 decode token's router choice and routed experts in one call: the softmax top-k of the
+    # router's logits [E] float32 at logits_addr (decode_ops._softmax_topk, as StreamingMoE.route
+    # chooses), the weights rounded to bf16 as route rounds them, each expert read at its slot's
+    # address layer_addrs[e] (a ResidentLease's), and residual [H] at res_addr + the weighted sum
+    # written as bf16 [H] to out_addr, as _moe_decode and the .to(bf16) after it make it. Returns
+    # False, with nothing written, where the lease has no address for a chosen expert
+    weights, experts = _softmax_topk(carray(_f32_ptr(logits_addr), (1, n_experts)), top_k, renorm)
+    ids = experts[0]
+    bases = np.empty(top_k, np.int64)
+    rounded = np.empty(top_k, np.float32)
+    for j in range(top_k):
+        bases[j] = layer_addrs[ids[j]]
+        if bases[j] == 0:
+            return False
+        rounded[j] = _f32(_bf16(weights[0, j]))
+    out = _moe_sum(x_addr, True, hidden, kinds, offsets, ids, bases, rounded, inter, group, pf)
+    res = carray(_u16_ptr(res_addr), hidden)
+    dst = carray(_u16_ptr(out_addr), hidden)
+    for i in range(hidden):
+        dst[i] = _bf16(_f32(res[i]) + _f32(_bf16(out[0, i])))
+    return True
+
+
+flush_cached_kernels_on_source_change((_moe_decode, _moe_leased))
 
 
 def warm_up(store, layers: list[int], names: tuple[str, str, str]) -> None:
-    """Work out the ExpertTables of `layers` now, and have Numba load _moe_decode's machine code
-    (from its cache, or compile it) with a one-expert bf16 layer of zeros, rather than inside
+    """Work out the ExpertTables of `layers` now, and have Numba load _moe_decode's and _moe_leased's
+    machine code (from its cache, or compile it) with a one-expert bf16 layer of zeros, rather than inside
     the first decode token, as llama.cpp runs a warm-up decode at load: loading the cached
     kernel took ~65 ms on the development machine (the first decode step of a 2-layer int4 model
     47 ms before this call existed, 111 ms with it unwarmed), the tables ~2 ms a layer of 128
@@ -160,6 +200,10 @@ def warm_up(store, layers: list[int], names: tuple[str, str, str]) -> None:
         _moe_decode(x.ctypes.data, True, width, np.array([QUANT_KERNELS["bf16"].code], np.int64), offsets,
                     np.zeros(1, np.int64), np.array([planes.ctypes.data], np.int64), np.ones(1, np.float32).ctypes.data,
                     False, width, width, PREFETCH_BYTES, 0)
+        out = np.empty(width, np.uint16)
+        _moe_leased(np.zeros(1, np.float32).ctypes.data, 1, 1, True, x.ctypes.data, width,
+                    np.array([QUANT_KERNELS["bf16"].code], np.int64), offsets, np.array([planes.ctypes.data], np.int64),
+                    width, width, PREFETCH_BYTES, x.ctypes.data, out.ctypes.data)
     _kernel_warm = True
 
 
@@ -212,3 +256,56 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
 
 
 _X_DTYPES = (torch.bfloat16, torch.float32)
+
+
+class LeasedLayer:
+    """One MoE layer's routed experts read through a ResidentLease (Store.lease_resident) for the
+    decode steps of one generate: the router's top-k and the experts in one call (_moe_leased),
+    with no store call a step: the per-step path's router call, Store.hold_routed, its release
+    and their tensors and arrays cost an int4 token of two layers ~0.9 ms (8.07 against 7.18 ms,
+    faster in 12 of 12 pairs taking turns in one process; the development machine, 2026-12-07:
+    bench/resident_token.py --lease-ab). Made by leased_layer; the lease's owner releases it."""
+
+    def __init__(self, lease, layer: int, table: ExpertTable, top_k: int, renorm: bool):
+        self.lease, self.layer, self.table = lease, layer, table
+        self.addresses = lease.addresses[layer]          # [E] int64, the lease's: refresh fills its zeros
+        self.top_k, self.renorm = top_k, renorm
+
+    def output(self, x: torch.Tensor, logits: torch.Tensor, residual: torch.Tensor) -> Optional[tuple[torch.Tensor, float]]:
+        """residual + the routed experts' weighted sum for one bf16 decode token, as
+        StreamingMoE.forward(x, logits, residual) computes it: x [1, H] (the post-attention norm),
+        logits [1, E] float32, residual [1, 1, H], each contiguous on the CPU (the fused attention
+        call's). Returns (a new [1, 1, H] bf16 tensor, the kernel's seconds), or None, with nothing
+        written or counted, where the lease lacks a chosen expert (the caller takes the general
+        path, then refresh)."""
+        t = self.table
+        hidden = x.shape[-1]
+        out = torch.empty_like(residual)
+        t0 = time.perf_counter()
+        with _PARALLEL_LOCK:
+            done = _moe_leased(logits.data_ptr(), len(t.kinds), self.top_k, self.renorm, x.data_ptr(), hidden, t.kinds,
+                               t.offsets, self.addresses, t.inter, t.group, PREFETCH_BYTES, residual.data_ptr(),
+                               out.data_ptr())
+        seconds = time.perf_counter() - t0
+        if not done:
+            return None
+        self.lease.count(self.top_k)
+        return out, seconds
+
+    def refresh(self) -> None:
+        """Take into the lease the experts of this layer the general path has loaded meanwhile."""
+        self.lease.refresh(self.layer)
+
+
+def leased_layer(lease, store, layer: int, names: tuple[str, str, str], top_k: int, renorm: bool,
+                 n_experts: int) -> Optional[LeasedLayer]:
+    """A LeasedLayer for `layer` of `store` under `lease` (its router choosing `top_k` of
+    `n_experts`, their probabilities divided by their sum when `renorm`), or None where the
+    layer's experts are not all read in place by the layer kernel (expert_table), or the lease or
+    the store has another count of experts for it."""
+    if lease is None or layer not in lease.addresses or not 0 < top_k <= n_experts:
+        return None
+    table = expert_table(store, layer, names)
+    if table is None or len(table.kinds) != n_experts or len(lease.addresses[layer]) != n_experts:
+        return None
+    return LeasedLayer(lease, layer, table, top_k, renorm)

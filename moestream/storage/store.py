@@ -67,6 +67,58 @@ class HeldExpert:
     region: Region
     quantized: bool
     layout: Any = None
+
+
+class ResidentLease:
+    """The L1 slots of a store's experts pinned at once, for a caller that reads them by address
+    over many decode steps (CausalLM.generate), with none of the per-step store calls of
+    hold_routed: `addresses[layer]` [E] int64, each expert's slot address in bytes, 0 where L1
+    did not hold it when the lease was taken or last refreshed. Only taken where L1 has a slot
+    for every expert of the store (Store.lease_resident): nothing is ever evicted then, so the
+    pins take no slot a miss could need and the eviction policy has nothing to rank, and its
+    bookkeeping of these hits is skipped; they are counted (count) as requests and L1 hits.
+    Valid until release(); the addresses must not be read after it."""
+
+    def __init__(self, store: "Store", addresses: dict[int, np.ndarray], slots: list[int]):
+        self.store = store
+        self.addresses = addresses
+        self._slots = slots
+        self._released = False
+
+    def count(self, n: int) -> None:
+        """n experts were read through the lease: counted as requests and L1 hits."""
+        self.store.stats_.add(requests=n, hits_l1=n)
+
+    def refresh(self, layer: int) -> int:
+        """Pin the experts of `layer` that L1 holds now and the lease did not (loaded by a step
+        that took the store's usual path); returns how many were added."""
+        store, addrs = self.store, self.addresses[layer]
+        added = []
+        with store._cv:
+            store._check_open()
+            if self._released:
+                return 0
+            for e in np.flatnonzero(addrs == 0).tolist():
+                slot = store.l1.peek((layer, e))
+                if slot is not None:
+                    added.append(slot)
+                    addrs[e] = store.arena.slot_addr(slot)
+            store.arena.pin_many(added)
+            self._slots += added
+        return len(added)
+
+    def release(self) -> None:
+        """Unpin every slot of the lease (once; later calls do nothing)."""
+        with self.store._cv:
+            if self._released:
+                return
+            self._released = True
+            slots, self._slots = self._slots, []
+            for addrs in self.addresses.values():
+                addrs[:] = 0
+        self.store.arena.unpin_many(slots)
+
+
 #: an expert's tensors by name: torch tensors, or with keep_quantized its quantized matrices held
 #: in their stored form
 Experts = dict[str, "torch.Tensor | QuantizedTensor"]
@@ -469,6 +521,25 @@ class Store:
             for key in keys:
                 self._note_prefetch_use(key)
         return slots
+
+    def lease_resident(self) -> Optional[ResidentLease]:
+        """A ResidentLease of every expert L1 holds now (the others 0, for refresh), or None where
+        the store has no arena or L1's slots cannot hold every expert of the store (then hits are
+        ranked for eviction, and pinning a layer's slots for long would take them from misses)."""
+        if self.arena is None or self.arena.count < len(self.index.extents):
+            return None
+        width = self.index.experts_per_layer
+        addresses = {layer: np.zeros(width, np.int64) for layer in self.index.moe_layers}
+        slots = []
+        with self._cv:
+            self._check_open()
+            for (layer, e) in self.index.extents:
+                slot = self.l1.peek((layer, e))
+                if slot is not None:
+                    slots.append(slot)
+                    addresses[layer][e] = self.arena.slot_addr(slot)
+            self.arena.pin_many(slots)
+        return ResidentLease(self, addresses, slots)
 
     def release_slots(self, slots: list[int]) -> None:
         """Unpin the slots hold_routed pinned."""

@@ -53,6 +53,142 @@ def test_resident_decode_takes_one_call_a_layer_with_the_general_paths_logits_an
     assert fast == general and general["misses"] == 0
 
 
+def _leased_logits(model, ids: torch.Tensor, steps: int, lease: bool) -> torch.Tensor:
+    # decode_logits in a frozen cache with the experts leased after the prefill, as generate leases them
+    cache = model.new_cache(steps + 8)
+    cache.frozen = True
+    taken = None
+    with torch.no_grad():
+        try:
+            out = [model(ids[:, :4], cache, 0)[:, -1]]
+            if lease:
+                taken = model._lease_experts()
+            out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
+        finally:
+            model.thaw()
+            model._release_lease(taken)
+    return torch.stack(out)
+
+
+def _counting_leased(monkeypatch) -> list:
+    # (top-k, whether the lease had every chosen expert) of each _moe_leased call
+    calls, real = [], decode_moe._moe_leased
+
+    def counted(*a):
+        done = real(*a)
+        calls.append((a[2], done))
+        return done
+    monkeypatch.setattr(decode_moe, "_moe_leased", counted)
+    return calls
+
+
+@pytest.mark.parametrize("family,quant", [("qwen3_moe", "keep"), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"),
+                                          ("mixtral", "int4")])
+def test_leased_decode_routes_and_computes_in_one_call_with_the_general_paths_logits_and_counts(tmp_path, monkeypatch,
+                                                                                                family, quant):
+    model = small_model(tmp_path, family, quant)
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    store = model.store
+    try:
+        for layer in model.moe_layers():
+            for e in range(model.cfg.num_experts):
+                store.get(layer, e)
+        runs = {}
+        for lease in (False, True):
+            with monkeypatch.context() as m:
+                calls = _counting_leased(m)
+                before = store.stats()
+                logits = _leased_logits(model, ids, 16, lease)
+            runs[lease] = logits, list(calls), {k: store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
+            assert not any(store.arena.pinned(i) for i in range(store.arena.count))     # released at thaw
+            assert model._lease is None and all(layer._leased is None for layer in model.layers)
+        (want, none, general), (got, calls, leased) = runs[False], runs[True]
+        # and generate, which leases by itself (every decode step after the first token's prefill):
+        # the same tokens as with the lease refused, and nothing left pinned
+        with monkeypatch.context() as m:
+            in_generate = _counting_leased(m)
+            tokens = model.generate(ids[:, :4], 12)
+        assert in_generate == [(model.cfg.top_k, True)] * (11 * model.cfg.num_layers)
+        assert model._lease is None and not any(store.arena.pinned(i) for i in range(store.arena.count))
+        monkeypatch.setattr(model, "_lease_experts", lambda: None)
+        assert torch.equal(model.generate(ids[:, :4], 12), tokens)
+    finally:
+        store.close()
+    assert none == [] and calls == [(model.cfg.top_k, True)] * (12 * model.cfg.num_layers)
+    assert torch.equal(got, want)
+    assert leased == general and general["misses"] == 0
+
+
+def test_a_lease_without_an_expert_leaves_that_step_to_the_general_path_and_takes_it_in(tmp_path, monkeypatch):
+    # a store whose L1 has a slot for every expert but holds few of them yet: the steps that route
+    # to one it lacks take the general path (loading it), the lease takes it in after; logits and
+    # counts as the general path's throughout
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for lease in (False, True):
+        model = small_model(tmp_path / str(lease), "qwen3_moe", "int4")
+        try:
+            for e in range(2):
+                model.store.get(0, e)
+            refreshed = []
+            real = decode_moe.LeasedLayer.refresh
+            with monkeypatch.context() as m:
+                m.setattr(decode_moe.LeasedLayer, "refresh", lambda self: refreshed.append(self.layer) or real(self))
+                calls = _counting_leased(m)
+                logits = _leased_logits(model, ids % model.cfg.vocab_size, 24, lease)
+            stats = model.store.stats()
+            runs[lease] = logits, list(calls), refreshed, {k: stats[k] for k in ("requests", "hits_l1", "misses")}
+            assert not any(model.store.arena.pinned(i) for i in range(model.store.arena.count))
+        finally:
+            model.store.close()
+    (want, none, no_refresh, general), (got, calls, refreshed, leased) = runs[False], runs[True]
+    assert none == [] and no_refresh == []
+    done = [ok for _, ok in calls]
+    assert len(done) == 20 * 2 and 0 < sum(done) < len(done)    # some steps leased, some missed
+    assert len(refreshed) == len(done) - sum(done)            # each miss loaded, then taken in
+    assert leased["misses"] > 0 and leased == general
+    assert torch.equal(got, want)
+
+
+def test_no_lease_while_routing_is_recorded_or_guessed_ahead_nor_for_a_shared_expert_or_a_small_l1(tmp_path):
+    from moestream.compute.routing import RoutingRecorder
+    model = small_model(tmp_path / "q3", "qwen3_moe", "int4")
+    try:
+        lease = model._lease_experts()
+        assert model._lease is lease and all(layer._leased is not None for layer in model.layers)
+        assert model._lease_experts() is None             # another generate of the model meanwhile: none
+        model._release_lease(None)
+        model.thaw()
+        assert model._lease is lease                      # only its taker releases it
+        model._release_lease(lease)
+        assert model._lease is None and all(layer._leased is None for layer in model.layers)
+        model.prefetch_next_layer = True
+        model._lease_experts()
+        assert model._lease is None
+        model.prefetch_next_layer = False
+        model.record_routing(RoutingRecorder(tuple(model.moe_layers()), model.cfg.num_experts, model.cfg.top_k))
+        model._lease_experts()
+        assert model._lease is None
+    finally:
+        model.store.close()
+    model = small_model(tmp_path / "q2", "qwen2_moe", "int4")      # SharedExpertMoE: its own forward
+    try:
+        lease = model._lease_experts()
+        assert model._lease is lease and all(layer._leased is None for layer in model.layers)
+        model._release_lease(lease)
+    finally:
+        model.store.close()
+    probe = small_model(tmp_path / "probe", "qwen3_moe", "int4")
+    slot = probe.store.arena.slot_size
+    probe.store.close()
+    model = small_model(tmp_path / "small", "qwen3_moe", "int4", device_budget=4 * slot)
+    try:
+        model._lease_experts()
+        assert model._lease is None
+    finally:
+        model.store.close()
+
+
 def test_a_miss_leaves_the_step_to_the_general_path_with_nothing_counted_twice(tmp_path, monkeypatch):
     probe = small_model(tmp_path / "probe", "qwen3_moe", "int4")
     slot = probe.store.arena.slot_size

@@ -603,6 +603,47 @@ def test_held_hits_are_pinned_counted_and_read_where_the_hand_out_reads(checkpoi
         assert not any(s.arena.pinned(h.slot) for h in held.values())
 
 
+def test_a_resident_lease_pins_what_l1_holds_refreshes_counts_and_releases_once(checkpoints, tmp_path):
+    """lease_resident: only where L1 has a slot for every expert (else None, nothing pinned); the
+    addresses those of hold_hits, 0 for experts L1 does not hold; refresh takes in the ones loaded
+    since; count adds requests and L1 hits; release unpins once and zeroes the addresses."""
+    store = moestream.convert(checkpoints["mixtral"], tmp_path / "int4", quant="int4", group_size=16, progress=False)
+    kw = {"keep_quantized": True, "host_budget": 0}
+    with open_store(store, device_budget="64MiB", **kw) as probe:
+        slot_bytes, experts = probe.arena.slot_size, len(probe.index.extents)
+    with open_store(store, device_budget=(experts - 1) * slot_bytes, **kw) as s:
+        s.get(0, 0)
+        assert s.lease_resident() is None                            # one expert short of a slot each
+        assert not any(s.arena.pinned(i) for i in range(s.arena.count))
+    with open_store(store, device_budget=experts * slot_bytes, **kw) as s:
+        s.get(0, 1)
+        s.get(1, 2)
+        lease = s.lease_resident()
+        assert sorted(lease.addresses) == sorted(s.index.moe_layers)
+        held = s.hold_hits(0, [1])
+        assert lease.addresses[0][1] == held[1].address and lease.addresses[0][0] == 0
+        s.release_held(held)
+        assert s.arena.pinned(held[1].slot)                           # the lease's pin stays
+        assert [int(a > 0) for a in lease.addresses[1]] == [int(e == 2) for e in range(s.index.experts_per_layer)]
+        before = s.stats()
+        lease.count(3)
+        after = s.stats()
+        assert after["requests"] - before["requests"] == 3 and after["hits_l1"] - before["hits_l1"] == 3
+        assert after["misses"] == before["misses"]
+        s.get(0, 3)
+        assert lease.refresh(1) == 0 and lease.addresses[0][3] == 0   # another layer's: left alone
+        assert lease.refresh(0) == 1 and lease.addresses[0][3] == s.hold_hits(0, [3])[3].address
+        pinned = [i for i in range(s.arena.count) if s.arena.pinned(i)]
+        assert len(pinned) == 3
+        lease.release()
+        lease.release()                                               # once only
+        assert [i for i in range(s.arena.count) if s.arena.pinned(i)] == [s.hold_hits(0, [3])[3].slot]
+        assert not any(a.any() for a in lease.addresses.values())
+        assert lease.refresh(0) == 0
+    with pytest.raises(moestream.errors.MoestreamError, match="closed"):
+        s.lease_resident()
+
+
 def test_a_routing_l1_holds_whole_is_noted_counted_and_pinned_at_once_else_left_alone(checkpoints, tmp_path):
     """hold_routed: with every routed expert in L1, the routing is noted (as note_routing notes
     it), the experts counted as requests and hits and their slots pinned until release_slots,

@@ -16,7 +16,7 @@ from torch import nn
 
 from ...errors import MoestreamError, UsageError
 from ...formats.quantized import QuantizedTensor
-from .. import decode_layer, decode_ops
+from .. import decode_layer, decode_moe, decode_ops
 from ..sampling import sample
 from ..predictor import probe_logits
 from ..decode_moe import held_decode_output
@@ -562,6 +562,9 @@ class DecoderLayer(nn.Module):
         self._block_modules: list[nn.Module] = []            # those whose weights _block reads
         #: the frozen KVCache (generate's) that _block and the cache were checked for
         self._trust = _FrozenTrust()
+        #: generate's decode steps: the MoE's router and experts read through the store's
+        #: ResidentLease in one call (CausalLM._lease_experts), or None
+        self._leased: Optional[decode_moe.LeasedLayer] = None
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
                 next_layer: Optional["DecoderLayer"] = None, prefetch_threshold: Optional[float] = None,
@@ -586,9 +589,18 @@ class DecoderLayer(nn.Module):
             normed = self.post_attention_layernorm(h).reshape(b * t, hidden)    # [N, H]
         if logits is None:
             return h + self.mlp(normed).view(b, t, hidden)
+        leased = self._leased
+        if leased is not None and next_layer is None and self.mlp.recorder is None:
+            done = leased.output(normed, logits, h)                              # router and experts in one call
+            if done is not None:
+                self.mlp.expert_seconds += done[1]
+                return done[0]                                                   # [1, 1, H]
         if _hooked([self.mlp]):            # a hook sees the MoE's own output, without the residual
             return h + self.mlp(normed, logits).view(b, t, hidden)
-        return self.mlp(normed, logits, residual=h)                              # [1, 1, H]
+        out = self.mlp(normed, logits, residual=h)                               # [1, 1, H]
+        if leased is not None:             # an expert the lease lacked: loaded now, leased from the next step
+            leased.refresh()
+        return out
 
     def forward_ragged(self, x: torch.Tensor, ropes: list, caches: list[KVCache], starts: list[int]) -> torch.Tensor:
         """One decode token for each of B sequences of different lengths, x [B, 1, H]: attention
@@ -708,6 +720,8 @@ class CausalLM(nn.Module):
         self._head: Optional[decode_layer.BlockPlan] = None
         #: the frozen KVCache (generate's) that _head was checked for
         self._head_trust = _FrozenTrust()
+        #: the store's ResidentLease while generate decodes (_lease_experts), or None
+        self._lease = None
         #: prefetch the next layer's likely experts (its router applied to the current residual)
         self.prefetch_next_layer = False
         #: ... only those whose router probability reaches this
@@ -785,6 +799,38 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             layer._trust.clear()
 
+    def _lease_experts(self):
+        # generate's decode steps, one sequence: where the store's L1 has a slot for every expert
+        # (a resident store: nothing is evicted), its experts are leased at once and each MoE
+        # layer's router and experts run in one call a step (decode_moe.LeasedLayer). Not while
+        # routing is recorded or guessed ahead (prefetch), which the general path does; not for a
+        # subclass's MoE (a shared expert) or a hooked one; not while another generate of this
+        # model holds a lease. Returns the lease taken (for _release_lease), or None
+        if (self._lease is not None or self.prefetch_next_layer or self.recorder is not None
+                or not hasattr(self.store, "lease_resident")):
+            return None
+        lease = self.store.lease_resident()
+        if lease is None:
+            return None
+        self._lease = lease
+        for layer in self.layers:
+            mlp = layer._modules["mlp"]
+            if type(mlp) is StreamingMoE and not _hooked([mlp]):
+                cfg = mlp.cfg
+                layer._leased = decode_moe.leased_layer(lease, self.store, mlp.layer, cfg.expert_names, cfg.top_k,
+                                                        cfg.norm_topk_prob, cfg.num_experts)
+        return lease
+
+    def _release_lease(self, lease) -> None:
+        # the end of the generate that took `lease` (_lease_experts): the layers read through the
+        # store's usual path again and every slot of the lease is unpinned
+        if lease is None or self._lease is not lease:
+            return
+        for layer in self.layers:
+            layer._leased = None
+        self._lease = None
+        lease.release()
+
     def _checked_head(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         norm, lm_head = self._modules["norm"], self._modules["lm_head"]
         plan = _kernel_plan(lm_head)
@@ -830,10 +876,13 @@ class CausalLM(nn.Module):
         cache = KVCache(self.cfg.num_layers, b, self.cfg.num_kv_heads, t + max_new_tokens, self.cfg.head_dim,
                         self.embed_tokens.weight.dtype, dev, frozen=True)
         ids = input_ids.to(dev)
+        lease = None
         t0 = time.perf_counter()
         try:
             logits = self(ids, cache, 0)[:, -1]                                  # [B, V]
             t1 = time.perf_counter()
+            if b == 1 and max_new_tokens > 1:
+                lease = self._lease_experts()
             out = [ids]
             done = torch.zeros(b, dtype=torch.bool, device=dev)
             pos = t
@@ -852,6 +901,7 @@ class CausalLM(nn.Module):
                 pos += 1
         finally:
             self.thaw()
+            self._release_lease(lease)
         if timings is not None:
             timings.update(prefill_seconds=t1 - t0, prefill_tokens=b * t, decode_seconds=time.perf_counter() - t1,
                            decode_tokens=b * (len(out) - 1))
