@@ -227,10 +227,8 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
     table = expert_table(store, layer, names)
     if table is None:
         return None
-    if experts.dim() != 2 or experts.shape[0] != 1 or weights.shape != experts.shape or weights.device.type != "cpu":
-        return None
-    ids = experts[0].tolist()
-    if len(set(ids)) != len(ids) or not 0 <= min(ids) <= max(ids) < len(table.kinds):
+    ids = _routed_ids(table, weights, experts)
+    if ids is None:
         return None
     held = store.hold_routed(layer, ids)
     if held is None:
@@ -240,18 +238,36 @@ def held_decode_output(store, layer: int, names: tuple[str, str, str], x: torch.
         if then_prefetch is not None:     # this layer has no reads of its own to queue first
             store.prefetch(*then_prefetch)
         COMPUTE_THREADS.adjust(store.prefetching)   # leave a core to the store's prefetch work
-        t0 = time.perf_counter()
-        if weights.dtype not in _X_DTYPES or not weights.is_contiguous():
-            weights = weights.detach().to(x.dtype).float().contiguous()        # read as float32 below
-        with _PARALLEL_LOCK:
-            out = _moe_decode(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], table.kinds, table.offsets,
-                              np.array(ids, np.int64), np.array(bases, np.int64), weights.data_ptr(),
-                              weights.dtype == torch.bfloat16, table.inter, table.group, PREFETCH_BYTES,
-                              0 if residual is None else residual.data_ptr())
-        seconds = time.perf_counter() - t0
+        out, seconds = _decode_routed(table, x, weights, ids, np.array(bases, np.int64), residual)
     finally:
         store.release_slots(slots)
     COMPUTE_THREADS.adjust(store.prefetching)
+    return out, seconds
+
+
+def _routed_ids(table: ExpertTable, weights: torch.Tensor, experts: torch.Tensor) -> Optional[list[int]]:
+    # a decode token's routing [1, A] as the kernel takes it: A distinct experts of the layer, the
+    # weights on the CPU in their shape; else None
+    if experts.dim() != 2 or experts.shape[0] != 1 or weights.shape != experts.shape or weights.device.type != "cpu":
+        return None
+    ids = experts[0].tolist()
+    if len(set(ids)) != len(ids) or not 0 <= min(ids) <= max(ids) < len(table.kinds):
+        return None
+    return ids
+
+
+def _decode_routed(table: ExpertTable, x: torch.Tensor, weights: torch.Tensor, ids: list[int], bases: np.ndarray,
+                   residual: Optional[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    # _moe_decode of one token x [1, H] whose experts ids lie at bases (their slots' addresses,
+    # held by the caller): the output [1, H] in x's dtype (plus the residual), the kernel's seconds
+    t0 = time.perf_counter()
+    if weights.dtype not in _X_DTYPES or not weights.is_contiguous():
+        weights = weights.detach().to(x.dtype).float().contiguous()        # read as float32 below
+    with _PARALLEL_LOCK:
+        out = _moe_decode(x.data_ptr(), x.dtype == torch.bfloat16, x.shape[1], table.kinds, table.offsets,
+                          np.array(ids, np.int64), bases, weights.data_ptr(), weights.dtype == torch.bfloat16,
+                          table.inter, table.group, PREFETCH_BYTES, 0 if residual is None else residual.data_ptr())
+    seconds = time.perf_counter() - t0
     return torch.from_numpy(out).to(x.dtype), seconds
 
 
@@ -266,10 +282,13 @@ class LeasedLayer:
     faster in 12 of 12 pairs taking turns in one process; the development machine, 2026-12-07:
     bench/resident_token.py --lease-ab). Made by leased_layer; the lease's owner releases it."""
 
-    def __init__(self, lease, layer: int, table: ExpertTable, top_k: int, renorm: bool):
+    def __init__(self, lease, layer: int, table: ExpertTable, top_k: int, renorm: bool, route=None):
         self.lease, self.layer, self.table = lease, layer, table
         self.addresses = lease.addresses[layer]          # [E] int64, the lease's: refresh fills its zeros
         self.top_k, self.renorm = top_k, renorm
+        #: a route(x, logits) -> (weights, experts) [1, A] that replaces the router's choice (bench
+        #: decode replays a routing trace this way), called each step; None: the router's top-k
+        self.route = route
 
     def output(self, x: torch.Tensor, logits: torch.Tensor, residual: torch.Tensor) -> Optional[tuple[torch.Tensor, float]]:
         """residual + the routed experts' weighted sum for one bf16 decode token, as
@@ -279,6 +298,8 @@ class LeasedLayer:
         written or counted, where the lease lacks a chosen expert (the caller takes the general
         path, then refresh)."""
         t = self.table
+        if self.route is not None:
+            return self._routed_output(x, logits, residual)
         hidden = x.shape[-1]
         out = torch.empty_like(residual)
         t0 = time.perf_counter()
@@ -292,20 +313,35 @@ class LeasedLayer:
         self.lease.count(self.top_k)
         return out, seconds
 
+    def _routed_output(self, x: torch.Tensor, logits: torch.Tensor, residual: torch.Tensor
+                       ) -> Optional[tuple[torch.Tensor, float]]:
+        # output's work with the routing of self.route: its experts read at the lease's addresses
+        # by _moe_decode, as held_decode_output reads them at hold_routed's
+        weights, experts = self.route(x, logits)                                 # [1, A], [1, A]
+        ids = _routed_ids(self.table, weights, experts)
+        if ids is None:
+            return None
+        bases = self.addresses[ids]
+        if not bases.all():
+            return None
+        out, seconds = _decode_routed(self.table, x, weights, ids, bases, residual)
+        self.lease.count(len(ids))
+        return out.view(residual.shape), seconds
+
     def refresh(self) -> None:
         """Take into the lease the experts of this layer the general path has loaded meanwhile."""
         self.lease.refresh(self.layer)
 
 
 def leased_layer(lease, store, layer: int, names: tuple[str, str, str], top_k: int, renorm: bool,
-                 n_experts: int) -> Optional[LeasedLayer]:
+                 n_experts: int, route=None) -> Optional[LeasedLayer]:
     """A LeasedLayer for `layer` of `store` under `lease` (its router choosing `top_k` of
-    `n_experts`, their probabilities divided by their sum when `renorm`), or None where the
-    layer's experts are not all read in place by the layer kernel (expert_table), or the lease or
-    the store has another count of experts for it."""
+    `n_experts`, their probabilities divided by their sum when `renorm`, or `route` choosing
+    instead: LeasedLayer.route), or None where the layer's experts are not all read in place by
+    the layer kernel (expert_table), or the lease or the store has another count of experts for it."""
     if lease is None or layer not in lease.addresses or not 0 < top_k <= n_experts:
         return None
     table = expert_table(store, layer, names)
     if table is None or len(table.kinds) != n_experts or len(lease.addresses[layer]) != n_experts:
         return None
-    return LeasedLayer(lease, layer, table, top_k, renorm)
+    return LeasedLayer(lease, layer, table, top_k, renorm, route)

@@ -150,6 +150,45 @@ def test_a_lease_without_an_expert_leaves_that_step_to_the_general_path_and_take
     assert torch.equal(got, want)
 
 
+def test_a_route_replaced_on_the_instance_chooses_for_the_lease_as_for_the_per_step_path(tmp_path, monkeypatch):
+    # bench decode replays a routing trace by replacing each MoE's route: the leased steps must
+    # read the experts it chooses (not the router's), with the per-step path's logits and counts
+    model = small_model(tmp_path, "qwen3_moe", "int4")
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
+    store, k = model.store, model.cfg.top_k
+    rng = np.random.default_rng(0)
+    choice = {layer: rng.permutation(model.cfg.num_experts)[:k].tolist() for layer in model.moe_layers()}
+
+    def forced(mlp):
+        def route(x, logits=None):
+            experts = torch.tensor([choice[mlp.layer]] * x.shape[0])
+            return torch.full(experts.shape, 1.0 / k, dtype=x.dtype), experts
+        return route
+    try:
+        for layer in model.moe_layers():
+            for e in range(model.cfg.num_experts):
+                store.get(layer, e)
+        own = _leased_logits(model, ids, 12, lease=True)
+        for mlp in model.moe_layers().values():
+            mlp.route = forced(mlp)
+        runs = {}
+        for lease in (False, True):
+            with monkeypatch.context() as m:
+                calls = _counting(m)
+                leased_calls = _counting_leased(m)
+                before = store.stats()
+                logits = _leased_logits(model, ids, 12, lease)
+            runs[lease] = logits, list(calls), list(leased_calls), \
+                {key: store.stats()[key] - before[key] for key in ("requests", "hits_l1", "misses")}
+    finally:
+        store.close()
+    (want, per_step, none, general), (got, calls, not_called, leased) = runs[False], runs[True]
+    assert none == [] and not_called == []                  # the router's top-k is not what chooses
+    assert per_step == calls == [k] * (8 * model.cfg.num_layers)
+    assert torch.equal(got, want) and leased == general
+    assert not torch.equal(got, own)                        # the replaced route, not the router, chose
+
+
 def test_no_lease_while_routing_is_recorded_or_guessed_ahead_nor_for_a_shared_expert_or_a_small_l1(tmp_path):
     from moestream.compute.routing import RoutingRecorder
     model = small_model(tmp_path / "q3", "qwen3_moe", "int4")

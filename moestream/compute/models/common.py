@@ -804,8 +804,10 @@ class CausalLM(nn.Module):
         # (a resident store: nothing is evicted), its experts are leased at once and each MoE
         # layer's router and experts run in one call a step (decode_moe.LeasedLayer). Not while
         # routing is recorded or guessed ahead (prefetch), which the general path does; not for a
-        # subclass's MoE (a shared expert) or a hooked one; not while another generate of this
-        # model holds a lease. Returns the lease taken (for _release_lease), or None
+        # subclass's MoE (a shared expert), one whose forward is replaced, or a hooked one (a route
+        # replaced on the instance, as bench decode replays a trace, is called each step and its
+        # choice read through the lease); not while another generate of this model holds a lease.
+        # Returns the lease taken (for _release_lease), or None
         if (self._lease is not None or self.prefetch_next_layer or self.recorder is not None
                 or not hasattr(self.store, "lease_resident")):
             return None
@@ -815,10 +817,10 @@ class CausalLM(nn.Module):
         self._lease = lease
         for layer in self.layers:
             mlp = layer._modules["mlp"]
-            if type(mlp) is StreamingMoE and not _hooked([mlp]):
+            if type(mlp) is StreamingMoE and "forward" not in vars(mlp) and not _hooked([mlp]):
                 cfg = mlp.cfg
                 layer._leased = decode_moe.leased_layer(lease, self.store, mlp.layer, cfg.expert_names, cfg.top_k,
-                                                        cfg.norm_topk_prob, cfg.num_experts)
+                                                        cfg.norm_topk_prob, cfg.num_experts, vars(mlp).get("route"))
         return lease
 
     def _release_lease(self, lease) -> None:
