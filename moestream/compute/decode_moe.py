@@ -111,10 +111,17 @@ def _moe_decode(x_addr, x_bf16, hidden, kinds, offsets, ids, bases, w_addr, w_bf
         if x_bf16:
             res = carray(_u16_ptr(res_addr), hidden)
             for i in range(hidden):
-                out[0, i] = _f32(_bf16(_f32(res[i]) + _f32(_bf16(out[0, i]))))
+                out[0, i] = _f32(_plus_rounded(res[i], out[0, i]))
         else:
             out[0, :] += carray(_f32_ptr(res_addr), hidden)
     return out
+
+
+@njit(inline="always")
+def _plus_rounded(res, total):
+    # a bf16 residual (bits) + a float32 sum, as torch adds two bf16 tensors: the sum rounded to
+    # bf16, the two added in float32 and rounded once; bf16 bits
+    return _bf16(_f32(res) + _f32(_bf16(total)))
 
 
 @njit(inline="always")
@@ -170,7 +177,7 @@ def _moe_leased(logits_addr, n_experts, top_k, renorm, x_addr, hidden, kinds, of
     res = carray(_u16_ptr(res_addr), hidden)
     dst = carray(_u16_ptr(out_addr), hidden)
     for i in range(hidden):
-        dst[i] = _bf16(_f32(res[i]) + _f32(_bf16(out[0, i])))
+        dst[i] = _plus_rounded(res[i], out[0, i])
     return True
 
 
@@ -297,9 +304,9 @@ class LeasedLayer:
         call's). Returns (a new [1, 1, H] bf16 tensor, the kernel's seconds), or None, with nothing
         written or counted, where the lease lacks a chosen expert (the caller takes the general
         path, then refresh)."""
-        t = self.table
         if self.route is not None:
             return self._routed_output(x, logits, residual)
+        t = self.table
         hidden = x.shape[-1]
         out = torch.empty_like(residual)
         t0 = time.perf_counter()

@@ -79,10 +79,10 @@ class ResidentLease:
     bookkeeping of these hits is skipped; they are counted (count) as requests and L1 hits.
     Valid until release(); the addresses must not be read after it."""
 
-    def __init__(self, store: "Store", addresses: dict[int, np.ndarray], slots: list[int]):
+    def __init__(self, store: "Store", addresses: dict[int, np.ndarray]):
         self.store = store
-        self.addresses = addresses
-        self._slots = slots
+        self.addresses = addresses                  # all 0: Store.lease_resident fills them
+        self._slots: list[int] = []                 # pinned for the lease
         self._released = False
 
     def count(self, n: int) -> None:
@@ -92,19 +92,22 @@ class ResidentLease:
     def refresh(self, layer: int) -> int:
         """Pin the experts of `layer` that L1 holds now and the lease did not (loaded by a step
         that took the store's usual path); returns how many were added."""
+        with self.store._cv:
+            self.store._check_open()
+            return 0 if self._released else self._take_in_locked(layer)
+
+    def _take_in_locked(self, layer: int) -> int:
+        # refresh's work (and lease_resident's, per layer), with the store's _cv held: the experts
+        # of `layer` L1 holds and the lease has no address for, pinned and their addresses set
         store, addrs = self.store, self.addresses[layer]
         added = []
-        with store._cv:
-            store._check_open()
-            if self._released:
-                return 0
-            for e in np.flatnonzero(addrs == 0).tolist():
-                slot = store.l1.peek((layer, e))
-                if slot is not None:
-                    added.append(slot)
-                    addrs[e] = store.arena.slot_addr(slot)
-            store.arena.pin_many(added)
-            self._slots += added
+        for e in np.flatnonzero(addrs == 0).tolist():
+            slot = store.l1.peek((layer, e))
+            if slot is not None:
+                added.append(slot)
+                addrs[e] = store.arena.slot_addr(slot)
+        store.arena.pin_many(added)
+        self._slots += added
         return len(added)
 
     def release(self) -> None:
@@ -529,17 +532,12 @@ class Store:
         if self.arena is None or self.arena.count < len(self.index.extents):
             return None
         width = self.index.experts_per_layer
-        addresses = {layer: np.zeros(width, np.int64) for layer in self.index.moe_layers}
-        slots = []
+        lease = ResidentLease(self, {layer: np.zeros(width, np.int64) for layer in self.index.moe_layers})
         with self._cv:
             self._check_open()
-            for (layer, e) in self.index.extents:
-                slot = self.l1.peek((layer, e))
-                if slot is not None:
-                    slots.append(slot)
-                    addresses[layer][e] = self.arena.slot_addr(slot)
-            self.arena.pin_many(slots)
-        return ResidentLease(self, addresses, slots)
+            for layer in lease.addresses:
+                lease._take_in_locked(layer)
+        return lease
 
     def release_slots(self, slots: list[int]) -> None:
         """Unpin the slots hold_routed pinned."""
