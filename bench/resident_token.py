@@ -23,6 +23,12 @@ compute/decode_moe.py (every routed expert in L1) and the router's top-k in one 
 router and experts are one call with no store call (decode_moe.LeasedLayer); off, the per-step
 one call above (Store.hold_routed and the router's own call).
 
+--server-ab: one process alternates generate with the server's decode of one request
+(serving.BatchScheduler, one stream of 64 tokens after the same prompt, greedy; its steps'
+decode seconds): what a single-stream client of `moestream serve` gets against generate.
+
+    .venv/bin/python bench/resident_token.py STORE --runs 12 --server-ab
+
 --first-steps N times, right after load_model and an 8-token prefill, the first N decode steps
 one by one (ms each): what loading the kernels' machine code costs the first token where
 load_model does not warm them (two trees taking turns, as above)."""
@@ -45,6 +51,7 @@ def main() -> None:
     p.add_argument("--fused-ab", action="store_true", help="alternate the fused decode calls on and off")
     p.add_argument("--moe-ab", action="store_true", help="alternate the one-call decode MoE on and off")
     p.add_argument("--lease-ab", action="store_true", help="alternate generate's lease of the experts on and off")
+    p.add_argument("--server-ab", action="store_true", help="alternate generate and the server's one-stream decode")
     p.add_argument("--first-steps", type=int, default=0, help="time the first N decode steps after load instead")
     a = p.parse_args()
     model = load_model(a.store, host_budget=0, device_budget="8GiB")
@@ -55,6 +62,9 @@ def main() -> None:
             print(first_steps(model, ids, a.first_steps))
             return
         model.generate(ids, 16)                 # compile and warm
+        if a.server_ab:
+            print(server_ab(model, ids, a.runs))
+            return
         if not (a.fused_ab or a.moe_ab or a.lease_ab):
             ms = [token_ms(model, ids) for _ in range(a.runs)]
             print(f"{statistics.median(ms):.3f} ms a decode token (median of {a.runs}; {min(ms):.3f}-{max(ms):.3f})")
@@ -63,8 +73,8 @@ def main() -> None:
         from moestream.compute.models import common
         # (owner, attribute) switched off by a stand-in that declines, as each does where it does not apply
         switched = ([(common.DecoderLayer, "attention_half"), (common.CausalLM, "_fused_head")] if a.fused_ab else
-                    [(common.CausalLM, "_lease_experts")] if a.lease_ab else
-                    [(common, "held_decode_output"), (decode_ops, "softmax_topk"), (common.CausalLM, "_lease_experts")])
+                    [(common.CausalLM, "lease_experts")] if a.lease_ab else
+                    [(common, "held_decode_output"), (decode_ops, "softmax_topk"), (common.CausalLM, "lease_experts")])
         on_name, off_name = ("fused", "modules") if a.fused_ab else ("leased", "per step") if a.lease_ab else \
             ("one call", "general")
         real = [getattr(owner, attr) for owner, attr in switched]
@@ -99,6 +109,45 @@ def first_steps(model, ids: torch.Tensor, n: int) -> str:
             model(ids[:, :1], cache, pos)
             steps.append(time.perf_counter() - t0)
     return f"prefill {prefill * 1e3:.1f} ms; decode steps " + " ".join(f"{s * 1e3:.1f}" for s in steps)
+
+
+def server_ab(model, ids: torch.Tensor, runs: int) -> str:
+    """generate's ms a decode token against the server scheduler's, one stream, taking turns (ABBA)."""
+    import threading
+
+    from moestream.serving.scheduler import BatchScheduler, GenerationRequest
+
+    class Tokens:              # the text is not what is timed: a stand-in for the tokenizer
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+    ms: dict[str, list[float]] = {"generate": [], "server": []}
+    sched = BatchScheduler(model, Tokens(), max_batch=8)
+    try:
+        for r in range(runs):
+            for mode in ("generate", "server") if r % 2 == 0 else ("server", "generate"):
+                if mode == "generate":
+                    ms[mode].append(token_ms(model, ids))
+                    continue
+                done, ended = threading.Event(), []
+
+                def emit(kind, value):
+                    if kind != "delta":
+                        ended.append((kind, value))
+                        done.set()
+                sched.decode_seconds, sched.steps = 0.0, 0
+                sched.submit(GenerationRequest(ids[0].tolist(), 65, emit))
+                done.wait()
+                if ended[0][0] == "error":
+                    raise RuntimeError(f"the scheduler's request failed: {ended[0][1]}")
+                ms[mode].append(sched.decode_seconds / sched.steps * 1e3)
+    finally:
+        sched.close()
+    lines = [f"{mode:8s} {statistics.median(v):.3f} ms a decode token (median of {runs}; {min(v):.3f}-{max(v):.3f})"
+             for mode, v in ms.items()]
+    wins = sum(g < s for g, s in zip(ms["generate"], ms["server"]))
+    lines.append(f"server / generate: {statistics.median(ms['server']) / statistics.median(ms['generate']):.3f} "
+                 f"(generate faster in {wins} of {runs} pairs)")
+    return "\n".join(lines)
 
 
 def token_ms(model, ids: torch.Tensor) -> float:

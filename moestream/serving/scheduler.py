@@ -1,7 +1,13 @@
 """Continuous batching: one thread owns the model; requests join the running batch at token
 boundaries and leave when done. Each decode step runs every active sequence through the
 streaming forward once (CausalLM.decode_batch), so an expert several sequences route to is
-read once. Per-sequence KV caches of different lengths; attention per sequence, MoE batched."""
+read once. Per-sequence KV caches of different lengths; attention per sequence, MoE batched.
+
+The scheduler thread owns the model while it serves: nothing else changes its weights, modules or
+hooks. So each request's KV cache is frozen (the fused decode calls check it on its first step,
+not on each), and where the store holds every expert a step of one sequence reads them through a
+lease (CausalLM.lease_experts), taken once and released with model.thaw() at close: a lone
+stream decodes as generate does."""
 from __future__ import annotations
 
 import queue
@@ -54,6 +60,8 @@ class BatchScheduler:
         self.steps = 0
         self.decode_seconds = 0.0
         self._closed = False
+        self._lease = None               # the model's experts' lease (one sequence's steps), or None
+        self._lease_asked = False
         self._thread = threading.Thread(target=self._loop, name="moestream-scheduler", daemon=True)
         self._thread.start()
 
@@ -68,8 +76,19 @@ class BatchScheduler:
             raise QueueFull(f"{self.max_queue} requests are already waiting") from None
 
     def close(self) -> None:
+        """Stop serving: the loop ends after its current step; then the model's lease is released
+        and its fused calls trust no frozen cache (generate and other callers may use it again)."""
         self._closed = True
         self._thread.join(timeout=30)
+        if self._thread.is_alive():          # a step still running owns the model: leave it be
+            return
+        release = getattr(self.model, "release_lease", None)
+        if release is not None:
+            release(self._lease)
+        self._lease = None
+        thaw = getattr(self.model, "thaw", None)
+        if thaw is not None:
+            thaw()
 
     # ---- the scheduler thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -93,7 +112,7 @@ class BatchScheduler:
             if req.cancelled.is_set():
                 continue
             try:
-                req.cache = self.model.new_cache(len(req.ids) + req.max_tokens)
+                req.cache = self.model.new_cache(len(req.ids) + req.max_tokens, frozen=True)
                 if req.temperature > 0:
                     req.generator = torch.Generator().manual_seed(req.seed if req.seed is not None
                                                                   else int(time.time_ns() % (1 << 62)))
@@ -109,6 +128,13 @@ class BatchScheduler:
         self.active = [r for r in self.active if not r.cancelled.is_set()]
         if not self.active:
             return
+        if len(self.active) == 1 and not self._lease_asked:
+            # asked once, at the first step of a lone sequence (the store then holds what its
+            # prefill loaded; later loads join the lease as steps miss them): a store with fewer
+            # slots than experts has none, and asking each step would cost a step's bookkeeping
+            self._lease_asked = True
+            lease = getattr(self.model, "lease_experts", None)
+            self._lease = lease() if lease is not None else None
         t0 = time.perf_counter()
         logits = self.model.decode_batch([r.produced[-1] for r in self.active], [r.cache for r in self.active],
                                          [r.pos for r in self.active])                      # [B, V]

@@ -62,11 +62,11 @@ def _leased_logits(model, ids: torch.Tensor, steps: int, lease: bool) -> torch.T
         try:
             out = [model(ids[:, :4], cache, 0)[:, -1]]
             if lease:
-                taken = model._lease_experts()
+                taken = model.lease_experts()
             out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
         finally:
             model.thaw()
-            model._release_lease(taken)
+            model.release_lease(taken)
     return torch.stack(out)
 
 
@@ -110,7 +110,7 @@ def test_leased_decode_routes_and_computes_in_one_call_with_the_general_paths_lo
             tokens = model.generate(ids[:, :4], 12)
         assert in_generate == [(model.cfg.top_k, True)] * (11 * model.cfg.num_layers)
         assert model._lease is None and not any(store.arena.pinned(i) for i in range(store.arena.count))
-        monkeypatch.setattr(model, "_lease_experts", lambda: None)
+        monkeypatch.setattr(model, "lease_experts", lambda: None)
         assert torch.equal(model.generate(ids[:, :4], 12), tokens)
     finally:
         store.close()
@@ -193,28 +193,28 @@ def test_no_lease_while_routing_is_recorded_or_guessed_ahead_nor_for_a_shared_ex
     from moestream.compute.routing import RoutingRecorder
     model = small_model(tmp_path / "q3", "qwen3_moe", "int4")
     try:
-        lease = model._lease_experts()
+        lease = model.lease_experts()
         assert model._lease is lease and all(layer._leased is not None for layer in model.layers)
-        assert model._lease_experts() is None             # another generate of the model meanwhile: none
-        model._release_lease(None)
+        assert model.lease_experts() is None             # another generate of the model meanwhile: none
+        model.release_lease(None)
         model.thaw()
         assert model._lease is lease                      # only its taker releases it
-        model._release_lease(lease)
+        model.release_lease(lease)
         assert model._lease is None and all(layer._leased is None for layer in model.layers)
         model.prefetch_next_layer = True
-        model._lease_experts()
+        model.lease_experts()
         assert model._lease is None
         model.prefetch_next_layer = False
         model.record_routing(RoutingRecorder(tuple(model.moe_layers()), model.cfg.num_experts, model.cfg.top_k))
-        model._lease_experts()
+        model.lease_experts()
         assert model._lease is None
     finally:
         model.store.close()
     model = small_model(tmp_path / "q2", "qwen2_moe", "int4")      # SharedExpertMoE: its own forward
     try:
-        lease = model._lease_experts()
+        lease = model.lease_experts()
         assert model._lease is lease and all(layer._leased is None for layer in model.layers)
-        model._release_lease(lease)
+        model.release_lease(lease)
     finally:
         model.store.close()
     probe = small_model(tmp_path / "probe", "qwen3_moe", "int4")
@@ -222,7 +222,7 @@ def test_no_lease_while_routing_is_recorded_or_guessed_ahead_nor_for_a_shared_ex
     probe.store.close()
     model = small_model(tmp_path / "small", "qwen3_moe", "int4", device_budget=4 * slot)
     try:
-        model._lease_experts()
+        model.lease_experts()
         assert model._lease is None
     finally:
         model.store.close()

@@ -164,10 +164,11 @@ _CACHE_SERIALS = itertools.count(1)
 class KVCache:
     """Per-layer keys and values, preallocated for `max_len` positions: [B, kv_heads, max_len, D].
 
-    frozen: the cache of one CausalLM.generate call, during which the model's weights, modules and
-    hooks do not change: the fused decode calls check their plans and this cache's tensors on its
-    first decode step only, not on each (~0.15 ms of Python a layer, at a 2-layer model's ~7 ms
-    token). Other callers (the server, the transformers plug) leave it off."""
+    frozen: the cache of one CausalLM.generate call, or of one request of the server (whose
+    scheduler thread owns the model), during which the model's weights, modules and hooks do not
+    change: the fused decode calls check their plans and this cache's tensors on its first decode
+    step only, not on each (~0.15 ms of Python a layer, at a 2-layer model's ~7 ms token); the
+    position is checked on every step. Other callers (the transformers plug) leave it off."""
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device,
                  frozen: bool = False):
@@ -563,7 +564,7 @@ class DecoderLayer(nn.Module):
         #: the frozen KVCache (generate's) that _block and the cache were checked for
         self._trust = _FrozenTrust()
         #: generate's decode steps: the MoE's router and experts read through the store's
-        #: ResidentLease in one call (CausalLM._lease_experts), or None
+        #: ResidentLease in one call (CausalLM.lease_experts), or None
         self._leased: Optional[decode_moe.LeasedLayer] = None
 
     def forward(self, x: torch.Tensor, rope, cache: Optional[KVCache], start: int,
@@ -720,7 +721,7 @@ class CausalLM(nn.Module):
         self._head: Optional[decode_layer.BlockPlan] = None
         #: the frozen KVCache (generate's) that _head was checked for
         self._head_trust = _FrozenTrust()
-        #: the store's ResidentLease while generate decodes (_lease_experts), or None
+        #: the store's ResidentLease while generate decodes (lease_experts), or None
         self._lease = None
         #: prefetch the next layer's likely experts (its router applied to the current residual)
         self.prefetch_next_layer = False
@@ -799,15 +800,18 @@ class CausalLM(nn.Module):
         for layer in self.layers:
             layer._trust.clear()
 
-    def _lease_experts(self):
-        # generate's decode steps, one sequence: where the store's L1 has a slot for every expert
-        # (a resident store: nothing is evicted), its experts are leased at once and each MoE
-        # layer's router and experts run in one call a step (decode_moe.LeasedLayer). Not while
-        # routing is recorded or guessed ahead (prefetch), which the general path does; not for a
-        # subclass's MoE (a shared expert), one whose forward is replaced, or a hooked one (a route
-        # replaced on the instance, as bench decode replays a trace, is called each step and its
-        # choice read through the lease); not while another generate of this model holds a lease.
-        # Returns the lease taken (for _release_lease), or None
+    def lease_experts(self):
+        """Lease the store's experts for single-sequence decode steps (generate's, and the
+        server's while one request decodes alone): where the store's L1 has a slot for every
+        expert (a resident store: nothing is evicted), every expert it holds is pinned at once
+        and each MoE layer's router and experts run in one call a step with no store call
+        (decode_moe.LeasedLayer); experts loaded later join at the first step that misses them.
+        Returns the lease (for release_lease), or None: a store with fewer slots than experts,
+        routing recorded or guessed ahead (prefetch: the general path does those), or a lease
+        already held by another caller of this model. A subclass's MoE (a shared expert), one
+        whose forward is replaced, or a hooked one is not leased (a route replaced on the
+        instance, as bench decode replays a trace, is called each step and read through the
+        lease). The caller must call release_lease(lease) when its decode steps end."""
         if (self._lease is not None or self.prefetch_next_layer or self.recorder is not None
                 or not hasattr(self.store, "lease_resident")):
             return None
@@ -823,9 +827,10 @@ class CausalLM(nn.Module):
                                                         cfg.norm_topk_prob, cfg.num_experts, vars(mlp).get("route"))
         return lease
 
-    def _release_lease(self, lease) -> None:
-        # the end of the generate that took `lease` (_lease_experts): the layers read through the
-        # store's usual path again and every slot of the lease is unpinned
+    def release_lease(self, lease) -> None:
+        """End the lease that lease_experts returned (None: nothing to do; only its taker's lease
+        is released): the layers read through the store's usual path again and every slot of the
+        lease is unpinned."""
         if lease is None or self._lease is not lease:
             return
         for layer in self.layers:
@@ -847,18 +852,23 @@ class CausalLM(nn.Module):
     @torch.no_grad()
     def decode_batch(self, tokens: list[int], caches: list[KVCache], positions: list[int]) -> torch.Tensor:
         """The next-token logits float32 [B, V] of B sequences, each fed one token at its own
-        position with its own KV cache (continuous batching: moestream serve)."""
+        position with its own KV cache (continuous batching: moestream serve). One sequence
+        takes generate's decode step (the fused calls, trusting a frozen cache after its first
+        step, and the experts' lease where one is held)."""
         dev = self.embed_tokens.weight.device
+        if len(tokens) == 1:
+            return self(torch.tensor([tokens], device=dev), caches[0], positions[0])[:, -1]     # [1, V]
         x = self.embed_tokens(torch.tensor(tokens, device=dev))[:, None, :]      # [B, 1, H]
         ropes = [self.rotary.at(p, x.dtype) for p in positions]
         for layer in self.layers:
             x = layer.forward_ragged(x, ropes, caches, positions)
         return self.lm_head(self.norm(x[:, 0])).float()
 
-    def new_cache(self, max_len: int) -> KVCache:
-        """A KV cache for one sequence of up to `max_len` positions."""
+    def new_cache(self, max_len: int, frozen: bool = False) -> KVCache:
+        """A KV cache for one sequence of up to `max_len` positions; `frozen` as KVCache's (only
+        for a caller that owns the model while the cache lives: the server's scheduler)."""
         return KVCache(self.cfg.num_layers, 1, self.cfg.num_kv_heads, max_len, self.cfg.head_dim,
-                       self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+                       self.embed_tokens.weight.dtype, self.embed_tokens.weight.device, frozen=frozen)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, *,
@@ -884,7 +894,7 @@ class CausalLM(nn.Module):
             logits = self(ids, cache, 0)[:, -1]                                  # [B, V]
             t1 = time.perf_counter()
             if b == 1 and max_new_tokens > 1:
-                lease = self._lease_experts()
+                lease = self.lease_experts()
             out = [ids]
             done = torch.zeros(b, dtype=torch.bool, device=dev)
             pos = t
@@ -903,7 +913,7 @@ class CausalLM(nn.Module):
                 pos += 1
         finally:
             self.thaw()
-            self._release_lease(lease)
+            self.release_lease(lease)
         if timings is not None:
             timings.update(prefill_seconds=t1 - t0, prefill_tokens=b * t, decode_seconds=time.perf_counter() - t1,
                            decode_tokens=b * (len(out) - 1))
