@@ -13,7 +13,14 @@ per expert of Qwen3-30B-A3B's shape:
 So while the store prefetches (its reads and checksums overlapping compute by design), compute
 leaves one core to it, and takes it back as soon as no guess is in flight; with prefetch off
 (the default) nothing changes. End to end, `bench decode` could not separate the effect from
-the run-to-run noise of the shared disk (the same configuration varies 1.5x between runs)."""
+the run-to-run noise of the shared disk (the same configuration varies 1.5x between runs).
+
+Only torch's count is set. The expert and attention matmuls of a CPU decode step have since moved
+to Numba kernels, whose count is left at every core: having it follow torch's was measured on
+2026-12-08 (bench/prefetch_threads.py, `bench decode`'s `best` system at 25 %, 8 rounds taking
+turns) at 23.5 against 23.0 tok/s (medians), faster in 4 of 8 rounds: the guesses landed in time
+a little more often (hits +2 %, less stall) and the compute on one core took ~20 % longer, which
+cancel out on two cores."""
 from __future__ import annotations
 
 import torch
