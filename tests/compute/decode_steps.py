@@ -25,3 +25,16 @@ def decode_logits(model, ids: torch.Tensor, steps: int, frozen: bool = False) ->
         out = [model(ids[:, :4], cache, 0)[:, -1]]
         out += [model(ids[:, p:p + 1], cache, p)[:, -1] for p in range(4, steps)]
     return torch.stack(out)
+
+
+def counting_leased(monkeypatch) -> list:
+    """(top-k, whether the lease had every chosen expert) of each decode_moe._moe_leased call from now on."""
+    from moestream.compute import decode_moe
+    calls, real = [], decode_moe._moe_leased
+
+    def counted(*a):
+        done = real(*a)
+        calls.append((a[2], done))
+        return done
+    monkeypatch.setattr(decode_moe, "_moe_leased", counted)
+    return calls

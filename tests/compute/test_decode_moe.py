@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from moestream.bench.decode import load_every_expert
 from moestream.compute import decode_moe, decode_ops
 from moestream.compute.models import common
 
-from .decode_steps import decode_logits, small_model
+from .decode_steps import counting_leased, decode_logits, small_model
 
 
 def _counting(monkeypatch) -> list:
@@ -70,18 +71,6 @@ def _leased_logits(model, ids: torch.Tensor, steps: int, lease: bool) -> torch.T
     return torch.stack(out)
 
 
-def _counting_leased(monkeypatch) -> list:
-    # (top-k, whether the lease had every chosen expert) of each _moe_leased call
-    calls, real = [], decode_moe._moe_leased
-
-    def counted(*a):
-        done = real(*a)
-        calls.append((a[2], done))
-        return done
-    monkeypatch.setattr(decode_moe, "_moe_leased", counted)
-    return calls
-
-
 @pytest.mark.parametrize("family,quant", [("qwen3_moe", "keep"), ("qwen3_moe", "int8"), ("qwen3_moe", "int4"),
                                           ("mixtral", "int4")])
 def test_leased_decode_routes_and_computes_in_one_call_with_the_general_paths_logits_and_counts(tmp_path, monkeypatch,
@@ -90,13 +79,11 @@ def test_leased_decode_routes_and_computes_in_one_call_with_the_general_paths_lo
     ids = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
     store = model.store
     try:
-        for layer in model.moe_layers():
-            for e in range(model.cfg.num_experts):
-                store.get(layer, e)
+        load_every_expert(store)
         runs = {}
         for lease in (False, True):
             with monkeypatch.context() as m:
-                calls = _counting_leased(m)
+                calls = counting_leased(m)
                 before = store.stats()
                 logits = _leased_logits(model, ids, 16, lease)
             runs[lease] = logits, list(calls), {k: store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
@@ -106,7 +93,7 @@ def test_leased_decode_routes_and_computes_in_one_call_with_the_general_paths_lo
         # and generate, which leases by itself (every decode step after the first token's prefill):
         # the same tokens as with the lease refused, and nothing left pinned
         with monkeypatch.context() as m:
-            in_generate = _counting_leased(m)
+            in_generate = counting_leased(m)
             tokens = model.generate(ids[:, :4], 12)
         assert in_generate == [(model.cfg.top_k, True)] * (11 * model.cfg.num_layers)
         assert model._lease is None and not any(store.arena.pinned(i) for i in range(store.arena.count))
@@ -134,7 +121,7 @@ def test_a_lease_without_an_expert_leaves_that_step_to_the_general_path_and_take
             real = decode_moe.LeasedLayer.refresh
             with monkeypatch.context() as m:
                 m.setattr(decode_moe.LeasedLayer, "refresh", lambda self: refreshed.append(self.layer) or real(self))
-                calls = _counting_leased(m)
+                calls = counting_leased(m)
                 logits = _leased_logits(model, ids % model.cfg.vocab_size, 24, lease)
             stats = model.store.stats()
             runs[lease] = logits, list(calls), refreshed, {k: stats[k] for k in ("requests", "hits_l1", "misses")}
@@ -165,9 +152,7 @@ def test_a_route_replaced_on_the_instance_chooses_for_the_lease_as_for_the_per_s
             return torch.full(experts.shape, 1.0 / k, dtype=x.dtype), experts
         return route
     try:
-        for layer in model.moe_layers():
-            for e in range(model.cfg.num_experts):
-                store.get(layer, e)
+        load_every_expert(store)
         own = _leased_logits(model, ids, 12, lease=True)
         for mlp in model.moe_layers().values():
             mlp.route = forced(mlp)
@@ -175,7 +160,7 @@ def test_a_route_replaced_on_the_instance_chooses_for_the_lease_as_for_the_per_s
         for lease in (False, True):
             with monkeypatch.context() as m:
                 calls = _counting(m)
-                leased_calls = _counting_leased(m)
+                leased_calls = counting_leased(m)
                 before = store.stats()
                 logits = _leased_logits(model, ids, 12, lease)
             runs[lease] = logits, list(calls), list(leased_calls), \

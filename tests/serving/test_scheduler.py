@@ -3,15 +3,17 @@ does (a frozen KV cache, the experts' lease where the store holds every expert),
 share steps get generate's tokens each, and close leaves the model as it found it."""
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
 import torch
 
-from moestream.compute import decode_layer, decode_moe
+from moestream.bench.decode import load_every_expert
+from moestream.compute import decode_layer
 from moestream.serving.scheduler import BatchScheduler, GenerationRequest
 
-from ..compute.decode_steps import small_model
+from ..compute.decode_steps import counting_leased, small_model
 
 
 class _Tokens:
@@ -19,6 +21,16 @@ class _Tokens:
 
     def decode(self, ids):
         return " ".join(map(str, ids))
+
+
+@contextlib.contextmanager
+def _serving(model):
+    # a scheduler serving `model`, closed on the way out
+    sched = BatchScheduler(model, _Tokens())
+    try:
+        yield sched
+    finally:
+        sched.close()
 
 
 def _serve(sched: BatchScheduler, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
@@ -36,18 +48,6 @@ def _serve(sched: BatchScheduler, prompts: list[list[int]], max_tokens: list[int
     for ev in done:
         assert ev.wait(120)
     return [r.produced for r in reqs]
-
-
-def _counting_leased(monkeypatch) -> list:
-    # whether the lease held every chosen expert, for each _moe_leased call
-    calls, real = [], decode_moe._moe_leased
-
-    def counted(*a):
-        done = real(*a)
-        calls.append(done)
-        return done
-    monkeypatch.setattr(decode_moe, "_moe_leased", counted)
-    return calls
 
 
 def _counting_fused(monkeypatch) -> tuple[list, list]:
@@ -70,23 +70,18 @@ def test_a_lone_stream_decodes_through_the_lease_with_generates_tokens(tmp_path,
     store = model.store
     prompt = torch.randint(0, model.cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(3))
     try:
-        for layer in model.moe_layers():        # a resident store: every expert in L1, as bench decode's
-            for e in range(model.cfg.num_experts):
-                store.get(layer, e)
+        load_every_expert(store)                # a resident store: every expert in L1, as bench decode's
         before = store.stats()
         want = model.generate(prompt, 12)[0, 6:].tolist()
         in_generate = {k: store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
-        calls = _counting_leased(monkeypatch)
+        calls = counting_leased(monkeypatch)
         attention, heads = _counting_fused(monkeypatch)
-        sched = BatchScheduler(model, _Tokens())
-        try:
+        with _serving(model) as sched:
             before = store.stats()
             got = _serve(sched, [prompt[0].tolist()], [12])[0]
             counted = {k: store.stats()[k] - before[k] for k in ("requests", "hits_l1", "misses")}
             served, fused = list(calls), (list(attention), len(heads))
             assert model._lease is not None and sched._lease is model._lease      # held across requests
-        finally:
-            sched.close()
         assert model._lease is None and all(layer._leased is None for layer in model.layers)
         assert not any(store.arena.pinned(i) for i in range(store.arena.count))
         # the fused calls trust no frozen cache after close: generate checks its own again
@@ -97,7 +92,7 @@ def test_a_lone_stream_decodes_through_the_lease_with_generates_tokens(tmp_path,
     assert got == want
     # 11 decode steps (the first token comes from the prefill), each layer's experts in one leased
     # call that found every expert, and the store's counts those of generate (prefill and steps)
-    assert served == [True] * (11 * model.cfg.num_layers)
+    assert served == [(model.cfg.top_k, True)] * (11 * model.cfg.num_layers)
     # each step's attention halves and head fused, the frozen cache checked on its first step only
     layers = model.cfg.num_layers
     assert fused == ([False] * layers + [True] * (10 * layers), 11)
@@ -112,21 +107,16 @@ def test_streams_sharing_steps_then_one_alone_each_get_generates_tokens(tmp_path
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(0, model.cfg.vocab_size, (1, n), generator=g) for n in (5, 8)]
     try:
-        for layer in model.moe_layers():
-            for e in range(model.cfg.num_experts):
-                store.get(layer, e)
+        load_every_expert(store)
         want = [model.generate(p, n)[0, p.shape[1]:].tolist() for p, n in zip(prompts, (3, 14))]
-        calls = _counting_leased(monkeypatch)
-        sched = BatchScheduler(model, _Tokens())
-        try:
+        calls = counting_leased(monkeypatch)
+        with _serving(model) as sched:
             got = _serve(sched, [p[0].tolist() for p in prompts], [3, 14])
-        finally:
-            sched.close()
         assert not any(store.arena.pinned(i) for i in range(store.arena.count))
     finally:
         store.close()
     assert got == want
-    assert calls and all(calls)           # some steps of the long one alone, leased
+    assert calls and all(done for _, done in calls)           # some steps of the long one alone, leased
 
 
 def test_a_store_with_fewer_slots_than_experts_serves_a_lone_stream_without_a_lease(tmp_path):
@@ -136,12 +126,9 @@ def test_a_store_with_fewer_slots_than_experts_serves_a_lone_stream_without_a_le
     try:
         assert store.expert_slots < model.cfg.num_experts * len(model.moe_layers())
         want = model.generate(prompt, 10)[0, 6:].tolist()
-        sched = BatchScheduler(model, _Tokens())
-        try:
+        with _serving(model) as sched:
             got = _serve(sched, [prompt[0].tolist()], [10])[0]
             assert sched._lease is None and model._lease is None
-        finally:
-            sched.close()
         assert not any(store.arena.pinned(i) for i in range(store.arena.count))
     finally:
         store.close()

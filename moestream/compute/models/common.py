@@ -606,9 +606,8 @@ class DecoderLayer(nn.Module):
     def forward_ragged(self, x: torch.Tensor, ropes: list, caches: list[KVCache], starts: list[int]) -> torch.Tensor:
         """One decode token for each of B sequences of different lengths, x [B, 1, H]: attention
         per sequence (its own KV cache and position), the MoE once over all B tokens, so an
-        expert two sequences route to is fetched once."""
-        if x.shape[0] == 1:      # one sequence: a decode step as forward takes it (the fused call)
-            return self(x, ropes[0], caches[0], starts[0])
+        expert two sequences route to is fetched once. (decode_batch takes one sequence through
+        forward instead: generate's step.)"""
         h = x + self.self_attn.forward_ragged(self.input_layernorm(x), ropes, caches, starts)   # [B, 1, H]
         b, _, hidden = h.shape
         return h + self.mlp(self.post_attention_layernorm(h).reshape(b, hidden)).view(b, 1, hidden)
